@@ -1,0 +1,143 @@
+"""``python -m dtm ...``: the headless twin of the dashboard.
+
+Exit codes: 0 success; 2 bad input or environment (a message on stderr says what and
+where); 1 an unexpected error (a bug: the traceback is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dtm.errors import ConfigError, DTMError
+
+
+def _progress_bar():
+    """A ``(stage, fraction)`` callback drawing one tqdm bar per stage on stderr."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, frac: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(
+                total=100,
+                desc=stage,
+                unit="%",
+                file=sys.stderr,
+                leave=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
+            )
+        bar.n = round(100 * frac)
+        bar.refresh()
+        if frac >= 1.0:
+            bar.close()
+
+    return update
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from dtm.data import load_instructions
+
+    res = load_instructions(args.file, split=args.split, count_tokens=False)
+    print(res.report.summary(max_examples=args.examples))
+    return 0
+
+
+def cmd_disperse(args: argparse.Namespace) -> int:
+    from dtm.pipeline import DisperseConfig, run_disperse, write_disperse_outputs
+    from dtm.store import Registry
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder.")
+    existing = [p for p in (out / "assignments.csv", out / "clusters.json") if p.exists()]
+    if existing and not args.force:
+        raise ConfigError(
+            f"{existing[0]} already exists: choose another --out, or add --force to replace it."
+        )
+    cfg = DisperseConfig(
+        data=args.data,
+        k=args.k,
+        method=args.method,
+        field=args.field,
+        model=args.model,
+        seed=args.seed,
+        split=args.split,
+    )
+    res = run_disperse(cfg, Registry(), project=not args.no_map, progress=_progress_bar())
+    csv_path, json_path = write_disperse_outputs(res, out, cfg)
+    reused = [k for k, v in res.computed.items() if not v]
+    print(res.report.summary(max_examples=3))
+    sil = res.clusters["silhouette"]
+    print(
+        f"clusters (K={cfg.k}, {cfg.method}): sizes {res.clusters['sizes']}, "
+        f"silhouette {'n/a' if sil is None else round(sil, 4)}"
+    )
+    for c, words in enumerate(res.clusters["keywords"]):
+        print(f"  cluster {c}: {', '.join(words)}")
+    if reused:
+        print(f"reused from the registry: {', '.join(reused)}")
+    print(f"wrote {csv_path} and {json_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dtm.cluster import METHODS
+    from dtm.embed import DEFAULT_MODEL, FIELDS
+
+    p = argparse.ArgumentParser(
+        prog="python -m dtm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect instruction data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="load a file and report kept and dropped rows")
+    check.add_argument("file", help="JSONL, JSON, CSV or Parquet file, or a hub dataset id")
+    check.add_argument("--split", default="train", help="split of a hub dataset")
+    check.add_argument("--examples", type=int, default=20, help="dropped rows to list")
+    check.set_defaults(func=cmd_data_check)
+
+    d = sub.add_parser("disperse", help="embed, cluster into K subsets, and map the data")
+    d.add_argument("--data", required=True, help="data file or hub dataset id")
+    d.add_argument("--k", type=int, required=True, help="number of clusters (sub-models)")
+    d.add_argument("--method", default="kmeans", choices=METHODS)
+    d.add_argument(
+        "--field",
+        default="instruction",
+        choices=FIELDS,
+        help="text to embed: the instruction, the response, or both",
+    )
+    d.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="sentence-transformers model: a local folder or a hub id",
+    )
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--split", default="train", help="split of a hub dataset")
+    d.add_argument("--no-map", action="store_true", help="skip the 2-D UMAP projection")
+    d.add_argument("--force", action="store_true", help="replace outputs already in --out")
+    d.add_argument("--out", required=True, help="folder for assignments.csv, clusters.json")
+    d.set_defaults(func=cmd_disperse)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DTMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

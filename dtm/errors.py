@@ -1,0 +1,19 @@
+"""Errors a user can act on. Each carries a message that names what is wrong and where."""
+
+
+class DTMError(Exception):
+    """A problem with the user's input or environment (not a bug). CLI exit code 2."""
+
+    exit_code = 2
+
+
+class DataError(DTMError):
+    """Instruction data that cannot be used as given."""
+
+
+class RegistryError(DTMError):
+    """The run registry cannot be read or written."""
+
+
+class ConfigError(DTMError):
+    """An option or parameter out of its valid range."""

@@ -1,0 +1,258 @@
+"""The Disperse steps as registered, cached functions: file -> table -> embeddings ->
+assignment, and embeddings -> 2-D map.
+
+Each step returns an ``Artifact`` (a registry row and its folder) keyed by a hash of its
+inputs, so the same work is never done twice and every result names what produced it:
+
+=============  ==========================================  ==========================
+kind           inputs                                      files
+=============  ==========================================  ==========================
+dataset        content hash (or hub id + fingerprint)      table.parquet, report.json
+embedding      dataset key, model identity, field          embeddings.npy (N, d) f32
+assignment     embedding key, k, method, seed              labels.npy (N,), clusters.json
+projection     embedding key, seed, PCA dims, UMAP params  xy.npy (N, 2) f32
+=============  ==========================================  ==========================
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dtm import cluster, data, embed
+from dtm.store import Artifact, Registry, file_digest, write_json_atomic, write_text_atomic
+
+_noop = lambda stage, frac: None  # noqa: E731
+
+
+def dataset_step(
+    source: str | Path,
+    registry: Registry,
+    *,
+    split: str = "train",
+    progress: embed.Progress = _noop,
+) -> Artifact:
+    """Load and normalise ``source`` once per distinct content."""
+    src = str(source)
+    progress("loading data", 0.0)
+    if Path(src).expanduser().exists() and not Path(src).expanduser().is_dir():
+        inputs: dict[str, Any] = {
+            "content": file_digest(Path(src).expanduser()),
+            "format": Path(src).suffix.lower(),
+        }
+        loaded = None
+    else:
+        loaded = data.load_instructions(src, split=split)  # a hub id (or an error)
+        inputs = {
+            "hub": src,
+            "split": split,
+            "rows": pd.util.hash_pandas_object(loaded.table, index=False).sum().item(),
+        }
+    inputs["loader"] = data.LOADER_VERSION
+
+    def build(folder: Path) -> dict[str, Any]:
+        res = loaded or data.load_instructions(src, split=split)
+        res.table.to_parquet(folder / "table.parquet", index=False)
+        (folder / "report.json").write_text(json.dumps(res.report.to_dict()))
+        return {"source": src, "n_rows": len(res.table), "n_dropped": len(res.report.dropped)}
+
+    art, _ = registry.produce("dataset", inputs, build)
+    progress("loading data", 1.0)
+    return art
+
+
+def read_table(ds: Artifact) -> pd.DataFrame:
+    return pd.read_parquet(ds.path / "table.parquet")
+
+
+def read_report(ds: Artifact) -> data.LoadReport:
+    return data.LoadReport.from_dict(json.loads((ds.path / "report.json").read_text()))
+
+
+def embedding_step(
+    ds: Artifact,
+    registry: Registry,
+    *,
+    field: str = "instruction",
+    model: str = embed.DEFAULT_MODEL,
+    progress: embed.Progress = _noop,
+) -> tuple[Artifact, bool]:
+    """Embed one field of the dataset; ``(artifact, computed)``."""
+    embed.check_field(field)
+    inputs = {"dataset": ds.key, "model": embed.model_identity(model), "field": field}
+
+    def build(folder: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        emb = embed.encode(embed.field_texts(read_table(ds), field), model, progress=progress)
+        secs = time.perf_counter() - t0
+        np.save(folder / "embeddings.npy", emb)
+        return {
+            "model": model,
+            "field": field,
+            "dim": int(emb.shape[1]),
+            "seconds": round(secs, 3),
+            "sentences_per_s": round(len(emb) / secs, 1),
+        }
+
+    return registry.produce("embedding", inputs, build)
+
+
+def read_embeddings(emb: Artifact) -> np.ndarray:
+    return np.load(emb.path / "embeddings.npy", mmap_mode="r")
+
+
+def assignment_step(
+    ds: Artifact,
+    emb: Artifact,
+    registry: Registry,
+    *,
+    k: int,
+    method: str = "kmeans",
+    seed: int = 0,
+) -> tuple[Artifact, bool]:
+    """Cluster the embeddings into K subsets, with sizes, keywords and a silhouette."""
+    inputs = {"embedding": emb.key, "k": int(k), "method": method, "seed": int(seed)}
+    x = read_embeddings(emb)
+    cluster.check_k(k, x.shape[0])
+    cluster.check_method(method)
+
+    def build(folder: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        labels = cluster.disperse(np.asarray(x), k, method, seed)
+        table = read_table(ds)
+        texts = embed.field_texts(table, emb.inputs["field"])
+        info = {
+            "k": int(k),
+            "method": method,
+            "seed": int(seed),
+            "field": emb.inputs["field"],
+            "model": emb.meta["model"],
+            "n": int(len(labels)),
+            "sizes": np.bincount(labels, minlength=k).tolist(),
+            "silhouette": cluster.silhouette(np.asarray(x), labels, seed),
+            "keywords": cluster.cluster_keywords(texts, labels, k),
+            "sources": _sources_per_cluster(table, labels, k),
+            "dataset": ds.key,
+            "embedding": emb.key,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        np.save(folder / "labels.npy", labels)
+        (folder / "clusters.json").write_text(json.dumps(info, indent=2))
+        return {
+            "k": int(k),
+            "method": method,
+            "seed": int(seed),
+            "dataset": ds.key,
+            "field": emb.inputs["field"],
+            "silhouette": info["silhouette"],
+        }
+
+    return registry.produce("assignment", inputs, build)
+
+
+def _sources_per_cluster(table: pd.DataFrame, labels: np.ndarray, k: int) -> list[dict]:
+    """For each cluster, row counts by ``source`` (largest first, at most 10)."""
+    out = []
+    for c in range(k):
+        counts = table["source"][labels == c].replace("", "(none)").value_counts()
+        out.append({str(s): int(n) for s, n in counts.head(10).items()})
+    return out
+
+
+def projection_step(
+    emb: Artifact, registry: Registry, *, seed: int = 0, progress: embed.Progress = _noop
+) -> tuple[Artifact, bool]:
+    inputs = {
+        "embedding": emb.key,
+        "seed": int(seed),
+        "pca_dims": cluster.PCA_DIMS,
+        "umap": cluster.UMAP_PARAMS,
+    }
+
+    def build(folder: Path) -> dict[str, Any]:
+        progress("projecting (UMAP)", 0.0)
+        t0 = time.perf_counter()
+        xy = cluster.project_2d(np.asarray(read_embeddings(emb)), seed)
+        np.save(folder / "xy.npy", xy)
+        progress("projecting (UMAP)", 1.0)
+        return {"seconds": round(time.perf_counter() - t0, 3)}
+
+    return registry.produce("projection", inputs, build)
+
+
+@dataclass
+class DisperseConfig:
+    """One Disperse request: the data, the text field, the model, the clusterer, K."""
+
+    data: str
+    k: int = 4
+    method: str = "kmeans"
+    field: str = "instruction"
+    model: str = embed.DEFAULT_MODEL
+    seed: int = 0
+    split: str = "train"
+
+
+@dataclass
+class DisperseResult:
+    """``table``: the normalised rows plus ``cluster``, ``x``, ``y``; ``clusters``: the
+    assignment's clusters.json; ``artifacts``: the four steps' artifacts by kind;
+    ``computed``: which steps ran now (False: reused from the registry)."""
+
+    table: pd.DataFrame
+    clusters: dict[str, Any]
+    report: data.LoadReport
+    artifacts: dict[str, Artifact]
+    computed: dict[str, bool] = field(default_factory=dict)
+
+
+def run_disperse(
+    cfg: DisperseConfig,
+    registry: Registry | None = None,
+    *,
+    project: bool = True,
+    progress: embed.Progress = _noop,
+) -> DisperseResult:
+    """Every Disperse step for ``cfg``, each reused from the registry when it exists."""
+    registry = registry or Registry()
+    embed.check_field(cfg.field)
+    cluster.check_method(cfg.method)
+    ds = dataset_step(cfg.data, registry, split=cfg.split, progress=progress)
+    cluster.check_k(cfg.k, ds.meta["n_rows"])
+    emb, emb_new = embedding_step(ds, registry, field=cfg.field, model=cfg.model, progress=progress)
+    progress("clustering", 0.0)
+    asg, asg_new = assignment_step(ds, emb, registry, k=cfg.k, method=cfg.method, seed=cfg.seed)
+    progress("clustering", 1.0)
+    table = read_table(ds)
+    table["cluster"] = np.load(asg.path / "labels.npy")
+    arts = {"dataset": ds, "embedding": emb, "assignment": asg}
+    computed = {"embedding": emb_new, "assignment": asg_new}
+    if project:
+        proj, proj_new = projection_step(emb, registry, seed=cfg.seed, progress=progress)
+        xy = np.load(proj.path / "xy.npy")
+        table["x"], table["y"] = xy[:, 0], xy[:, 1]
+        arts["projection"] = proj
+        computed["projection"] = proj_new
+    clusters = json.loads((asg.path / "clusters.json").read_text())
+    return DisperseResult(table, clusters, read_report(ds), arts, computed)
+
+
+def write_disperse_outputs(
+    res: DisperseResult, out: str | Path, cfg: DisperseConfig
+) -> tuple[Path, Path]:
+    """``out/assignments.csv`` (id, cluster, x, y) and ``out/clusters.json``."""
+    out = Path(out)
+    cols = ["id", "cluster"] + (["x", "y"] if "x" in res.table else [])
+    csv_path = out / "assignments.csv"
+    write_text_atomic(csv_path, res.table[cols].to_csv(index=False, float_format="%.5f"))
+    info = dict(res.clusters)
+    info["config"] = asdict(cfg)
+    info["artifacts"] = {k: a.key for k, a in res.artifacts.items()}
+    json_path = write_json_atomic(out / "clusters.json", info)
+    return csv_path, json_path

@@ -1,0 +1,256 @@
+"""The run registry (one SQLite file under the cache) and atomic artifact writes.
+
+Every pipeline step is a function of its inputs. Its output is one registry row,
+keyed by a hash of those inputs, plus a folder of files ``<cache>/<kind>/<key>/``.
+A folder becomes visible only by an atomic rename once every file in it is
+written, so a crash never leaves a half-written artifact that a later read trusts.
+``DTM_CACHE`` moves the cache (default: ``cache/`` beside the ``dtm`` package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dtm.errors import RegistryError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    kind    TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    inputs  TEXT NOT NULL,
+    meta    TEXT NOT NULL,
+    path    TEXT NOT NULL,
+    name    TEXT,
+    created REAL NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX IF NOT EXISTS artifacts_kind_created ON artifacts (kind, created);
+"""
+_DONE = "_complete.json"  # written last inside an artifact folder
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$DTM_CACHE`` or ``cache/`` at the project root."""
+    env = os.environ.get("DTM_CACHE")
+    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "cache"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def input_key(kind: str, inputs: dict[str, Any]) -> str:
+    """A 20-hex-digit key for (kind, inputs); inputs must be JSON-serialisable."""
+    return hashlib.sha256(f"{kind}\n{canonical_json(inputs)}".encode()).hexdigest()[:20]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success fsync it and rename it over
+    ``target``. On any error the temporary file is removed and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json_atomic(target: str | Path, obj: Any) -> Path:
+    return write_text_atomic(target, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, max_len: int = 80) -> str:
+    """A file name made of letters, digits, '.', '_' and '-' only, never '.' or '..'
+    nor hidden: a user-given name can never point outside its folder."""
+    base = _UNSAFE.sub("_", Path(str(name).replace("\\", "/")).name).strip("._") or "file"
+    return base[-max_len:]
+
+
+def save_upload(name: str, content: bytes, max_bytes: int = 500 << 20) -> Path:
+    """Keep an uploaded file under ``<cache>/uploads/<hash>/<safe name>`` (never overwrites
+    a different file: the folder is the content hash)."""
+    if len(content) > max_bytes:
+        raise RegistryError(
+            f"{name}: {len(content) / 2**20:.0f} MiB is over the upload "
+            f"limit of {max_bytes / 2**20:.0f} MiB."
+        )
+    digest = hashlib.sha256(content).hexdigest()[:16]
+    target = cache_dir() / "uploads" / digest / safe_name(name)
+    if not target.exists():
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(content)
+    return target
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One registry row: what was produced (``path``) from what (``inputs``)."""
+
+    kind: str
+    key: str
+    path: Path
+    inputs: dict[str, Any]
+    meta: dict[str, Any]
+    created: float
+    name: str | None = None
+
+
+class Registry:
+    """The SQLite run registry (WAL mode). One short-lived connection per call, so it
+    is safe from Streamlit's threads and from several processes at once."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else cache_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "registry.sqlite"
+        with self._connect() as con:
+            con.executescript(_SCHEMA)
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"The registry {self.db_path} was written by a newer version of dtm "
+                    f"(schema {version} > {SCHEMA_VERSION}); upgrade dtm or set DTM_CACHE."
+                )
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        except sqlite3.Error as e:
+            raise RegistryError(f"Cannot open the registry {self.db_path}: {e}") from e
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA busy_timeout=30000")
+            yield con
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise RegistryError(
+                    f"The registry {self.db_path} is locked by another process ({e}); "
+                    "try again when it finishes."
+                ) from e
+            raise RegistryError(f"The registry {self.db_path} failed: {e}") from e
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(
+                f"The registry {self.db_path} is not a readable SQLite database ({e}). "
+                "It was left as it is: move it aside (or set DTM_CACHE) to start a new one."
+            ) from e
+        finally:
+            con.close()
+
+    def _row_to_artifact(self, row: tuple) -> Artifact:
+        kind, key, inputs, meta, path, name, created = row
+        return Artifact(
+            kind, key, self.root / path, json.loads(inputs), json.loads(meta), created, name
+        )
+
+    def get(self, kind: str, key: str) -> Artifact | None:
+        """The artifact, or None when absent or when its folder is missing or incomplete."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT kind, key, inputs, meta, path, name, created FROM artifacts "
+                "WHERE kind = ? AND key = ?",
+                (kind, key),
+            ).fetchone()
+        if row is None:
+            return None
+        art = self._row_to_artifact(row)
+        return art if (art.path / _DONE).exists() else None
+
+    def list(self, kind: str) -> list[Artifact]:
+        """Complete artifacts of a kind, newest first."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT kind, key, inputs, meta, path, name, created FROM artifacts "
+                "WHERE kind = ? ORDER BY created DESC",
+                (kind,),
+            ).fetchall()
+        arts = [self._row_to_artifact(r) for r in rows]
+        return [a for a in arts if (a.path / _DONE).exists()]
+
+    def set_name(self, kind: str, key: str, name: str) -> None:
+        with self._connect() as con:
+            cur = con.execute(
+                "UPDATE artifacts SET name = ? WHERE kind = ? AND key = ?", (name, kind, key)
+            )
+            if cur.rowcount == 0:
+                raise RegistryError(f"No {kind} with key {key} in {self.db_path}.")
+
+    def produce(
+        self, kind: str, inputs: dict[str, Any], build: Callable[[Path], dict[str, Any]]
+    ) -> tuple[Artifact, bool]:
+        """Return ``(artifact, computed)`` for ``(kind, inputs)``, running ``build`` only
+        when no complete artifact exists. ``build(folder)`` writes its files into a private
+        folder and returns a JSON-serialisable ``meta`` dict; the folder is published by
+        one rename, so readers never see a partial artifact."""
+        key = input_key(kind, inputs)
+        hit = self.get(kind, key)
+        if hit is not None:
+            return hit, False
+        final = self.root / kind / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            meta = build(tmp)
+            (tmp / _DONE).write_text(canonical_json({"kind": kind, "key": key}))
+            if final.exists() and not (final / _DONE).exists():
+                shutil.rmtree(final)  # left by a crash before its rename: never trusted
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / _DONE).exists():
+                    raise
+                # Another process published the same artifact first; its copy is equal.
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        rel = final.relative_to(self.root).as_posix()
+        now = time.time()
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO artifacts (kind, key, inputs, meta, path, name, created) "
+                "VALUES (?, ?, ?, ?, ?, NULL, ?) ON CONFLICT(kind, key) DO UPDATE SET "
+                "meta = excluded.meta, path = excluded.path, created = excluded.created",
+                (kind, key, canonical_json(inputs), canonical_json(meta), rel, now),
+            )
+        return Artifact(kind, key, final, inputs, meta, now), True

@@ -1,0 +1,247 @@
+"""Page 1 - Disperse: the instruction data, embedded, clustered into K subsets, mapped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dtm import charts
+from dtm.cluster import METHODS
+from dtm.embed import DEFAULT_MODEL, FIELDS, MODEL_CHOICES
+from dtm.errors import DTMError
+from dtm.pipeline import DisperseConfig, run_disperse
+from dtm.samples import SAMPLE_PATH
+from dtm.store import Registry, cache_dir, save_upload
+
+SELECTED = "disperse_selected"  # list of row positions selected on the map or by cluster
+
+
+@st.cache_resource
+def _registry(root: str) -> Registry:
+    return Registry(root)
+
+
+def registry() -> Registry:
+    return _registry(str(cache_dir()))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def map_figure(_table: pd.DataFrame, keys: tuple, query: str):
+    table = _table
+    hit = (
+        table["instruction"].str.contains(query, case=False, regex=False).to_numpy()
+        if query
+        else None
+    )
+    return charts.cluster_map(table, hit), 0 if hit is None else int(hit.sum())
+
+
+def data_source() -> str | None:
+    kind = st.radio(
+        "Dataset",
+        ["Built-in sample", "Upload a file", "Local path", "Hugging Face hub id"],
+        horizontal=True,
+        key="ds_kind",
+    )
+    if kind == "Built-in sample":
+        st.caption(
+            f"A small synthetic instruction set in 5 source families "
+            f"(`{SAMPLE_PATH.name}`); the alignment-tax lab replaces it."
+        )
+        return str(SAMPLE_PATH)
+    if kind == "Upload a file":
+        up = st.file_uploader(
+            "JSONL, JSON, CSV or Parquet", type=["jsonl", "ndjson", "json", "csv", "parquet"]
+        )
+        return str(save_upload(up.name, up.getvalue())) if up is not None else None
+    if kind == "Local path":
+        return st.text_input("Path to a data file on the server", key="ds_path") or None
+    hub = st.text_input(
+        "Dataset id (downloads from the hub)",
+        key="ds_hub",
+        placeholder="allenai/tulu-v2-sft-mixture",
+    )
+    return hub or None
+
+
+def settings(source: str | None) -> DisperseConfig | None:
+    c1, c2, c3, c4, c5 = st.columns([1.2, 1.6, 1.2, 0.7, 0.7])
+    field = c1.selectbox(
+        "Embed",
+        FIELDS,
+        key="field",
+        help="The instruction, the response, or both (the paper tried each).",
+    )
+    label = c2.selectbox(
+        "Embedding model", [*MODEL_CHOICES, "Other (folder or hub id)"], key="model_choice"
+    )
+    model = MODEL_CHOICES.get(label) or st.text_input(
+        "Model folder or hub id", value=DEFAULT_MODEL, key="model_other"
+    )
+    method = c3.selectbox(
+        "Clusterer",
+        METHODS,
+        key="method",
+        help="k-means (the paper), a seeded random split, or Ward agglomerative clustering.",
+    )
+    k = c4.number_input(
+        "K",
+        min_value=1,
+        max_value=64,
+        value=4,
+        step=1,
+        key="k",
+        help="Number of clusters = sub-models. The paper found K=4 best.",
+    )
+    seed = c5.number_input("Seed", min_value=0, value=0, step=1, key="seed")
+    if source is None:
+        return None
+    return DisperseConfig(
+        data=source, k=int(k), method=method, field=field, model=model, seed=int(seed)
+    )
+
+
+def run(cfg: DisperseConfig):
+    bar = st.progress(0.0, text="starting")
+    try:
+        return run_disperse(cfg, registry(), progress=lambda s, f: bar.progress(f, text=s))
+    except DTMError as e:
+        st.error(str(e))
+        return None
+    finally:
+        bar.empty()
+
+
+def show_selection(table: pd.DataFrame) -> None:
+    rows = [r for r in st.session_state.get(SELECTED, []) if r < len(table)]
+    st.subheader(f"Selected rows ({len(rows)})")
+    if not rows:
+        st.caption("Draw a box or lasso on the map, click points, or pick whole clusters.")
+        return
+    cols = ["id", "cluster", "source", "instruction", "response", "n_tokens"]
+    st.dataframe(
+        table.iloc[rows][cols], hide_index=True, height=300, key="selected_table", width="stretch"
+    )
+
+
+def show_clusters(res) -> None:
+    info = res.clusters
+    left, right = st.columns([1, 1.4])
+    left.plotly_chart(charts.cluster_sizes(info["sizes"]), key="sizes_chart")
+    right.dataframe(
+        pd.DataFrame(
+            {
+                "cluster": range(info["k"]),
+                "size": info["sizes"],
+                "distinctive words (c-TF-IDF)": [", ".join(w) for w in info["keywords"]],
+                "top sources": [
+                    ", ".join(f"{s} {n}" for s, n in list(d.items())[:3]) for d in info["sources"]
+                ],
+            }
+        ),
+        hide_index=True,
+        key="keywords_table",
+        width="stretch",
+    )
+
+
+def save_for_training(res, cfg: DisperseConfig) -> None:
+    asg = res.artifacts["assignment"]
+    csv = res.table[["id", "cluster", "x", "y"]].to_csv(index=False, float_format="%.5f")
+    c1, c2, c3 = st.columns([1, 1.4, 0.8])
+    c1.download_button(
+        "Download assignment CSV",
+        csv,
+        file_name="assignments.csv",
+        mime="text/csv",
+        key="download_csv",
+    )
+    default = f"{cfg.method}-k{cfg.k}-{cfg.field}-seed{cfg.seed}"
+    name = c2.text_input(
+        "Name for the Train page",
+        value=asg.name or default,
+        key="assignment_name",
+        label_visibility="collapsed",
+    )
+    if c3.button("Save for training", key="save_assignment"):
+        registry().set_name("assignment", asg.key, name.strip() or default)
+        st.toast(f"Saved assignment '{name}' for the Train page.")
+    st.caption(
+        f"Assignment `{asg.key}` · embeddings `{res.artifacts['embedding'].key}` · "
+        f"dataset `{res.artifacts['dataset'].key}` (all under the cache registry)."
+    )
+
+
+def page() -> None:
+    st.title("Disperse")
+    st.markdown(
+        "Split the instruction data into **K** clusters: one LoRA sub-model will be "
+        "trained on each, then merged. Each sub-model picks up its own cluster's "
+        "dataset-specific biases; the merge keeps what they share."
+    )
+    cfg = settings(data_source())
+    if cfg is None:
+        st.info("Choose a dataset to disperse.")
+        return
+    if st.button("Disperse", type="primary", key="go") or "disperse_cfg" not in st.session_state:
+        if st.session_state.get("disperse_cfg") != cfg:
+            st.session_state[SELECTED] = []
+        st.session_state["disperse_cfg"] = cfg
+    res = run(st.session_state["disperse_cfg"])
+    if res is None:
+        return
+    cfg, table, info = st.session_state["disperse_cfg"], res.table, res.clusters
+    m = st.columns(5)
+    m[0].metric("Rows kept", f"{res.report.n_kept:,}")
+    m[1].metric("Rows dropped", f"{len(res.report.dropped):,}")
+    m[2].metric("K", info["k"])
+    m[3].metric(
+        "Silhouette (cosine)", "n/a" if info["silhouette"] is None else f"{info['silhouette']:.3f}"
+    )
+    m[4].metric("Method", info["method"])
+    if res.report.dropped or res.report.renamed_ids:
+        with st.expander(f"Load report: {len(res.report.dropped)} rows dropped"):
+            st.code(res.report.summary(max_examples=50), language=None)
+
+    query = st.text_input(
+        "Search instructions",
+        key="search",
+        placeholder="a word or phrase; matches are ringed on the map",
+    )
+    keys = (res.artifacts["assignment"].key, res.artifacts["projection"].key)
+    fig, n_hits = map_figure(table, keys, query.strip())
+    if query.strip():
+        st.caption(f"{n_hits} matching rows")
+
+    def on_map_select():
+        st.session_state[SELECTED] = charts.selected_rows(
+            st.session_state["disperse_map"].get("selection")
+        )
+
+    st.plotly_chart(
+        fig,
+        key="disperse_map",
+        on_select=on_map_select,
+        selection_mode=("box", "lasso", "points"),
+        config={"scrollZoom": True},
+    )
+
+    def on_pick_clusters():
+        picked = st.session_state["pick_clusters"]
+        st.session_state[SELECTED] = np.flatnonzero(
+            table["cluster"].isin(picked).to_numpy()
+        ).tolist()
+
+    st.multiselect(
+        "Or select whole clusters",
+        list(range(info["k"])),
+        key="pick_clusters",
+        on_change=on_pick_clusters,
+    )
+    show_selection(table)
+    show_clusters(res)
+    save_for_training(res, cfg)
+
+
+page()

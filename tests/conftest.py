@@ -1,0 +1,35 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private, empty DTM_CACHE for one test."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("DTM_CACHE", str(root))
+    return root
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def alpaca(i: int, text: str | None = None) -> dict:
+    return {
+        "id": f"a{i}",
+        "instruction": text or f"Instruction number {i}",
+        "input": "",
+        "output": f"Response {i}",
+    }

@@ -1,0 +1,85 @@
+"""The pages under Streamlit's AppTest: they run, draw, and respond to the user."""
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_jsonl
+from streamlit.testing.v1 import AppTest
+
+from dtm.charts import selected_rows
+
+PAGES = ROOT / "pages"
+
+
+@pytest.fixture
+def disperse_page(cache):
+    at = AppTest.from_file(str(PAGES / "disperse.py"), default_timeout=300)
+    return at.run()
+
+
+def test_disperse_page_draws_the_map_and_a_selection_fills_the_table(disperse_page):
+    at = disperse_page
+    assert not at.exception
+    assert len(at.get("plotly_chart")) == 2  # the map and the cluster sizes
+    assert [m.value for m in at.metric][:3] == ["600", "0", "4"]
+    assert at.subheader[0].value == "Selected rows (0)"
+    at.multiselect(key="pick_clusters").select(1).run()
+    assert not at.exception
+    [table] = [d for d in at.dataframe if "instruction" in d.value.columns]
+    assert len(table.value) > 0 and set(table.value["cluster"]) == {1}
+    assert at.subheader[0].value == f"Selected rows ({len(table.value)})"
+    # A box/lasso selection on the map lands in the same place (see test below).
+    at.session_state["disperse_selected"] = [0, 5, 7]
+    at.run()
+    [table] = [d for d in at.dataframe if "instruction" in d.value.columns]
+    assert len(table.value) == 3
+
+
+def test_disperse_page_search_and_new_k(disperse_page):
+    at = disperse_page
+    at.text_input(key="search").input("capital").run()
+    assert any("matching rows" in c.value for c in at.caption)
+    at.number_input(key="k").set_value(3)
+    at.button(key="go").click().run()
+    assert not at.exception and [m.value for m in at.metric][2] == "3"
+
+
+def test_disperse_page_bad_path_shows_a_clear_error(disperse_page, tmp_path):
+    at = disperse_page
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"x": 1}'])
+    at.radio(key="ds_kind").set_value("Local path").run()
+    assert "Choose a dataset" in at.info[0].value
+    at.text_input(key="ds_path").input(str(bad)).run()
+    at.button(key="go").click().run()
+    assert not at.exception
+    assert "no usable row" in at.error[0].value and str(bad) in at.error[0].value
+    at.text_input(key="ds_path").input(str(tmp_path / "missing.jsonl")).run()
+    at.button(key="go").click().run()
+    assert "no such file" in at.error[0].value
+
+
+def test_selection_event_maps_points_to_rows():
+    event = {
+        "points": [
+            {"curve_number": 1, "point_index": 0, "customdata": 42},
+            {"curve_number": 0, "point_index": 3, "customdata": [7]},
+            {"curve_number": 2, "point_index": 0, "customdata": 42},
+        ],
+        "box": [],
+        "lasso": [],
+        "point_indices": [0, 3, 0],
+    }
+    assert selected_rows(event) == [7, 42]
+    assert selected_rows(None) == [] and selected_rows({"points": []}) == []
+
+
+@pytest.mark.parametrize("name", ["train.py", "merge.py", "compare.py"])
+def test_unbuilt_pages_say_so(name):
+    at = AppTest.from_file(str(PAGES / name)).run()
+    assert not at.exception and "Not built yet" in at.info[0].value
+
+
+def test_app_navigation_runs(cache):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
+    assert not at.exception
+    assert Path(ROOT / ".streamlit" / "config.toml").read_text().count('address = "127.0.0.1"')
