@@ -66,6 +66,7 @@ def cmd_disperse(args: argparse.Namespace) -> int:
         model=args.model,
         seed=args.seed,
         split=args.split,
+        precision=args.precision,
     )
     res = run_disperse(cfg, Registry(), project=not args.no_map, progress=_progress_bar())
     csv_path, json_path = write_disperse_outputs(res, out, cfg)
@@ -86,7 +87,7 @@ def cmd_disperse(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dtm.cluster import METHODS
-    from dtm.embed import DEFAULT_MODEL, FIELDS
+    from dtm.embed import DEFAULT_MODEL, FIELDS, PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="python -m dtm",
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=DEFAULT_MODEL,
         help="sentence-transformers model: a local folder or a hub id",
+    )
+    d.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="encoder arithmetic: auto = bf16 where the hardware has native bf16",
     )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--split", default="train", help="split of a hub dataset")

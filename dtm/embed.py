@@ -114,32 +114,73 @@ def field_texts(table: pd.DataFrame, field: str) -> list[str]:
     return (prompt_text(table) + "\n\n" + table["response"]).tolist()
 
 
+@functools.lru_cache(maxsize=1)
+def auto_precision() -> str:
+    """``bf16`` where the hardware computes in bf16 natively (a CUDA GPU that supports it,
+    or a CPU with AVX512-BF16 or AMX), else ``fp32``. On such a CPU, bf16 autocast encodes
+    about 2.6x faster than fp32 with cosine >= 0.9999 to the fp32 embeddings
+    (docs/benchmarks.md)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r}).")
+    return auto_precision() if precision == "auto" else precision
+
+
 def encode(
     texts: list[str],
     model_name: str = DEFAULT_MODEL,
     *,
     batch_size: int = 128,
+    precision: str = "auto",
     chunk: int = 4096,
     progress: Progress | None = None,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings, shape (len(texts), d).
 
-    Identical texts are encoded once, and texts go in order of length so a batch
-    carries little padding; ``progress`` hears of each chunk of ``chunk`` texts."""
+    Identical texts are encoded once, texts go in order of length so a batch carries
+    little padding, and the model runs under bf16 autocast where the hardware has native
+    bf16 (``precision="auto"``); ``progress`` hears of each chunk of ``chunk`` texts."""
+    import contextlib
+
+    import torch
+
     model = load_encoder(model_name)
+    precision = resolve_precision(precision)
+    device = "cuda" if str(model.device).startswith("cuda") else "cpu"
     uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
     order = np.argsort([len(t) for t in uniq], kind="stable")
     dim = model.get_embedding_dimension()
     out = np.empty((len(uniq), dim), dtype=np.float32)
     for start in range(0, len(order), chunk):
         idx = order[start : start + chunk]
-        out[idx] = model.encode(
-            [uniq[i] for i in idx],
-            batch_size=batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
+        autocast = (
+            torch.autocast(device, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
         )
+        with autocast, torch.inference_mode():
+            part = model.encode(
+                [uniq[i] for i in idx],
+                batch_size=batch_size,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+        out[idx] = part.float().cpu().numpy()
         if progress:
             progress("embedding", min(1.0, (start + len(idx)) / len(order)))
     return out[inverse.reshape(-1)]

@@ -81,20 +81,29 @@ def embedding_step(
     *,
     field: str = "instruction",
     model: str = embed.DEFAULT_MODEL,
+    precision: str = "auto",
     progress: embed.Progress = _noop,
 ) -> tuple[Artifact, bool]:
     """Embed one field of the dataset; ``(artifact, computed)``."""
     embed.check_field(field)
-    inputs = {"dataset": ds.key, "model": embed.model_identity(model), "field": field}
+    precision = embed.resolve_precision(precision)
+    inputs = {
+        "dataset": ds.key,
+        "model": embed.model_identity(model),
+        "field": field,
+        "precision": precision,
+    }
 
     def build(folder: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
-        emb = embed.encode(embed.field_texts(read_table(ds), field), model, progress=progress)
+        texts = embed.field_texts(read_table(ds), field)
+        emb = embed.encode(texts, model, precision=precision, progress=progress)
         secs = time.perf_counter() - t0
         np.save(folder / "embeddings.npy", emb)
         return {
             "model": model,
             "field": field,
+            "precision": precision,
             "dim": int(emb.shape[1]),
             "seconds": round(secs, 3),
             "sentences_per_s": round(len(emb) / secs, 1),
@@ -197,6 +206,7 @@ class DisperseConfig:
     model: str = embed.DEFAULT_MODEL
     seed: int = 0
     split: str = "train"
+    precision: str = "auto"
 
 
 @dataclass
@@ -225,7 +235,9 @@ def run_disperse(
     cluster.check_method(cfg.method)
     ds = dataset_step(cfg.data, registry, split=cfg.split, progress=progress)
     cluster.check_k(cfg.k, ds.meta["n_rows"])
-    emb, emb_new = embedding_step(ds, registry, field=cfg.field, model=cfg.model, progress=progress)
+    emb, emb_new = embedding_step(
+        ds, registry, field=cfg.field, model=cfg.model, precision=cfg.precision, progress=progress
+    )
     progress("clustering", 0.0)
     asg, asg_new = assignment_step(ds, emb, registry, k=cfg.k, method=cfg.method, seed=cfg.seed)
     progress("clustering", 1.0)

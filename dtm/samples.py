@@ -105,6 +105,22 @@ FAMILIES = {
 }
 
 
+# Constraints like those in real instruction data; with their numbers they also keep
+# exact repeats as rare as in real mixtures (about 3%).
+_CONSTRAINTS = [
+    "Answer in about {n} words.",
+    "Keep it under {n} characters.",
+    "Mention the year {y} somewhere.",
+    "Finish within {n} seconds of reading.",
+]
+_EXTRA = [
+    "Use at most {s} sentences.",
+    "Give {s} examples.",
+    "Write it for a reader aged {s}0.",
+    "Number your points from 1 to {s}.",
+]
+
+
 def _fill(template: str, rng: random.Random) -> str:
     return template.format(
         thing=rng.choice(_THINGS),
@@ -161,6 +177,11 @@ def synthetic_instructions(n: int, seed: int = 0) -> list[dict]:
         else:
             family = names[rng.randrange(len(names))]
             instruction = _fill(rng.choice(FAMILIES[family]), rng)
+            instruction += " " + rng.choice(_CONSTRAINTS).format(
+                n=rng.randint(10, 3000), y=rng.randint(1500, 2030)
+            )
+            if rng.random() < 0.5:
+                instruction += " " + rng.choice(_EXTRA).format(s=rng.randint(2, 9))
         rows.append(
             {
                 "id": f"syn-{i:06d}",
