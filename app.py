@@ -2,12 +2,14 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="Disperse-Then-Merge", page_icon="🧪", layout="wide")
+st.set_page_config(page_title="Disperse-Then-Merge", page_icon=":material/hub:", layout="wide")
 st.navigation(
     [
-        st.Page("pages/disperse.py", title="Disperse", icon="🗺️", default=True),
-        st.Page("pages/train.py", title="Train", icon="🏋️"),
-        st.Page("pages/merge.py", title="Merge", icon="🔀"),
-        st.Page("pages/compare.py", title="Compare", icon="📊"),
+        st.Page(
+            "pages/disperse.py", title="Disperse", icon=":material/scatter_plot:", default=True
+        ),
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
+        st.Page("pages/compare.py", title="Compare", icon=":material/bar_chart:"),
     ]
 ).run()

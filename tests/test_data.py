@@ -222,3 +222,13 @@ def test_missing_path_and_folder(tmp_path):
         load_instructions(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="is a folder"):
         load_instructions(tmp_path)
+
+
+def test_hub_id_offline_gives_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(
+        DataError, match=r"Cannot load the hub dataset 'nobody/no-such-set'.*Offline\?"
+    ):
+        load_instructions("nobody/no-such-set")
