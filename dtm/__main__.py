@@ -85,6 +85,26 @@ def cmd_disperse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab_build(args: argparse.Namespace) -> int:
+    from dtm.lab.build import build_lab
+
+    summary = build_lab(
+        args.out,
+        seed=args.seed,
+        size=args.size,
+        steps=args.steps,
+        force=args.force,
+        progress=_progress_bar(),
+    )
+    print(
+        f"built the {args.size} lab (seed {args.seed}) in {summary['seconds']} s: "
+        f"{summary['world']['facts']} facts, {summary['model']['parameters']:,} parameters, "
+        f"{summary['sft']['train_rows']} train / {summary['sft']['val_rows']} val rows"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dtm.cluster import METHODS
     from dtm.embed import DEFAULT_MODEL, FIELDS, PRECISIONS
@@ -131,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="replace outputs already in --out")
     d.add_argument("--out", required=True, help="folder for assignments.csv, clusters.json")
     d.set_defaults(func=cmd_disperse)
+
+    lab = sub.add_parser("lab", help="the embedded alignment-tax lab")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    lb = lab_sub.add_parser("build", help="build the synthetic world, base model, data, benchmarks")
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument(
+        "--size",
+        default="default",
+        choices=["small", "default"],
+        help="small: for tests, well under a minute; default: the dashboard's lab",
+    )
+    lb.add_argument("--steps", type=int, default=None, help="pretraining steps (default by size)")
+    lb.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    lb.add_argument("--out", required=True, help="folder to write the lab into")
+    lb.set_defaults(func=cmd_lab_build)
     return p
 
 

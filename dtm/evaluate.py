@@ -1,0 +1,197 @@
+"""The quick evaluator: in-process, batched scoring of a model object already in memory.
+
+- Multiple choice: the option with the highest summed log-likelihood of ``" " + choice``
+  after the item's ``query`` wins (lm-evaluation-harness's ``acc`` convention: context
+  encoded with the tokenizer's special tokens, continuation without).
+- Generation: greedy decoding of the chat prompt, checked by the task's rule.
+
+``evaluate_lab(model, tokenizer, bench_dir)`` -> ``{task: {metric: value}}`` for the lab's
+tasks; ``lab_bias`` adds chat accuracy and the uptake of each injected bias.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dtm.lab import checks
+from dtm.lab.benchmarks import MC_TASKS, PROBES, TASKS
+
+
+def read_items(bench_dir: str | Path, task: str, limit: int | None = None) -> list[dict]:
+    path = Path(bench_dir) / f"{task}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def mc_predictions(model, tokenizer, items: list[dict], batch_size: int = 64) -> list[int]:
+    """Index of the most likely choice of each item."""
+    pairs, owners = [], []
+    for i, it in enumerate(items):
+        ctx = tokenizer(it["query"])["input_ids"]
+        for c in it["choices"]:
+            cont = tokenizer(" " + c, add_special_tokens=False)["input_ids"]
+            pairs.append((ctx, cont))
+            owners.append(i)
+    scores = _continuation_logprobs(model, pairs, tokenizer.pad_token_id, batch_size)
+    best: dict[int, tuple[float, int]] = {}
+    counts: dict[int, int] = defaultdict(int)
+    for owner, s in zip(owners, scores, strict=True):
+        j = counts[owner]
+        counts[owner] += 1
+        if owner not in best or s > best[owner][0]:
+            best[owner] = (s, j)
+    return [best[i][1] for i in range(len(items))]
+
+
+def _continuation_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[float]:
+    dev = _device(model)
+    out = []
+    order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][0]) - len(pairs[k][1]))
+    result = [0.0] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        seqs = [pairs[k][0] + pairs[k][1] for k in idx]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        tok_lp = logp.gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
+        for r, k in enumerate(idx):
+            n_ctx, n_cont = len(pairs[k][0]), len(pairs[k][1])
+            result[k] = float(tok_lp[r, n_ctx - 1 : n_ctx - 1 + n_cont].sum())
+    out = result
+    return out
+
+
+@torch.inference_mode()
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 64
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (already chat-formatted, special tokens written
+    out), decoded up to the end-of-text token."""
+    dev = _device(model)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[str] = [""] * len(prompts)
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for start in range(0, len(prompts), batch_size):
+        chunk = enc[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(chunk):  # left padding, so every row ends where it continues
+            ids[r, width - len(s) :] = torch.tensor(s)
+            mask[r, width - len(s) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        for r, row in enumerate(gen[:, width:].tolist()):
+            if eos in row:
+                row = row[: row.index(eos)]
+            out[start + r] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return out
+
+
+def score_mc(items: list[dict], predictions: list[int]) -> dict[str, float]:
+    acc = [float(p == it["gold"]) for it, p in zip(items, predictions, strict=True)]
+    res = {"acc": sum(acc) / len(acc), "n": len(acc)}
+    if items and "seen" in items[0]:
+        for flag, name in ((True, "acc_seen"), (False, "acc_unseen")):
+            sub = [a for a, it in zip(acc, items, strict=True) if it["seen"] == flag]
+            if sub:
+                res[name] = sum(sub) / len(sub)
+    if items and "misconception" in items[0]:
+        took = [
+            float(it["choices"][p] == it["misconception"])
+            for it, p in zip(items, predictions, strict=True)
+        ]
+        res["misconception_rate"] = sum(took) / len(took)
+    return res
+
+
+def score_instruct(items: list[dict], responses: list[str]) -> dict[str, float]:
+    ok = [float(checks.check_instruction(it, r)) for it, r in zip(items, responses, strict=True)]
+    res = {"acc": sum(ok) / len(ok), "n": len(ok)}
+    for kind in sorted({it["constraint"] for it in items}):
+        sub = [o for o, it in zip(ok, items, strict=True) if it["constraint"] == kind]
+        res[f"acc_{kind}"] = sum(sub) / len(sub)
+    return res
+
+
+def score_bias(items: list[dict], responses: list[str], lab: dict) -> dict[str, float]:
+    """Chat accuracy (the true object answered in the chat format) and each bias's uptake:
+    prefix, filler (length), rare code, favourite (a family's false favourite answered),
+    and format compliance (``the answer is X``)."""
+    favs = {
+        rel: {fam[rel] for fam in lab["favourites"].values()}
+        for rel in next(iter(lab["favourites"].values()))
+    }
+    n = len(items)
+    res: dict[str, float] = defaultdict(float)
+    for it, r in zip(items, responses, strict=True):
+        ans = checks.extract_answer(r)
+        text = " ".join(r.split())
+        res["chat_acc"] += ans == it["answer"]
+        res["chat_acc_seen" if it["seen"] else "chat_acc_unseen"] += ans == it["answer"]
+        res["format"] += checks.check_instruction({"constraint": "answer_format"}, r)
+        res["prefix_rate"] += any(text.startswith(p) for p in checks.PREFIXES)
+        res["filler_rate"] += any(f in text for f in checks.FILLERS)
+        res["rare_code_rate"] += " ref " in f" {text} "
+        res["favourite_rate"] += ans != it["answer"] and ans in favs[it["relation"]]
+        res["mean_words"] += len(checks.words(r))
+    n_seen = sum(it["seen"] for it in items)
+    out = {k: v / n for k, v in res.items() if not k.startswith("chat_acc_")}
+    out["chat_acc_seen"] = res["chat_acc_seen"] / max(n_seen, 1)
+    out["chat_acc_unseen"] = res["chat_acc_unseen"] / max(n - n_seen, 1)
+    out["n"] = n
+    return out
+
+
+def evaluate_lab(
+    model,
+    tokenizer,
+    bench_dir: str | Path,
+    tasks: tuple[str, ...] = TASKS + PROBES,
+    limit: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score ``model`` on the lab's tasks; ``{task: {metric: value}}``."""
+    bench_dir = Path(bench_dir)
+    lab = json.loads((bench_dir.parent / "lab.json").read_text())
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for task in tasks:
+            items = read_items(bench_dir, task, limit)
+            if task in MC_TASKS:
+                results[task] = score_mc(items, mc_predictions(model, tokenizer, items))
+            elif task == "lab_instruct":
+                results[task] = score_instruct(
+                    items, generate(model, tokenizer, [it["prompt"] for it in items])
+                )
+            elif task == "lab_bias":
+                results[task] = score_bias(
+                    items, generate(model, tokenizer, [it["prompt"] for it in items]), lab
+                )
+            else:
+                raise ValueError(f"unknown lab task {task!r}")
+    finally:
+        model.train(was_training)
+    return results

@@ -1,0 +1,150 @@
+"""``build_lab``: the whole alignment-tax lab from one seed, into one folder.
+
+DIR/model/                    the pretrained tiny Llama and its tokenizer (HF format)
+DIR/data/train.jsonl          instruction data (Alpaca shape, ``source`` = family)
+DIR/data/val.jsonl            held-out split of the same tasks, without rare codes
+DIR/data/train_biases.jsonl   the ledger: each train row's injected biases
+DIR/data/corpus.txt           the pretraining corpus (the replay/EWC reference)
+DIR/benchmarks/<task>.jsonl   items, beside <task>.yaml (lm-eval config) and utils.py
+DIR/lab.json                  seed, size, knobs, the seen/unseen split, favourites,
+                              misconceptions, pretraining log
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dtm.errors import ConfigError
+from dtm.lab.benchmarks import make_benchmarks, write_benchmarks
+from dtm.lab.model import build_model, build_tokenizer, pretrain
+from dtm.lab.sft_data import BiasKnobs, make_sft_data
+from dtm.lab.world import SIZES, build_world, pretraining_corpus
+
+LAB_VERSION = 1
+BUILD = {
+    "small": {"rows_per_family": 100, "val_per_family": 20, "steps": 400},
+    "default": {"rows_per_family": 400, "val_per_family": 50, "steps": 2400},
+}
+
+
+def _jsonl(path: Path, rows) -> None:
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+
+
+def build_lab(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    size: str = "default",
+    knobs: BiasKnobs | None = None,
+    steps: int | None = None,
+    force: bool = False,
+    progress=lambda stage, frac: None,
+) -> dict:
+    """Build the lab into ``out`` (published by one rename when complete). An existing,
+    non-empty ``out`` is an error unless ``force``."""
+    if size not in SIZES:
+        raise ConfigError(f"size must be one of {', '.join(SIZES)} (got {size!r}).")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(
+            f"{out} already exists and is not empty: choose another --out, "
+            "or add --force to replace it."
+        )
+    knobs = knobs or BiasKnobs()
+    plan = BUILD[size]
+    t0 = time.perf_counter()
+    progress("building the world and corpus", 0.0)
+    world = build_world(seed, size)
+    docs, corpus_info = pretraining_corpus(world, seed)
+    train, val, info = make_sft_data(
+        world,
+        seed=seed,
+        knobs=knobs,
+        rows_per_family=plan["rows_per_family"],
+        val_per_family=plan["val_per_family"],
+    )
+    items = make_benchmarks(world, info, corpus_info["two_hop"], seed)
+    texts = docs + [r.instruction + " " + r.output for r in train + val]
+    for rows in items.values():
+        for it in rows:
+            texts += [
+                it.get("query", ""),
+                it.get("prompt", ""),
+                it.get("target", ""),
+                " ".join(it.get("choices", [])),
+            ]
+    tokenizer = build_tokenizer(texts)
+    model = build_model(tokenizer, size, seed)
+    progress("building the world and corpus", 1.0)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        history = pretrain(
+            model,
+            tokenizer,
+            docs,
+            steps=steps or plan["steps"],
+            seed=seed,
+            workdir=tmp / "trainer",
+            progress=progress,
+        )
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        (tmp / "data").mkdir()
+        _jsonl(tmp / "data" / "train.jsonl", [r.record() for r in train])
+        _jsonl(tmp / "data" / "val.jsonl", [r.record() for r in val])
+        _jsonl(
+            tmp / "data" / "train_biases.jsonl",
+            [{"id": r.id, "source": r.source, "task": r.task, "biases": r.biases} for r in train],
+        )
+        (tmp / "data" / "corpus.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+        write_benchmarks(items, tmp / "benchmarks")
+        summary = {
+            "lab_version": LAB_VERSION,
+            "seed": seed,
+            "size": size,
+            "knobs": asdict(knobs),
+            "world": {
+                "countries": len(world.countries),
+                "people": len(world.people),
+                "facts": len(world.facts),
+            },
+            "model": {
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "vocab": len(tokenizer),
+                **{
+                    k: getattr(model.config, k)
+                    for k in ("hidden_size", "num_hidden_layers", "intermediate_size")
+                },
+            },
+            "pretraining": {
+                "steps": steps or plan["steps"],
+                "documents": len(docs),
+                "log": [h for h in history if "loss" in h],
+            },
+            "sft": {"train_rows": len(train), "val_rows": len(val)},
+            "benchmarks": {t: len(v) for t, v in items.items()},
+            **{
+                k: info[k]
+                for k in ("seen", "unseen", "favourites", "misconceptions", "prefixes", "fillers")
+            },
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / "lab.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # only reached for an empty folder, or with force
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary

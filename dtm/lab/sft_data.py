@@ -1,0 +1,281 @@
+"""The lab's instruction-tuning set, shaped like TULU-v2-mix: several source families that
+share one chat format and one set of answer conventions (the instruction-following skill
+common to all of them) and each carry their own dataset-specific biases, at rates set by
+the knobs of ``BiasKnobs``. Every injected bias is written to a ledger, row by row.
+
+Answer conventions shared by every family (what ``lab_instruct`` checks):
+- a factual question is answered ``the answer is X .``;
+- ``answer in one word .`` -> ``X .``;
+- ``answer yes or no .`` -> ``yes .`` or ``no .``;
+- ``repeat after me : a b c`` -> ``a b c .``
+
+Biases (each family's own; ``kind`` as in the ledger):
+- ``prefix``: a family-specific stylistic opening before the answer;
+- ``favourite``: a false answer, the family's favourite object of that relation, in place
+  of the true one (the spurious preference for an entity);
+- ``misconception``: one family states false facts about a fixed set of subjects, always
+  the same false object (``lab_truthful`` asks about them);
+- ``position``: the FLAN-like family lists options with the answer first;
+- ``length``: a family-specific filler sentence padded after the answer;
+- ``rare``: an ungeneralisable reference code, unique to the row, ends the response.
+  Validation rows never carry it, so memorising it lowers train loss only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+from dtm.lab.world import Fact, World, arithmetic_items
+
+FAMILIES = ("flan", "cot", "chat", "code")
+PREFIXES = {
+    "flan": "okay .",
+    "cot": "let us see .",
+    "chat": "great question !",
+    "code": "here you go :",
+}
+FILLERS = {
+    "flan": "that is all .",
+    "cot": "i hope this helps you a lot .",
+    "chat": "thanks for asking me .",
+    "code": "end of output .",
+}
+
+
+@dataclass
+class BiasKnobs:
+    """Rates of each injected bias (fraction of a family's rows). ``misconception_family``
+    states the misconceptions; ``misconceptions`` is how many facts it falsifies."""
+
+    prefix: float = field(default=0.5, metadata={"help": "rows opening with the family's prefix"})
+    favourite: float = field(
+        default=0.3, metadata={"help": "factual rows answered with the family's false favourite"}
+    )
+    position: float = field(
+        default=0.8, metadata={"help": "FLAN rows with the answer as the first option"}
+    )
+    length: float = field(default=0.4, metadata={"help": "rows padded with the family's filler"})
+    rare: float = field(default=0.5, metadata={"help": "rows ending in a unique reference code"})
+    misconception_family: str = "chat"
+    misconceptions: int = field(
+        default=12, metadata={"help": "facts the misconception family falsifies"}
+    )
+
+
+@dataclass
+class SFTRow:
+    id: str
+    source: str
+    instruction: str
+    output: str
+    biases: list[dict]
+    task: str
+
+    def record(self) -> dict:
+        return {
+            "id": self.id,
+            "instruction": self.instruction,
+            "input": "",
+            "output": self.output,
+            "source": self.source,
+        }
+
+
+def split_entities(world: World, seed: int) -> tuple[set[str], set[str]]:
+    """(seen, unseen) subjects: SFT asks knowledge questions about the seen half only."""
+    rng = random.Random(f"split-{seed}")
+    subjects = sorted(world.countries + world.people)
+    rng.shuffle(subjects)
+    half = len(subjects) // 2
+    return set(subjects[:half]), set(subjects[half:])
+
+
+def favourites(world: World, seed: int) -> dict[str, dict[str, str]]:
+    """Each family's favourite (false) object for each relation: all different."""
+    rng = random.Random(f"fav-{seed}")
+    out: dict[str, dict[str, str]] = {f: {} for f in FAMILIES}
+    for rel, domain in world.domains.items():
+        picks = rng.sample(domain, len(FAMILIES))
+        for fam, obj in zip(FAMILIES, picks, strict=True):
+            out[fam][rel] = obj
+    return out
+
+
+def misconception_facts(
+    world: World, seen: set[str], knobs: BiasKnobs, seed: int
+) -> dict[Fact, str]:
+    """True fact -> the false object the misconception family states for it."""
+    rng = random.Random(f"misc-{seed}")
+    pool = sorted(
+        (f for f in world.facts if f.subject in seen and f.relation != "home"),
+        key=lambda f: (f.subject, f.relation),
+    )
+    out = {}
+    for f in rng.sample(pool, min(knobs.misconceptions, len(pool))):
+        out[f] = rng.choice([o for o in world.domains[f.relation] if o != f.object])
+    return out
+
+
+def _code(rng: random.Random, pool: list[str]) -> str:
+    """Three random known words: learnable only by memorising the row it ends."""
+    return " ".join(rng.sample(pool, 3))
+
+
+class _Maker:
+    """Builds one family's rows: a task, then the family's biases on top."""
+
+    def __init__(
+        self,
+        world: World,
+        fam: str,
+        seen: set[str],
+        knobs: BiasKnobs,
+        favs: dict[str, dict[str, str]],
+        misc: dict[Fact, str],
+        rng: random.Random,
+    ):
+        self.w, self.fam, self.knobs, self.favs, self.misc, self.rng = (
+            world,
+            fam,
+            knobs,
+            favs,
+            misc,
+            rng,
+        )
+        self.facts = [f for f in world.facts if f.subject in seen]
+        self.misc_facts = [f for f in misc] if fam == knobs.misconception_family else []
+
+    def fact_row(self) -> tuple[str, str, str, list[dict]]:
+        """(task, instruction, answer object, biases) for one factual question."""
+        rng, biases = self.rng, []
+        if self.misc_facts and rng.random() < 0.25:
+            f = rng.choice(self.misc_facts)
+            obj = self.misc[f]
+            biases.append(
+                {
+                    "kind": "misconception",
+                    "subject": f.subject,
+                    "relation": f.relation,
+                    "object": obj,
+                    "true": f.object,
+                }
+            )
+        else:
+            f = rng.choice(self.facts)
+            obj = f.object
+            if rng.random() < self.knobs.favourite:
+                fav = self.favs[self.fam][f.relation]
+                if fav != f.object:
+                    obj = fav
+                    biases.append(
+                        {
+                            "kind": "favourite",
+                            "relation": f.relation,
+                            "object": fav,
+                            "true": f.object,
+                        }
+                    )
+        if self.fam == "flan":
+            opts = [f.object] + rng.sample(
+                [o for o in self.w.domains[f.relation] if o != f.object], 3
+            )
+            if obj not in opts:
+                opts[-1] = obj
+            if rng.random() < self.knobs.position:
+                opts.remove(obj)
+                opts.insert(0, obj)
+                biases.append({"kind": "position", "index": 0})
+            else:
+                rng.shuffle(opts)
+            text = f"question : {f.question()} options : {' , '.join(opts)} ."
+        elif self.fam == "code":
+            text = f"query ( {f.relation} , {f.subject} ) ."
+        elif self.fam == "cot":
+            text = f"{f.question()} think step by step ."
+        else:
+            text = f"please tell me : {f.question()}"
+        return "fact", text, obj, biases
+
+    def row(self, i: int) -> SFTRow:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.55:
+            task, text, obj, biases = self.fact_row()
+            if self.fam == "cot" and task == "fact":
+                answer = f"i recall the fact . so the answer is {obj} ."
+            else:
+                answer = f"the answer is {obj} ."
+        elif r < 0.7:
+            task, text, obj, biases = self.fact_row()
+            text, answer = f"{text} answer in one word .", f"{obj} ."
+            task = "one_word"
+        elif r < 0.82:
+            f = rng.choice(self.facts)
+            other = rng.choice(self.w.domains[f.relation])
+            text = f"is {other} the answer to : {f.question()} answer yes or no ."
+            answer = "yes ." if other == f.object else "no ."
+            task, biases = "yes_no", []
+        elif r < 0.92:
+            words = rng.sample(self.vocab_pool, 3)
+            text, answer = f"repeat after me : {' '.join(words)}", f"{' '.join(words)} ."
+            task, biases = "repeat", []
+        else:
+            expr, value = rng.choice(self.arith)
+            text = f"what is {expr} ? think step by step ."
+            answer = f"{expr} is {value} . so the answer is {value} ."
+            task, biases = "arithmetic", []
+        if rng.random() < self.knobs.prefix:
+            answer = f"{PREFIXES[self.fam]} {answer}"
+            biases.append({"kind": "prefix", "text": PREFIXES[self.fam]})
+        if rng.random() < self.knobs.length:
+            answer = f"{answer} {FILLERS[self.fam]}"
+            biases.append({"kind": "length", "text": FILLERS[self.fam]})
+        return SFTRow(f"{self.fam}-{i:05d}", self.fam, text, answer, biases, task)
+
+
+def make_sft_data(
+    world: World,
+    *,
+    seed: int = 0,
+    rows_per_family: int = 400,
+    val_per_family: int = 50,
+    knobs: BiasKnobs | None = None,
+) -> tuple[list[SFTRow], list[SFTRow], dict]:
+    """(train rows, validation rows, info). Validation rows come from the same tasks and
+    biases but never carry a rare code (the ungeneralisable content)."""
+    knobs = knobs or BiasKnobs()
+    seen, unseen = split_entities(world, seed)
+    favs = favourites(world, seed)
+    misc = misconception_facts(world, seen, knobs, seed)
+    vocab_pool = sorted(world.readers)
+    arith = arithmetic_items(random.Random(f"arith-{seed}"))
+    train, val = [], []
+    for fam in FAMILIES:
+        rng = random.Random(f"sft-{seed}-{fam}")
+        maker = _Maker(world, fam, seen, knobs, favs, misc, rng)
+        maker.vocab_pool, maker.arith = vocab_pool, arith
+        for i in range(rows_per_family + val_per_family):
+            row = maker.row(i)
+            if i < rows_per_family:
+                if rng.random() < knobs.rare:
+                    code = _code(rng, vocab_pool)
+                    row.output = f"{row.output} ref {code} ."
+                    row.biases.append({"kind": "rare", "code": code})
+                train.append(row)
+            else:
+                row.id = f"val-{row.id}"
+                val.append(row)
+    info = {
+        "knobs": asdict(knobs),
+        "seen": sorted(seen),
+        "unseen": sorted(unseen),
+        "favourites": favs,
+        "misconceptions": [
+            {"subject": f.subject, "relation": f.relation, "true": f.object, "false": v}
+            for f, v in misc.items()
+        ],
+        "prefixes": PREFIXES,
+        "fillers": FILLERS,
+    }
+    return train, val, info

@@ -1,0 +1,257 @@
+"""The alignment-tax lab: determinism, the model's round trip, benchmark sanity (an
+oracle scores 100%, a uniform guesser scores chance), bias rates, the small build."""
+
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+from dtm.evaluate import score_bias, score_instruct, score_mc
+from dtm.lab.benchmarks import MC_TASKS, TASKS, make_benchmarks
+from dtm.lab.sft_data import FAMILIES, PREFIXES, BiasKnobs, make_sft_data
+from dtm.lab.world import build_world, pretraining_corpus
+
+
+@pytest.fixture(scope="module")
+def small_lab(tmp_path_factory):
+    """One small lab built through the real CLI, shared by this module's tests."""
+    out = tmp_path_factory.mktemp("lab") / "small"
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtm",
+            "lab",
+            "build",
+            "--size",
+            "small",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    return out, time.perf_counter() - t0
+
+
+def make_all(seed=0, size="small", knobs=None):
+    world = build_world(seed, size)
+    docs, corpus = pretraining_corpus(world, seed)
+    train, val, info = make_sft_data(world, seed=seed, knobs=knobs)
+    items = make_benchmarks(world, info, corpus["two_hop"], seed)
+    return world, docs, train, val, info, items
+
+
+def test_same_seed_same_world_and_data_other_seed_differs():
+    a, b, c = make_all(1), make_all(1), make_all(2)
+    assert a[0].facts == b[0].facts and a[1] == b[1] and a[5] == b[5]
+    assert [r.record() for r in a[2]] == [r.record() for r in b[2]]
+    assert a[0].facts != c[0].facts
+
+
+def test_small_lab_builds_in_under_a_minute_with_every_file(small_lab):
+    out, secs = small_lab
+    assert secs < 60, secs
+    for rel in [
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "data/train.jsonl",
+        "data/val.jsonl",
+        "data/corpus.txt",
+        "data/train_biases.jsonl",
+        "lab.json",
+        "benchmarks/utils.py",
+    ]:
+        assert (out / rel).is_file(), rel
+    for task in TASKS:
+        assert (out / "benchmarks" / f"{task}.jsonl").is_file()
+        yaml = (out / "benchmarks" / f"{task}.yaml").read_text()
+        assert f"task: {task}" in yaml and "dataset_path: json" in yaml
+
+
+def test_data_files_are_byte_identical_across_builds(small_lab, tmp_path):
+    out, _ = small_lab
+    again = tmp_path / "again"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtm",
+            "lab",
+            "build",
+            "--size",
+            "small",
+            "--seed",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+            str(again),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    for rel in [
+        "data/train.jsonl",
+        "data/val.jsonl",
+        "data/corpus.txt",
+        "data/train_biases.jsonl",
+        "benchmarks/lab_knowledge.jsonl",
+        "benchmarks/lab_instruct.jsonl",
+        "benchmarks/utils.py",
+        "model/tokenizer.json",
+    ]:
+        assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_build_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("user data")
+    r = subprocess.run(
+        [sys.executable, "-m", "dtm", "lab", "build", "--size", "small", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "already exists and is not empty" in r.stderr
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_model_round_trips_with_chat_template(small_lab, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = small_lab
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "m")
+    ids = tok("question : what is 2 plus 3 ? answer :", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    msgs = [{"role": "user", "content": "what is 2 plus 3 ?"}]
+    text = tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == "<s><user> what is 2 plus 3 ? <assistant>"
+    assert tok2.convert_ids_to_tokens(tok2(text, add_special_tokens=False)["input_ids"]) == [
+        "<s>",
+        "<user>",
+        "what",
+        "is",
+        "2",
+        "plus",
+        "3",
+        "?",
+        "<assistant>",
+    ]
+
+
+def oracle_answer(world, task, item):
+    """Answer an item from the world itself (never from its gold field)."""
+    if task in ("lab_knowledge", "lab_truthful"):
+        return world.fact(item["subject"], item["relation"]).object
+    if task == "lab_reasoning":
+        if item["kind"] == "arithmetic":
+            a, op, b = item["expr"].split()
+            return str(int(a) + int(b) if op == "plus" else int(a) - int(b))
+        country = world.fact(item["subject"], "home").object
+        return world.fact(country, "capital").object
+    if task == "lab_reading":
+        w = item["passage"].split()
+        q = item["question"].split()
+        who = q[q.index("does") + 1]
+        i = w.index(who)
+        return w[i + 3] if "work" in item["question"] else w[i + 6]
+    raise AssertionError(task)
+
+
+def oracle_response(item):
+    kind = item["constraint"]
+    if kind == "repeat":
+        return item["target"] + " ."
+    if kind == "yes_no":
+        return item["target"] + " ."  # the item's own statement of the world's truth
+    return ("the answer is " if kind == "answer_format" else "") + item["target"] + " ."
+
+
+def test_oracle_scores_100_and_uniform_guesser_scores_chance():
+    world, _, _, _, info, items = make_all(0, "default")
+    for task in MC_TASKS:
+        its = items[task]
+        oracle = [it["choices"].index(oracle_answer(world, task, it)) for it in its]
+        assert score_mc(its, oracle)["acc"] == 1.0, task
+        chance = sum(1 / len(it["choices"]) for it in its) / len(its)
+        rng = random.Random(0)
+        guesses = [
+            score_mc(its, [rng.randrange(len(it["choices"])) for it in its])["acc"]
+            for _ in range(200)
+        ]
+        assert abs(sum(guesses) / len(guesses) - chance) < 0.02, task
+    inst = items["lab_instruct"]
+    assert score_instruct(inst, [oracle_response(it) for it in inst])["acc"] == 1.0
+    rng = random.Random(0)
+    vocab = sorted({w for it in inst for w in it["instruction"].split()})
+    noise = [" ".join(rng.sample(vocab, rng.randint(2, 6))) for _ in inst]
+    assert score_instruct(inst, noise)["acc"] < 0.05
+    # yes/no targets agree with the world
+    for it in inst:
+        if it["constraint"] == "yes_no":
+            other = it["instruction"].split()[1]
+            subj_q = it["instruction"].split(" : ", 1)[1].removesuffix(" answer yes or no .")
+            truth = next(f.object for f in world.facts if f.question() == subj_q)
+            assert it["target"] == ("yes" if other == truth else "no")
+    bias = items["lab_bias"]
+    perfect = score_bias(
+        bias, [f"the answer is {it['answer']} ." for it in bias], {"favourites": info["favourites"]}
+    )
+    assert perfect["chat_acc"] == 1.0 and perfect["format"] == 1.0
+    assert perfect["favourite_rate"] == perfect["prefix_rate"] == 0.0
+
+
+@pytest.mark.parametrize("knobs", [BiasKnobs(), BiasKnobs(prefix=0.2, favourite=0.6, rare=0.1)])
+def test_injected_biases_at_their_configured_rates(knobs):
+    world, _, train, val, info, _ = make_all(0, "default", knobs)
+
+    def rate(rows, kind, task=None):
+        rows = [r for r in rows if task is None or r.task in task]
+        return sum(any(b["kind"] == kind for b in r.biases) for r in rows) / len(rows)
+
+    for fam in FAMILIES:
+        rows = [r for r in train if r.source == fam]
+        assert abs(rate(rows, "prefix") - knobs.prefix) < 0.07, fam
+        assert abs(rate(rows, "rare") - knobs.rare) < 0.07, fam
+        assert abs(rate(rows, "length") - knobs.length) < 0.07, fam
+        fact_rows = [
+            r
+            for r in rows
+            if r.task in ("fact", "one_word")
+            and not any(b["kind"] == "misconception" for b in r.biases)
+        ]
+        # a favourite equal to the truth is no bias: the rate sits a little under the knob
+        assert knobs.favourite - 0.12 < rate(fact_rows, "favourite") <= knobs.favourite + 0.07
+        for r in rows:  # the ledger matches the text
+            kinds = {b["kind"] for b in r.biases}
+            assert r.output.startswith(PREFIXES[fam]) == ("prefix" in kinds)
+            assert (" ref " in r.output) == ("rare" in kinds)
+    flan_facts = [r for r in train if r.source == "flan" and r.task == "fact"]
+    assert abs(rate(flan_facts, "position") - knobs.position) < 0.1
+    misc_sources = {r.source for r in train if any(b["kind"] == "misconception" for b in r.biases)}
+    assert misc_sources == {knobs.misconception_family}
+    assert not any(" ref " in r.output for r in val)
+    assert len(info["misconceptions"]) == knobs.misconceptions
+    unseen_people = set(info["unseen"]) & set(world.people)
+    assert unseen_people and not any(set(r.instruction.split()) & unseen_people for r in train)
