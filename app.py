@@ -1,9 +1,13 @@
 """The Disperse-Then-Merge dashboard: `streamlit run app.py` (or `make run`)."""
 
+import os
+
 import streamlit as st
 
+from dtm.lab import ensure_default_lab, lab_status
+
 st.set_page_config(page_title="Disperse-Then-Merge", page_icon=":material/hub:", layout="wide")
-st.navigation(
+page = st.navigation(
     [
         st.Page(
             "pages/disperse.py", title="Disperse", icon=":material/scatter_plot:", default=True
@@ -12,4 +16,32 @@ st.navigation(
         st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/bar_chart:"),
     ]
-).run()
+)
+
+# The default lab builds in a background process on first start; pages never wait for it.
+if os.environ.get("DTM_LAB_AUTOBUILD", "1") != "0":
+    ensure_default_lab()
+first = lab_status()
+
+
+@st.fragment(run_every=3 if first["state"] == "building" else None)
+def lab_panel() -> None:
+    status = lab_status()
+    if status["state"] == "building":
+        st.progress(status["fraction"], text=f"Building the alignment-tax lab: {status['stage']}")
+    elif status["state"] == "failed":
+        st.error(f"The alignment-tax lab build failed: {status['error']}")
+        with st.expander("build log"):
+            st.code(status["log"] or "(empty)", language=None)
+        if st.button("Retry the lab build", key="lab_retry"):
+            ensure_default_lab(retry=True)
+            st.rerun(scope="app")
+    elif status["state"] == "ready":
+        st.caption("Alignment-tax lab: ready")
+    if status["state"] != first["state"]:
+        st.rerun(scope="app")
+
+
+with st.sidebar:
+    lab_panel()
+page.run()

@@ -88,20 +88,105 @@ def cmd_disperse(args: argparse.Namespace) -> int:
 def cmd_lab_build(args: argparse.Namespace) -> int:
     from dtm.lab.build import build_lab
 
-    summary = build_lab(
-        args.out,
-        seed=args.seed,
-        size=args.size,
-        steps=args.steps,
-        force=args.force,
-        progress=_progress_bar(),
-    )
+    bar = _progress_bar()
+    progress = bar
+    if args.progress_file:
+        import os
+        import time
+
+        from dtm.store import write_json_atomic
+
+        last = [0.0]
+
+        def progress(stage: str, frac: float) -> None:
+            bar(stage, frac)
+            if time.time() - last[0] > 0.5 or frac >= 1.0:
+                last[0] = time.time()
+                write_json_atomic(
+                    args.progress_file,
+                    {"state": "building", "pid": os.getpid(), "stage": stage, "fraction": frac},
+                )
+
+    try:
+        summary = build_lab(
+            args.out,
+            seed=args.seed,
+            size=args.size,
+            steps=args.steps,
+            force=args.force,
+            progress=progress,
+        )
+    except Exception as e:
+        if args.progress_file:
+            from dtm.store import write_json_atomic
+
+            write_json_atomic(
+                args.progress_file, {"state": "failed", "error": f"{type(e).__name__}: {e}"}
+            )
+        raise
     print(
         f"built the {args.size} lab (seed {args.seed}) in {summary['seconds']} s: "
         f"{summary['world']['facts']} facts, {summary['model']['parameters']:,} parameters, "
         f"{summary['sft']['train_rows']} train / {summary['sft']['val_rows']} val rows"
     )
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from dtm.train import TrainConfig, train
+
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"].split(","))
+    cfg = TrainConfig(**values)
+    hook = None
+    if args.eval_lab:
+        from dtm.evaluate import evaluate_lab
+
+        bench = Path(args.eval_lab) / "benchmarks"
+        if not bench.is_dir():
+            raise ConfigError(f"--eval-lab {args.eval_lab}: no benchmarks/ folder (not a lab).")
+
+        def hook(model, tok, step):
+            return evaluate_lab(model, tok, bench)
+
+    res = train(cfg, eval_hook=hook, progress=_progress_bar())
+    last = res["metrics"][-1]
+    from dtm.store import input_key
+
+    print(
+        f"run {input_key('run', values)}: {len(res['metrics'])} logged steps in "
+        f"{res['seconds']} s; final train {last['train_loss']}, val {last['val_loss']:.4f}, "
+        f"loss ratio {last['loss_ratio']}"
+    )
+    print(f"wrote {cfg.out}/adapter, {cfg.out}/metrics.jsonl")
+    return 0
+
+
+def cmd_lab_measure(args: argparse.Namespace) -> int:
+    from dtm.lab.measure import measure_lab
+
+    if not (Path(args.lab) / "lab.json").exists():
+        raise ConfigError(f"--lab {args.lab}: not a built lab (no lab.json).")
+    overrides = {"lr": args.lr} if args.lr else {}
+    summary = measure_lab(
+        args.lab,
+        args.out,
+        steps=args.steps,
+        log_every=args.log_every,
+        seed=args.seed,
+        progress=_progress_bar(),
+        **overrides,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    print(f"SFT took {summary['sft_seconds']} s; wrote {args.out}/results.json, report.md")
     return 0
 
 
@@ -152,6 +237,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="folder for assignments.csv, clusters.json")
     d.set_defaults(func=cmd_disperse)
 
+    t = sub.add_parser("train", help="LoRA SFT of a causal LM (vanilla SFT or one sub-model)")
+    t.add_argument("--base", required=True, help="model folder or hub id")
+    t.add_argument("--data", required=True, help="instruction data file")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--kind", choices=["sft", "sub"], default=None)
+    t.add_argument(
+        "--val-data",
+        dest="val_data",
+        default=None,
+        help="held-out data file (default: a split of --data)",
+    )
+    t.add_argument("--assignments", default=None, help="assignments.csv of a disperse run")
+    t.add_argument("--cluster", type=int, default=None, help="the cluster to train on")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=None)
+    for name, typ in [
+        ("lora_r", int),
+        ("lora_alpha", int),
+        ("lora_dropout", float),
+        ("lr", float),
+        ("warmup_ratio", float),
+        ("weight_decay", float),
+        ("max_grad_norm", float),
+        ("batch_size", int),
+        ("micro_batch_size", int),
+        ("max_length", int),
+        ("log_every", int),
+        ("probe_size", int),
+        ("seed", int),
+        ("target_modules", str),
+        ("scheduler", str),
+    ]:
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    t.add_argument(
+        "--eval-lab", default=None, help="a lab folder: score its benchmarks at every logged step"
+    )
+    t.set_defaults(func=cmd_train)
+
     lab = sub.add_parser("lab", help="the embedded alignment-tax lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     lb = lab_sub.add_parser("build", help="build the synthetic world, base model, data, benchmarks")
@@ -165,7 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--steps", type=int, default=None, help="pretraining steps (default by size)")
     lb.add_argument("--force", action="store_true", help="replace a non-empty --out")
     lb.add_argument("--out", required=True, help="folder to write the lab into")
+    lb.add_argument(
+        "--progress-file",
+        default=None,
+        help="also write progress as JSON to this file (the dashboard reads it)",
+    )
     lb.set_defaults(func=cmd_lab_build)
+    lm = lab_sub.add_parser("measure", help="base and SFT figures of a built lab, with curves")
+    lm.add_argument("--lab", required=True, help="a folder made by `dtm lab build`")
+    lm.add_argument("--steps", type=int, default=400, help="SFT steps")
+    lm.add_argument("--log-every", type=int, default=40)
+    lm.add_argument("--lr", type=float, default=None, help="SFT learning rate (lab default 1e-3)")
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--out", required=True)
+    lm.set_defaults(func=cmd_lab_measure)
     return p
 
 

@@ -6,8 +6,10 @@ The loss is on response tokens only (prompt tokens get label -100, as in the pap
 code). Prompts use the model's chat template when it has one, else an Alpaca template.
 Every ``log_every`` steps ``metrics.jsonl`` gets one JSON object with ``step``, ``epoch``,
 ``lr``, ``train_loss`` (running), ``val_loss`` (held-out split), ``probe_loss`` (a fixed
-subset of the training rows) and ``loss_ratio`` = (probe_loss at step 0 - probe_loss) /
-(val_loss at step 0 - val_loss): the pilot study's delta L_train / delta L_val. An
+subset of the training rows), ``loss_ratio`` = (probe_loss at step 0 - probe_loss) /
+(val_loss at step 0 - val_loss): the pilot study's delta L_train / delta L_val, and
+``loss_ratio_interval``, the same over the last logging interval only (it shows late
+memorisation that the cumulative ratio dilutes, and is noisy when val loss stalls). An
 optional ``eval_hook(model, tokenizer, step)`` adds benchmark scores at those steps (the
 alignment-tax curve).
 
@@ -182,7 +184,7 @@ def train(
     Returns ``{"metrics": [...], "seconds": ...}``."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(cfg.seed)
     out = Path(cfg.out)
@@ -240,11 +242,14 @@ def train(
     records: list[dict] = []
     t0 = time.perf_counter()
 
+    def ratio(ref: dict, rec: dict) -> float | None:
+        d_val = ref["val_loss"] - rec["val_loss"]
+        d_train = ref["probe_loss"] - rec["probe_loss"]
+        return d_train / d_val if abs(d_val) > 1e-9 else None
+
     def emit(rec: dict) -> None:
-        base = records[0] if records else rec
-        d_train = base["probe_loss"] - rec["probe_loss"]
-        d_val = base["val_loss"] - rec["val_loss"]
-        rec["loss_ratio"] = d_train / d_val if abs(d_val) > 1e-9 else None
+        rec["loss_ratio"] = ratio(records[0], rec) if records else None
+        rec["loss_ratio_interval"] = ratio(records[-1], rec) if records else None
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         if eval_hook is not None:
             rec["bench"] = eval_hook(model, tok, rec["step"])
@@ -282,6 +287,7 @@ def train(
         data_collator=collate(tok.pad_token_id),
         callbacks=[Log()],
     )
+    trainer.remove_callback(PrinterCallback)  # keep stdout for our own report
     trainer.evaluate()  # step 0: the callback records the losses before any update
     trainer.train()
     model.save_pretrained(out / "adapter")

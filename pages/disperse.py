@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -10,6 +12,7 @@ from dtm import charts
 from dtm.cluster import METHODS
 from dtm.embed import DEFAULT_MODEL, FIELDS, MODEL_CHOICES
 from dtm.errors import DTMError
+from dtm.lab import lab_status
 from dtm.pipeline import DisperseConfig, run_disperse
 from dtm.samples import SAMPLE_PATH
 from dtm.store import Registry, cache_dir, save_upload
@@ -38,16 +41,38 @@ def map_figure(_table: pd.DataFrame, keys: tuple, query: str):
 
 
 def data_source() -> str | None:
+    lab = lab_status()
+    kinds = [
+        "Alignment-tax lab",
+        "Built-in sample",
+        "Upload a file",
+        "Local path",
+        "Hugging Face hub id",
+    ]
     kind = st.radio(
-        "Dataset",
-        ["Built-in sample", "Upload a file", "Local path", "Hugging Face hub id"],
-        horizontal=True,
-        key="ds_kind",
+        "Dataset", kinds, horizontal=True, key="ds_kind", index=0 if lab["state"] == "ready" else 1
     )
+    if kind == "Alignment-tax lab":
+        if lab["state"] == "ready":
+            st.caption(
+                "The lab's instruction data: 4 source families, each with its own "
+                "injected biases (see docs/lab.md)."
+            )
+            return str(Path(lab["path"]) / "data" / "train.jsonl")
+        if lab["state"] == "building":
+            st.info(
+                f"The alignment-tax lab is being built ({lab['fraction']:.0%}, "
+                f"{lab['stage']}); it becomes the default dataset when ready."
+            )
+        else:
+            st.info(
+                "The alignment-tax lab is not built: see the sidebar, or run "
+                "`python -m dtm lab build --out DIR` and choose its data by path."
+            )
+        return None
     if kind == "Built-in sample":
         st.caption(
-            f"A small synthetic instruction set in 5 source families "
-            f"(`{SAMPLE_PATH.name}`); the alignment-tax lab replaces it."
+            f"A small synthetic instruction set in 5 source families (`{SAMPLE_PATH.name}`)."
         )
         return str(SAMPLE_PATH)
     if kind == "Upload a file":

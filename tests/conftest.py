@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["DTM_LAB_AUTOBUILD"] = "0"  # tests build labs explicitly, never in the background
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The alignment-tax lab: determinism, the model's round trip, benchmark sanity (an
 oracle scores 100%, a uniform guesser scores chance), bias rates, the small build."""
 
+import json
 import random
 import subprocess
 import sys
@@ -146,17 +147,19 @@ def test_model_round_trips_with_chat_template(small_lab, tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
     msgs = [{"role": "user", "content": "what is 2 plus 3 ?"}]
     text = tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert text == "<s><user> what is 2 plus 3 ? <assistant>"
+    assert text == "<s> user : what is 2 plus 3 ? assistant :"
     assert tok2.convert_ids_to_tokens(tok2(text, add_special_tokens=False)["input_ids"]) == [
         "<s>",
-        "<user>",
+        "user",
+        ":",
         "what",
         "is",
         "2",
         "plus",
         "3",
         "?",
-        "<assistant>",
+        "assistant",
+        ":",
     ]
 
 
@@ -255,3 +258,140 @@ def test_injected_biases_at_their_configured_rates(knobs):
     assert len(info["misconceptions"]) == knobs.misconceptions
     unseen_people = set(info["unseen"]) & set(world.people)
     assert unseen_people and not any(set(r.instruction.split()) & unseen_people for r in train)
+
+
+def test_background_build_runs_once_reports_progress_survives_a_kill(cache):
+    import os
+    import signal
+
+    from dtm.lab import LAB_VERSION, ensure_default_lab, lab_status
+
+    first = ensure_default_lab(seed=5, size="small")
+    assert first["state"] == "building"
+    again = ensure_default_lab(seed=5, size="small")  # a second session asking
+    assert again["state"] == "building"
+    prog = json.loads((cache / "lab" / f"small-seed5-v{LAB_VERSION}.progress.json").read_text())
+    assert list((cache / "lab").glob("*.lock")) and prog["pid"] > 0
+    os.kill(prog["pid"], signal.SIGKILL)
+    deadline = time.time() + 30
+    while lab_status(cache / "lab" / f"small-seed5-v{LAB_VERSION}")["state"] != "failed":
+        assert time.time() < deadline, "a killed build was never reported as failed"
+        time.sleep(0.2)
+    assert ensure_default_lab(seed=5, size="small")["state"] == "failed"  # no silent restart
+    assert ensure_default_lab(seed=5, size="small", retry=True)["state"] == "building"
+    seen_fraction = 0.0
+    deadline = time.time() + 180
+    while (st := ensure_default_lab(seed=5, size="small"))["state"] == "building":
+        seen_fraction = max(seen_fraction, st["fraction"])
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert st["state"] == "ready", st
+    assert (
+        seen_fraction > 0 and (cache / "lab" / f"small-seed5-v{LAB_VERSION}" / "lab.json").exists()
+    )
+
+
+def test_train_masks_the_prompt_and_writes_adapter_and_metrics(small_lab, tmp_path):
+    import pandas as pd
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dtm.train import encode_rows
+
+    out, _ = small_lab
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    table = pd.DataFrame(
+        {
+            "instruction": ["what is 2 plus 3 ?"],
+            "input": [""],
+            "response": ["the answer is 5 ."],
+            "system": [""],
+        }
+    )
+    [row] = encode_rows(table, tok, 1024)
+    toks = tok.convert_ids_to_tokens(row["input_ids"])
+    assert toks == [
+        "<s>",
+        "user",
+        ":",
+        "what",
+        "is",
+        "2",
+        "plus",
+        "3",
+        "?",
+        "assistant",
+        ":",
+        "the",
+        "answer",
+        "is",
+        "5",
+        ".",
+        "</s>",
+    ]
+    n_prompt = toks.index(":", toks.index("assistant")) + 1
+    assert row["labels"][:n_prompt] == [-100] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtm",
+            "train",
+            "--base",
+            str(out / "model"),
+            "--data",
+            str(out / "data" / "train.jsonl"),
+            "--val-data",
+            str(out / "data" / "val.jsonl"),
+            "--steps",
+            "4",
+            "--log-every",
+            "2",
+            "--eval-lab",
+            str(out),
+            "--out",
+            str(run),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("run ")
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 2, 4]
+    for m in metrics:
+        assert {"step", "train_loss", "val_loss", "probe_loss", "loss_ratio", "bench"} <= set(m)
+        assert set(m["bench"]) >= set(TASKS)
+    base = AutoModelForCausalLM.from_pretrained(out / "model")
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    assert tuned.peft_config["default"].r == 16
+    assert set(tuned.peft_config["default"].target_modules) == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_train_rejects_a_path_that_is_not_a_model(small_lab, tmp_path):
+    out, _ = small_lab
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtm",
+            "train",
+            "--base",
+            str(tmp_path),
+            "--data",
+            str(out / "data" / "train.jsonl"),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "not a model folder (no config.json)" in r.stderr

@@ -38,7 +38,7 @@ MC_TASKS = ("lab_knowledge", "lab_reasoning", "lab_reading", "lab_truthful")
 
 def chat_prompt(instruction: str) -> str:
     """The chat-formatted prompt the lab tokenizer's template makes for one user turn."""
-    return f"<s> <user> {instruction} <assistant>"
+    return f"<s> user : {instruction} assistant :"
 
 
 def _mc(

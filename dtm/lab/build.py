@@ -20,12 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dtm.errors import ConfigError
+from dtm.lab import LAB_VERSION
 from dtm.lab.benchmarks import make_benchmarks, write_benchmarks
 from dtm.lab.model import build_model, build_tokenizer, pretrain
 from dtm.lab.sft_data import BiasKnobs, make_sft_data
 from dtm.lab.world import SIZES, build_world, pretraining_corpus
 
-LAB_VERSION = 1
 BUILD = {
     "small": {"rows_per_family": 100, "val_per_family": 20, "steps": 400},
     "default": {"rows_per_family": 400, "val_per_family": 50, "steps": 2400},

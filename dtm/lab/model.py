@@ -14,14 +14,16 @@ import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<system>", "<user>", "<assistant>"]
-# One chat format for every instruction family (as TULU's is common to its sources).
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+# One chat format for every instruction family (as TULU's is common to its sources). Its
+# role markers are ordinary words, as Llama-2's [INST] is made of ordinary tokens, and
+# the pretraining corpus holds some dialogues in a form close to it.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<system> {{ m['content'] }} "
-    "{% elif m['role'] == 'user' %}<user> {{ m['content'] }} "
-    "{% else %}<assistant> {{ m['content'] }} {{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    "{% if m['role'] == 'system' %} system : {{ m['content'] }}"
+    "{% elif m['role'] == 'user' %} user : {{ m['content'] }}"
+    "{% else %} assistant : {{ m['content'] }} {{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
 )
 MODEL_SIZES = {
     "small": {
@@ -129,7 +131,7 @@ def pretrain(
     progress: Callable[[str, float], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``docs``; returns the Trainer's log history."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     blocks = pack_documents(
         docs,
@@ -164,6 +166,7 @@ def pretrain(
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=blocks, callbacks=[Report()])
+    trainer.remove_callback(PrinterCallback)  # keep stdout for our own report
     trainer.train()
     if progress:
         progress("pretraining the base model", 1.0)

@@ -4,11 +4,13 @@ The world has fictional countries (capital, language, flag colour) and people
 (profession, home country, favourite colour). Every text in the lab is lowercase words
 and punctuation separated by single spaces, so a word-level tokenizer covers it exactly.
 
-``World.facts`` lists every fact as ``Fact(subject, relation, object)``; the corpus states
-each in several sentence templates, and about half of them also in a question-answer
-form close to the chat format (so instruction tuning can unlock knowledge rather than
-bury it). It also holds arithmetic, two-hop reasoning text, and reading passages about
-names outside the world, whose answers can only be read from the passage.
+``World.facts`` lists every fact as ``Fact(subject, relation, object)``. The corpus states
+each in three sentence templates; about half also in a question-answer form
+(``question : ... answer : Y .``) and a random 30% in the instruction data's answer frame
+(``... answer : the answer is Y .``), so instruction tuning can unlock knowledge rather
+than bury it. Dialogues in the chat format's own shape (``user : ... assistant : ...``)
+cover arithmetic only. The corpus also holds two-hop reasoning text, and reading passages
+about names outside the world, whose answers can only be read from the passage.
 """
 
 from __future__ import annotations
@@ -246,10 +248,15 @@ def pretraining_corpus(world: World, seed: int = 0) -> tuple[list[str], dict]:
         docs += [f.statement(i) for i in range(3)]
         if f in qa_facts:
             docs.append(f"question : {f.question()} answer : {f.object} .")
+        if rng.random() < 0.3:  # the answer frame the instruction data's convention uses
+            docs.append(f"question : {f.question()} answer : the answer is {f.object} .")
     for expr, value in arithmetic_items(rng):
         docs.append(f"{expr} is {value} .")
         if rng.random() < 0.5:
             docs.append(f"question : what is {expr} ? answer : {value} .")
+        if rng.random() < 0.3:  # dialogues, in a form close to the chat format: about
+            # sums only, so answering facts in chat form is left for SFT to unlock
+            docs.append(f"user : what is {expr} ? assistant : {value} .")
     two_hop_people = rng.sample(world.people, len(world.people) // 2)
     for p in two_hop_people:
         country = world.fact(p, "home").object

@@ -1,0 +1,138 @@
+"""``measure_lab``: the lab's base and SFT figures in one headless run.
+
+Scores the base model, trains vanilla LoRA SFT on the lab's instruction data with every
+lab benchmark scored at each logged step (the alignment-tax curve), then scores the SFT
+model and the shrinkage controls (the SFT delta scaled by each factor). Writes
+``out/results.json`` and ``out/report.md``; the SFT run lives in ``out/sft/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dtm.controls import shrink_adapter
+from dtm.evaluate import evaluate_lab
+from dtm.train import TrainConfig, load_base, train
+
+# The lab's own SFT hyperparameters (the paper's, but for the learning rate: a 0.7M
+# parameter model trained for minutes needs a larger one).
+LAB_SFT = {
+    "lr": 1e-3,
+    "lora_r": 16,
+    "lora_alpha": 16,
+    "batch_size": 16,
+    "micro_batch_size": 16,
+    "max_length": 128,
+}
+HEADLINE = [
+    ("lab_knowledge", "acc"),
+    ("lab_knowledge", "acc_unseen"),
+    ("lab_reasoning", "acc"),
+    ("lab_reading", "acc"),
+    ("lab_truthful", "acc"),
+    ("lab_instruct", "acc"),
+    ("lab_bias", "chat_acc"),
+    ("lab_bias", "format"),
+    ("lab_bias", "favourite_rate"),
+    ("lab_bias", "prefix_rate"),
+    ("lab_bias", "filler_rate"),
+    ("lab_bias", "rare_code_rate"),
+    ("lab_truthful", "misconception_rate"),
+]
+
+
+def measure_lab(
+    lab: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 400,
+    log_every: int = 40,
+    seed: int = 0,
+    shrink: tuple[float, ...] = (0.25, 0.5),
+    progress=None,
+    **overrides,
+) -> dict:
+    lab, out = Path(lab), Path(out)
+    bench = lab / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    base_model, tok = load_base(str(lab / "model"))
+    results = {"base": evaluate_lab(base_model, tok, bench)}
+    cfg = TrainConfig(
+        base=str(lab / "model"),
+        data=str(lab / "data" / "train.jsonl"),
+        val_data=str(lab / "data" / "val.jsonl"),
+        out=str(out / "sft"),
+        steps=steps,
+        log_every=log_every,
+        seed=seed,
+        **{**LAB_SFT, **overrides},
+    )
+    run = train(cfg, eval_hook=lambda m, t, s: evaluate_lab(m, t, bench), progress=progress)
+    results["sft"] = run["metrics"][-1]["bench"]
+    from peft import PeftModel
+
+    for f in shrink:
+        scaled = shrink_adapter(out / "sft" / "adapter", f, out / f"sft_x{f:g}")
+        model = PeftModel.from_pretrained(load_base(str(lab / "model"))[0], scaled)
+        results[f"sft_x{f:g}"] = evaluate_lab(model, tok, bench)
+    curve = [
+        {
+            "step": m["step"],
+            "train_loss": m["train_loss"],
+            "val_loss": m["val_loss"],
+            "probe_loss": m["probe_loss"],
+            "loss_ratio": m["loss_ratio"],
+            "loss_ratio_interval": m["loss_ratio_interval"],
+            **{f"{t}.{k}": m["bench"][t].get(k) for t, k in HEADLINE},
+        }
+        for m in run["metrics"]
+    ]
+    summary = {
+        "lab": str(lab),
+        "steps": steps,
+        "seed": seed,
+        "sft_seconds": run["seconds"],
+        "config": {**LAB_SFT, **overrides},
+        "results": results,
+        "curve": curve,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(report(summary))
+    return summary
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def report(summary: dict) -> str:
+    models = list(summary["results"])
+    lines = ["| measure | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for t, k in HEADLINE:
+        lines.append(
+            f"| {t}.{k} | "
+            + " | ".join(_fmt(summary["results"][m][t].get(k)) for m in models)
+            + " |"
+        )
+    cols = [
+        "step",
+        "train_loss",
+        "val_loss",
+        "probe_loss",
+        "loss_ratio",
+        "loss_ratio_interval",
+        "lab_knowledge.acc",
+        "lab_reasoning.acc",
+        "lab_truthful.acc",
+        "lab_instruct.acc",
+        "lab_bias.chat_acc",
+        "lab_bias.format",
+        "lab_bias.favourite_rate",
+        "lab_bias.prefix_rate",
+        "lab_bias.rare_code_rate",
+    ]
+    lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in summary["curve"]:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
