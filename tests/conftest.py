@@ -1,5 +1,6 @@
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +35,18 @@ def alpaca(i: int, text: str | None = None) -> dict:
         "input": "",
         "output": f"Response {i}",
     }
+
+
+def dtm_cli(*args, cache: Path | None = None, timeout: int = 600):
+    """Run ``python -m dtm ARGS`` as a real subprocess (offline, optionally in ``cache``)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if cache is not None:
+        env["DTM_CACHE"] = str(cache)
+    return subprocess.run(
+        [sys.executable, "-m", "dtm", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -2,13 +2,11 @@
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, alpaca, write_jsonl
+from conftest import alpaca, dtm_cli, write_jsonl
 
 from dtm import cluster
 from dtm.errors import ConfigError
@@ -99,27 +97,13 @@ def test_same_content_at_another_path_is_the_same_dataset(cache, tmp_path):
     assert b.computed["embedding"] is False
 
 
-def dtm_cli(*args, env_cache):
-    import os
-
-    env = {**os.environ, "DTM_CACHE": str(env_cache), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "dtm", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_cli_disperse_writes_the_contract_files(cache, tmp_path):
     data = write_jsonl(
         tmp_path / "d.jsonl",
         synthetic_instructions(120, seed=1) + ['{"broken": ', {"instruction": "", "output": "x"}],
     )
     out = tmp_path / "out"
-    r = dtm_cli("disperse", "--data", data, "--k", 4, "--seed", 7, "--out", out, env_cache=cache)
+    r = dtm_cli("disperse", "--data", data, "--k", 4, "--seed", 7, "--out", out, cache=cache)
     assert r.returncode == 0, r.stderr
     csv = pd.read_csv(out / "assignments.csv", dtype={"id": str})
     assert list(csv.columns) == ["id", "cluster", "x", "y"]
@@ -142,13 +126,13 @@ def test_cli_disperse_writes_the_contract_files(cache, tmp_path):
         7,
         "--out",
         out2,
-        env_cache=tmp_path / "cache2",
+        cache=tmp_path / "cache2",
     )
     assert r2.returncode == 0, r2.stderr
     assert (out2 / "assignments.csv").read_bytes() == (out / "assignments.csv").read_bytes()
 
     # The output is never overwritten silently.
-    r3 = dtm_cli("disperse", "--data", data, "--k", 3, "--no-map", "--out", out, env_cache=cache)
+    r3 = dtm_cli("disperse", "--data", data, "--k", 3, "--no-map", "--out", out, cache=cache)
     assert r3.returncode == 2 and "already exists" in r3.stderr
     assert (out2 / "assignments.csv").read_bytes() == (out / "assignments.csv").read_bytes()
     assert (
@@ -163,7 +147,7 @@ def test_cli_disperse_writes_the_contract_files(cache, tmp_path):
             "--force",
             "--out",
             out,
-            env_cache=cache,
+            cache=cache,
         ).stdout
     )
 
@@ -177,20 +161,18 @@ def test_cli_disperse_writes_the_contract_files(cache, tmp_path):
 )
 def test_cli_disperse_bad_k_exits_2(cache, tmp_path, args, message):
     data = write_jsonl(tmp_path / "d.jsonl", [alpaca(i) for i in range(3)])
-    r = dtm_cli(
-        "disperse", "--data", data, *args, "--no-map", "--out", tmp_path / "o", env_cache=cache
-    )
+    r = dtm_cli("disperse", "--data", data, *args, "--no-map", "--out", tmp_path / "o", cache=cache)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_cli_data_check_exit_codes(cache, tmp_path):
     good = write_jsonl(tmp_path / "g.jsonl", [alpaca(1), '{"x": 1}'])
-    r = dtm_cli("data", "check", good, env_cache=cache)
+    r = dtm_cli("data", "check", good, cache=cache)
     assert r.returncode == 0 and "1 kept, 1 dropped" in r.stdout
     assert "line 2: shape not recognised" in r.stdout
     bad = write_jsonl(tmp_path / "b.jsonl", ['{"x": 1}', "nope"])
-    r = dtm_cli("data", "check", bad, env_cache=cache)
+    r = dtm_cli("data", "check", bad, cache=cache)
     assert r.returncode == 2 and "no usable row" in r.stderr and str(bad) in r.stderr
-    r = dtm_cli("disperse", "--data", bad, "--k", 2, "--out", tmp_path / "o", env_cache=cache)
+    r = dtm_cli("disperse", "--data", bad, "--k", 2, "--out", tmp_path / "o", cache=cache)
     assert r.returncode == 2 and "no usable row" in r.stderr

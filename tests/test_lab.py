@@ -3,13 +3,11 @@ oracle scores 100%, a uniform guesser scores chance), bias rates, the small buil
 
 import json
 import random
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import dtm_cli
 
 from dtm.evaluate import score_bias, score_instruct, score_mc
 from dtm.lab.benchmarks import MC_TASKS, TASKS, make_benchmarks
@@ -22,25 +20,7 @@ def small_lab(tmp_path_factory):
     """One small lab built through the real CLI, shared by this module's tests."""
     out = tmp_path_factory.mktemp("lab") / "small"
     t0 = time.perf_counter()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dtm",
-            "lab",
-            "build",
-            "--size",
-            "small",
-            "--seed",
-            "3",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = dtm_cli("lab", "build", "--size", "small", "--seed", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out, time.perf_counter() - t0
 
@@ -84,26 +64,8 @@ def test_small_lab_builds_in_under_a_minute_with_every_file(small_lab):
 def test_data_files_are_byte_identical_across_builds(small_lab, tmp_path):
     out, _ = small_lab
     again = tmp_path / "again"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dtm",
-            "lab",
-            "build",
-            "--size",
-            "small",
-            "--seed",
-            "3",
-            "--steps",
-            "2",
-            "--out",
-            str(again),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = dtm_cli(
+        "lab", "build", "--size", "small", "--seed", "3", "--steps", "2", "--out", str(again)
     )
     assert r.returncode == 0, r.stderr
     for rel in [
@@ -121,12 +83,7 @@ def test_data_files_are_byte_identical_across_builds(small_lab, tmp_path):
 
 def test_build_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("user data")
-    r = subprocess.run(
-        [sys.executable, "-m", "dtm", "lab", "build", "--size", "small", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    r = dtm_cli("lab", "build", "--size", "small", "--out", str(tmp_path))
     assert r.returncode == 2 and "already exists and is not empty" in r.stderr
     assert (tmp_path / "mine.txt").read_text() == "user data"
 
@@ -334,31 +291,22 @@ def test_train_masks_the_prompt_and_writes_adapter_and_metrics(small_lab, tmp_pa
     assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
 
     run = tmp_path / "run"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dtm",
-            "train",
-            "--base",
-            str(out / "model"),
-            "--data",
-            str(out / "data" / "train.jsonl"),
-            "--val-data",
-            str(out / "data" / "val.jsonl"),
-            "--steps",
-            "4",
-            "--log-every",
-            "2",
-            "--eval-lab",
-            str(out),
-            "--out",
-            str(run),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = dtm_cli(
+        "train",
+        "--base",
+        str(out / "model"),
+        "--data",
+        str(out / "data" / "train.jsonl"),
+        "--val-data",
+        str(out / "data" / "val.jsonl"),
+        "--steps",
+        "4",
+        "--log-every",
+        "2",
+        "--eval-lab",
+        str(out),
+        "--out",
+        str(run),
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("run ")
@@ -375,23 +323,15 @@ def test_train_masks_the_prompt_and_writes_adapter_and_metrics(small_lab, tmp_pa
 
 def test_train_rejects_a_path_that_is_not_a_model(small_lab, tmp_path):
     out, _ = small_lab
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dtm",
-            "train",
-            "--base",
-            str(tmp_path),
-            "--data",
-            str(out / "data" / "train.jsonl"),
-            "--steps",
-            "1",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    r = dtm_cli(
+        "train",
+        "--base",
+        str(tmp_path),
+        "--data",
+        str(out / "data" / "train.jsonl"),
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
     )
     assert r.returncode == 2 and "not a model folder (no config.json)" in r.stderr
