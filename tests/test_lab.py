@@ -4,6 +4,7 @@ oracle scores 100%, a uniform guesser scores chance), bias rates, the small buil
 import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +60,8 @@ def test_small_lab_builds_in_under_a_minute_with_every_file(small_lab):
         assert (out / "benchmarks" / f"{task}.jsonl").is_file()
         yaml = (out / "benchmarks" / f"{task}.yaml").read_text()
         assert f"task: {task}" in yaml and "dataset_path: json" in yaml
+        data_file = json.loads(yaml.split("test: ", 1)[1].splitlines()[0])
+        assert Path(data_file) == (out / "benchmarks" / f"{task}.jsonl").resolve()
 
 
 def test_data_files_are_byte_identical_across_builds(small_lab, tmp_path):

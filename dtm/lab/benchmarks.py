@@ -221,16 +221,20 @@ def _yaml(task: str, data_file: Path) -> str:
     )
 
 
-def write_benchmarks(items: dict[str, list[dict]], folder: Path) -> list[Path]:
+def write_benchmarks(
+    items: dict[str, list[dict]], folder: Path, final: Path | None = None
+) -> list[Path]:
     """``folder/<task>.jsonl`` and ``folder/<task>.yaml`` for each of the five tasks (the
-    bias probe gets its JSONL only), and ``folder/utils.py`` (the checks)."""
+    bias probe gets its JSONL only), and ``folder/utils.py`` (the checks). The configs
+    name their data by absolute path in ``final`` (where ``folder`` will be moved to)."""
     folder.mkdir(parents=True, exist_ok=True)
+    final = Path(final or folder)
     written = []
     for task, rows in items.items():
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         written.append(path)
         if task in TASKS:
-            (folder / f"{task}.yaml").write_text(_yaml(task, path))
+            (folder / f"{task}.yaml").write_text(_yaml(task, final / path.name))
     (folder / "utils.py").write_text(inspect.getsource(checks))
     return written

@@ -108,7 +108,7 @@ def build_lab(
             [{"id": r.id, "source": r.source, "task": r.task, "biases": r.biases} for r in train],
         )
         (tmp / "data" / "corpus.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
-        write_benchmarks(items, tmp / "benchmarks")
+        write_benchmarks(items, tmp / "benchmarks", final=out.resolve() / "benchmarks")
         summary = {
             "lab_version": LAB_VERSION,
             "seed": seed,
