@@ -83,3 +83,40 @@ def test_app_navigation_runs(cache):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
     assert not at.exception
     assert Path(ROOT / ".streamlit" / "config.toml").read_text().count('address = "127.0.0.1"')
+
+
+def fake_lab(cache, state="ready"):
+    """A default-lab folder as the app sees it: ready (lab.json + data) or failed."""
+    from dtm.lab import default_lab_dir
+    from dtm.samples import SAMPLE_PATH
+
+    lab = default_lab_dir()
+    if state == "ready":
+        (lab / "data").mkdir(parents=True)
+        rows = SAMPLE_PATH.read_text().splitlines()[:150]
+        (lab / "data" / "train.jsonl").write_text("\n".join(rows) + "\n")
+        (lab / "lab.json").write_text("{}")
+    else:
+        lab.parent.mkdir(parents=True)
+        lab.with_name(lab.name + ".progress.json").write_text(
+            '{"state": "failed", "error": "RuntimeError: out of memory"}'
+        )
+        lab.with_name(lab.name + ".log").write_text("Traceback ...\nRuntimeError: out of memory\n")
+    return lab
+
+
+def test_disperse_page_defaults_to_the_lab_when_ready(cache):
+    fake_lab(cache)
+    at = AppTest.from_file(str(PAGES / "disperse.py"), default_timeout=300).run()
+    assert not at.exception
+    assert at.radio(key="ds_kind").value == "Alignment-tax lab"
+    assert [m.value for m in at.metric][0] == "150"
+
+
+def test_sidebar_reports_lab_states(cache):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
+    assert not at.exception and not at.sidebar.error  # missing, autobuild off in tests
+    fake_lab(cache, "failed")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
+    assert "out of memory" in at.sidebar.error[0].value
+    assert at.sidebar.button(key="lab_retry")

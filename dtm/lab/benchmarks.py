@@ -28,7 +28,6 @@ import random
 from pathlib import Path
 
 from dtm.lab import checks
-from dtm.lab.model import CHAT_TEMPLATE  # noqa: F401  (the format the chat prompts follow)
 from dtm.lab.world import PROFESSIONS, World, arithmetic_items, reading_passage, two_hop
 
 TASKS = ("lab_knowledge", "lab_reasoning", "lab_reading", "lab_truthful", "lab_instruct")
