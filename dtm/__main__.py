@@ -136,6 +136,7 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from dtm.store import input_key
     from dtm.train import TrainConfig, train
 
     values = {
@@ -159,8 +160,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     res = train(cfg, eval_hook=hook, progress=_progress_bar())
     last = res["metrics"][-1]
-    from dtm.store import input_key
-
     print(
         f"run {input_key('run', values)}: {len(res['metrics'])} logged steps in "
         f"{res['seconds']} s; final train {last['train_loss']}, val {last['val_loss']:.4f}, "

@@ -15,6 +15,9 @@ from dtm.lab.benchmarks import MC_TASKS, TASKS, make_benchmarks
 from dtm.lab.sft_data import FAMILIES, PREFIXES, BiasKnobs, make_sft_data
 from dtm.lab.world import build_world, pretraining_corpus
 
+# "what is 2 plus 3 ?" in the lab's chat format, as tokens, ready for the answer
+PROMPT_TOKENS = ["<s>", "user", ":", "what", "is", "2", "plus", "3", "?", "assistant", ":"]
+
 
 @pytest.fixture(scope="module")
 def small_lab(tmp_path_factory):
@@ -108,19 +111,10 @@ def test_model_round_trips_with_chat_template(small_lab, tmp_path):
     msgs = [{"role": "user", "content": "what is 2 plus 3 ?"}]
     text = tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == "<s> user : what is 2 plus 3 ? assistant :"
-    assert tok2.convert_ids_to_tokens(tok2(text, add_special_tokens=False)["input_ids"]) == [
-        "<s>",
-        "user",
-        ":",
-        "what",
-        "is",
-        "2",
-        "plus",
-        "3",
-        "?",
-        "assistant",
-        ":",
-    ]
+    assert (
+        tok2.convert_ids_to_tokens(tok2(text, add_special_tokens=False)["input_ids"])
+        == PROMPT_TOKENS
+    )
 
 
 def oracle_answer(world, task, item):
@@ -270,25 +264,7 @@ def test_train_masks_the_prompt_and_writes_adapter_and_metrics(small_lab, tmp_pa
     )
     [row] = encode_rows(table, tok, 1024)
     toks = tok.convert_ids_to_tokens(row["input_ids"])
-    assert toks == [
-        "<s>",
-        "user",
-        ":",
-        "what",
-        "is",
-        "2",
-        "plus",
-        "3",
-        "?",
-        "assistant",
-        ":",
-        "the",
-        "answer",
-        "is",
-        "5",
-        ".",
-        "</s>",
-    ]
+    assert toks == PROMPT_TOKENS + ["the", "answer", "is", "5", ".", "</s>"]
     n_prompt = toks.index(":", toks.index("assistant")) + 1
     assert row["labels"][:n_prompt] == [-100] * n_prompt
     assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
