@@ -54,7 +54,6 @@ def mc_predictions(model, tokenizer, items: list[dict], batch_size: int = 64) ->
 
 def _continuation_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[float]:
     dev = _device(model)
-    out = []
     order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][0]) - len(pairs[k][1]))
     result = [0.0] * len(pairs)
     for start in range(0, len(order), batch_size):
@@ -72,8 +71,7 @@ def _continuation_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[f
         for r, k in enumerate(idx):
             n_ctx, n_cont = len(pairs[k][0]), len(pairs[k][1])
             result[k] = float(tok_lp[r, n_ctx - 1 : n_ctx - 1 + n_cont].sum())
-    out = result
-    return out
+    return result
 
 
 @torch.inference_mode()

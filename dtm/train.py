@@ -258,7 +258,8 @@ def train(
             f.write(json.dumps(rec) + "\n")
 
     class Log(TrainerCallback):
-        pending: dict = {}
+        def __init__(self) -> None:
+            self.pending: dict = {}
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}

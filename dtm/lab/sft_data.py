@@ -134,6 +134,8 @@ class _Maker:
         favs: dict[str, dict[str, str]],
         misc: dict[Fact, str],
         rng: random.Random,
+        vocab_pool: list[str],
+        arith: list[tuple[str, int]],
     ):
         self.w, self.fam, self.knobs, self.favs, self.misc, self.rng = (
             world,
@@ -143,6 +145,7 @@ class _Maker:
             misc,
             rng,
         )
+        self.vocab_pool, self.arith = vocab_pool, arith
         self.facts = [f for f in world.facts if f.subject in seen]
         self.misc_facts = [f for f in misc] if fam == knobs.misconception_family else []
 
@@ -253,8 +256,7 @@ def make_sft_data(
     train, val = [], []
     for fam in FAMILIES:
         rng = random.Random(f"sft-{seed}-{fam}")
-        maker = _Maker(world, fam, seen, knobs, favs, misc, rng)
-        maker.vocab_pool, maker.arith = vocab_pool, arith
+        maker = _Maker(world, fam, seen, knobs, favs, misc, rng, vocab_pool, arith)
         for i in range(rows_per_family + val_per_family):
             row = maker.row(i)
             if i < rows_per_family:
