@@ -1,7 +1,8 @@
 """``python -m dtm ...``: the headless twin of the dashboard.
 
 Exit codes: 0 success; 2 bad input or environment (a message on stderr says what and
-where); 1 an unexpected error (a bug: the traceback is printed).
+where); 3 training stopped on request (a checkpoint was saved: resume it); 1 an
+unexpected error (a bug: the traceback is printed).
 """
 
 from __future__ import annotations
@@ -133,40 +134,141 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):
+    """A TrainConfig from ``--config FILE`` (JSON or YAML) overridden by the flags."""
     from dataclasses import fields
 
-    from dtm.store import input_key
-    from dtm.train import TrainConfig, train
+    from dtm.train import TrainConfig
 
-    values = {
-        f.name: getattr(args, f.name)
-        for f in fields(TrainConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    if "target_modules" in values:
+    values: dict = {}
+    if args.config:
+        values = _read_mapping(args.config)
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"--config {args.config}: unknown keys {', '.join(unknown)}.")
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and v is not False:
+            values[f.name] = v
+    if isinstance(values.get("target_modules"), str):
         values["target_modules"] = tuple(values["target_modules"].split(","))
-    cfg = TrainConfig(**values)
-    hook = None
-    if args.eval_lab:
-        from dtm.evaluate import evaluate_lab
+    elif "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    missing = [n for n in ("base", "data", "out") if not values.get(n)]
+    if missing:
+        raise ConfigError(f"train needs {', '.join('--' + m for m in missing)}.")
+    return TrainConfig(**values)
 
-        bench = Path(args.eval_lab) / "benchmarks"
-        if not bench.is_dir():
-            raise ConfigError(f"--eval-lab {args.eval_lab}: no benchmarks/ folder (not a lab).")
 
-        def hook(model, tok, step):
-            return evaluate_lab(model, tok, bench)
+def _read_mapping(path: str) -> dict:
+    import json
 
-    res = train(cfg, eval_hook=hook, progress=_progress_bar())
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror}).") from e
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise ConfigError(f"{path}: not valid {kind}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of names to values.")
+    return data
+
+
+def _install_stop_handlers() -> None:
+    """SIGTERM, or a first Ctrl-C, asks the trainer to checkpoint and stop."""
+    import signal
+
+    from dtm.train_loop import request_stop
+
+    def on_int(signum, frame):
+        print("stopping after this step (checkpoint); Ctrl-C again to abort", file=sys.stderr)
+        request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    signal.signal(signal.SIGINT, on_int)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dtm.train import run_id, train
+
+    _install_stop_handlers()
+    if args.job:
+        from dtm.jobs import run_job
+
+        res = run_job(args.job, resume=args.resume)
+        out, rid = res["out"], args.job
+    else:
+        cfg = _train_config(args)
+        res = train(cfg, progress=_progress_bar(), resume=args.resume)
+        out, rid = cfg.out, run_id(cfg)
     last = res["metrics"][-1]
     print(
-        f"run {input_key('run', values)}: {len(res['metrics'])} logged steps in "
-        f"{res['seconds']} s; final train {last['train_loss']}, val {last['val_loss']:.4f}, "
-        f"loss ratio {last['loss_ratio']}"
+        f"run {rid}: {len(res['metrics'])} logged steps in {res['seconds']} s; final train "
+        f"{last['train_loss']}, val {last['val_loss']:.4f}, loss ratio {last['loss_ratio']}"
     )
-    print(f"wrote {cfg.out}/adapter, {cfg.out}/metrics.jsonl")
+    print(f"wrote {out}/adapter, {out}/metrics.jsonl")
     return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import time
+
+    from dtm import jobs
+
+    if args.jobs_command == "list":
+        rows = jobs.refresh()
+        if args.group:
+            rows = [j for j in rows if j.group == args.group]
+        if not rows:
+            print("no jobs")
+        for j in rows:
+            eta = j.eta_seconds()
+            print(
+                f"{j.id[:12]}  {j.state:<11} {j.name:<14} {j.step}/{j.total_steps or '?'}"
+                f"{'' if eta is None else f'  eta {eta:.0f}s'}  {j.backend}  {j.run_dir}"
+                + (f"\n    {j.error}" if j.error and j.state in jobs.RESTARTABLE else "")
+            )
+        return 0
+    if args.jobs_command == "cancel":
+        job = jobs.cancel(args.id)
+        print(f"{job.id}: {job.state}")
+        return 0
+    if args.jobs_command in ("resume", "retry"):
+        job = jobs.restart(args.id, resume=args.jobs_command == "resume")
+        print(f"{job.id}: {job.state}")
+        return 0
+    if args.jobs_command == "logs":
+        store = jobs.JobStore()
+        job = store.get(args.id)
+        print(jobs.backend_for(job.backend).logs(job, args.tail), end="")
+        return 0
+    if args.jobs_command == "wait":
+        store = jobs.JobStore()
+        ids = [store.get(i).id for i in args.ids]
+        deadline = time.time() + args.timeout if args.timeout else None
+        while True:
+            rows = {j.id: j for j in jobs.refresh(store)}
+            if all(rows[i].state in jobs.FINAL for i in ids):
+                break
+            if deadline and time.time() > deadline:
+                print("timed out", file=sys.stderr)
+                return 1
+            time.sleep(args.poll)
+        for i in ids:
+            print(f"{i}: {rows[i].state}" + (f" ({rows[i].error})" if rows[i].error else ""))
+        return 0 if all(rows[i].state == "done" for i in ids) else 1
+    raise AssertionError(args.jobs_command)
 
 
 def cmd_lab_measure(args: argparse.Namespace) -> int:
@@ -192,6 +294,7 @@ def cmd_lab_measure(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from dtm.cluster import METHODS
     from dtm.embed import DEFAULT_MODEL, FIELDS, PRECISIONS
+    from dtm.train import KINDS
 
     p = argparse.ArgumentParser(
         prog="python -m dtm",
@@ -236,11 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="folder for assignments.csv, clusters.json")
     d.set_defaults(func=cmd_disperse)
 
-    t = sub.add_parser("train", help="LoRA SFT of a causal LM (vanilla SFT or one sub-model)")
-    t.add_argument("--base", required=True, help="model folder or hub id")
-    t.add_argument("--data", required=True, help="instruction data file")
-    t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--kind", choices=["sft", "sub"], default=None)
+    t = sub.add_parser(
+        "train", help="LoRA SFT of a causal LM: vanilla SFT, a sub-model, or a baseline"
+    )
+    t.add_argument("--base", default=None, help="model folder or hub id")
+    t.add_argument("--data", default=None, help="instruction data file")
+    t.add_argument("--out", default=None, help="run folder")
+    t.add_argument(
+        "--config", default=None, help="JSON or YAML file of TrainConfig values (flags win)"
+    )
+    t.add_argument("--kind", choices=KINDS, default=None)
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --out"
+    )
+    t.add_argument("--job", default=None, help=argparse.SUPPRESS)  # run a registry job
+    t.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     t.add_argument(
         "--val-data",
         dest="val_data",
@@ -268,12 +381,46 @@ def build_parser() -> argparse.ArgumentParser:
         ("seed", int),
         ("target_modules", str),
         ("scheduler", str),
+        ("members", int),
+        ("l2_weight", float),
+        ("ewc_weight", float),
+        ("reference", str),
+        ("reference_size", int),
+        ("fisher_size", int),
+        ("save_every", int),
+        ("keep_checkpoints", int),
+        ("eval_every", int),
+        ("val_fraction", float),
     ]:
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     t.add_argument(
-        "--eval-lab", default=None, help="a lab folder: score its benchmarks at every logged step"
+        "--eval-lab",
+        dest="eval_lab",
+        default=None,
+        help="a lab folder: score its benchmarks at every --eval-every steps",
     )
     t.set_defaults(func=cmd_train)
+
+    j = sub.add_parser("jobs", help="background training jobs")
+    j_sub = j.add_subparsers(dest="jobs_command", required=True)
+    jl = j_sub.add_parser("list", help="every job with its state and progress")
+    jl.add_argument("--group", default=None, help="only the jobs of one experiment")
+    for name, text in [
+        ("cancel", "stop a job (a running one saves a checkpoint first)"),
+        ("resume", "continue a cancelled, interrupted or failed job from its checkpoint"),
+        ("retry", "run a cancelled, interrupted or failed job again from scratch"),
+    ]:
+        c = j_sub.add_parser(name, help=text)
+        c.add_argument("id", help="job id (a unique prefix is enough)")
+    jg = j_sub.add_parser("logs", help="the tail of a job's log")
+    jg.add_argument("id")
+    jg.add_argument("--tail", type=int, default=4000, help="bytes from the end")
+    jw = j_sub.add_parser("wait", help="wait until jobs end; exit 0 when all are done")
+    jw.add_argument("ids", nargs="+")
+    jw.add_argument("--timeout", type=float, default=None)
+    jw.add_argument("--poll", type=float, default=2.0)
+    for c in j_sub.choices.values():
+        c.set_defaults(func=cmd_jobs)
 
     lab = sub.add_parser("lab", help="the embedded alignment-tax lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
@@ -310,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DTMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{'stopped' if e.exit_code == 3 else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Any
 
 from dtm.errors import RegistryError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs and metrics tables
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
     kind    TEXT NOT NULL,
@@ -38,6 +38,37 @@ CREATE TABLE IF NOT EXISTS artifacts (
     PRIMARY KEY (kind, key)
 );
 CREATE INDEX IF NOT EXISTS artifacts_kind_created ON artifacts (kind, created);
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    grp         TEXT,
+    config      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    backend     TEXT NOT NULL,
+    ref         TEXT,
+    pid         INTEGER,
+    proc_start  TEXT,
+    gpu         INTEGER,
+    run_dir     TEXT NOT NULL,
+    resume      INTEGER NOT NULL DEFAULT 0,
+    step        INTEGER NOT NULL DEFAULT 0,
+    first_step  INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    error       TEXT,
+    created     REAL NOT NULL,
+    started     REAL,
+    updated     REAL NOT NULL,
+    ended       REAL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    job    TEXT NOT NULL,
+    member INTEGER NOT NULL,
+    step   INTEGER NOT NULL,
+    data   TEXT NOT NULL,
+    PRIMARY KEY (job, member, step)
+);
 """
 _DONE = "_complete.json"  # written last inside an artifact folder
 
@@ -142,15 +173,28 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "registry.sqlite"
         with self._connect() as con:
-            con.executescript(_SCHEMA)
             version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise RegistryError(
                     f"The registry {self.db_path} was written by a newer version of dtm "
                     f"(schema {version} > {SCHEMA_VERSION}); upgrade dtm or set DTM_CACHE."
                 )
+            con.executescript(_SCHEMA)
+            if version < SCHEMA_VERSION:  # older schemas only lack tables made here
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside ``BEGIN IMMEDIATE``: one writer at a time across processes,
+        so a read-then-write (claim the next queued job) cannot race another."""
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

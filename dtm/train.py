@@ -1,17 +1,22 @@
-"""LoRA supervised fine-tuning of a ``transformers`` causal LM, on the ``transformers``
-Trainer with a peft adapter: the core of vanilla SFT (``kind="sft"``, all data) and of a
-DTM sub-model (``kind="sub"``, one cluster of a saved assignment).
+"""LoRA supervised fine-tuning of a ``transformers`` causal LM on the ``transformers``
+Trainer with a peft adapter: vanilla SFT (``kind="sft"``, all data), a DTM sub-model
+(``"sub"``, one cluster of a saved assignment) and the paper's baselines (``"soup"``,
+``"l2"``, ``"ewc"``, ``"replay"``; see ``dtm.baselines``).
 
 The loss is on response tokens only (prompt tokens get label -100, as in the paper's
 code). Prompts use the model's chat template when it has one, else an Alpaca template.
-Every ``log_every`` steps ``metrics.jsonl`` gets one JSON object with ``step``, ``epoch``,
-``lr``, ``train_loss`` (running), ``val_loss`` (held-out split), ``probe_loss`` (a fixed
-subset of the training rows), ``loss_ratio`` = (probe_loss at step 0 - probe_loss) /
-(val_loss at step 0 - val_loss): the pilot study's delta L_train / delta L_val, and
-``loss_ratio_interval``, the same over the last logging interval only (it shows late
-memorisation that the cumulative ratio dilutes, and is noisy when val loss stalls). An
-optional ``eval_hook(model, tokenizer, step)`` adds benchmark scores at those steps (the
-alignment-tax curve).
+Every ``log_every`` steps ``metrics.jsonl`` (and the registry, when the run is a job) gets
+one JSON object with ``step``, ``epoch``, ``lr``, ``train_loss`` (running), ``val_loss``
+(held-out split), ``probe_loss`` (a fixed subset of the training rows), ``loss_ratio`` =
+(probe_loss at step 0 - probe_loss) / (val_loss at step 0 - val_loss): the pilot study's
+delta L_train / delta L_val, ``loss_ratio_interval`` (the same over the last interval
+only), ``tokens_per_s``, ``mem_mb`` and ``seconds``. An ``eval_hook(model, tokenizer,
+step)`` (or ``eval_lab``) adds benchmark scores at chosen steps: the alignment-tax curve.
+
+Run folder: ``adapter/`` (peft, safetensors; a ``sub`` run adds ``fisher.safetensors``,
+the diagonal Fisher of its LoRA parameters on its cluster), ``checkpoints/checkpoint-N/``
+(adapter + optimizer state; resumable), ``metrics.jsonl``, ``config.json``. The adapter
+folder appears by one rename, so a failed save never leaves one that looks complete.
 
 Defaults are the paper's released command: LoRA r=16, alpha=16, dropout 0.05 on
 ``gate_proj, up_proj, down_proj``; lr 3e-4, cosine with warmup, AdamW (0.9, 0.98), eps
@@ -22,17 +27,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dtm.errors import ConfigError
+from dtm.errors import ConfigError, DTMError
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that "
@@ -75,15 +81,77 @@ class TrainConfig:
     log_every: int = 10
     probe_size: int = 64
     seed: int = 0
+    members: int = field(default=4, metadata={"help": "soup: members, seeds seed..seed+n-1"})
+    l2_weight: float = field(default=1.0, metadata={"help": "l2: weight of ||delta W||^2"})
+    ewc_weight: float = field(default=1.0, metadata={"help": "ewc: weight of F * delta W^2"})
+    reference: str | None = field(
+        default=None, metadata={"help": "ewc/replay corpus; default: the lab's pretraining text"}
+    )
+    reference_size: int = field(default=256, metadata={"help": "ewc: documents for the Fisher"})
+    fisher_size: int = field(default=128, metadata={"help": "sub: rows for the adapter Fisher"})
+    save_every: int | None = field(
+        default=None, metadata={"help": "checkpoint interval in steps (default: ~10 per run)"}
+    )
+    keep_checkpoints: int = 2
+    eval_lab: str | None = field(
+        default=None, metadata={"help": "a lab folder: score its benchmarks during training"}
+    )
+    eval_every: int | None = field(
+        default=None, metadata={"help": "steps between benchmark scores (default: log_every)"}
+    )
+    trust_remote_code: bool = False
+
+
+KINDS = ("sft", "sub", "soup", "l2", "ewc", "replay")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first bad value."""
+    if cfg.kind not in KINDS:
+        raise ConfigError(f"kind {cfg.kind!r}: choose one of {', '.join(KINDS)}.")
+    positive = ["lora_r", "lora_alpha", "batch_size", "micro_batch_size", "max_length"]
+    positive += ["log_every", "probe_size", "keep_checkpoints"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, not {getattr(cfg, name)}.")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
+            f"{cfg.micro_batch_size}."
+        )
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ConfigError(f"steps must be at least 1, not {cfg.steps}.")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ConfigError(f"lr must be a positive number, not {cfg.lr}.")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}.")
+    if cfg.kind == "soup" and cfg.members < 2:
+        raise ConfigError(f"soup needs at least 2 members, not {cfg.members}.")
+    if cfg.kind == "sub" and (cfg.assignments is None or cfg.cluster is None):
+        raise ConfigError("kind 'sub' needs --assignments and --cluster.")
+    if cfg.kind in ("ewc", "replay"):
+        from dtm.baselines import default_reference
+
+        if not (cfg.reference or default_reference(cfg.base)):
+            raise ConfigError(
+                f"kind {cfg.kind!r} needs a reference corpus (--reference FILE); only a lab "
+                "base model has a default one."
+            )
 
 
 def load_base(name: str, *, trust_remote_code: bool = False):
-    """(model, tokenizer) from a folder or hub id, with a clear error when it is not one."""
+    """(model, tokenizer) from a folder or hub id, with a clear error when it is not one.
+    Weights load from safetensors only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
     if path.exists() and not (path / "config.json").exists():
         raise ConfigError(f"{name}: not a model folder (no config.json).")
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise ConfigError(
+            f"{name}: no *.safetensors weights. Pickle weights (.bin) are not loaded, since "
+            "they can run code; convert the model with save_pretrained(safe_serialization=True)."
+        )
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -151,9 +219,15 @@ def _split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     table = load_instructions(cfg.data, count_tokens=False).table
     if cfg.kind == "sub":
-        if cfg.assignments is None or cfg.cluster is None:
-            raise ConfigError("kind 'sub' needs --assignments and --cluster.")
-        asg = pd.read_csv(cfg.assignments, dtype={"id": str})
+        try:
+            asg = pd.read_csv(cfg.assignments, dtype={"id": str})
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--assignments {cfg.assignments}: cannot read it ({e}).") from e
+        if not {"id", "cluster"} <= set(asg.columns):
+            raise ConfigError(
+                f"{cfg.assignments}: needs the columns id and cluster "
+                "(the assignments.csv of `dtm disperse`)."
+            )
         if not set(table["id"]) >= set(asg["id"]):
             raise ConfigError(
                 f"{cfg.assignments}: its ids are not rows of {cfg.data} "
@@ -175,132 +249,142 @@ def _split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
 
 
+class TrainingError(DTMError):
+    """The run could not go on (a non-finite loss, a failed save); the message says
+    what was kept."""
+
+
+class Stopped(DTMError):
+    """The run stopped on request after saving a checkpoint; it can be resumed."""
+
+    exit_code = 3
+
+
+def run_id(cfg: TrainConfig) -> str:
+    """A stable id for a configuration (its run folder does not count)."""
+    from dtm.store import input_key
+
+    values = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    return input_key("run", values)
+
+
 def train(
     cfg: TrainConfig,
     eval_hook: Callable[[Any, Any, int], dict] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    *,
+    resume: bool = False,
+    on_record: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run ``cfg``; writes ``out/adapter/``, ``out/metrics.jsonl``, ``out/config.json``.
-    Returns ``{"metrics": [...], "seconds": ...}``."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    """Run ``cfg``. ``resume`` continues from the last checkpoint in ``out/checkpoints``
+    (from scratch when there is none). ``on_record(rec)`` sees each metrics record,
+    ``on_step(step, total)`` each optimizer step. Raises ``Stopped`` when
+    ``request_stop()`` was called (a checkpoint was saved), ``TrainingError`` on a
+    non-finite loss or a failed save. Returns ``{"metrics", "seconds", "model",
+    "tokenizer"}``."""
+    from dtm.train_loop import run_one
 
-    set_seed(cfg.seed)
+    check_config(cfg)
+    if cfg.eval_lab and eval_hook is None:
+        eval_hook = lab_eval_hook(cfg.eval_lab)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_base(cfg.base)
-    train_table, val_table = _split(cfg)
-    train_rows = encode_rows(train_table, tok, cfg.max_length)
-    val_rows = encode_rows(val_table, tok, cfg.max_length)
-    probe_idx = np.random.default_rng(cfg.seed).choice(
-        len(train_rows), min(cfg.probe_size, len(train_rows)), replace=False
-    )
-    probe_rows = [train_rows[i] for i in sorted(probe_idx)]
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
-    accum = max(1, cfg.batch_size // cfg.micro_batch_size)
-    steps = cfg.steps or max(1, math.ceil(len(train_rows) * cfg.epochs / cfg.batch_size))
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"),
-        max_steps=steps,
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=accum,
-        per_device_eval_batch_size=64,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.scheduler,
-        warmup_steps=math.ceil(cfg.warmup_ratio * steps),
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        adam_epsilon=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.log_every,
-        eval_strategy="steps",
-        eval_steps=cfg.log_every,
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=use_bf16,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    records: list[dict] = []
     t0 = time.perf_counter()
+    if cfg.kind != "soup":
+        res = run_one(cfg, out, eval_hook, progress, resume, on_record, on_step)
+        _write_config(cfg, out, res["resolved"])
+        return {**res, "seconds": round(time.perf_counter() - t0, 2)}
+    # Uniform Soup: members on all data with seeds seed..seed+n-1, merged with equal
+    # weights exactly (dtm.merge); a finished member is not trained again on resume.
+    from dtm.merge import linear_concat
 
-    def ratio(ref: dict, rec: dict) -> float | None:
-        d_val = ref["val_loss"] - rec["val_loss"]
-        d_train = ref["probe_loss"] - rec["probe_loss"]
-        return d_train / d_val if abs(d_val) > 1e-9 else None
+    records: list[dict] = []
+    members = []
+    for i in range(cfg.members):
+        mcfg = replace(cfg, kind="sft", seed=cfg.seed + i, out=str(out / "members" / str(i)))
+        mout = Path(mcfg.out)
 
-    def emit(rec: dict) -> None:
-        rec["loss_ratio"] = ratio(records[0], rec) if records else None
-        rec["loss_ratio_interval"] = ratio(records[-1], rec) if records else None
-        rec["seconds"] = round(time.perf_counter() - t0, 2)
-        if eval_hook is not None:
-            rec["bench"] = eval_hook(model, tok, rec["step"])
-        records.append(rec)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        def tag(rec: dict, i: int = i) -> None:
+            rec["member"] = i
+            if on_record:
+                on_record(rec)
 
-    class Log(TrainerCallback):
-        def __init__(self) -> None:
-            self.pending: dict = {}
+        def step_cb(step: int, total: int, i: int = i) -> None:
+            if on_step:
+                on_step(i * total + step, cfg.members * total)
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            self.pending.update({k: v for k, v in logs.items()})
-            if "eval_val_loss" in self.pending and "eval_probe_loss" in self.pending:
-                p = self.pending
-                emit(
-                    {
-                        "step": state.global_step,
-                        "epoch": state.epoch or 0.0,
-                        "lr": p.get("learning_rate"),
-                        "train_loss": p.get("loss"),
-                        "val_loss": p["eval_val_loss"],
-                        "probe_loss": p["eval_probe_loss"],
-                    }
-                )
-                self.pending = {}
-            if progress:
-                progress("training", state.global_step / steps)
+        if (mout / "adapter" / "adapter_model.safetensors").exists():
+            recs = read_metrics(mout / "metrics.jsonl")
+        else:
+            res = run_one(mcfg, mout, eval_hook, progress, resume, tag, step_cb)
+            _write_config(mcfg, mout, res["resolved"])
+            recs = res["metrics"]
+        records += [dict(r, member=i) for r in recs]
+        members.append(mout / "adapter")
+    from dtm.store import write_text_atomic
 
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset={"val": val_rows, "probe": probe_rows},
-        data_collator=collate(tok.pad_token_id),
-        callbacks=[Log()],
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    publish_dir(
+        out / "adapter", lambda tmp: linear_concat(members, [1 / cfg.members] * len(members), tmp)
     )
-    trainer.remove_callback(PrinterCallback)  # keep stdout for our own report
-    trainer.evaluate()  # step 0: the callback records the losses before any update
-    trainer.train()
-    model.save_pretrained(out / "adapter")
-    resolved = asdict(cfg)
-    resolved.update(
-        {"resolved_steps": steps, "train_rows": len(train_rows), "val_rows": len(val_rows)}
-    )
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, default=list) + "\n")
-    shutil.rmtree(out / "trainer", ignore_errors=True)
+    _write_config(cfg, out, {"members": [str(m) for m in members]})
+    model, tok = load_base(cfg.base, trust_remote_code=cfg.trust_remote_code)
+    from peft import PeftModel
+
     return {
         "metrics": records,
         "seconds": round(time.perf_counter() - t0, 2),
-        "model": model,
+        "model": PeftModel.from_pretrained(model, out / "adapter"),
         "tokenizer": tok,
     }
+
+
+def lab_eval_hook(lab: str | Path) -> Callable[[Any, Any, int], dict]:
+    from dtm.evaluate import evaluate_lab
+
+    bench = Path(lab) / "benchmarks"
+    if not bench.is_dir():
+        raise ConfigError(f"eval_lab {lab}: no benchmarks/ folder (not a lab).")
+    return lambda model, tok, step: evaluate_lab(model, tok, bench)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a killed writer) is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def publish_dir(final: Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a private folder beside ``final``, then rename it into
+    place. On failure nothing named ``final`` is created; an older ``final`` is replaced
+    only once the new one is complete."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # OSError, or a safetensors write error wrapping one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not save {final}: {e}") from e
+    return final
+
+
+def _write_config(cfg: TrainConfig, out: Path, extra: dict) -> None:
+    from dtm.store import write_text_atomic
+
+    resolved = {**asdict(cfg), **extra, "run_id": run_id(cfg)}
+    write_text_atomic(out / "config.json", json.dumps(resolved, indent=2, default=list) + "\n")

@@ -1,0 +1,277 @@
+"""Training runs as background jobs: submit, watch, cancel, resume, retry.
+
+Training never runs in the dashboard's process. ``submit`` records a job in the registry
+and hands it to a backend: ``local`` (detached processes on this machine, the default)
+or ``ray`` (the Ray Jobs API; chosen with ``DTM_RAY_ADDRESS`` or ``backend="ray:ADDRESS"``).
+The job process itself (``python -m dtm train --job ID``, see ``run_job``) records its
+progress, metrics and end state, so any process that reads the registry (a restarted
+server, a second browser, ``dtm jobs list``) sees the same jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dtm.errors import ConfigError
+from dtm.jobs.base import ACTIVE, FINAL, RESTARTABLE, Job, JobStore
+from dtm.jobs.local import LocalBackend, gpu_slots, max_parallel, proc_start_time
+from dtm.store import write_json_atomic
+from dtm.train import TrainConfig, run_id
+
+__all__ = [
+    "ACTIVE",
+    "FINAL",
+    "RESTARTABLE",
+    "Job",
+    "JobStore",
+    "backend_for",
+    "cancel",
+    "refresh",
+    "restart",
+    "run_job",
+    "submit",
+]
+
+
+def backend_for(spec: str):
+    """``"local"`` or ``"ray:ADDRESS"`` -> a backend object."""
+    if spec == "local":
+        return LocalBackend()
+    if spec.startswith("ray:"):
+        from dtm.jobs.ray_backend import RayBackend
+
+        return RayBackend(spec[4:])
+    raise ConfigError(f"backend {spec!r}: use 'local' or 'ray:ADDRESS'.")
+
+
+def default_backend() -> str:
+    addr = os.environ.get("DTM_RAY_ADDRESS")
+    return f"ray:{addr}" if addr else "local"
+
+
+def submit(
+    cfg: TrainConfig,
+    *,
+    name: str | None = None,
+    group: str | None = None,
+    backend: str | None = None,
+    store: JobStore | None = None,
+) -> tuple[Job, bool]:
+    """Queue a training run; returns (job, created). A configuration already submitted
+    returns its existing job (whatever its state) and starts nothing."""
+    from dtm.train import check_config
+
+    store = store or JobStore()
+    check_config(cfg)
+    backend = backend or default_backend()
+    backend_for(backend)  # validates the spec (and that Ray is importable)
+    jid = run_id(cfg)
+    run_dir = store.registry.root / "runs" / jid
+    cfg = TrainConfig(**{**asdict(cfg), "out": str(run_dir)})
+    now = time.time()
+    job = Job(
+        id=jid,
+        kind=cfg.kind,
+        name=name or (f"sub {cfg.cluster}" if cfg.kind == "sub" else cfg.kind),
+        group=group,
+        config=asdict(cfg),
+        state="queued",
+        backend=backend,
+        ref=None,
+        pid=None,
+        proc_start=None,
+        gpu=None,
+        run_dir=run_dir,
+        resume=False,
+        step=0,
+        first_step=0,
+        total_steps=None,
+        attempts=0,
+        error=None,
+        created=now,
+        started=None,
+        updated=now,
+        ended=None,
+    )
+    job, created = store.add(job)
+    if created:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "job.json", job.config)
+        pump(store)
+    return store.get(job.id), created
+
+
+def pump(store: JobStore | None = None) -> list[Job]:
+    """Start queued jobs while there are free slots; returns the jobs started. Ray jobs
+    are all handed to Ray at once (Ray's scheduler queues them by resources)."""
+    store = store or JobStore()
+    limit = max_parallel()
+    gpus = gpu_slots()
+    claimed: list[Job] = []
+    with store.registry.transaction() as con:
+        rows = con.execute(
+            "SELECT id, backend, state, gpu FROM jobs WHERE state IN "
+            "('queued', 'starting', 'running', 'stopping') ORDER BY created, id"
+        ).fetchall()
+        local_active = [r for r in rows if r[1] == "local" and r[2] != "queued"]
+        busy_gpus = {r[3] for r in local_active if r[3] is not None}
+        free = limit - len(local_active)
+        for jid, backend, state, _ in rows:
+            if state != "queued":
+                continue
+            gpu = None
+            if backend == "local":
+                if free <= 0:
+                    continue
+                free -= 1
+                if gpus:
+                    gpu = next(g for g in range(len(gpus)) if g not in busy_gpus)
+                    busy_gpus.add(gpu)
+            con.execute(
+                "UPDATE jobs SET state = 'starting', gpu = ?, pid = NULL, updated = ? WHERE id = ?",
+                (gpu, time.time(), jid),
+            )
+            claimed.append(jid)
+    started = []
+    for jid in claimed:
+        job = store.get(jid)
+        try:
+            backend_for(job.backend).start(store, job)
+        except Exception as e:  # a launch failure is the job's failure, not the caller's
+            store.update(jid, state="failed", error=f"could not start: {e}", ended=time.time())
+            continue
+        started.append(store.get(jid))
+    return started
+
+
+def refresh(store: JobStore | None = None) -> list[Job]:
+    """Reconcile every unfinished job with its backend (dead processes become
+    ``interrupted``), start queued jobs where slots are free, and return all jobs."""
+    store = store or JobStore()
+    open_jobs = store.list(states=("queued", *ACTIVE))
+    by_backend: dict[str, list[Job]] = {}
+    for j in open_jobs:
+        by_backend.setdefault(j.backend, []).append(j)
+    for spec, jobs in by_backend.items():
+        try:
+            backend_for(spec).refresh(store, jobs)
+        except Exception as e:  # an unreachable cluster must not hide the other jobs
+            for j in jobs:
+                store.update(j.id, error=f"cannot reach {spec}: {e}")
+    pump(store)
+    return store.list()
+
+
+def cancel(job_id: str, store: JobStore | None = None) -> Job:
+    """Stop a job: a queued one at once; a running one saves a checkpoint first."""
+    store = store or JobStore()
+    job = store.get(job_id)
+    if job.state in FINAL:
+        raise ConfigError(f"job {job.id} is already {job.state}.")
+    if job.state == "queued" and store.update(
+        job.id, only_if=("queued",), state="cancelled", ended=time.time()
+    ):
+        return store.get(job.id)
+    backend_for(job.backend).cancel(store, job)
+    return store.get(job.id)
+
+
+def restart(job_id: str, *, resume: bool, store: JobStore | None = None) -> Job:
+    """Queue a cancelled, interrupted or failed job again: ``resume`` continues from its
+    last checkpoint, otherwise it starts from scratch (its old log is kept)."""
+    store = store or JobStore()
+    job = store.get(job_id)
+    if job.state not in RESTARTABLE:
+        raise ConfigError(
+            f"job {job.id} is {job.state}; only {', '.join(RESTARTABLE)} jobs can be "
+            f"{'resumed' if resume else 'retried'}."
+        )
+    store.update(
+        job.id,
+        only_if=RESTARTABLE,
+        state="queued",
+        resume=int(resume),
+        attempts=job.attempts + 1,
+        error=None,
+        ended=None,
+        pid=None,
+    )
+    pump(store)
+    return store.get(job.id)
+
+
+def run_job(job_id: str, *, resume: bool = False) -> dict:
+    """The body of a job process: train the job's configuration, recording state,
+    progress and metrics in the registry, and one line per record in its log. SIGTERM
+    asks for a checkpoint and a stop."""
+    from dtm.train import Stopped, train
+    from dtm.train_loop import request_stop
+
+    store = JobStore()
+    job = store.get(job_id)
+    cfg = TrainConfig(**{**job.config, "target_modules": tuple(job.config["target_modules"])})
+    signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    first = _checkpoint_step(job.run_dir) if resume else 0
+    store.update(
+        job.id,
+        state="running",
+        pid=os.getpid(),
+        proc_start=proc_start_time(os.getpid()),
+        started=time.time(),
+        step=first,
+        first_step=first,
+        error=None,
+    )
+    last = [0.0]
+
+    def on_step(step: int, total: int) -> None:
+        now = time.time()
+        if now - last[0] > 1.0 or step == total:
+            last[0] = now
+            store.update(job.id, step=step, total_steps=total)
+            if store.get(job.id).state == "stopping":  # cancelled through the registry
+                request_stop()
+
+    def on_record(rec: dict) -> None:
+        store.log_metrics(job.id, rec)
+        member = f"member {rec['member']} " if "member" in rec else ""
+        print(
+            f"{member}step {rec['step']}: train_loss {rec['train_loss']} "
+            f"val_loss {rec['val_loss']:.4f} probe_loss {rec['probe_loss']:.4f} "
+            f"tokens/s {rec['tokens_per_s']}",
+            flush=True,
+        )
+
+    stages: set[str] = set()
+
+    def progress(stage: str, frac: float) -> None:
+        if stage not in stages:
+            stages.add(stage)
+            print(stage, flush=True)
+
+    try:
+        res = train(cfg, progress=progress, resume=resume, on_record=on_record, on_step=on_step)
+    except Stopped as e:
+        store.update(job.id, state="cancelled", error=str(e), ended=time.time())
+        raise
+    except BaseException as e:
+        store.update(job.id, state="failed", error=f"{type(e).__name__}: {e}", ended=time.time())
+        raise
+    else:
+        store.update(job.id, state="done", error=None, ended=time.time())
+        return {**res, "out": cfg.out}
+    finally:
+        pump(store)  # this job's slot is free: start the next one
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    steps = [
+        int(p.name.split("-")[-1])
+        for p in (run_dir / "checkpoints").glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit()
+    ]
+    return max(steps, default=0)
