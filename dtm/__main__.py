@@ -271,6 +271,36 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     raise AssertionError(args.jobs_command)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from dtm.experiment import describe, load_experiment, plan, run, summary_table
+    from dtm.store import cache_dir, safe_name, write_text_atomic
+
+    exp = load_experiment(args.experiment)
+    if args.backend:
+        exp.backend = args.backend
+    print(describe(exp, plan(exp)))
+    if args.dry_run:
+        return 0
+    res = run(exp, progress=_progress_bar(), wait=not args.no_wait)
+    table = summary_table(res["jobs"])
+    print(table)
+    out = cache_dir() / "experiments" / safe_name(exp.name) / "results.md"
+    write_text_atomic(
+        out,
+        f"# {exp.name}\n\n`python -m dtm run {args.experiment}` ({res['seconds']} s)\n\n{table}\n",
+    )
+    print(f"wrote {out}")
+    if args.no_wait:
+        return 0
+    bad = [j for j in res["jobs"] if j.state != "done"]
+    if bad:
+        for j in bad:
+            print(f"{j.name} ({j.id[:12]}): {j.state}: {j.error}", file=sys.stderr)
+        raise DTMError(f"{len(bad)} of {len(res['jobs'])} jobs did not finish.")
+    print("merge and evaluation steps are not built yet: the runs are in the registry.")
+    return 0
+
+
 def cmd_lab_measure(args: argparse.Namespace) -> int:
     from dtm.lab.measure import measure_lab
 
@@ -421,6 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     jw.add_argument("--poll", type=float, default=2.0)
     for c in j_sub.choices.values():
         c.set_defaults(func=cmd_jobs)
+
+    r = sub.add_parser("run", help="a whole experiment from a YAML file, headless")
+    r.add_argument("experiment", help="an experiment file, e.g. experiments/lab.yaml")
+    r.add_argument(
+        "--dry-run", action="store_true", help="validate and print the plan; load nothing"
+    )
+    r.add_argument("--no-wait", action="store_true", help="submit the jobs and return")
+    r.add_argument("--backend", default=None, help="local or ray:ADDRESS (overrides the file)")
+    r.set_defaults(func=cmd_run)
 
     lab = sub.add_parser("lab", help="the embedded alignment-tax lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
