@@ -112,3 +112,34 @@ def selected_rows(selection: dict | None) -> list[int]:
         if cd is not None:
             rows.add(int(cd))
     return sorted(rows)
+
+
+def loss_curves(curves: dict[str, list[dict]], metric: str = "val_loss"):
+    """One line per run of ``metric`` against step. ``curves``: run name -> metrics records
+    (``step`` and ``metric``; soup members are drawn as separate lines)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, recs in curves.items():
+        members = sorted({r.get("member") for r in recs}, key=lambda m: -1 if m is None else m)
+        for m in members:
+            pts = [r for r in recs if r.get("member") == m and r.get(metric) is not None]
+            if not pts:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["step"] for r in pts],
+                    y=[r[metric] for r in pts],
+                    mode="lines+markers",
+                    name=name if m is None else f"{name} member {m}",
+                    marker={"size": 4},
+                )
+            )
+    fig.update_layout(
+        height=320,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        xaxis_title="step",
+        yaxis_title=metric.replace("_", " "),
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig

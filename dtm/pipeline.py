@@ -268,3 +268,24 @@ def write_disperse_outputs(
     info["artifacts"] = {k: a.key for k, a in res.artifacts.items()}
     json_path = write_json_atomic(out / "clusters.json", info)
     return csv_path, json_path
+
+
+def saved_assignments(registry: Registry) -> list[Artifact]:
+    """Assignments a user saved (named) on the Disperse page, newest first."""
+    return [a for a in registry.list("assignment") if a.name]
+
+
+def training_inputs(asg: Artifact, registry: Registry) -> dict[str, Any]:
+    """What a training run needs from a saved assignment: the data file it clustered
+    (``data``), an ``assignments.csv`` of it (written once under ``<cache>/exports``),
+    and ``k``."""
+    ds = registry.get("dataset", asg.meta["dataset"])
+    if ds is None:
+        raise data.DataError(f"assignment {asg.key}: its dataset is no longer in the registry.")
+    csv = registry.root / "exports" / f"assignment-{asg.key}" / "assignments.csv"
+    if not csv.exists():
+        table = read_table(ds)
+        labels = np.load(asg.path / "labels.npy")
+        frame = pd.DataFrame({"id": table["id"], "cluster": labels})
+        write_text_atomic(csv, frame.to_csv(index=False))
+    return {"data": ds.meta["source"], "assignments": str(csv), "k": int(asg.meta["k"])}

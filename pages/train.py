@@ -1,11 +1,240 @@
-"""Page 2 - Train (not built yet)."""
+"""Page 2 - Train: launch the DTM sub-models, vanilla SFT and the baselines as background
+jobs, and watch them live."""
 
+from __future__ import annotations
+
+import os
+import time
+
+import pandas as pd
 import streamlit as st
 
+from dtm import charts, jobs
+from dtm.errors import DTMError
+from dtm.experiment import BASELINES
+from dtm.lab import lab_status
+from dtm.lab.measure import LAB_SFT
+from dtm.pipeline import saved_assignments, training_inputs
+from dtm.store import Registry, cache_dir
+from dtm.train import TrainConfig
+
+
+@st.cache_resource
+def _registry(root: str) -> Registry:
+    return Registry(root)
+
+
+def store() -> jobs.JobStore:
+    return jobs.JobStore(_registry(str(cache_dir())))
+
+
+def choose_inputs() -> dict | None:
+    """The data, assignment, base model and validation data, or None when not ready."""
+    lab = lab_status()
+    saved = saved_assignments(store().registry)
+    if not saved:
+        st.info(
+            "No saved cluster assignment yet: on the Disperse page, cluster the data and "
+            "press **Save for training**."
+        )
+        return None
+    labels = {
+        a.key: f"{a.name} (K={a.meta['k']}, {a.meta['method']}, seed {a.meta['seed']})"
+        for a in saved
+    }
+    key = st.selectbox(
+        "Cluster assignment", list(labels), format_func=labels.get, key="train_assignment"
+    )
+    asg = next(a for a in saved if a.key == key)
+    try:
+        inputs = training_inputs(asg, store().registry)
+    except DTMError as e:
+        st.error(str(e))
+        return None
+    lab_data = lab["state"] == "ready" and inputs["data"].startswith(lab["path"])
+    bases = (["Lab base model"] if lab["state"] == "ready" else []) + ["Model folder or hub id"]
+    kind = st.radio("Base model", bases, horizontal=True, key="train_base_kind")
+    if kind == "Lab base model":
+        base = os.path.join(lab["path"], "model")
+    else:
+        base = st.text_input("Model folder or hub id", key="train_base_path").strip()
+        if not base:
+            return None
+    val = os.path.join(lab["path"], "data", "val.jsonl") if lab_data else None
+    st.caption(
+        f"Data `{inputs['data']}` · validation: "
+        f"{'the lab validation split' if val else '5% held out of the data'}"
+    )
+    return {**inputs, "base": base, "val_data": val, "lab": lab["path"] if lab_data else None}
+
+
+def hyperparameters(lab: bool) -> dict:
+    d = TrainConfig(base="", data="", out="")
+    preset = {**LAB_SFT, "steps": 400} if lab else {}
+    with st.expander("Hyperparameters", expanded=False):
+        c = st.columns(4)
+        steps = c[0].number_input(
+            "Steps (0: by epochs)", 0, 10**7, preset.get("steps", 0), key="hp_steps"
+        )
+        epochs = c[1].number_input("Epochs", 0.1, 100.0, d.epochs, key="hp_epochs")
+        lr = c[2].number_input(
+            "Learning rate", 1e-7, 1.0, preset.get("lr", d.lr), format="%.2e", key="hp_lr"
+        )
+        seed = c[3].number_input("Seed", 0, 10**6, 0, key="hp_seed")
+        c = st.columns(4)
+        r = c[0].number_input("LoRA r", 1, 1024, d.lora_r, key="hp_r")
+        alpha = c[1].number_input("LoRA alpha", 1, 4096, d.lora_alpha, key="hp_alpha")
+        batch = c[2].number_input("Batch", 1, 4096, d.batch_size, key="hp_batch")
+        max_len = c[3].number_input(
+            "Max length", 8, 32768, preset.get("max_length", d.max_length), key="hp_len"
+        )
+        c = st.columns(4)
+        micro = c[0].number_input(
+            "Micro-batch", 1, 4096, min(d.micro_batch_size, batch), key="hp_micro"
+        )
+        log_every = c[1].number_input("Log every", 1, 10**5, 20 if lab else 10, key="hp_log")
+        budget = c[2].selectbox(
+            "Sub-model budget",
+            ["epochs", "steps"],
+            key="hp_budget",
+            help="epochs: each sub-model makes as many passes over its cluster as SFT over "
+            "all data (the paper); steps: each gets SFT's step count",
+        )
+    values = {
+        "epochs": float(epochs),
+        "lr": float(lr),
+        "seed": int(seed),
+        "lora_r": int(r),
+        "lora_alpha": int(alpha),
+        "batch_size": int(batch),
+        "micro_batch_size": int(micro),
+        "max_length": int(max_len),
+        "log_every": int(log_every),
+    }
+    if steps:
+        values["steps"] = int(steps)
+    return {"values": values, "budget": budget}
+
+
+def launch(configs: list[tuple[str, TrainConfig]], group: str, backend: str) -> None:
+    new = old = 0
+    for name, cfg in configs:
+        try:
+            _, created = jobs.submit(cfg, name=name, group=group, backend=backend, store=store())
+        except DTMError as e:
+            st.error(f"{name}: {e}")
+            return
+        new, old = new + created, old + (not created)
+    msg = f"Queued {new} job(s)."
+    if old:
+        msg += f" {old} identical configuration(s) already had a job: not started again."
+    st.toast(msg)
+
+
+def launch_panel() -> None:
+    inputs = choose_inputs()
+    if inputs is None:
+        return
+    hp = hyperparameters(inputs["lab"] is not None)
+    backend = st.text_input(
+        "Backend",
+        value=jobs.default_backend(),
+        key="train_backend",
+        help="local: detached processes on this machine; ray:http://HEAD:8265 for a Ray "
+        "cluster (the cache must be on storage both sides see at the same path)",
+    ).strip()
+    common = {
+        **hp["values"],
+        "base": inputs["base"],
+        "data": inputs["data"],
+        "val_data": inputs["val_data"],
+        "out": "-",
+    }
+    if inputs["lab"]:
+        common["eval_lab"] = inputs["lab"]
+        common["eval_every"] = max(common["log_every"], 100)
+    group = f"{st.session_state.train_assignment[:8]}-seed{common['seed']}"
+    c = st.columns([2] + [1] * len(BASELINES))
+    if c[0].button("Launch DTM set + SFT", type="primary", key="launch_dtm"):
+        sizes = pd.read_csv(inputs["assignments"])["cluster"].value_counts().sort_index()
+        n = int(sizes.sum())
+        configs = [("sft", TrainConfig(**common, kind="sft"))]
+        for k in range(inputs["k"]):
+            values = {**common, "kind": "sub", "cluster": k, "assignments": inputs["assignments"]}
+            if hp["budget"] == "epochs" and "steps" in common:
+                values["steps"] = max(1, round(common["steps"] * int(sizes.get(k, 0)) / n))
+            configs.append((f"sub {k}", TrainConfig(**values)))
+        launch(configs, group, backend)
+    for col, kind in zip(c[1:], BASELINES, strict=True):
+        if col.button(f"Launch {kind}", key=f"launch_{kind}"):
+            launch([(kind, TrainConfig(**common, kind=kind))], group, backend)
+
+
+@st.fragment(run_every=2)
+def jobs_panel() -> None:
+    try:
+        rows = jobs.refresh(store())
+    except DTMError as e:
+        st.error(str(e))
+        return
+    if not rows:
+        st.caption("No jobs yet.")
+        return
+    now = time.time()
+    frame = pd.DataFrame(
+        [
+            {
+                "id": j.id[:12],
+                "job": j.name,
+                "group": j.group,
+                "state": j.state,
+                "progress": j.fraction,
+                "step": f"{j.step}/{j.total_steps or '?'}",
+                "ETA": "" if (eta := j.eta_seconds(now)) is None else f"{eta:.0f} s",
+                "backend": j.backend,
+            }
+            for j in rows
+        ]
+    )
+    st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0)},
+        key="jobs_table",
+    )
+    groups = sorted(
+        {j.group or "" for j in rows},
+        key=lambda g: -max(j.created for j in rows if (j.group or "") == g),
+    )
+    group = st.selectbox("Curves of", groups, key="curves_group")
+    curves = {j.name: store().metrics(j.id) for j in rows if (j.group or "") == group}
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(charts.loss_curves(curves, "train_loss"), key="curve_train")
+    c2.plotly_chart(charts.loss_curves(curves, "val_loss"), key="curve_val")
+    labels = {j.id: f"{j.name} · {j.state} · {j.id[:12]}" for j in rows}
+    jid = st.selectbox("Job", list(labels), format_func=labels.get, key="job_pick")
+    job = next(j for j in rows if j.id == jid)
+    b = st.columns(4)
+    try:
+        if b[0].button("Cancel", key="job_cancel", disabled=job.state in jobs.FINAL):
+            jobs.cancel(job.id, store())
+        if b[1].button("Resume", key="job_resume", disabled=job.state not in jobs.RESTARTABLE):
+            jobs.restart(job.id, resume=True, store=store())
+        if b[2].button("Retry", key="job_retry", disabled=job.state not in jobs.RESTARTABLE):
+            jobs.restart(job.id, resume=False, store=store())
+    except DTMError as e:
+        st.error(str(e))
+    if job.error:
+        st.warning(job.error)
+    st.code(jobs.backend_for(job.backend).logs(job, 3000) or "(no log yet)", language=None)
+
+
 st.title("Train")
-st.info(
-    "Not built yet. This page will launch one LoRA sub-model per cluster of a saved "
-    "assignment, together with the vanilla SFT baseline and the paper's other baselines "
-    "(Uniform Soup, L2, EWC, replay), as background jobs on this machine or a Ray "
-    "cluster, with live train and validation loss curves."
+st.caption(
+    "One LoRA sub-model per cluster, vanilla SFT on all data, and the paper's baselines, "
+    "as background jobs: closing the browser or restarting the server does not stop them."
 )
+launch_panel()
+st.subheader("Jobs")
+jobs_panel()

@@ -1,0 +1,105 @@
+"""The Ray backend: jobs go to a Ray cluster through the Ray Jobs API.
+
+Each job is one Ray job whose entrypoint is ``python -m dtm train --job ID`` with
+``entrypoint_num_gpus`` GPUs (``DTM_RAY_GPUS``, default 1 when the cluster has GPUs, else
+0), so K sub-models train in parallel across the cluster's GPUs; Ray's scheduler queues
+what does not fit. Status, logs and cancel go through the same API (a stop sends SIGTERM:
+the trainer saves a checkpoint; Ray kills the process if it takes longer than
+``RAY_JOB_STOP_WAIT_TIME_S`` seconds, set on the head).
+
+Where artifacts live: the job writes its run folder and its registry rows under
+``DTM_CACHE``, which it receives from the submitting side. That path, and this project
+(``PYTHONPATH``), must be the same on every node and on the dashboard's machine: a
+shared file system (NFS or similar, with working POSIX locks for SQLite) mounted at the
+same path, and the same Python environment (``DTM_RAY_PYTHON``, default ``python``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from dtm.errors import ConfigError
+from dtm.jobs.base import ACTIVE, Job, JobStore
+from dtm.jobs.local import PROJECT_ROOT
+
+# Ray job status -> our state, for jobs that ended without recording it themselves.
+_END = {"SUCCEEDED": "done", "FAILED": "failed", "STOPPED": "cancelled"}
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, address: str) -> None:
+        try:
+            from ray.job_submission import JobSubmissionClient
+        except ImportError as e:
+            raise ConfigError("the Ray backend needs `pip install 'ray[default]'`.") from e
+        self.address = address if "://" in address else f"http://{address}"
+        try:
+            self.client = JobSubmissionClient(self.address)
+        except Exception as e:  # ConnectionError, or Ray's own errors
+            raise ConfigError(f"cannot reach the Ray cluster at {self.address}: {e}") from e
+
+    def _gpus(self) -> float:
+        if "DTM_RAY_GPUS" in os.environ:
+            return float(os.environ["DTM_RAY_GPUS"])
+        try:
+            import requests
+
+            nodes = requests.get(f"{self.address}/nodes?view=summary", timeout=5).json()
+            summary = nodes["data"]["summary"]
+            has_gpu = any(n.get("raylet", {}).get("resources", {}).get("GPU") for n in summary)
+        except Exception:
+            has_gpu = False
+        return 1.0 if has_gpu else 0.0
+
+    def start(self, store: JobStore, job: Job) -> None:
+        python = os.environ.get("DTM_RAY_PYTHON", "python")
+        entry = f"{python} -m dtm train --job {job.id}" + (" --resume" if job.resume else "")
+        sub_id = f"dtm-{job.id}-{job.attempts}"
+        self.client.submit_job(
+            entrypoint=entry,
+            submission_id=sub_id,
+            entrypoint_num_gpus=self._gpus(),
+            entrypoint_num_cpus=1,
+            runtime_env={
+                "env_vars": {
+                    "DTM_CACHE": str(store.registry.root),
+                    "PYTHONPATH": str(PROJECT_ROOT),
+                }
+            },
+            metadata={"dtm_job": job.id, "name": job.name},
+        )
+        store.update(job.id, ref=sub_id, state="queued" if job.state == "queued" else "starting")
+
+    def refresh(self, store: JobStore, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.ref is None or job.state not in ("queued", *ACTIVE):
+                continue
+            info = self.client.get_job_info(job.ref)
+            status = str(getattr(info.status, "value", info.status))
+            if status in _END:
+                # The job records its own end; this covers a process killed before it could.
+                state = _END[status]
+                if job.state == "stopping" and state == "failed":
+                    state = "cancelled"
+                err = info.message if state == "failed" else None
+                store.update(
+                    job.id, only_if=(job.state,), state=state, error=err, ended=time.time()
+                )
+            elif status == "PENDING" and job.state == "starting":
+                store.update(job.id, only_if=("starting",), error="waiting for Ray resources")
+
+    def cancel(self, store: JobStore, job: Job) -> None:
+        store.update(job.id, only_if=ACTIVE, state="stopping")
+        if job.ref:
+            self.client.stop_job(job.ref)
+
+    def logs(self, job: Job, tail: int) -> str:
+        if not job.ref:
+            return ""
+        try:
+            return self.client.get_job_logs(job.ref)[-tail:]
+        except Exception as e:
+            return f"(logs unavailable from {self.address}: {e})"
