@@ -54,6 +54,16 @@ def _mem_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _is_io_error(e: BaseException) -> bool:
+    """An OSError, or a library error wrapping one (safetensors reports a failed write as
+    ``SafetensorError: ... I/O error``)."""
+    while e is not None:
+        if isinstance(e, OSError) or "I/O error" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _last_checkpoint(folder: Path) -> Path | None:
     ckpts = [
         p
@@ -254,6 +264,19 @@ def run_one(cfg: TrainConfig, out: Path, eval_hook, progress, resume, on_record,
         raise TrainingError(
             f"the training loss became {e.value} at step {e.step}; stopped before applying "
             f"that update ({kept}). Lower the learning rate or check the data."
+        ) from None
+    except Exception as e:
+        if not _is_io_error(e):
+            raise
+        # A checkpoint write failed (disk full, quota): drop the partial folder, which has
+        # no trainer_state.json and is never resumed from, and say what is left.
+        for p in ckpt_dir.glob("checkpoint-*"):
+            if not (p / "trainer_state.json").exists():
+                shutil.rmtree(p, ignore_errors=True)
+        good = _last_checkpoint(ckpt_dir)
+        raise TrainingError(
+            f"could not save a checkpoint in {ckpt_dir}: {e}. "
+            + (f"The last complete checkpoint is {good}." if good else "No checkpoint was kept.")
         ) from None
     if log.stopped:
         last = _last_checkpoint(ckpt_dir)

@@ -50,3 +50,44 @@ def dtm_cli(*args, cache: Path | None = None, timeout: int = 600):
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def lab0(tmp_path_factory):
+    """One small lab (seed 0) for the whole session: a real tiny Llama, data, benchmarks."""
+    from dtm.lab.build import build_lab
+
+    out = tmp_path_factory.mktemp("lab0") / "lab"
+    build_lab(out, seed=0, size="small")
+    return out
+
+
+def round_robin_assignment(lab: Path, path: Path, k: int = 2) -> Path:
+    """An assignments.csv putting the lab's training rows into k clusters in turn."""
+    ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
+    path.write_text("id,cluster\n" + "".join(f"{i},{n % k}\n" for n, i in enumerate(ids)))
+    return path
+
+
+def tiny_train(lab: Path, out, **kw):
+    """A TrainConfig of a few steps on the lab, fast on a CPU."""
+    from dtm.train import TrainConfig
+
+    values = {
+        "base": str(lab / "model"),
+        "data": str(lab / "data" / "train.jsonl"),
+        "val_data": str(lab / "data" / "val.jsonl"),
+        "out": str(out),
+        "steps": 4,
+        "log_every": 2,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "max_length": 96,
+        "probe_size": 16,
+        "fisher_size": 8,
+        "reference_size": 16,
+        "members": 2,
+    }
+    values.update(kw)
+    return TrainConfig(**values)

@@ -73,7 +73,7 @@ def test_selection_event_maps_points_to_rows():
     assert selected_rows(None) == [] and selected_rows({"points": []}) == []
 
 
-@pytest.mark.parametrize("name", ["train.py", "merge.py", "compare.py"])
+@pytest.mark.parametrize("name", ["merge.py", "compare.py"])
 def test_unbuilt_pages_say_so(name):
     at = AppTest.from_file(str(PAGES / name)).run()
     assert not at.exception and "Not built yet" in at.info[0].value
@@ -120,3 +120,51 @@ def test_sidebar_reports_lab_states(cache):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
     assert "out of memory" in at.sidebar.error[0].value
     assert at.sidebar.button(key="lab_retry")
+
+
+def test_train_page_launches_the_dtm_set_once_and_shows_it_live(cache, lab0):
+    """A saved K=2 assignment of the lab's data: one button queues SFT + 2 sub-models;
+    pressing it again starts nothing new; the jobs finish and their curves are drawn."""
+    import time
+
+    from dtm import jobs
+    from dtm.lab import default_lab_dir
+    from dtm.pipeline import DisperseConfig, run_disperse
+    from dtm.store import Registry
+
+    at = AppTest.from_file(str(PAGES / "train.py"), default_timeout=120).run()
+    assert not at.exception and "No saved cluster assignment" in at.info[0].value
+    lab = default_lab_dir()
+    lab.parent.mkdir(parents=True)
+    lab.symlink_to(lab0, target_is_directory=True)
+    reg = Registry(cache)
+    res = run_disperse(
+        DisperseConfig(data=str(lab / "data" / "train.jsonl"), k=2, method="random"),
+        reg,
+        project=False,
+    )
+    reg.set_name("assignment", res.artifacts["assignment"].key, "lab random K=2")
+    at.run()
+    assert not at.exception
+    assert at.radio(key="train_base_kind").value == "Lab base model"
+    at.number_input(key="hp_steps").set_value(4)
+    at.number_input(key="hp_log").set_value(2)
+    at.number_input(key="hp_len").set_value(96)
+    at.number_input(key="hp_batch").set_value(8)
+    at.number_input(key="hp_micro").set_value(8)
+    at.button(key="launch_dtm").click().run()
+    assert not at.exception
+    store = jobs.JobStore(reg)
+    assert sorted(j.name for j in store.list()) == ["sft", "sub 0", "sub 1"]
+    at.button(key="launch_dtm").click().run()
+    assert len(store.list()) == 3
+    end = time.time() + 300
+    while time.time() < end and not all(j.state == "done" for j in jobs.refresh(store)):
+        time.sleep(1)
+    assert [j.state for j in store.list()] == ["done"] * 3
+    at.run()
+    assert not at.exception
+    [table] = [d.value for d in at.dataframe if "state" in d.value.columns]
+    assert list(table["state"]) == ["done"] * 3 and list(table["progress"]) == [1.0] * 3
+    assert len(at.get("plotly_chart")) == 2  # train and validation loss curves
+    assert "step 4: train_loss" in at.code[0].value

@@ -1,0 +1,245 @@
+"""Background jobs with real processes and a real SQLite registry: the queue, duplicate
+launches, kill -9 and resume, cancel, a restarted server, and a real local Ray head."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, dtm_cli, round_robin_assignment, tiny_train
+
+from dtm import jobs
+from dtm.store import Registry
+
+
+def wait_for(pred, timeout=240, poll=0.5, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def states(store):
+    return {j.id: j.state for j in jobs.refresh(store)}
+
+
+def test_queue_runs_one_cpu_job_at_a_time_and_never_duplicates(lab0, cache, tmp_path):
+    store = jobs.JobStore(Registry(cache))
+    asg = round_robin_assignment(lab0, tmp_path / "asg.csv", k=2)
+    cfgs = [
+        tiny_train(lab0, "-", kind="sub", assignments=str(asg), cluster=c, steps=6)
+        for c in range(2)
+    ]
+    a, created_a = jobs.submit(cfgs[0], group="g", store=store)
+    b, created_b = jobs.submit(cfgs[1], group="g", store=store)
+    again, created_again = jobs.submit(cfgs[0], group="g", store=store)
+    assert created_a and created_b and not created_again and again.id == a.id
+    assert b.state == "queued"  # one CPU job at a time by default
+    seen_parallel = []
+
+    def all_done():
+        s = states(store)
+        seen_parallel.append(sum(v in jobs.ACTIVE for v in s.values()))
+        return all(v == "done" for v in s.values()) and s
+
+    wait_for(all_done, what="both jobs done")
+    assert max(seen_parallel) == 1
+    assert len(store.list()) == 2
+    for j in (a, b):
+        recs = store.metrics(j.id)
+        assert [r["step"] for r in recs] == [0, 2, 4, 6]
+        assert (cache / "runs" / j.id / "adapter" / "adapter_model.safetensors").exists()
+        assert "step 6: train_loss" in (cache / "runs" / j.id / "log.txt").read_text()
+
+
+def test_kill_9_shows_interrupted_and_resume_continues_from_the_checkpoint(lab0, cache):
+    store = jobs.JobStore(Registry(cache))
+    cfg = tiny_train(
+        lab0, "-", steps=400, save_every=5, log_every=5, batch_size=4, micro_batch_size=4
+    )
+    job, _ = jobs.submit(cfg, store=store)
+    ckpts = cache / "runs" / job.id / "checkpoints"
+    wait_for(
+        lambda: store.get(job.id).step >= 12 and list(ckpts.glob("checkpoint-*")),
+        what="a checkpoint",
+    )
+    os.kill(store.get(job.id).pid, signal.SIGKILL)
+    wait_for(lambda: states(store)[job.id] == "interrupted", what="interrupted")
+    done_before = max(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
+    job = jobs.restart(job.id, resume=True, store=store)
+    assert job.state in ("starting", "running")
+    wait_for(lambda: store.get(job.id).step > done_before + 5, what="progress after resume")
+    jobs.cancel(job.id, store=store)  # graceful: saves a checkpoint, then stops
+    wait_for(lambda: states(store)[job.id] == "cancelled", what="cancelled")
+    recs = store.metrics(job.id)
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)) and steps[0] == 0  # one curve, no repeats or gaps
+    assert steps == list(range(0, steps[-1] + 1, 5))
+    log = (cache / "runs" / job.id / "log.txt").read_text()
+    assert "=== attempt 2" in log and "stopped on request" in log
+    assert store.get(job.id).attempts == 1
+
+
+def test_jobs_survive_their_launcher_and_are_seen_by_a_new_process(lab0, cache):
+    """The launching process (a dashboard server) exits; a fresh process re-attaches."""
+    cfg = tiny_train(lab0, "-", steps=40, log_every=10)
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from conftest import tiny_train; "
+        "from pathlib import Path; from dtm import jobs; "
+        f"j, _ = jobs.submit(tiny_train(Path({str(lab0)!r}), '-', steps=40, log_every=10)); "
+        "print(j.id)"
+    )
+    env = {**os.environ, "DTM_CACHE": str(cache)}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip()
+    from dtm.train import run_id
+
+    assert jid == run_id(tiny_train(lab0, "other-out", steps=40, log_every=10)) == run_id(cfg)
+    listed = dtm_cli("jobs", "list", cache=cache)
+    assert listed.returncode == 0 and jid[:12] in listed.stdout
+    assert dtm_cli("jobs", "wait", jid, "--timeout", "240", cache=cache).returncode == 0
+    out = dtm_cli("jobs", "list", cache=cache).stdout
+    assert "done" in out and "40/40" in out
+
+
+def test_jobs_cli_errors(cache):
+    r = dtm_cli("jobs", "resume", "nope", cache=cache)
+    assert r.returncode == 2 and "no job 'nope'" in r.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head on loopback, started here and stopped after the module."""
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = tmp_path_factory.mktemp("ray")
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [
+        ray,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        wait_for(lambda: _reachable(JobSubmissionClient, address), timeout=120, what="Ray")
+        yield address
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _reachable(client_cls, address):
+    try:
+        client_cls(address).list_jobs()
+        return True
+    except Exception:
+        return False
+
+
+def test_ray_backend_runs_cancels_and_logs_on_a_real_head(lab0, cache, ray_head):
+    store = jobs.JobStore(Registry(cache))
+    backend = f"ray:{ray_head}"
+    done, _ = jobs.submit(tiny_train(lab0, "-", steps=4), backend=backend, store=store)
+    slow, _ = jobs.submit(
+        tiny_train(lab0, "-", steps=2000, save_every=10, batch_size=2, micro_batch_size=2),
+        backend=backend,
+        store=store,
+    )
+    wait_for(lambda: states(store)[done.id] == "done", what="the Ray job to finish")
+    recs = store.metrics(done.id)
+    assert [r["step"] for r in recs] == [0, 2, 4]
+    assert (cache / "runs" / done.id / "adapter" / "adapter_model.safetensors").exists()
+    job = store.get(done.id)
+    assert job.ref.startswith("dtm-") and "step 4: train_loss" in jobs.backend_for(backend).logs(
+        job, 10_000
+    )
+    wait_for(lambda: store.get(slow.id).step >= 12, what="the second Ray job to run")
+    jobs.cancel(slow.id, store=store)
+    wait_for(lambda: states(store)[slow.id] == "cancelled", what="the Ray job to stop")
+    assert list((cache / "runs" / slow.id / "checkpoints").glob("checkpoint-*"))
+
+
+def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
+    r = dtm_cli("run", "experiments/paper-llama2-7b.yaml", "--dry-run", cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert "9 training jobs" in r.stdout and "GPU-hours" in r.stdout
+    assert "kmeans sub 3 s0" in r.stdout and "meta-llama/Llama-2-7b-hf" in r.stdout
+    assert not (cache / "runs").exists()
+    r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
+    assert r.returncode == 0 and "13 training jobs" in r.stdout, r.stderr
+    assert not (cache / "lab").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nlab: {}\nbaselines: [deita]\n", "baselines ['deita']"),
+        ("name: x\nlab: {}\ndisperse: {k: 0}\n", "disperse.k must be at least 1"),
+        ("name: x\nbase: m\n", "give either lab: or both base: and data:"),
+        ("name: x\nlab: {}\ntrain: {stpes: 3}\n", "train: unknown keys stpes"),
+        ("name: x\nlab: {}\nsedes: [1]\n", "unknown keys sedes"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_experiment_files_get_a_clear_message(tmp_path, cache, text, message):
+    f = tmp_path / "exp.yaml"
+    f.write_text(text)
+    r = dtm_cli("run", f, "--dry-run", cache=cache)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(
+        "name: tiny\nlab: {size: small, seed: 0}\ndisperse: {k: 2, methods: [random]}\n"
+        "train: {steps: 4, log_every: 2, batch_size: 8, micro_batch_size: 8, max_length: 96,"
+        " eval_every: 4}\nbaselines: [l2]\nseeds: [0]\n"
+    )
+    r = dtm_cli("run", exp, cache=cache, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "4 training jobs" in r.stdout
+    results = (cache / "experiments" / "tiny" / "results.md").read_text()
+    assert results.count("| done |") == 4
+    store = jobs.JobStore(Registry(cache))
+    listed = store.list(group="tiny")
+    assert sorted(j.name for j in listed) == [
+        "l2 s0",
+        "random sub 0 s0",
+        "random sub 1 s0",
+        "sft s0",
+    ]
+    sub = next(j for j in listed if j.name == "random sub 0 s0")
+    assert sub.config["steps"] == 2  # same epochs: half the rows, half the steps
+    sft = next(j for j in listed if j.kind == "sft")
+    assert "bench" in store.metrics(sft.id)[-1]  # the lab's benchmarks on the curve
+    again = dtm_cli("run", exp, cache=cache, timeout=300)
+    assert again.returncode == 0 and len(store.list()) == 4  # nothing trained twice
+    assert json.loads((sub.run_dir / "job.json").read_text())["kind"] == "sub"
