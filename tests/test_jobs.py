@@ -124,36 +124,80 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real Ray head on loopback, started here and stopped after the module."""
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    temp = tmp_path_factory.mktemp("ray")
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+def ray_head():
+    """A real Ray head on loopback only, started here (``ray start --head --block`` in its
+    own session) and stopped after the module without touching any other Ray on the
+    machine. The temp dir is short: Ray's unix socket paths must fit in 107 bytes."""
+    import re
+    import shutil
+    import tempfile
+    import threading
+
+    bin_dir = os.path.dirname(sys.executable)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else Ray rebinds 127.0.0.1 to the host IP
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "AUTOSCALER_METRIC_PORT": str(_free_port()),
+        "DASHBOARD_METRIC_PORT": str(_free_port()),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
     cmd = [
-        ray,
+        os.path.join(bin_dir, "ray"),
         "start",
         "--head",
-        f"--port={port}",
+        "--block",
         "--node-ip-address=127.0.0.1",
+        "--port=0",
+        "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
+        "--dashboard-port=0",
+        "--dashboard-agent-listen-port=0",
+        f"--ray-client-server-port={_free_port()}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        "--object-store-memory=200000000",
         "--num-cpus=2",
         "--num-gpus=0",
-        "--include-dashboard=true",
-        f"--temp-dir={temp}",
         "--disable-usage-stats",
+        f"--temp-dir={temp}",
+        "--log-style=record",
+        "--log-color=false",
     ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    address = f"http://127.0.0.1:{dash}"
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    address, lines = None, []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", line)
+        address = address or (m and m.group(1))
+        if "will now block" in line:
+            break
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
     try:
+        assert address, "".join(lines)
         from ray.job_submission import JobSubmissionClient
 
         wait_for(lambda: _reachable(JobSubmissionClient, address), timeout=120, what="Ray")
         yield address
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        proc.terminate()
+        try:
+            proc.wait(30)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # agents that outlive the head process
+            except ProcessLookupError:
+                pass
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _reachable(client_cls, address):
@@ -173,7 +217,8 @@ def test_ray_backend_runs_cancels_and_logs_on_a_real_head(lab0, cache, ray_head)
         backend=backend,
         store=store,
     )
-    wait_for(lambda: states(store)[done.id] == "done", what="the Ray job to finish")
+    wait_for(lambda: states(store)[done.id] in jobs.FINAL, what="the Ray job to finish")
+    assert store.get(done.id).state == "done", store.get(done.id).error
     recs = store.metrics(done.id)
     assert [r["step"] for r in recs] == [0, 2, 4]
     assert (cache / "runs" / done.id / "adapter" / "adapter_model.safetensors").exists()

@@ -216,8 +216,9 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
     cfg = TrainConfig(**{**job.config, "target_modules": tuple(job.config["target_modules"])})
     signal.signal(signal.SIGTERM, lambda *_: request_stop())
     first = _checkpoint_step(job.run_dir) if resume else 0
-    store.update(
+    claimed = store.update(
         job.id,
+        only_if=("queued", "starting"),
         state="running",
         pid=os.getpid(),
         proc_start=proc_start_time(os.getpid()),
@@ -226,6 +227,8 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
         first_step=first,
         error=None,
     )
+    if not claimed:  # cancelled while it waited (a Ray job pending on resources)
+        raise Stopped(f"job {job.id} is {store.get(job.id).state}; not started.")
     last = [0.0]
 
     def on_step(step: int, total: int) -> None:

@@ -5,19 +5,24 @@ Each job is one Ray job whose entrypoint is ``python -m dtm train --job ID`` wit
 0), so K sub-models train in parallel across the cluster's GPUs; Ray's scheduler queues
 what does not fit. Status, logs and cancel go through the same API (a stop sends SIGTERM:
 the trainer saves a checkpoint; Ray kills the process if it takes longer than
-``RAY_JOB_STOP_WAIT_TIME_S`` seconds, set on the head).
+``DTM_RAY_STOP_WAIT_S``, default 120 s). A job still waiting for resources is marked
+cancelled at once; Ray's stop does not reach it, so if Ray starts it later the job
+process sees the cancellation and exits without training.
 
 Where artifacts live: the job writes its run folder and its registry rows under
 ``DTM_CACHE``, which it receives from the submitting side. That path, and this project
 (``PYTHONPATH``), must be the same on every node and on the dashboard's machine: a
 shared file system (NFS or similar, with working POSIX locks for SQLite) mounted at the
-same path, and the same Python environment (``DTM_RAY_PYTHON``, default ``python``).
+same path, and the same Python environment (``DTM_RAY_PYTHON``; by default the
+submitting side's interpreter path, so install the environment at the same path).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+import uuid
 
 from dtm.errors import ConfigError
 from dtm.jobs.base import ACTIVE, Job, JobStore
@@ -47,17 +52,18 @@ class RayBackend:
         try:
             import requests
 
-            nodes = requests.get(f"{self.address}/nodes?view=summary", timeout=5).json()
-            summary = nodes["data"]["summary"]
-            has_gpu = any(n.get("raylet", {}).get("resources", {}).get("GPU") for n in summary)
+            nodes = requests.get(f"{self.address}/api/v0/nodes", timeout=5).json()
+            has_gpu = any(
+                n.get("resources_total", {}).get("GPU") for n in nodes["data"]["result"]["result"]
+            )
         except Exception:
             has_gpu = False
         return 1.0 if has_gpu else 0.0
 
     def start(self, store: JobStore, job: Job) -> None:
-        python = os.environ.get("DTM_RAY_PYTHON", "python")
+        python = os.environ.get("DTM_RAY_PYTHON", sys.executable)
         entry = f"{python} -m dtm train --job {job.id}" + (" --resume" if job.resume else "")
-        sub_id = f"dtm-{job.id}-{job.attempts}"
+        sub_id = f"dtm-{job.id}-{job.attempts}-{uuid.uuid4().hex[:6]}"  # unique per cluster
         self.client.submit_job(
             entrypoint=entry,
             submission_id=sub_id,
@@ -67,6 +73,8 @@ class RayBackend:
                 "env_vars": {
                     "DTM_CACHE": str(store.registry.root),
                     "PYTHONPATH": str(PROJECT_ROOT),
+                    # the grace between Ray's SIGTERM and SIGKILL: room to save a checkpoint
+                    "RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("DTM_RAY_STOP_WAIT_S", "120"),
                 }
             },
             metadata={"dtm_job": job.id, "name": job.name},
@@ -92,7 +100,16 @@ class RayBackend:
                 store.update(job.id, only_if=("starting",), error="waiting for Ray resources")
 
     def cancel(self, store: JobStore, job: Job) -> None:
-        store.update(job.id, only_if=ACTIVE, state="stopping")
+        pending = job.ref is None or str(self.client.get_job_status(job.ref)) in (
+            "PENDING",
+            "JobStatus.PENDING",
+        )
+        store.update(
+            job.id,
+            only_if=ACTIVE,
+            state="cancelled" if pending else "stopping",
+            ended=time.time() if pending else None,
+        )
         if job.ref:
             self.client.stop_job(job.ref)
 
