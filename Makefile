@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8501
 
-.PHONY: run test setup lint bench-disperse clean-cache
+.PHONY: run test setup lint bench-disperse bench-train clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ lint: $(VENV)/.installed-dev
 
 bench-disperse: $(VENV)/.installed
 	$(BIN)/python bench/disperse.py
+
+bench-train: $(VENV)/.installed
+	$(BIN)/python bench/train.py
 
 clean-cache:
 	find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
