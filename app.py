@@ -4,6 +4,8 @@ import os
 
 import streamlit as st
 
+from dtm import jobs
+from dtm.errors import DTMError
 from dtm.lab import ensure_default_lab, lab_status
 
 st.set_page_config(page_title="Disperse-Then-Merge", page_icon=":material/hub:", layout="wide")
@@ -22,6 +24,20 @@ page = st.navigation(
 if os.environ.get("DTM_LAB_AUTOBUILD", "1") != "0":
     ensure_default_lab()
 first = lab_status()
+
+
+@st.cache_resource(show_spinner=False)
+def reconcile_jobs() -> str | None:
+    """Once per server start: jobs whose process died while the server was down become
+    interrupted, running ones are re-attached, and queued ones start."""
+    try:
+        jobs.refresh()
+    except DTMError as e:
+        return str(e)
+    return None
+
+
+jobs_error = reconcile_jobs()
 
 
 @st.fragment(run_every=3 if first["state"] == "building" else None)
@@ -44,4 +60,6 @@ def lab_panel() -> None:
 
 with st.sidebar:
     lab_panel()
+    if jobs_error:
+        st.error(f"Background jobs: {jobs_error}")
 page.run()

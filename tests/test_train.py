@@ -226,3 +226,31 @@ def test_train_cli_kinds_and_config_file(lab0, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"stpes": 2}))
     r = dtm_cli("train", "--config", tmp_path / "bad.json", "--out", tmp_path / "x")
     assert r.returncode == 2 and "unknown keys stpes" in r.stderr
+
+
+def test_adapters_of_another_base_or_other_layers_are_refused(sft_run, tmp_path):
+    import shutil
+
+    from dtm.merge import linear_concat
+
+    sft_out, _ = sft_run
+    other = tmp_path / "other"
+    shutil.copytree(sft_out / "adapter", other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(
+        json.dumps({**cfg, "base_model_name_or_path": "/somewhere/else"})
+    )
+    with pytest.raises(ConfigError, match="adapters of different base models cannot be merged"):
+        linear_concat([sft_out / "adapter", other], [0.5, 0.5], tmp_path / "m")
+    fewer = tmp_path / "fewer"
+    shutil.copytree(sft_out / "adapter", fewer)
+    w = load_file(fewer / "adapter_model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v for k, v in w.items() if "down_proj" not in k}, fewer / "adapter_model.safetensors"
+    )
+    with pytest.raises(ConfigError, match="adapt different layers"):
+        linear_concat([sft_out / "adapter", fewer], [0.5, 0.5], tmp_path / "m2")
+    with pytest.raises(ConfigError, match="not a peft adapter folder"):
+        linear_concat([sft_out / "adapter", tmp_path], [0.5, 0.5], tmp_path / "m3")
