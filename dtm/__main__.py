@@ -301,6 +301,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dtm.merge.engine import Merger
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights {args.weights}: not comma-separated numbers.") from None
+    weights = weights or [1.0 / len(args.adapters)] * len(args.adapters)
+    params = {"seed": args.seed}
+    if args.density is not None:
+        params["density"] = args.density
+    if args.drop is not None:
+        params["drop"] = args.drop
+    if args.lam is not None:
+        params["lambda"] = args.lam
+    if args.consensus:
+        params["consensus"] = args.consensus
+    merger = Merger(args.base, args.adapters, trust_remote_code=args.trust_remote_code)
+    out = merger.export(args.out, args.method, weights, full=args.full, **params)
+    kind = "full merged weights" if args.full else "a peft adapter"
+    print(f"merged {len(args.adapters)} adapters ({args.method}, weights {weights}) into {kind}")
+    print(f"wrote {out} and {out}/recipe.json")
+    return 0
+
+
 def cmd_lab_measure(args: argparse.Namespace) -> int:
     from dtm.lab.measure import measure_lab
 
@@ -451,6 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
     jw.add_argument("--poll", type=float, default=2.0)
     for c in j_sub.choices.values():
         c.set_defaults(func=cmd_jobs)
+
+    from dtm.merge.methods import METHODS as MERGE_METHODS
+
+    mg = sub.add_parser("merge", help="merge LoRA sub-models exactly into one adapter or model")
+    mg.add_argument("--base", required=True, help="the base model the adapters were trained on")
+    mg.add_argument("--adapters", nargs="+", required=True, help="peft adapter folders")
+    mg.add_argument("--weights", default=None, help="comma-separated, one per adapter")
+    mg.add_argument("--method", default="average", choices=list(MERGE_METHODS))
+    mg.add_argument("--density", type=float, default=None, help="ties: fraction kept")
+    mg.add_argument("--drop", type=float, default=None, help="dare: drop rate p")
+    mg.add_argument("--consensus", choices=["ties"], default=None, help="dare: TIES-style")
+    mg.add_argument("--lambda", dest="lam", type=float, default=None, help="task_arithmetic")
+    mg.add_argument("--seed", type=int, default=0, help="dare: mask seed")
+    mg.add_argument("--full", action="store_true", help="write full merged weights (HF format)")
+    mg.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    mg.add_argument("--out", required=True, help="a new folder")
+    mg.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("run", help="a whole experiment from a YAML file, headless")
     r.add_argument("experiment", help="an experiment file, e.g. experiments/lab.yaml")

@@ -371,6 +371,7 @@ def publish_dir(final: Path, write: Callable[[Path], Any]) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        tmp.mkdir(parents=True)
         write(tmp)
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if final.exists():

@@ -1,0 +1,261 @@
+"""The merge engine: K LoRA sub-models of one base, merged in memory or exported.
+
+In memory, the K adapters are loaded once into one peft model and all kept active. A
+linear merge (``average``, ``linear``, ``task_arithmetic``) only sets each adapter's
+per-layer scale to c_k * s_k: the output is W0 x + sum_k c_k s_k B_k A_k x, which is
+exactly the merged model, and moving a slider changes K numbers per layer and copies no
+weights. Dense and factor methods compute each layer's merged delta (the sub-models'
+dense deltas are cached, as they do not depend on the weights), write W0 + delta into
+the base layer with the adapters switched off, and restore W0 before the next linear
+merge.
+
+Export: ``export(out)`` writes one peft adapter folder (linear: the concatenated factors,
+exact, rank sum(r_k); factor methods: rank r; dense methods: the exact SVD of each delta
+at full rank) or, with ``full=True``, the merged weights as a ``transformers`` model
+folder (safetensors), plus ``recipe.json`` (method, weights, parameters and the source
+adapters' hashes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dtm.errors import ConfigError
+from dtm.merge.lora import WEIGHTS, check_compatible, linear_concat, read_adapter
+from dtm.merge.methods import METHODS, check_weights
+from dtm.store import file_digest, write_json_atomic
+
+
+class Merger:
+    """``Merger(base, adapters)``; ``apply(method, weights, **params)`` -> the merged model
+    (in place); ``export(out, method, weights, full=False, **params)``."""
+
+    def __init__(self, base: str, adapters: list[str | Path], *, trust_remote_code=False):
+        import torch
+        from peft import PeftModel
+
+        from dtm.train import load_base
+
+        if len(adapters) < 1:
+            raise ConfigError("give at least one adapter to merge.")
+        self.base = base
+        self.sets = [read_adapter(a) for a in adapters]
+        check_compatible(self.sets)
+        model, self.tokenizer = load_base(base, trust_remote_code=trust_remote_code)
+        self._check_against_base(model)
+        self.names = [f"sub{k}" for k in range(len(self.sets))]
+        self.model = PeftModel.from_pretrained(model, self.sets[0].path, adapter_name="sub0")
+        for name, s in zip(self.names[1:], self.sets[1:], strict=True):
+            self.model.load_adapter(s.path, adapter_name=name)
+        self.model.base_model.set_adapter(self.names)
+        self.model.eval()
+        self.layers = {}  # adapter layer prefix -> the peft LoraLayer module
+        for mod_name, mod in self.model.named_modules():
+            if hasattr(mod, "lora_A") and "sub0" in getattr(mod, "lora_A", {}):
+                self.layers[mod_name] = mod
+        self.base_scaling = {n: dict(m.scaling) for n, m in self.layers.items()}
+        self.w0 = {n: m.base_layer.weight.detach().clone() for n, m in self.layers.items()}
+        self._dense_cache: dict[str, list] = {}
+        self._written = False  # whether base weights currently hold a merged delta
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _check_against_base(self, model) -> None:
+        params = dict(model.named_parameters())
+        for prefix, (a, b, _) in self.sets[0].layers.items():
+            name = prefix.removeprefix("base_model.model.") + ".weight"
+            w = params.get(name)
+            if w is None:
+                raise ConfigError(
+                    f"{self.sets[0].path}: layer {prefix} is not in the base model {self.base} "
+                    "(an adapter of another base?)."
+                )
+            if tuple(w.shape) != (b.shape[0], a.shape[1]):
+                raise ConfigError(
+                    f"{self.sets[0].path}: layer {prefix} has shape {(b.shape[0], a.shape[1])}, "
+                    f"the base model's is {tuple(w.shape)} (an adapter of another base?)."
+                )
+
+    def _key(self, mod_name: str) -> str:
+        """The adapter-file prefix of a module name."""
+        return (
+            mod_name if mod_name.startswith("base_model.model.") else f"base_model.model.{mod_name}"
+        )
+
+    def _set_scales(self, coefs: list[float] | None) -> None:
+        for n, m in self.layers.items():
+            for k, name in enumerate(self.names):
+                m.scaling[name] = 0.0 if coefs is None else coefs[k] * self.base_scaling[n][name]
+
+    def _restore_base(self) -> None:
+        if self._written:
+            for n, m in self.layers.items():
+                m.base_layer.weight.data.copy_(self.w0[n])
+            self._written = False
+
+    def dense_deltas(self, mod_name: str) -> list:
+        """The K sub-models' dense deltas s_k B_k A_k of one layer (cached)."""
+        hit = self._dense_cache.get(mod_name)
+        if hit is None:
+            key = self._key(mod_name)
+            hit = [
+                s.layers[key][2] * (s.layers[key][1].float() @ s.layers[key][0].float())
+                for s in self.sets
+            ]
+            self._dense_cache[mod_name] = hit
+        return hit
+
+    def layer_deltas(self, method: str, weights: list[float], params: dict) -> dict:
+        """Module name -> merged dense delta (out x in) for a dense or factor method."""
+        m = METHODS[method]
+        out = {}
+        for i, n in enumerate(self.layers):
+            if m.kind == "dense":
+                out[n] = m.fn(
+                    self.dense_deltas(n), weights, params, int(params.get("seed", 0)) * 100003 + i
+                )
+            else:
+                a, b = self.merged_factors(method, weights, params, n)
+                out[n] = b @ a
+        return out
+
+    def merged_factors(self, method: str, weights, params, mod_name: str):
+        key = self._key(mod_name)
+        factors = [
+            (s.layers[key][0].float(), s.layers[key][2] * s.layers[key][1].float())
+            for s in self.sets
+        ]
+        fishers = self._fishers(key) if method == "fisher" else None
+        return METHODS[method].fn(factors, weights, params, fishers)
+
+    def _fishers(self, key: str):
+        from safetensors.torch import load_file
+
+        if not hasattr(self, "_fisher_files"):
+            self._fisher_files = []
+            for s in self.sets:
+                f = s.path / "fisher.safetensors"
+                if not f.exists():
+                    raise ConfigError(
+                        f"{s.path}: no fisher.safetensors; the fisher merge needs the Fisher "
+                        "that `dtm train --kind sub` saves (or choose another method)."
+                    )
+                self._fisher_files.append(load_file(f))
+        out = []
+        for s, f in zip(self.sets, self._fisher_files, strict=True):
+            scale = s.layers[key][2]
+            # the Fisher of s*B is the Fisher of B over s^2
+            out.append(
+                (f[f"{key}.lora_A.weight"].float(), f[f"{key}.lora_B.weight"].float() / scale**2)
+            )
+        return out
+
+    def apply(self, method: str, weights: list[float], **params: Any):
+        """Make ``self.model`` the merged model and return it."""
+        import torch
+
+        if method not in METHODS:
+            raise ConfigError(f"merge method {method!r}: choose one of {', '.join(METHODS)}.")
+        m = METHODS[method]
+        check_weights(list(weights), len(self.sets), normalise=False)
+        if m.kind == "linear":
+            coefs = m.fn(list(weights), params)
+            self._restore_base()
+            self._set_scales(coefs)
+            return self.model
+        with torch.no_grad():
+            deltas = self.layer_deltas(method, list(weights), params)
+            self._set_scales(None)
+            for n, mod in self.layers.items():
+                mod.base_layer.weight.data.copy_(self.w0[n] + deltas[n].to(self.w0[n].dtype))
+            self._written = True
+        return self.model
+
+    def recipe(self, method: str, weights: list[float], params: dict) -> dict:
+        return {
+            "method": method,
+            "weights": list(map(float, weights)),
+            "params": params,
+            "base": self.base,
+            "adapters": [
+                {"path": str(s.path), "sha256": file_digest(s.path / WEIGHTS)} for s in self.sets
+            ],
+        }
+
+    def export(
+        self, out: str | Path, method: str, weights: list[float], *, full: bool = False, **params
+    ):
+        """Write the merged model to ``out`` (a new folder) with ``recipe.json``."""
+        import torch
+        from safetensors.torch import save_file
+
+        from dtm.train import publish_dir
+
+        out = Path(out)
+        m = METHODS.get(method)
+        if m is None:
+            raise ConfigError(f"merge method {method!r}: choose one of {', '.join(METHODS)}.")
+        check_weights(list(weights), len(self.sets), normalise=False)
+        recipe = self.recipe(method, weights, params)
+
+        def write(tmp: Path) -> None:
+            if full:
+                self.apply(method, weights, **params)
+                merged = self._merged_plain_model()
+                merged.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            elif m.kind == "linear":
+                linear_concat([s.path for s in self.sets], m.fn(list(weights), params), tmp)
+            else:
+                tensors, rank = {}, 0
+                with torch.no_grad():
+                    for n in self.layers:
+                        key = self._key(n)
+                        if m.kind == "factor":
+                            a, b = self.merged_factors(method, list(weights), params, n)
+                        else:
+                            delta = self.layer_deltas(method, list(weights), params)[n]
+                            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+                            b, a = u * sv, vh
+                        tensors[f"{key}.lora_A.weight"] = a.contiguous()
+                        tensors[f"{key}.lora_B.weight"] = b.contiguous()
+                        rank = a.shape[0]
+                save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+                cfg = dict(self.sets[0].config, r=rank, lora_alpha=rank, use_rslora=False)
+                (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            write_json_atomic(tmp / "recipe.json", recipe)
+
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"--out {out}: not empty; choose a new folder.")
+        if out.exists():
+            out.rmdir()
+        return publish_dir(out, write)
+
+    def _merged_plain_model(self):
+        """A plain ``transformers`` model with the current merge folded into its weights."""
+        import copy
+
+        import torch
+
+        plain = _strip_lora(copy.deepcopy(self.model.get_base_model()))
+        with torch.no_grad():
+            for n, mod in self.layers.items():
+                w = mod.base_layer.weight.detach().clone()
+                if not self._written:  # a linear merge lives in the adapters' scales
+                    for name in self.names:
+                        if mod.scaling[name]:
+                            w += mod.scaling[name] * (
+                                mod.lora_B[name].weight @ mod.lora_A[name].weight
+                            )
+                plain.get_submodule(n.removeprefix("base_model.model.")).weight.copy_(w)
+        return plain
+
+
+def _strip_lora(model):
+    """Replace peft LoRA wrappers in a deep copy by their base layers."""
+    for _, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if hasattr(child, "base_layer") and hasattr(child, "lora_A"):
+                setattr(mod, child_name, child.base_layer)
+    return model
