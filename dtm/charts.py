@@ -143,3 +143,76 @@ def loss_curves(curves: dict[str, list[dict]], metric: str = "val_loss"):
         legend={"orientation": "h", "y": -0.25},
     )
     return fig
+
+
+def ternary(frame, names: list[str], metric: str):
+    """The K=3 merge landscape: each weight vector on the simplex, coloured by ``metric``;
+    ``customdata`` is the row index (a click selects it)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatterternary(
+            a=frame["w0"],
+            b=frame["w1"],
+            c=frame["w2"],
+            mode="markers",
+            marker={
+                "size": 11,
+                "color": frame[metric],
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": metric},
+            },
+            customdata=list(range(len(frame))),
+            hovertemplate="w=(%{a:.2f}, %{b:.2f}, %{c:.2f})<br>"
+            + f"{metric} %{{marker.color:.3f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        ternary={
+            "aaxis": {"title": names[0]},
+            "baxis": {"title": names[1]},
+            "caxis": {"title": names[2]},
+        },
+        height=480,
+        margin={"l": 40, "r": 40, "t": 40, "b": 40},
+    )
+    return fig
+
+
+def pareto(frame, front, metric: str):
+    """K >= 4: knowledge against instruction following for each sampled weight vector,
+    with the Pareto front; ``customdata`` is the row index."""
+    import plotly.graph_objects as go
+
+    weights = [c for c in frame.columns if c.startswith("w") and c[1:].isdigit()]
+    text = [", ".join(f"{r[c]:.2f}" for c in weights) for _, r in frame.iterrows()]
+    fig = go.Figure(
+        go.Scatter(
+            x=frame["knowledge"],
+            y=frame["instruct"],
+            mode="markers",
+            marker={"size": 9, "color": frame[metric], "colorscale": "Viridis", "showscale": True},
+            customdata=list(range(len(frame))),
+            text=text,
+            hovertemplate="w=(%{text})<br>knowledge %{x:.3f}<br>instruct %{y:.3f}<extra></extra>",
+            name="merges",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=frame["knowledge"].iloc[front],
+            y=frame["instruct"].iloc[front],
+            mode="lines",
+            line={"color": "crimson"},
+            name="Pareto front",
+            hoverinfo="skip",
+        )
+    )
+    fig.update_layout(
+        height=460,
+        xaxis_title="knowledge",
+        yaxis_title="instruction following",
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+    )
+    return fig

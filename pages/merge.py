@@ -1,10 +1,208 @@
-"""Page 3 - Merge (not built yet)."""
+"""Page 3 - Merge: merge the sub-models with sliders and a live score, explore the merge
+landscape, compare with the logit ensemble, export."""
 
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
 import streamlit as st
 
-st.title("Merge")
-st.info(
-    "Not built yet. This page will merge the K sub-models exactly (weighted average, "
-    "Fisher, task arithmetic, TIES, DARE), with a slider per sub-model, a live score of "
-    "the merged model, a map of the merge landscape, and export."
+from dtm import charts, jobs
+from dtm.errors import DTMError
+from dtm.merge.engine import Merger
+from dtm.merge.landscape import (
+    LogitEnsemble,
+    landscape,
+    pareto_front,
+    quick_score,
+    simplex_grid,
+    simplex_sample,
 )
+from dtm.merge.methods import METHODS
+from dtm.merge.sources import merge_sources
+from dtm.store import Registry, cache_dir, safe_name
+from dtm.train import load_base
+
+
+@st.cache_resource
+def _registry(root: str) -> Registry:
+    return Registry(root)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the base model and the sub-models…")
+def merger_for(base: str, adapters: tuple[str, ...]) -> Merger:
+    return Merger(base, list(adapters))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def reference_score(base: str, adapter: str | None, bench: str, limit: int) -> dict:
+    """The quick score of the base model, or of the base with one adapter."""
+    from peft import PeftModel
+
+    model, tok = load_base(base)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return quick_score(model, tok, bench, limit)
+
+
+def params_panel(method: str) -> dict:
+    params: dict = {}
+    c = st.columns(4)
+    if method == "task_arithmetic":
+        params["lambda"] = c[0].number_input("λ", 0.0, 10.0, 1.0, 0.1, key="m_lambda")
+    if method == "ties":
+        params["density"] = c[0].slider("density", 0.05, 1.0, 0.2, 0.05, key="m_density")
+    if method == "dare":
+        params["drop"] = c[0].slider("drop rate p", 0.0, 0.95, 0.5, 0.05, key="m_drop")
+        params["seed"] = int(c[1].number_input("seed", 0, 10**6, 0, key="m_seed"))
+        if c[2].checkbox("TIES-style consensus", key="m_dare_ties"):
+            params["consensus"] = "ties"
+    return params
+
+
+def sliders(names: list[str]) -> list[float]:
+    k = len(names)
+    cols = st.columns(min(k, 4))
+    for i, name in enumerate(names):
+        st.session_state.setdefault(f"w_{i}", round(1 / k, 3))
+        cols[i % len(cols)].slider(name, 0.0, 1.0, step=0.01, key=f"w_{i}")
+    return [float(st.session_state[f"w_{i}"]) for i in range(k)]
+
+
+def set_weights(w) -> None:
+    for i, v in enumerate(w):
+        st.session_state[f"w_{i}"] = round(float(v), 2)
+
+
+def page() -> None:
+    st.title("Merge")
+    store = jobs.JobStore(_registry(str(cache_dir())))
+    sources = merge_sources(store)
+    if not sources:
+        st.info(
+            "Nothing to merge yet: on the Train page, launch the DTM set and wait until at "
+            "least two sub-models are done."
+        )
+        return
+    labels = {s.group: f"{s.group} · {len(s.subs)} sub-models" for s in sources}
+    group = st.selectbox("Sub-models of", list(labels), format_func=labels.get, key="m_group")
+    src = next(s for s in sources if s.group == group)
+    names = [n for n, _ in src.subs]
+    try:
+        merger = merger_for(src.base, tuple(str(p) for _, p in src.subs))
+    except DTMError as e:
+        st.error(str(e))
+        return
+    c1, c2, c3 = st.columns([1.4, 1, 1])
+    method = c1.selectbox(
+        "Method", list(METHODS), key="m_method", format_func=lambda m: f"{m}: {METHODS[m].help}"
+    )
+    normalise = c2.checkbox("normalise weights to sum 1", True, key="m_norm")
+    limit = int(c3.number_input("items per task", 10, 500, 40, 10, key="m_limit"))
+    params = params_panel(method)
+    weights = sliders(names)
+    if normalise and sum(weights) > 0:
+        weights = [w / sum(weights) for w in weights]
+    if src.lab is None:
+        st.warning("These sub-models were not trained on the lab: no quick evaluation set.")
+        return
+    bench = str(Path(src.lab) / "benchmarks")
+    try:
+        t0 = time.perf_counter()
+        model = merger.apply(method, weights, **params)
+        score = quick_score(model, merger.tokenizer, bench, limit)
+        ms = (time.perf_counter() - t0) * 1000
+    except DTMError as e:
+        st.error(str(e))
+        return
+    st.subheader("Live score")
+    cols = st.columns(len(score) + 1)
+    refs = {"base": reference_score(src.base, None, bench, limit)}
+    for name, path in src.baselines.items():
+        refs[name] = reference_score(src.base, str(path), bench, limit)
+    sft = next((v for k, v in refs.items() if k.startswith("sft")), None)
+    for col, (task, value) in zip(cols, score.items(), strict=False):
+        delta = None if sft is None else f"{value - sft[task]:+.3f} vs SFT"
+        col.metric(task, f"{value:.3f}", delta)
+    cols[-1].metric("merge + score", f"{ms:.0f} ms")
+    table = {"merged": score, **refs}
+    for name, path in src.subs:
+        table[name] = reference_score(src.base, str(path), bench, limit)
+    if st.toggle("Logit ensemble of the sub-models (the reference)", key="m_ensemble"):
+        table["ensemble"] = quick_score(
+            LogitEnsemble(merger, weights), merger.tokenizer, bench, limit
+        )
+    st.dataframe(
+        [{"model": k, **{t: round(v, 3) for t, v in s.items()}} for k, s in table.items()],
+        hide_index=True,
+    )
+    landscape_panel(merger, method, params, names, bench, limit)
+    export_panel(merger, method, weights, params, group)
+
+
+def landscape_panel(merger, method, params, names, bench, limit) -> None:
+    st.subheader("Merge landscape")
+    k = len(names)
+    c1, c2 = st.columns([1, 1])
+    n = int(c1.number_input("points (K ≥ 4)", 8, 400, 40, key="m_points", disabled=k == 3))
+    if c2.button("Compute the landscape", key="m_land"):
+        pts = simplex_grid(3, 0.1) if k == 3 else simplex_sample(k, n, seed=0)
+        bar = st.progress(0.0)
+        st.session_state["m_landscape"] = (
+            (method, tuple(sorted(params.items())), limit),
+            landscape(
+                merger,
+                method,
+                pts,
+                bench,
+                limit=limit,
+                progress=lambda s, f: bar.progress(f),
+                **params,
+            ),
+        )
+        bar.empty()
+    saved = st.session_state.get("m_landscape")
+    if saved is None:
+        st.caption("Scores a grid over the weight simplex; click a point to set the sliders.")
+        return
+    key, frame = saved
+    if key != (method, tuple(sorted(params.items())), limit):
+        st.caption("Computed for other settings; compute it again to refresh.")
+    metric = st.selectbox("Colour by", ["knowledge", "reasoning", "instruct"], key="m_colour")
+    if k == 3:
+        fig = charts.ternary(frame, names, metric)
+    else:
+        front = pareto_front(frame["knowledge"].to_numpy(), frame["instruct"].to_numpy())
+        fig = charts.pareto(frame, front, metric)
+    event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points",), key="m_land_chart")
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    if points:
+        idx = points[0].get("customdata")
+        idx = idx[0] if isinstance(idx, list) else idx
+        if idx is not None:
+            w = frame.iloc[int(idx)][[f"w{i}" for i in range(k)]].to_numpy()
+            if not np.allclose(w, [st.session_state[f"w_{i}"] for i in range(k)], atol=0.006):
+                set_weights(w)
+                st.rerun()
+
+
+def export_panel(merger, method, weights, params, group) -> None:
+    st.subheader("Export")
+    c1, c2, c3 = st.columns([1.2, 1, 1])
+    default = f"{safe_name(group)}-{method}"
+    name = safe_name(c1.text_input("Name", default, key="m_export_name"))
+    full = c2.checkbox("full merged weights", key="m_full")
+    if c3.button("Export", key="m_export"):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = cache_dir() / "merged" / f"{name}-{stamp}"
+        try:
+            merger.export(out, method, weights, full=full, **params)
+        except DTMError as e:
+            st.error(str(e))
+            return
+        st.success(f"Wrote {out} with recipe.json")
+
+
+page()

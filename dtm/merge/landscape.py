@@ -1,0 +1,127 @@
+"""The merge landscape and its references: points of the weight simplex, their quick
+scores, the Pareto front, and the logit ensemble of the sub-models.
+
+``quick_score(model, tok, bench)`` -> ``{"knowledge": acc, "reasoning": acc,
+"instruct": acc}`` on the first ``limit`` items of each lab task (the Merge page's live
+score). ``landscape(merger, method, points, ...)`` scores each weight vector.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+QUICK_TASKS = {
+    "knowledge": "lab_knowledge",
+    "reasoning": "lab_reasoning",
+    "instruct": "lab_instruct",
+}
+
+
+def quick_score(model, tokenizer, bench: str | Path, limit: int = 40, tasks=None) -> dict:
+    from dtm.evaluate import evaluate_lab
+
+    tasks = tasks or QUICK_TASKS
+    res = evaluate_lab(model, tokenizer, bench, tuple(tasks.values()), limit=limit)
+    return {short: res[task]["acc"] for short, task in tasks.items()}
+
+
+def simplex_grid(k: int, step: float = 0.1) -> np.ndarray:
+    """Every weight vector of ``k`` non-negative multiples of ``step`` summing to 1."""
+    n = round(1 / step)
+    pts = [c for c in itertools.product(range(n + 1), repeat=k - 1) if sum(c) <= n]
+    return np.array([[*c, n - sum(c)] for c in pts], dtype=float) / n
+
+
+def simplex_sample(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """The K vertices, the centre, and ``n`` seeded uniform (Dirichlet(1)) points."""
+    rng = np.random.default_rng(seed)
+    return np.vstack([np.eye(k), np.full((1, k), 1 / k), rng.dirichlet(np.ones(k), size=n)])
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both x and y (higher is better),
+    ordered by x."""
+    order = np.lexsort((-y, -x))
+    front, best_y = [], -np.inf
+    for i in order:
+        if y[i] > best_y:
+            front.append(i)
+            best_y = y[i]
+    return np.array(sorted(front, key=lambda i: x[i]), dtype=int)
+
+
+def landscape(
+    merger, method: str, points: np.ndarray, bench, *, limit: int = 40, progress=None, **params
+) -> pd.DataFrame:
+    """One row per weight vector: ``w0..w{K-1}`` and the quick scores."""
+    rows = []
+    for i, w in enumerate(points):
+        model = merger.apply(method, list(map(float, w)), **params)
+        rows.append(
+            {
+                **{f"w{k}": float(v) for k, v in enumerate(w)},
+                **quick_score(model, merger.tokenizer, bench, limit),
+            }
+        )
+        if progress:
+            progress("merge landscape", (i + 1) / len(points))
+    return pd.DataFrame(rows)
+
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class LogitEnsemble(torch.nn.Module):
+    """The weighted mean of the K sub-models' logits (K forward passes per step): the
+    reference a merge is compared with at 1/K of its cost."""
+
+    def __init__(self, merger, weights: list[float]) -> None:
+        super().__init__()
+        self.merger = merger
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.inner = merger.model  # for parameters(), device and train/eval
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        k = len(self.weights)
+        out = 0
+        for i, w in enumerate(self.weights):
+            if w == 0:
+                continue
+            one_hot = [1.0 if j == i else 0.0 for j in range(k)]
+            model = self.merger.apply("linear", one_hot)
+            out = (
+                out
+                + w * model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits.float()
+            )
+        return _Out(out)
+
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **kw):
+        """Greedy decoding (left-padded rows), no cache: fine for the lab's model."""
+        ids, mask = input_ids, attention_mask
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            nxt = self(ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, (~done).long()[:, None]], 1)
+            done |= nxt == eos_token_id
+            if done.all():
+                break
+        return ids
+
+
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
