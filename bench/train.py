@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,8 +63,12 @@ def cpu_job(lab: Path, out: Path, steps: int) -> dict:
     }
 
 
-def cpu_parallel(lab: Path, steps: int, n: int) -> float:
-    """Wall seconds for n CPU jobs started together (separate processes)."""
+def cpu_parallel(lab: Path, steps: int, n: int, threads: int | None = None) -> float:
+    """Wall seconds for n CPU jobs started together (separate processes), each with
+    ``threads`` torch threads (default: torch's own choice, all cores)."""
+    import os
+
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [
@@ -71,6 +76,7 @@ def cpu_parallel(lab: Path, steps: int, n: int) -> float:
                 [sys.executable, __file__, "--cpu-worker", str(lab), f"{tmp}/{i}", str(steps)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                env=env,
             )
             for i in range(n)
         ]
@@ -178,6 +184,12 @@ def main() -> None:
     seq = 2 * cpu_parallel(lab, args.steps, 1)
     par = cpu_parallel(lab, args.steps, 2)
     print(f"  two jobs at once: {par:.1f} s; one after another: {seq:.1f} s ({par / seq:.2f}x)")
+    half = max(1, (os.cpu_count() or 2) // 2)
+    par_split = cpu_parallel(lab, args.steps, 2, threads=half)
+    print(
+        f"  two jobs at once with {half} thread(s) each: {par_split:.1f} s "
+        f"({par_split / seq:.2f}x one after another)"
+    )
     if torch.cuda.is_available():
         g = gpu_job(args.gpu_steps)
         print(f"Llama-2-7b shape, random weights, LoRA r=16, bf16, seq 1024 on {g['gpu']}:")

@@ -216,3 +216,35 @@ def pareto(frame, front, metric: str):
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
     )
     return fig
+
+
+def weight_slice(frame, i: int, j: int, names: list[str], metric: str):
+    """A 2-D slice of the merge landscape: ``metric`` over (w_i, w_j), the other weights
+    fixed; ``customdata`` is the row index."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatter(
+            x=frame[f"w{i}"],
+            y=frame[f"w{j}"],
+            mode="markers",
+            marker={
+                "symbol": "square",
+                "size": 26,
+                "color": frame[metric],
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": metric},
+            },
+            customdata=list(range(len(frame))),
+            hovertemplate=f"{names[i]} %{{x:.2f}}<br>{names[j]} %{{y:.2f}}<br>{metric} "
+            "%{marker.color:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=420,
+        xaxis_title=f"weight of {names[i]}",
+        yaxis_title=f"weight of {names[j]}",
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+    )
+    return fig

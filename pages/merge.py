@@ -19,6 +19,7 @@ from dtm.merge.landscape import (
     quick_score,
     simplex_grid,
     simplex_sample,
+    slice_points,
 )
 from dtm.merge.methods import METHODS
 from dtm.merge.sources import merge_sources
@@ -145,13 +146,24 @@ def page() -> None:
 def landscape_panel(merger, method, params, names, bench, limit) -> None:
     st.subheader("Merge landscape")
     k = len(names)
-    c1, c2 = st.columns([1, 1])
-    n = int(c1.number_input("points (K ≥ 4)", 8, 400, 40, key="m_points", disabled=k == 3))
-    if c2.button("Compute the landscape", key="m_land"):
-        pts = simplex_grid(3, 0.1) if k == 3 else simplex_sample(k, n, seed=0)
+    views = ["simplex"] + (["2-D slice"] if k >= 4 else [])
+    c1, c2, c3 = st.columns([1, 1, 1])
+    view = c1.radio("View", views, horizontal=True, key="m_view")
+    n = int(c2.number_input("points (K ≥ 4)", 8, 400, 40, key="m_points", disabled=k == 3))
+    pair = (0, 1)
+    if view == "2-D slice":
+        a = c2.selectbox("x: weight of", range(k), format_func=names.__getitem__, key="m_si")
+        b = c2.selectbox("y: weight of", range(k), 1, format_func=names.__getitem__, key="m_sj")
+        pair = (a, b)
+    if c3.button("Compute the landscape", key="m_land"):
+        if view == "2-D slice":
+            current = [st.session_state[f"w_{i}"] for i in range(k)]
+            pts = slice_points(current, *pair)
+        else:
+            pts = simplex_grid(3, 0.1) if k == 3 else simplex_sample(k, n, seed=0)
         bar = st.progress(0.0)
         st.session_state["m_landscape"] = (
-            (method, tuple(sorted(params.items())), limit),
+            (method, tuple(sorted(params.items())), limit, view, pair),
             landscape(
                 merger,
                 method,
@@ -168,10 +180,12 @@ def landscape_panel(merger, method, params, names, bench, limit) -> None:
         st.caption("Scores a grid over the weight simplex; click a point to set the sliders.")
         return
     key, frame = saved
-    if key != (method, tuple(sorted(params.items())), limit):
+    if key[:3] != (method, tuple(sorted(params.items())), limit):
         st.caption("Computed for other settings; compute it again to refresh.")
     metric = st.selectbox("Colour by", ["knowledge", "reasoning", "instruct"], key="m_colour")
-    if k == 3:
+    if key[3] == "2-D slice":
+        fig = charts.weight_slice(frame, *key[4], names, metric)
+    elif k == 3:
         fig = charts.ternary(frame, names, metric)
     else:
         front = pareto_front(frame["knowledge"].to_numpy(), frame["instruct"].to_numpy())

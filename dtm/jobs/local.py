@@ -7,7 +7,8 @@ is found by ``refresh``: its pid is gone, or belongs to another process now (the
 process start time, from ``/proc``, no longer matches), and it becomes ``interrupted``.
 
 The queue: at most one job per visible GPU, or ``DTM_CPU_JOBS`` (default 1) jobs on a
-machine without one; on 2 cores two torch processes slow each other more than they gain.
+machine without one, each then given its share of the cores (``OMP_NUM_THREADS``): two
+torch processes that each use every core slow each other about 7x on 2 cores.
 Whoever notices a free slot (a job ending, ``dtm jobs``, the dashboard) starts the next
 queued job; the claim is one ``BEGIN IMMEDIATE`` transaction, so two sessions never start
 the same job or more jobs than there are slots.
@@ -66,6 +67,10 @@ class LocalBackend:
         env = {**os.environ, "DTM_CACHE": str(store.registry.root)}
         if job.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(_visible_id(job.gpu))
+        elif max_parallel() > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # Parallel CPU jobs share the cores: with all threads each they slow each other
+            # ~7x; split, they beat one after another (docs/benchmarks.md).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max_parallel()))
         job.run_dir.mkdir(parents=True, exist_ok=True)
         with open(job.log_path, "a", encoding="utf-8") as log:
             log.write(f"=== attempt {job.attempts + 1}: {' '.join(cmd[1:])}\n")

@@ -44,6 +44,19 @@ def simplex_sample(k: int, n: int, seed: int = 0) -> np.ndarray:
     return np.vstack([np.eye(k), np.full((1, k), 1 / k), rng.dirichlet(np.ones(k), size=n)])
 
 
+def slice_points(current: list[float], i: int, j: int, n: int = 6) -> np.ndarray:
+    """A 2-D slice of weight space: w_i and w_j each over n values in [0, 1], the other
+    weights held at ``current``."""
+    pts = []
+    for a in np.linspace(0, 1, n):
+        for b in np.linspace(0, 1, n):
+            w = np.array(current, dtype=float)
+            w[i], w[j] = a, b
+            if w.sum() > 0:
+                pts.append(w)
+    return np.array(pts)
+
+
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Indices of the points no other point beats on both x and y (higher is better),
     ordered by x."""
