@@ -180,29 +180,30 @@ def ternary(frame, names: list[str], metric: str):
     return fig
 
 
-def pareto(frame, front, metric: str):
-    """K >= 4: knowledge against instruction following for each sampled weight vector,
-    with the Pareto front; ``customdata`` is the row index."""
+def pareto(frame, front, metric: str, x: str = "knowledge", y: str = "instruct"):
+    """K >= 4: one score against another (knowledge against instruction following by
+    default) for each sampled weight vector, with the Pareto front; ``customdata`` is the
+    row index."""
     import plotly.graph_objects as go
 
     weights = [c for c in frame.columns if c.startswith("w") and c[1:].isdigit()]
     text = [", ".join(f"{r[c]:.2f}" for c in weights) for _, r in frame.iterrows()]
     fig = go.Figure(
         go.Scatter(
-            x=frame["knowledge"],
-            y=frame["instruct"],
+            x=frame[x],
+            y=frame[y],
             mode="markers",
             marker={"size": 9, "color": frame[metric], "colorscale": "Viridis", "showscale": True},
             customdata=list(range(len(frame))),
             text=text,
-            hovertemplate="w=(%{text})<br>knowledge %{x:.3f}<br>instruct %{y:.3f}<extra></extra>",
+            hovertemplate=f"w=(%{{text}})<br>{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra></extra>",
             name="merges",
         )
     )
     fig.add_trace(
         go.Scatter(
-            x=frame["knowledge"].iloc[front],
-            y=frame["instruct"].iloc[front],
+            x=frame[x].iloc[front],
+            y=frame[y].iloc[front],
             mode="lines",
             line={"color": "crimson"},
             name="Pareto front",
@@ -211,8 +212,8 @@ def pareto(frame, front, metric: str):
     )
     fig.update_layout(
         height=460,
-        xaxis_title="knowledge",
-        yaxis_title="instruction following",
+        xaxis_title=x,
+        yaxis_title=y,
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
     )
     return fig

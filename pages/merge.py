@@ -11,8 +11,10 @@ import streamlit as st
 
 from dtm import charts, jobs
 from dtm.errors import DTMError
+from dtm.lab.benchmarks import TASKS
 from dtm.merge.engine import Merger
 from dtm.merge.landscape import (
+    QUICK_TASKS,
     LogitEnsemble,
     landscape,
     pareto_front,
@@ -38,14 +40,16 @@ def merger_for(base: str, adapters: tuple[str, ...]) -> Merger:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def reference_score(base: str, adapter: str | None, bench: str, limit: int) -> dict:
+def reference_score(
+    base: str, adapter: str | None, bench: str, limit: int, tasks: tuple[tuple[str, str], ...]
+) -> dict:
     """The quick score of the base model, or of the base with one adapter."""
     from peft import PeftModel
 
     model, tok = load_base(base)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
-    return quick_score(model, tok, bench, limit)
+    return quick_score(model, tok, bench, limit, dict(tasks))
 
 
 def params_panel(method: str) -> dict:
@@ -102,6 +106,15 @@ def page() -> None:
     )
     normalise = c2.checkbox("normalise weights to sum 1", True, key="m_norm")
     limit = int(c3.number_input("items per task", 10, 500, 40, 10, key="m_limit"))
+    choices = {t.removeprefix("lab_"): t for t in TASKS}
+    picked = st.multiselect(
+        "Quick evaluation set",
+        list(choices),
+        default=list(QUICK_TASKS),
+        key="m_tasks",
+        help="the first N items of each chosen lab task",
+    )
+    tasks = tuple((k, choices[k]) for k in picked) or tuple(QUICK_TASKS.items())
     params = params_panel(method)
     weights = sliders(names)
     if normalise and sum(weights) > 0:
@@ -113,16 +126,16 @@ def page() -> None:
     try:
         t0 = time.perf_counter()
         model = merger.apply(method, weights, **params)
-        score = quick_score(model, merger.tokenizer, bench, limit)
+        score = quick_score(model, merger.tokenizer, bench, limit, dict(tasks))
         ms = (time.perf_counter() - t0) * 1000
     except DTMError as e:
         st.error(str(e))
         return
     st.subheader("Live score")
     cols = st.columns(len(score) + 1)
-    refs = {"base": reference_score(src.base, None, bench, limit)}
+    refs = {"base": reference_score(src.base, None, bench, limit, tasks)}
     for name, path in src.baselines.items():
-        refs[name] = reference_score(src.base, str(path), bench, limit)
+        refs[name] = reference_score(src.base, str(path), bench, limit, tasks)
     sft = next((v for k, v in refs.items() if k.startswith("sft")), None)
     for col, (task, value) in zip(cols, score.items(), strict=False):
         delta = None if sft is None else f"{value - sft[task]:+.3f} vs SFT"
@@ -130,20 +143,20 @@ def page() -> None:
     cols[-1].metric("merge + score", f"{ms:.0f} ms")
     table = {"merged": score, **refs}
     for name, path in src.subs:
-        table[name] = reference_score(src.base, str(path), bench, limit)
+        table[name] = reference_score(src.base, str(path), bench, limit, tasks)
     if st.toggle("Logit ensemble of the sub-models (the reference)", key="m_ensemble"):
         table["ensemble"] = quick_score(
-            LogitEnsemble(merger, weights), merger.tokenizer, bench, limit
+            LogitEnsemble(merger, weights), merger.tokenizer, bench, limit, dict(tasks)
         )
     st.dataframe(
         [{"model": k, **{t: round(v, 3) for t, v in s.items()}} for k, s in table.items()],
         hide_index=True,
     )
-    landscape_panel(merger, method, params, names, bench, limit)
+    landscape_panel(merger, method, params, names, bench, limit, tasks)
     export_panel(merger, method, weights, params, group)
 
 
-def landscape_panel(merger, method, params, names, bench, limit) -> None:
+def landscape_panel(merger, method, params, names, bench, limit, tasks) -> None:
     st.subheader("Merge landscape")
     k = len(names)
     views = ["simplex"] + (["2-D slice"] if k >= 4 else [])
@@ -170,6 +183,7 @@ def landscape_panel(merger, method, params, names, bench, limit) -> None:
                 pts,
                 bench,
                 limit=limit,
+                tasks=dict(tasks),
                 progress=lambda s, f: bar.progress(f),
                 **params,
             ),
@@ -182,14 +196,17 @@ def landscape_panel(merger, method, params, names, bench, limit) -> None:
     key, frame = saved
     if key[:3] != (method, tuple(sorted(params.items())), limit):
         st.caption("Computed for other settings; compute it again to refresh.")
-    metric = st.selectbox("Colour by", ["knowledge", "reasoning", "instruct"], key="m_colour")
+    scored = [c for c in frame.columns if not (c.startswith("w") and c[1:].isdigit())]
+    metric = st.selectbox("Colour by", scored, key="m_colour")
     if key[3] == "2-D slice":
         fig = charts.weight_slice(frame, *key[4], names, metric)
     elif k == 3:
         fig = charts.ternary(frame, names, metric)
     else:
-        front = pareto_front(frame["knowledge"].to_numpy(), frame["instruct"].to_numpy())
-        fig = charts.pareto(frame, front, metric)
+        x = "knowledge" if "knowledge" in scored else scored[0]
+        y = "instruct" if "instruct" in scored else scored[-1]
+        front = pareto_front(frame[x].to_numpy(), frame[y].to_numpy())
+        fig = charts.pareto(frame, front, metric, x, y)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points",), key="m_land_chart")
     points = (event or {}).get("selection", {}).get("points", []) if event else []
     if points:

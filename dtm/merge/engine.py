@@ -19,6 +19,7 @@ adapters' hashes).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ class Merger:
         check_compatible(self.sets)
         model, self.tokenizer = load_base(base, trust_remote_code=trust_remote_code)
         self._check_against_base(model)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(self.device)
         self.names = [f"sub{k}" for k in range(len(self.sets))]
         self.model = PeftModel.from_pretrained(model, self.sets[0].path, adapter_name="sub0")
         for name, s in zip(self.names[1:], self.sets[1:], strict=True):
@@ -58,8 +61,12 @@ class Merger:
         self.base_scaling = {n: dict(m.scaling) for n, m in self.layers.items()}
         self.w0 = {n: m.base_layer.weight.detach().clone() for n, m in self.layers.items()}
         self._dense_cache: dict[str, list] = {}
+        # Cache the K dense deltas of every layer only when they fit the budget; a 7B
+        # model's would not, and is then recomputed layer by layer and freed.
+        numel = sum(m.base_layer.weight.numel() for m in self.layers.values())
+        budget = float(os.environ.get("DTM_MERGE_CACHE_MB", "2048")) * 2**20
+        self._cache_dense = numel * 4 * len(self.sets) <= budget
         self._written = False  # whether base weights currently hold a merged delta
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def _check_against_base(self, model) -> None:
         params = dict(model.named_parameters())
@@ -99,31 +106,33 @@ class Merger:
         hit = self._dense_cache.get(mod_name)
         if hit is None:
             key = self._key(mod_name)
+            dev = self.device
             hit = [
-                s.layers[key][2] * (s.layers[key][1].float() @ s.layers[key][0].float())
+                s.layers[key][2]
+                * (s.layers[key][1].to(dev).float() @ s.layers[key][0].to(dev).float())
                 for s in self.sets
             ]
-            self._dense_cache[mod_name] = hit
+            if self._cache_dense:
+                self._dense_cache[mod_name] = hit
         return hit
 
-    def layer_deltas(self, method: str, weights: list[float], params: dict) -> dict:
-        """Module name -> merged dense delta (out x in) for a dense or factor method."""
+    def layer_deltas(self, method: str, weights: list[float], params: dict):
+        """Yield (module name, merged dense delta (out x in)) one layer at a time, for a
+        dense or factor method, so only one layer's delta is alive at once."""
         m = METHODS[method]
-        out = {}
         for i, n in enumerate(self.layers):
             if m.kind == "dense":
-                out[n] = m.fn(
-                    self.dense_deltas(n), weights, params, int(params.get("seed", 0)) * 100003 + i
-                )
+                seed = int(params.get("seed", 0)) * 100003 + i
+                yield n, m.fn(self.dense_deltas(n), weights, params, seed)
             else:
                 a, b = self.merged_factors(method, weights, params, n)
-                out[n] = b @ a
-        return out
+                yield n, b @ a
 
     def merged_factors(self, method: str, weights, params, mod_name: str):
         key = self._key(mod_name)
+        dev = self.device
         factors = [
-            (s.layers[key][0].float(), s.layers[key][2] * s.layers[key][1].float())
+            (s.layers[key][0].to(dev).float(), s.layers[key][2] * s.layers[key][1].to(dev).float())
             for s in self.sets
         ]
         fishers = self._fishers(key) if method == "fisher" else None
@@ -147,7 +156,10 @@ class Merger:
             scale = s.layers[key][2]
             # the Fisher of s*B is the Fisher of B over s^2
             out.append(
-                (f[f"{key}.lora_A.weight"].float(), f[f"{key}.lora_B.weight"].float() / scale**2)
+                (
+                    f[f"{key}.lora_A.weight"].to(self.device).float(),
+                    f[f"{key}.lora_B.weight"].to(self.device).float() / scale**2,
+                )
             )
         return out
 
@@ -165,11 +177,12 @@ class Merger:
             self._set_scales(coefs)
             return self.model
         with torch.no_grad():
-            deltas = self.layer_deltas(method, list(weights), params)
             self._set_scales(None)
-            for n, mod in self.layers.items():
-                mod.base_layer.weight.data.copy_(self.w0[n] + deltas[n].to(self.w0[n].dtype))
             self._written = True
+            for n, delta in self.layer_deltas(method, list(weights), params):
+                w = self.layers[n].base_layer.weight
+                w.copy_(self.w0[n] + delta.to(self.w0[n].dtype))
+                del delta
         return self.model
 
     def recipe(self, method: str, weights: list[float], params: dict) -> dict:
@@ -210,16 +223,15 @@ class Merger:
             else:
                 tensors, rank = {}, 0
                 with torch.no_grad():
-                    for n in self.layers:
+                    for n, delta in self.layer_deltas(method, list(weights), params):
                         key = self._key(n)
                         if m.kind == "factor":
                             a, b = self.merged_factors(method, list(weights), params, n)
-                        else:
-                            delta = self.layer_deltas(method, list(weights), params)[n]
+                        else:  # the exact SVD at full rank: B = U S, A = V^T
                             u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
                             b, a = u * sv, vh
-                        tensors[f"{key}.lora_A.weight"] = a.contiguous()
-                        tensors[f"{key}.lora_B.weight"] = b.contiguous()
+                        tensors[f"{key}.lora_A.weight"] = a.contiguous().cpu()
+                        tensors[f"{key}.lora_B.weight"] = b.contiguous().cpu()
                         rank = a.shape[0]
                 save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
                 cfg = dict(self.sets[0].config, r=rank, lora_alpha=rank, use_rslora=False)

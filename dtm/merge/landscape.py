@@ -70,7 +70,15 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def landscape(
-    merger, method: str, points: np.ndarray, bench, *, limit: int = 40, progress=None, **params
+    merger,
+    method: str,
+    points: np.ndarray,
+    bench,
+    *,
+    limit: int = 40,
+    tasks: dict | None = None,
+    progress=None,
+    **params,
 ) -> pd.DataFrame:
     """One row per weight vector: ``w0..w{K-1}`` and the quick scores."""
     rows = []
@@ -79,7 +87,7 @@ def landscape(
         rows.append(
             {
                 **{f"w{k}": float(v) for k, v in enumerate(w)},
-                **quick_score(model, merger.tokenizer, bench, limit),
+                **quick_score(model, merger.tokenizer, bench, limit, tasks),
             }
         )
         if progress:
