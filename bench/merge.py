@@ -28,24 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "1b": {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-        "vocab_size": 32000,
-    },
-    "7b": {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 32000,
-    },
-}
+from shapes import LLAMA2_7B, TINYLLAMA_1B  # noqa: E402 (bench/ is the script's folder)
+
+SHAPES = {"1b": TINYLLAMA_1B, "7b": LLAMA2_7B}
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 K, R = 4, 16
 WEIGHTS = [0.1, 0.2, 0.3, 0.4]

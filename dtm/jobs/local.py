@@ -39,6 +39,22 @@ def proc_start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
+def spawn_detached(cmd: list[str], log, env: dict | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own session from the project root, its output to the open
+    file ``log`` (never to a pipe nobody reads). The child is reaped on ``refresh``."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+    )
+    _children.append(proc)
+    return proc
+
+
 def gpu_slots() -> list[int]:
     """Indices of the visible GPUs (``CUDA_VISIBLE_DEVICES`` respected)."""
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -75,16 +91,7 @@ class LocalBackend:
         with open(job.log_path, "a", encoding="utf-8") as log:
             log.write(f"=== attempt {job.attempts + 1}: {' '.join(cmd[1:])}\n")
             log.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=PROJECT_ROOT,
-                env=env,
-            )
-        _children.append(proc)
+            proc = spawn_detached(cmd, log, env)
         store.update(job.id, pid=proc.pid, proc_start=proc_start_time(proc.pid))
 
     def refresh(self, store: JobStore, jobs: list[Job]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -104,14 +103,9 @@ def ensure_default_lab(seed: int = 0, size: str = "default", retry: bool = False
             "--progress-file",
             str(prog),
         ]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=Path(__file__).resolve().parents[2],
-        )
+        from dtm.jobs.local import spawn_detached
+
+        proc = spawn_detached(cmd, log)
         log.close()
         write_json_atomic(
             prog,
