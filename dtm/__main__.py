@@ -297,7 +297,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for j in bad:
             print(f"{j.name} ({j.id[:12]}): {j.state}: {j.error}", file=sys.stderr)
         raise DTMError(f"{len(bad)} of {len(res['jobs'])} jobs did not finish.")
-    print("merge and evaluation steps are not built yet: the runs are in the registry.")
+    print(
+        "the experiment's merge and evaluation steps are not built yet: merge its sub-models "
+        "on the Merge page or with `python -m dtm merge`."
+    )
     return 0
 
 
