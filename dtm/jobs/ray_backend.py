@@ -79,7 +79,7 @@ class RayBackend:
             },
             metadata={"dtm_job": job.id, "name": job.name},
         )
-        store.update(job.id, ref=sub_id, state="queued" if job.state == "queued" else "starting")
+        store.update(job.id, ref=sub_id)
 
     def refresh(self, store: JobStore, jobs: list[Job]) -> None:
         for job in jobs:

@@ -9,7 +9,6 @@ score). ``landscape(merger, method, points, ...)`` scores each weight vector.
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 
 import numpy as np
@@ -140,9 +139,3 @@ class LogitEnsemble(torch.nn.Module):
             if done.all():
                 break
         return ids
-
-
-def timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
