@@ -222,6 +222,8 @@ def run_one(cfg: TrainConfig, out: Path, eval_hook, progress, resume, on_record,
                 progress("training", state.global_step / steps)
             if on_step:
                 on_step(state.global_step, steps)
+            if state.global_step == steps:  # the last step is always a record
+                control.should_log = control.should_evaluate = True
             if _STOP.is_set() and state.global_step < steps:
                 control.should_save = True
                 control.should_training_stop = True

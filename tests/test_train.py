@@ -254,3 +254,9 @@ def test_adapters_of_another_base_or_other_layers_are_refused(sft_run, tmp_path)
         linear_concat([sft_out / "adapter", fewer], [0.5, 0.5], tmp_path / "m2")
     with pytest.raises(ConfigError, match="not a peft adapter folder"):
         linear_concat([sft_out / "adapter", tmp_path], [0.5, 0.5], tmp_path / "m3")
+
+
+def test_the_last_step_is_always_recorded_with_its_train_loss(lab0, tmp_path):
+    res = train(tiny_train(lab0, tmp_path / "run", steps=5, log_every=2))
+    assert [m["step"] for m in res["metrics"]] == [0, 2, 4, 5]
+    assert all(m["train_loss"] is not None for m in res["metrics"][1:])
