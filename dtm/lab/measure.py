@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dtm.controls import shrink_adapter
 from dtm.evaluate import evaluate_lab
-from dtm.train import TrainConfig, load_base, train
+from dtm.train import TrainConfig, lab_eval_hook, load_base, train
 
 # The lab's own SFT hyperparameters (the paper's, but for the learning rate: a 0.7M
 # parameter model trained for minutes needs a larger one).
@@ -68,7 +68,7 @@ def measure_lab(
         seed=seed,
         **{**LAB_SFT, **overrides},
     )
-    run = train(cfg, eval_hook=lambda m, t, s: evaluate_lab(m, t, bench), progress=progress)
+    run = train(cfg, eval_hook=lab_eval_hook(lab), progress=progress)
     results["sft"] = run["metrics"][-1]["bench"]
     from peft import PeftModel
 

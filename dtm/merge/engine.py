@@ -223,13 +223,18 @@ class Merger:
             else:
                 tensors, rank = {}, 0
                 with torch.no_grad():
-                    for n, delta in self.layer_deltas(method, list(weights), params):
+                    if m.kind == "factor":
+                        pairs = (
+                            (n, self.merged_factors(method, list(weights), params, n))
+                            for n in self.layers
+                        )
+                    else:  # the exact SVD of each dense delta at full rank: B = U S, A = V^T
+                        pairs = (
+                            (n, _svd_factors(delta))
+                            for n, delta in self.layer_deltas(method, list(weights), params)
+                        )
+                    for n, (a, b) in pairs:
                         key = self._key(n)
-                        if m.kind == "factor":
-                            a, b = self.merged_factors(method, list(weights), params, n)
-                        else:  # the exact SVD at full rank: B = U S, A = V^T
-                            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
-                            b, a = u * sv, vh
                         tensors[f"{key}.lora_A.weight"] = a.contiguous().cpu()
                         tensors[f"{key}.lora_B.weight"] = b.contiguous().cpu()
                         rank = a.shape[0]
@@ -262,6 +267,14 @@ class Merger:
                             )
                 plain.get_submodule(n.removeprefix("base_model.model.")).weight.copy_(w)
         return plain
+
+
+def _svd_factors(delta):
+    """(A, B) with B @ A == delta exactly (up to rounding): A = V^T, B = U S."""
+    import torch
+
+    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+    return vh, u * sv
 
 
 def _strip_lora(model):
