@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8501
 
-.PHONY: run test setup lint bench-disperse bench-train clean-cache
+.PHONY: run test setup lint bench-disperse bench-train bench-eval clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-disperse: $(VENV)/.installed
 
 bench-train: $(VENV)/.installed
 	$(BIN)/python bench/train.py
+
+bench-eval: $(VENV)/.installed
+	$(BIN)/python bench/eval.py
 
 clean-cache:
 	find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -11,9 +11,8 @@ from dtm.lab import ensure_default_lab, lab_status
 st.set_page_config(page_title="Disperse-Then-Merge", page_icon=":material/hub:", layout="wide")
 page = st.navigation(
     [
-        st.Page(
-            "pages/disperse.py", title="Disperse", icon=":material/scatter_plot:", default=True
-        ),
+        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("pages/disperse.py", title="Disperse", icon=":material/scatter_plot:"),
         st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
         st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/bar_chart:"),

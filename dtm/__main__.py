@@ -272,8 +272,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import json
+    import time
+
     from dtm.experiment import describe, load_experiment, plan, run, summary_table
-    from dtm.store import cache_dir, safe_name, write_text_atomic
+    from dtm.store import write_text_atomic
+    from dtm.study import (
+        Progress,
+        evaluate_experiment,
+        experiment_dir,
+        export_merges,
+        results_markdown,
+    )
 
     exp = load_experiment(args.experiment)
     if args.backend:
@@ -281,26 +291,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(describe(exp, plan(exp)))
     if args.dry_run:
         return 0
-    res = run(exp, progress=_progress_bar(), wait=not args.no_wait)
-    table = summary_table(res["jobs"])
-    print(table)
-    out = cache_dir() / "experiments" / safe_name(exp.name) / "results.md"
-    write_text_atomic(
-        out,
-        f"# {exp.name}\n\n`python -m dtm run {args.experiment}` ({res['seconds']} s)\n\n{table}\n",
-    )
-    print(f"wrote {out}")
-    if args.no_wait:
-        return 0
-    bad = [j for j in res["jobs"] if j.state != "done"]
-    if bad:
+    prog = Progress(exp.name, echo=_progress_bar())
+    command = f"python -m dtm run {args.experiment}"
+    try:
+        res = run(exp, progress=prog, wait=not args.no_wait, stage=prog.stage)
+        table = summary_table(res["jobs"])
+        print(table)
+        out = experiment_dir(exp.name)
+        write_text_atomic(out / "jobs.md", f"# {exp.name}: training jobs\n\n{table}\n")
+        if args.no_wait:
+            prog.done()
+            print(f"wrote {out / 'jobs.md'}; the jobs run on")
+            return 0
+        bad = [j for j in res["jobs"] if j.state != "done"]
         for j in bad:
             print(f"{j.name} ({j.id[:12]}): {j.state}: {j.error}", file=sys.stderr)
-        raise DTMError(f"{len(bad)} of {len(res['jobs'])} jobs did not finish.")
-    print(
-        "the experiment's merge and evaluation steps are not built yet: merge its sub-models "
-        "on the Merge page or with `python -m dtm merge`."
-    )
+        t0 = time.time()
+        prog.stage("merge")
+        export_merges(exp, res["jobs"], progress=prog)
+        prog.stage("evaluate")
+        scores = evaluate_experiment(exp, res["jobs"], progress=prog)
+        timings = json.loads((out / "results.json").read_text())["seconds"]
+        seconds = res["seconds"] + time.time() - t0
+        md = results_markdown(exp, scores, res["jobs"], command, seconds, timings)
+        write_text_atomic(out / "results.md", md)
+        print(md)
+        print(f"wrote {out / 'results.md'} and results.json")
+        if bad:
+            raise DTMError(
+                f"{len(bad)} of {len(res['jobs'])} jobs did not finish; the "
+                "results table holds the models that did."
+            )
+        prog.done()
+    except BaseException as e:
+        prog.failed(str(e) or type(e).__name__)
+        raise
     return 0
 
 
@@ -328,6 +353,90 @@ def cmd_merge(args: argparse.Namespace) -> int:
     kind = "full merged weights" if args.full else "a peft adapter"
     print(f"merged {len(args.adapters)} adapters ({args.method}, weights {weights}) into {kind}")
     print(f"wrote {out} and {out}/recipe.json")
+    return 0
+
+
+def _model_and_lab(model: str, lab: str | None) -> tuple[str, str | None]:
+    """``--model lab`` is the default lab's base model; a lab's ``model/`` folder brings
+    its benchmarks along; otherwise the default lab (when built) scores the lab tasks."""
+    from dtm.lab import default_lab_dir
+
+    if model == "lab":
+        lab_dir = Path(lab) if lab else default_lab_dir()
+        if not (lab_dir / "model" / "config.json").exists():
+            raise ConfigError(
+                f"--model lab: the lab {lab_dir} is not built; run `python -m dtm lab build "
+                f"--out {lab_dir}` or open the dashboard once."
+            )
+        return str(lab_dir / "model"), str(lab_dir)
+    if lab is None:
+        here = Path(model).expanduser()
+        if (here.parent / "benchmarks").is_dir() and (here.parent / "lab.json").exists():
+            lab = str(here.parent)
+        elif (default_lab_dir() / "benchmarks").is_dir():
+            lab = str(default_lab_dir())
+    return model, lab
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dtm.evaluate import evaluate, known_tasks
+    from dtm.harness import check_code_opt_in
+    from dtm.results import ModelRef, load_model, record
+    from dtm.store import write_json_atomic
+
+    if args.list_tasks:
+        print("\n".join(known_tasks()))
+        return 0
+    if not args.model or not args.tasks or not args.out:
+        raise ConfigError("give --model, --tasks and --out (or --list-tasks).")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.engine == "quick":
+        unknown = [t for t in tasks if t not in known_tasks()]
+        if unknown:
+            raise ConfigError(
+                f"unknown task(s) {', '.join(unknown)}; `python -m dtm eval --list-tasks` "
+                "prints the known ones."
+            )
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1.")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name such as results.json.")
+    check_code_opt_in(tasks, args.allow_code_execution)
+    base, lab = _model_and_lab(args.model, args.lab)
+    ref = ModelRef(
+        base=base,
+        adapters=list(args.adapter or []),
+        label=args.label or "",
+        group=args.group,
+        seed=args.seed,
+    )
+    if len(ref.adapters) > 1:
+        ref.recipe = {"method": "average", "weights": None, "params": {}}
+    model, tok = load_model(ref, trust_remote_code=args.trust_remote_code)
+    results = evaluate(
+        model,
+        tok,
+        tasks,
+        engine=args.engine,
+        lab=lab,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        allow_code=args.allow_code_execution,
+        seed=args.seed,
+    )
+    write_json_atomic(out, results)
+    record(ref, results, engine=args.engine, limit=args.limit)
+    for task, metrics in results.items():
+        shown = {
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if k.startswith("acc") and not k.endswith("_stderr")
+        }
+        print(f"{task}: {json.dumps(shown)} (n={metrics.get('n')})")
+    print(f"wrote {out}; the scores are in the registry too")
     return 0
 
 
@@ -507,6 +616,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-wait", action="store_true", help="submit the jobs and return")
     r.add_argument("--backend", default=None, help="local or ray:ADDRESS (overrides the file)")
     r.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="score a model on the lab's tasks or the paper's benchmarks")
+    ev.add_argument("--model", default=None, help="model folder, hub id, or `lab`")
+    ev.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        help="peft adapter folder; give it several times to score their average merge",
+    )
+    ev.add_argument("--tasks", default=None, help="comma-separated task names")
+    ev.add_argument("--engine", choices=["quick", "full"], default="quick")
+    ev.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    ev.add_argument("--lab", default=None, help="the lab folder whose tasks lab_* are")
+    ev.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--label", default=None, help="a name for the model in the registry")
+    ev.add_argument("--group", default=None, help="the experiment or launch it belongs to")
+    ev.add_argument(
+        "--allow-code-execution",
+        dest="allow_code_execution",
+        action="store_true",
+        help="run humaneval/mbpp, which execute model code",
+    )
+    ev.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    ev.add_argument(
+        "--list-tasks",
+        dest="list_tasks",
+        action="store_true",
+        help="print the known task names, the lab's first",
+    )
+    ev.add_argument("--out", default=None, help="results.json: {task: {metric: value}}")
+    ev.set_defaults(func=cmd_eval)
 
     lab = sub.add_parser("lab", help="the embedded alignment-tax lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

@@ -249,3 +249,152 @@ def weight_slice(frame, i: int, j: int, names: list[str], metric: str):
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
     )
     return fig
+
+
+# ------------------------------------------------------------------ Compare page
+
+
+def score_bars(summary: pd.DataFrame, measures: list[tuple[str, str]], labels: list[str]):
+    """Grouped bars: one group per measure, one bar per model (mean over seeds, error bar
+    = std over seeds where there are several)."""
+    fig = go.Figure()
+    names = [
+        f"{t.removeprefix('lab_')}.{m}" if m != "acc" else t.removeprefix("lab_")
+        for t, m in measures
+    ]
+    for i, label in enumerate(labels):
+        means, stds = [], []
+        for t, m in measures:
+            hit = summary[
+                (summary["label"] == label) & (summary["task"] == t) & (summary["metric"] == m)
+            ]
+            means.append(hit["mean"].iloc[0] if len(hit) else None)
+            stds.append(hit["std"].iloc[0] if len(hit) else None)
+        fig.add_trace(
+            go.Bar(
+                name=label,
+                x=names,
+                y=means,
+                error_y={
+                    "type": "data",
+                    "array": [0 if pd.isna(s) else s for s in stds],
+                    "visible": any(s is not None and not pd.isna(s) for s in stds),
+                },
+                marker_color=PALETTE[i % len(PALETTE)],
+            )
+        )
+    fig.update_layout(
+        barmode="group",
+        height=420,
+        yaxis_title="score",
+        margin={"t": 30, "l": 10, "r": 10, "b": 10},
+        legend_title="model",
+    )
+    return fig
+
+
+def reference_bars(ref: pd.DataFrame):
+    """The paper's reported numbers (percent), hatched: a reference, not a measurement."""
+    fig = go.Figure()
+    for i, label in enumerate(dict.fromkeys(ref["label"])):
+        part = ref[ref["label"] == label]
+        fig.add_trace(
+            go.Bar(
+                name=f"{label} (reported)",
+                x=part["task"],
+                y=part["value"],
+                marker_color=PALETTE[i % len(PALETTE)],
+                marker_pattern_shape="/",
+            )
+        )
+    fig.update_layout(
+        barmode="group",
+        height=380,
+        yaxis_title="reported score (%)",
+        title="Reported by Fu et al. (2024), Llama-2-7b: not measured here",
+        margin={"t": 50, "l": 10, "r": 10, "b": 10},
+    )
+    return fig
+
+
+def ratio_curves(frame: pd.DataFrame, column: str = "loss_ratio"):
+    """ΔL_train/ΔL_val against step, one line per run (``analysis.loss_ratio_curves``)."""
+    fig = go.Figure()
+    for i, (run, part) in enumerate(frame.groupby("run", sort=False)):
+        part = part.dropna(subset=[column])
+        fig.add_trace(
+            go.Scatter(
+                x=part["step"],
+                y=part[column],
+                mode="lines+markers",
+                name=run,
+                line={
+                    "width": 3 if run.startswith("sft") else 1.5,
+                    "color": PALETTE[i % len(PALETTE)],
+                },
+            )
+        )
+    fig.add_hline(y=1, line_dash="dot", line_color="grey", annotation_text="ratio 1")
+    fig.update_layout(
+        height=380,
+        xaxis_title="step",
+        yaxis_title="ΔL_train / ΔL_val",
+        margin={"t": 30, "l": 10, "r": 10, "b": 10},
+    )
+    return fig
+
+
+def tax_curve(frame: pd.DataFrame, base_levels: dict[str, float] | None = None, x: str = "step"):
+    """Each benchmark against training step (``analysis.alignment_tax_curve``), the base
+    model's level as a dashed line of the same colour."""
+    fig = go.Figure()
+    for i, (task, part) in enumerate(frame.groupby("task", sort=False)):
+        colour = PALETTE[i % len(PALETTE)]
+        fig.add_trace(
+            go.Scatter(
+                x=part[x], y=part["value"], mode="lines+markers", name=task, line={"color": colour}
+            )
+        )
+        level = (base_levels or {}).get(task)
+        if level is not None:
+            fig.add_hline(y=level, line_dash="dash", line_color=colour, opacity=0.6)
+    fig.update_layout(
+        height=400,
+        xaxis_title=x.replace("fraction", "fraction of SFT"),
+        yaxis_title="score (dashed: base model)",
+        margin={"t": 30, "l": 10, "r": 10, "b": 10},
+    )
+    return fig
+
+
+def token_bias_bars(frame: pd.DataFrame, top: int = 20, title: str = ""):
+    """The ``top`` tokens by train-minus-validation loss drop: both drops side by side."""
+    part = frame.head(top)
+    fig = go.Figure(
+        [
+            go.Bar(name="loss drop on training text", x=part["token"], y=part["train_drop"]),
+            go.Bar(name="loss drop on validation text", x=part["token"], y=part["val_drop"]),
+        ]
+    )
+    fig.update_layout(
+        barmode="group",
+        height=380,
+        title=title,
+        yaxis_title="early − late loss",
+        margin={"t": 50, "l": 10, "r": 10, "b": 10},
+    )
+    return fig
+
+
+def figure_bytes(fig, fmt: str) -> bytes:
+    """The figure as PNG or SVG (rendered by kaleido with a local Chrome or Chromium)."""
+    from dtm.errors import ConfigError
+
+    try:
+        return fig.to_image(format=fmt, width=1000, height=fig.layout.height or 450, scale=1)
+    except Exception as e:  # kaleido raises its own types when no browser is found
+        raise ConfigError(
+            f"cannot render {fmt.upper()}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+            "(kaleido needs Chrome or Chromium: `apt install chromium` or "
+            "`plotly_get_chrome`). The camera icon in the chart's toolbar saves a PNG."
+        ) from e

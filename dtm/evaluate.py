@@ -7,6 +7,11 @@
 
 ``evaluate_lab(model, tokenizer, bench_dir)`` -> ``{task: {metric: value}}`` for the lab's
 tasks; ``lab_bias`` adds chat accuracy and the uptake of each injected bias.
+
+``evaluate(model, tokenizer, tasks, engine="quick"|"full", lab=...)`` is the one interface
+over both engines: ``quick`` (this module, the lab's tasks) and ``full``
+(lm-evaluation-harness, ``dtm.harness``: the lab's task configs and the paper's
+benchmarks). On the lab's tasks the two give the same accuracies (a test checks it).
 """
 
 from __future__ import annotations
@@ -107,9 +112,18 @@ def generate(
     return out
 
 
+def _stderr(values: list[float]) -> float:
+    """The standard error of a mean, as the harness computes it (sample std / sqrt n)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def score_mc(items: list[dict], predictions: list[int]) -> dict[str, float]:
     acc = [float(p == it["gold"]) for it, p in zip(items, predictions, strict=True)]
-    res = {"acc": sum(acc) / len(acc), "n": len(acc)}
+    res = {"acc": sum(acc) / len(acc), "acc_stderr": _stderr(acc), "n": len(acc)}
     if items and "seen" in items[0]:
         for flag, name in ((True, "acc_seen"), (False, "acc_unseen")):
             sub = [a for a, it in zip(acc, items, strict=True) if it["seen"] == flag]
@@ -126,7 +140,7 @@ def score_mc(items: list[dict], predictions: list[int]) -> dict[str, float]:
 
 def score_instruct(items: list[dict], responses: list[str]) -> dict[str, float]:
     ok = [float(checks.check_instruction(it, r)) for it, r in zip(items, responses, strict=True)]
-    res = {"acc": sum(ok) / len(ok), "n": len(ok)}
+    res = {"acc": sum(ok) / len(ok), "acc_stderr": _stderr(ok), "n": len(ok)}
     for kind in sorted({it["constraint"] for it in items}):
         sub = [o for o, it in zip(ok, items, strict=True) if it["constraint"] == kind]
         res[f"acc_{kind}"] = sum(sub) / len(sub)
@@ -156,6 +170,7 @@ def score_bias(items: list[dict], responses: list[str], lab: dict) -> dict[str, 
         res["mean_words"] += len(checks.words(r))
     n_seen = sum(it["seen"] for it in items)
     out = {k: v / n for k, v in res.items() if not k.startswith("chat_acc_")}
+    out["acc"] = out["chat_acc"]  # every task's headline score is under ``acc``
     out["chat_acc_seen"] = res["chat_acc_seen"] / max(n_seen, 1)
     out["chat_acc_unseen"] = res["chat_acc_unseen"] / max(n - n_seen, 1)
     out["n"] = n
@@ -193,3 +208,75 @@ def evaluate_lab(
     finally:
         model.train(was_training)
     return results
+
+
+ENGINES = ("quick", "full")
+
+
+def known_tasks() -> list[str]:
+    """The task names this tool knows: the lab's first, then the paper's benchmarks."""
+    from dtm.harness import PAPER_TASKS
+
+    return [*TASKS, *PROBES, *PAPER_TASKS]
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    engine: str = "quick",
+    lab: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    allow_code: bool = False,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Score ``model`` on ``tasks``: ``{task: {metric: value, ..., "n": items}}``.
+
+    ``lab`` is the lab folder whose benchmarks the ``lab_*`` tasks read. The quick engine
+    scores the lab's tasks; ``full`` runs every task through lm-evaluation-harness but the
+    ``lab_bias`` probe, which has no harness config and is always scored here."""
+    from dtm.errors import ConfigError
+    from dtm.harness import check_code_opt_in, run_harness
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: choose quick or full.")
+    if not tasks:
+        raise ConfigError("no tasks given.")
+    lab_tasks = [t for t in tasks if t in TASKS + PROBES]
+    other = [t for t in tasks if t not in lab_tasks]
+    check_code_opt_in(other, allow_code)
+    bench = None
+    if lab_tasks:
+        if lab is None or not (Path(lab) / "benchmarks").is_dir():
+            raise ConfigError(
+                f"{', '.join(lab_tasks)} are the lab's tasks: build the lab first "
+                "(`python -m dtm lab build --out LAB`, or open the dashboard) or name it with "
+                f"--lab{f' (no benchmarks/ in {lab})' if lab else ''}."
+            )
+        bench = Path(lab) / "benchmarks"
+    if engine == "quick" and other:
+        raise ConfigError(
+            f"the quick engine scores the lab's tasks only; run {', '.join(other)} with "
+            "--engine full (lm-evaluation-harness)."
+        )
+    results: dict[str, dict[str, float]] = {}
+    via_harness = [t for t in tasks if t not in PROBES] if engine == "full" else []
+    here = [t for t in lab_tasks if t not in via_harness]
+    if via_harness:
+        results.update(
+            run_harness(
+                model,
+                tokenizer,
+                via_harness,
+                include_path=bench,
+                limit=limit,
+                batch_size=batch_size,
+                allow_code=allow_code,
+                seed=seed,
+            )
+        )
+    if here:
+        results.update(evaluate_lab(model, tokenizer, bench, tuple(here), limit=limit))
+    return {t: results[t] for t in tasks}

@@ -40,6 +40,7 @@ _TOP = {
     "backend",
     "estimate",
     "evaluate",
+    "merge",
 }
 
 
@@ -54,6 +55,7 @@ class Experiment:
     methods: list[str] = field(default_factory=lambda: ["kmeans"])
     embed_field: str = "instruction"
     embed_model: str | None = None
+    share: str | None = None  # use the dispersal (and so the trained jobs) of this experiment
     train: dict[str, Any] = field(default_factory=dict)
     sub_budget: str = "epochs"
     baselines: list[str] = field(default_factory=list)
@@ -61,6 +63,7 @@ class Experiment:
     backend: str = "local"
     estimate: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
 
@@ -105,6 +108,10 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{path}: disperse.methods {bad}: choose from {list(METHODS)}.")
     exp.embed_field = d.get("field", "instruction")
     exp.embed_model = d.get("model")
+    exp.share = d.get("share")
+    unknown = sorted(set(d) - {"k", "methods", "field", "model", "share"})
+    if unknown:
+        raise ConfigError(f"{path}: disperse: unknown keys {', '.join(unknown)}.")
     exp.train = dict(raw.get("train") or {})
     known = {f.name for f in fields(TrainConfig)} - {"base", "data", "out", "kind", "cluster"}
     unknown = sorted(set(exp.train) - known)
@@ -121,7 +128,25 @@ def load_experiment(path: str | Path) -> Experiment:
     exp.backend = str(raw.get("backend", "local"))
     exp.estimate = dict(raw.get("estimate") or {})
     exp.evaluate = dict(raw.get("evaluate") or {})
+    _check_evaluate(exp, path)
+    exp.merge = dict(raw.get("merge") or {})
+    from dtm.merge.methods import METHODS as MERGE_METHODS
+
+    bad = [m for m in exp.merge.get("methods") or [] if m not in MERGE_METHODS]
+    if bad:
+        raise ConfigError(f"{path}: merge.methods {bad}: choose from {list(MERGE_METHODS)}.")
     return exp
+
+
+def _check_evaluate(exp: Experiment, path) -> None:
+    ev = exp.evaluate
+    unknown = sorted(set(ev) - {"tasks", "engine", "limit"})
+    if unknown:
+        raise ConfigError(f"{path}: evaluate: unknown keys {', '.join(unknown)}.")
+    if ev.get("engine", "quick") not in ("quick", "full"):
+        raise ConfigError(f"{path}: evaluate.engine must be quick or full.")
+    if not isinstance(ev.get("tasks", []), list):
+        raise ConfigError(f"{path}: evaluate.tasks is a list of task names.")
 
 
 def resolve_inputs(exp: Experiment) -> dict[str, str | None]:
@@ -190,7 +215,7 @@ def assignment_path(exp: Experiment, method: str, seed: int) -> Path:
     return (
         cache_dir()
         / "experiments"
-        / safe_name(exp.name)
+        / safe_name(exp.share or exp.name)
         / f"{method}-s{seed}"
         / ("assignments.csv")
     )
@@ -274,7 +299,9 @@ def describe(exp: Experiment, jobs: list[PlannedJob]) -> str:
     return "\n".join(lines)
 
 
-def run(exp: Experiment, *, progress=None, wait: bool = True, poll: float = 2.0) -> dict:
+def run(
+    exp: Experiment, *, progress=None, wait: bool = True, poll: float = 2.0, stage=None
+) -> dict:
     """Build or reuse the lab, disperse, submit every job, and (``wait``) wait for them.
     Returns ``{"jobs": [...], "seconds": ...}``."""
     from dtm import jobs as jobs_api
@@ -283,8 +310,11 @@ def run(exp: Experiment, *, progress=None, wait: bool = True, poll: float = 2.0)
 
     t0 = time.time()
     inputs = resolve_inputs(exp)
+    stage = stage or (lambda name: None)
     if exp.lab is not None:
+        stage("lab")
         _ensure_lab(exp, progress)
+    stage("disperse")
     sizes: dict[tuple[str, int], list[int]] = {}
     for seed in exp.seeds:
         for method in exp.methods:
@@ -297,6 +327,7 @@ def run(exp: Experiment, *, progress=None, wait: bool = True, poll: float = 2.0)
             write_disperse_outputs(res, out, cfg)
             sizes[(method, seed)] = list(res.clusters["sizes"])
     planned = plan(exp, sizes)
+    stage("train")
     submitted = []
     for pj in planned:
         job, _ = jobs_api.submit(pj.config, name=pj.name, group=exp.name, backend=exp.backend)

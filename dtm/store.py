@@ -25,7 +25,7 @@ from typing import Any
 
 from dtm.errors import RegistryError
 
-SCHEMA_VERSION = 2  # 2: jobs and metrics tables
+SCHEMA_VERSION = 3  # 2: jobs and metrics tables; 3: results
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
     kind    TEXT NOT NULL,
@@ -69,6 +69,24 @@ CREATE TABLE IF NOT EXISTS metrics (
     data   TEXT NOT NULL,
     PRIMARY KEY (job, member, step)
 );
+CREATE TABLE IF NOT EXISTS results (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_key TEXT NOT NULL,
+    model     TEXT NOT NULL,
+    label     TEXT,
+    grp       TEXT,
+    task      TEXT NOT NULL,
+    metric    TEXT NOT NULL,
+    value     REAL,
+    stderr    REAL,
+    n         INTEGER,
+    seed      INTEGER,
+    engine    TEXT NOT NULL,
+    lim       INTEGER,
+    created   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_model ON results (model_key);
+CREATE INDEX IF NOT EXISTS results_grp ON results (grp);
 """
 _DONE = "_complete.json"  # written last inside an artifact folder
 

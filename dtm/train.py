@@ -145,6 +145,8 @@ def load_base(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
+    if not path.exists() and name.startswith(("/", ".", "~")):
+        raise ConfigError(f"{name}: no such model folder.")
     if path.exists() and not (path / "config.json").exists():
         raise ConfigError(f"{name}: not a model folder (no config.json).")
     if path.is_dir() and not any(path.glob("*.safetensors")):

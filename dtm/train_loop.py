@@ -73,6 +73,11 @@ def _last_checkpoint(folder: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def _save_early(model, folder: Path, step: int) -> None:
+    model.save_pretrained(folder)
+    (folder / "early.json").write_text(json.dumps({"step": step}) + "\n")
+
+
 def run_one(cfg: TrainConfig, out: Path, eval_hook, progress, resume, on_record, on_step):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -186,6 +191,9 @@ def run_one(cfg: TrainConfig, out: Path, eval_hook, progress, resume, on_record,
         clock.update(busy=0.0, tokens=0)
         if eval_hook is not None and (rec["step"] % eval_every == 0 or rec["step"] == steps):
             rec["bench"] = eval_hook(model, tok, rec["step"])
+        if 0 < rec["step"] < steps and rec["step"] >= steps / 10 and not (out / "early").exists():
+            # The early checkpoint the token-level bias analysis compares the end with.
+            publish_dir(out / "early", lambda tmp: _save_early(model, tmp, rec["step"]))
         records.append(rec)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")

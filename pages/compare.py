@@ -1,10 +1,354 @@
-"""Page 4 - Compare (not built yet)."""
+"""Page 4 - Compare: benchmark scores of base, SFT, DTM, the baselines, the sub-models and
+the shrinkage control; the loss-reduction-ratio and alignment-tax curves; token-level
+bias. Every chart comes with its data as CSV and the figure as PNG or SVG."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
-st.title("Compare")
-st.info(
-    "Not built yet. This page will compare benchmark scores of the base model, vanilla "
-    "SFT, DTM and the baselines, and draw the loss-reduction-ratio and alignment-tax "
-    "curves of the paper's pilot study."
-)
+from dtm import charts, jobs
+from dtm.analysis import alignment_tax_curve, loss_ratio_curves
+from dtm.compare import model_order, paper_reference, summarise, wide, with_deltas
+from dtm.errors import DTMError
+from dtm.evaluate import known_tasks
+from dtm.harness import CODE_TASKS, PAPER_TASKS
+from dtm.lab.benchmarks import PROBES, TASKS
+from dtm.merge.sources import merge_sources
+from dtm.results import groups, scores
+from dtm.store import Registry, cache_dir
+from dtm.study import COLUMNS, group_models, score_models
+from dtm.train import read_metrics
+
+BIAS = [(t, m) for t, m, _ in COLUMNS if t == "lab_bias" and m != "chat_acc"]
+
+
+@st.cache_resource
+def _registry(root: str) -> Registry:
+    return Registry(root)
+
+
+@st.cache_resource(show_spinner=False)
+def _can_render_images() -> str | None:
+    """None when kaleido can render here, else why not (checked once per server)."""
+    import plotly.graph_objects as go
+
+    try:
+        charts.figure_bytes(go.Figure(), "svg")
+    except DTMError as e:
+        return str(e)
+    return None
+
+
+def downloads(fig, data: pd.DataFrame, name: str) -> None:
+    c = st.columns([1, 1, 1, 5])
+    c[0].download_button(
+        "CSV",
+        data.to_csv(index=False),
+        f"{name}.csv",
+        "text/csv",
+        key=f"csv_{name}",
+        on_click="ignore",
+        icon=":material/table:",
+    )
+    why = _can_render_images()
+    if why is None:
+        for col, fmt, mime in ((c[1], "png", "image/png"), (c[2], "svg", "image/svg+xml")):
+            col.download_button(
+                fmt.upper(),
+                lambda f=fmt: charts.figure_bytes(fig, f),
+                f"{name}.{fmt}",
+                mime,
+                key=f"{fmt}_{name}",
+                on_click="ignore",
+                icon=":material/image:",
+            )
+    else:
+        c[3].caption(f"PNG/SVG export off: {why}")
+
+
+def _jobs_of(group: str, table: pd.DataFrame, store) -> list:
+    """The training jobs behind a group's scores: the group's own, and any job whose
+    adapter a scored model uses (experiments reuse jobs trained for another)."""
+    used = set()
+    for m in table["model"].unique():
+        used.update(json.loads(m).get("adapters") or [])
+    return [
+        j
+        for j in store.list(states=("done",))
+        if j.group == group or str(j.run_dir / "adapter") in used
+    ]
+
+
+def score_panel(store, lab_dir: str | None) -> None:
+    sources = merge_sources(store)
+    with st.expander("Score models", expanded=not groups(_registry(str(cache_dir())))):
+        if not sources:
+            st.caption(
+                "Nothing to score yet: train SFT and the sub-models on the Train page, or run "
+                "`python -m dtm run experiments/lab.yaml` (or the Home page's button)."
+            )
+            return
+        labels = {
+            s.group: f"{s.group} · {len(s.subs)} sub-models, {len(s.baselines)} others"
+            for s in sources
+        }
+        group = st.selectbox("Launch", list(labels), format_func=labels.get, key="c_src")
+        src = next(s for s in sources if s.group == group)
+        c = st.columns([1, 3, 1])
+        engine = c[0].radio("Engine", ["quick", "full"], key="c_engine", horizontal=True)
+        options = list(TASKS + PROBES) if engine == "quick" else known_tasks()
+        tasks = c[1].multiselect(
+            "Tasks",
+            options,
+            default=list(TASKS + PROBES) if src.lab else [],
+            key=f"c_tasks_{engine}",
+        )
+        limit = c[2].number_input("items per task (0: all)", 0, 100000, 0, 50, key="c_limit")
+        allow = False
+        if any(t in CODE_TASKS for t in tasks):
+            allow = st.checkbox(
+                "Run the code the model writes (HumanEval, MBPP execute it on this machine)",
+                key="c_code",
+            )
+        if st.button(
+            "Score base, SFT, DTM, baselines and sub-models",
+            type="primary",
+            disabled=not tasks,
+            key="c_go",
+        ):
+            models = group_models(src)
+            with st.status(f"Scoring {len(models)} models…", expanded=True) as box:
+                bar = st.progress(0.0)
+                try:
+                    score_models(
+                        models,
+                        tasks,
+                        group=group,
+                        lab=src.lab or lab_dir,
+                        engine=engine,
+                        limit=int(limit) or None,
+                        allow_code=allow,
+                        progress=lambda what, f: bar.progress(min(f, 1.0), text=what),
+                    )
+                except DTMError as e:
+                    box.update(label="Scoring stopped", state="error")
+                    st.error(str(e))
+                    return
+                box.update(label="Scored", state="complete")
+            st.session_state["c_group"] = group
+
+
+def benchmark_section(table: pd.DataFrame, group: str) -> None:
+    summary = summarise(table)
+    labels = model_order(summary["label"])
+    tasks = [t for t in dict.fromkeys(summary["task"]) if t != "lab_bias"]
+    measures = [(t, "acc") for t in tasks] + [
+        (t, m) for t, m in [("lab_bias", "chat_acc")] if (summary["task"] == t).any()
+    ]
+    c = st.columns([3, 2])
+    shown = c[0].multiselect(
+        "Models", labels, default=[x for x in labels if "sub" not in x], key="c_models"
+    )
+    against = c[1].selectbox(
+        "Deltas against",
+        labels,
+        index=labels.index("sft") if "sft" in labels else 0,
+        key="c_against",
+    )
+    st.subheader("Benchmarks")
+    st.caption("Mean over seeds; ± is the sample std over seeds where there are several.")
+    st.dataframe(wide(summary, measures, shown), hide_index=True, width="stretch")
+    fig = charts.score_bars(summary, measures, shown)
+    st.plotly_chart(fig, key="c_bars")
+    deltas = with_deltas(summary, against)
+    downloads(fig, deltas, f"{group}-benchmarks")
+    st.markdown(f"**Change against {against}** (mean of the model minus mean of {against})")
+    d = deltas[
+        deltas["label"].isin(shown)
+        & deltas.apply(lambda r: (r["task"], r["metric"]) in measures, axis=1)
+    ]
+    st.dataframe(
+        d.pivot_table(index="label", columns="task", values="delta")
+        .reindex([x for x in shown if x in set(d["label"])])
+        .round(4),
+        width="stretch",
+    )
+    bias = [m for m in BIAS if ((summary["task"] == m[0]) & (summary["metric"] == m[1])).any()]
+    if bias:
+        st.subheader("Bias uptake (the lab's probe)")
+        st.caption(
+            "How often each injected bias shows in chat answers: format is wanted "
+            "(`the answer is X`); favourite, prefix, filler and rare code are biases."
+        )
+        fig = charts.score_bars(summary, bias, shown)
+        st.plotly_chart(fig, key="c_bias")
+        downloads(fig, summary[summary["task"] == "lab_bias"], f"{group}-bias")
+    paper = [t for t in tasks if t in PAPER_TASKS]
+    ref = paper_reference(paper or None)
+    if paper and len(ref):
+        st.subheader("The paper's numbers (reported, not measured)")
+        st.caption(
+            "Fu et al. (2024), Llama-2-7b on TÜLU-V2-mix, percent. Only the cells in "
+            "dtm/reference/paper_table1.csv; see its README."
+        )
+        fig = charts.reference_bars(ref)
+        st.plotly_chart(fig, key="c_ref")
+        downloads(fig, ref, "paper-reported")
+
+
+def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> None:
+    st.subheader("Loss-reduction ratio")
+    st.caption(
+        "ΔL_train / ΔL_val since the first record: how much more the loss falls on "
+        "the training data than on held-out data (the paper saw SFT climb from about "
+        "1 to about 20)."
+    )
+    runs = {}
+    for j in job_list:
+        if j.kind in ("sft", "sub"):
+            recs = [r for r in read_metrics(j.run_dir / "metrics.jsonl") if "member" not in r]
+            if recs:
+                runs[j.name] = recs
+    if not runs:
+        st.caption("No SFT or sub-model runs with metrics in this group.")
+        return
+    ratio = loss_ratio_curves(runs)
+    col = st.radio(
+        "Ratio",
+        ["loss_ratio", "loss_ratio_interval"],
+        horizontal=True,
+        key="c_ratio",
+        format_func=lambda c: {
+            "loss_ratio": "since the start",
+            "loss_ratio_interval": "per interval",
+        }[c],
+    )
+    fig = charts.ratio_curves(ratio, col)
+    st.plotly_chart(fig, key="c_ratio_fig")
+    downloads(fig, ratio, f"{group}-loss-ratio")
+
+    st.subheader("Alignment-tax curve")
+    sfts = [j for j in job_list if j.kind == "sft"]
+    if not sfts:
+        return
+    pick = st.selectbox("SFT run", [j.name for j in sfts], key="c_sft")
+    job = next(j for j in sfts if j.name == pick)
+    tax = alignment_tax_curve(read_metrics(job.run_dir / "metrics.jsonl"))
+    if tax.empty:
+        st.caption("This run scored no benchmarks while training (set eval_every).")
+        return
+    x = st.radio("x axis", ["step", "fraction"], horizontal=True, key="c_tax_x")
+    base = base_scores[(base_scores["metric"] == "acc")].groupby("task")["value"].mean()
+    fig = charts.tax_curve(tax, base.to_dict(), x)
+    st.plotly_chart(fig, key="c_tax")
+    downloads(fig, tax, f"{group}-alignment-tax")
+
+
+@st.cache_data(show_spinner="Scoring every token with the early and late models…", max_entries=8)
+def _token_bias(base: str, early: str, late: tuple[str, ...], train: str, val: str):
+    from dtm.analysis import encode_split, token_level_bias
+    from dtm.results import ModelRef, load_model
+
+    early_model, tok = load_model(ModelRef(base=base, adapters=[early]))
+    late_ref = ModelRef(base=base, adapters=list(late))
+    if len(late) > 1:
+        late_ref.recipe = {
+            "method": "average",
+            "weights": [1 / len(late)] * len(late),
+            "params": {},
+        }
+    late_model, _ = load_model(late_ref)
+    tr, va = encode_split(train, tok), encode_split(val, tok)
+    return token_level_bias(early_model, late_model, tok, tr, va)
+
+
+def token_section(job_list: list, group: str) -> None:
+    st.subheader("Token-level bias")
+    st.caption(
+        "Per token: how much its loss fell from an early checkpoint of SFT (about "
+        "10% of training) to the final model, on training text and on validation "
+        "text. Tokens whose loss falls on training text only are what the model "
+        "fitted to this data set alone (the paper's figure 5)."
+    )
+    sfts = [j for j in job_list if j.kind == "sft" and (j.run_dir / "early").is_dir()]
+    if not sfts or not any(j.config.get("val_data") for j in sfts):
+        st.caption("No SFT run with an early checkpoint and validation data in this group.")
+        return
+    job = next(
+        j
+        for j in sfts
+        if j.name == st.selectbox("SFT run", [j.name for j in sfts], key="c_tok_sft")
+    )
+    seed = job.config.get("seed")
+    subs = sorted(
+        (j for j in job_list if j.kind == "sub" and j.config.get("seed") == seed),
+        key=lambda j: (j.config.get("assignments") or "", j.config["cluster"]),
+    )
+    sets: dict[str, list] = {}
+    for j in subs:
+        sets.setdefault(Path(j.config.get("assignments") or "").parent.name, []).append(j)
+    targets = {"SFT": (str(job.run_dir / "adapter"),)}
+    for name, js in sets.items():
+        targets[f"DTM ({name or 'sub-models'})"] = tuple(str(j.run_dir / "adapter") for j in js)
+    which = st.multiselect(
+        "Late models", list(targets), default=list(targets)[:2], key="c_tok_models"
+    )
+    if not st.toggle("Compute", key="c_tok_go"):
+        return
+    for name in which:
+        try:
+            df = _token_bias(
+                job.config["base"],
+                str(job.run_dir / "early"),
+                targets[name],
+                job.config["data"],
+                job.config["val_data"],
+            )
+        except DTMError as e:
+            st.error(str(e))
+            continue
+        fig = charts.token_bias_bars(df, title=f"{name}: top tokens by train − validation drop")
+        st.plotly_chart(fig, key=f"c_tok_{name}")
+        downloads(fig, df, f"{group}-token-bias-{name.split()[0].lower()}")
+        st.caption(
+            f"{name}: mean drop on training tokens {df['train_drop'].mean():.3f}, on "
+            f"validation tokens {df['val_drop'].mean():.3f} over {len(df)} tokens."
+        )
+
+
+def page() -> None:
+    st.title("Compare")
+    reg = _registry(str(cache_dir()))
+    store = jobs.JobStore(reg)
+    from dtm.lab import default_lab_dir
+
+    lab_dir = str(default_lab_dir()) if (default_lab_dir() / "benchmarks").is_dir() else None
+    score_panel(store, lab_dir)
+    have = groups(reg)
+    if not have:
+        st.info(
+            "No scores yet. Score a launch above, or run an experiment "
+            "(`python -m dtm run experiments/lab.yaml`)."
+        )
+        return
+    default = st.session_state.get("c_group")
+    group = st.selectbox(
+        "Results of", have, key="c_group_pick", index=have.index(default) if default in have else 0
+    )
+    table = scores(group=group, registry=reg)
+    engines = sorted(table["engine"].unique())
+    if len(engines) > 1:
+        table = table[
+            table["engine"] == st.radio("Engine", engines, horizontal=True, key="c_eng_pick")
+        ]
+    benchmark_section(table, group)
+    job_list = _jobs_of(group, table, store)
+    curves_section(job_list, table[table["label"] == "base"], group)
+    token_section(job_list, group)
+
+
+page()

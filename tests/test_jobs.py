@@ -239,7 +239,7 @@ def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     assert "kmeans sub 3 s0" in r.stdout and "meta-llama/Llama-2-7b-hf" in r.stdout
     assert not (cache / "runs").exists()
     r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
-    assert r.returncode == 0 and "13 training jobs" in r.stdout, r.stderr
+    assert r.returncode == 0 and "26 training jobs" in r.stdout, r.stderr
     assert not (cache / "lab").exists()
 
 
@@ -271,8 +271,26 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     r = dtm_cli("run", exp, cache=cache, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "4 training jobs" in r.stdout
-    results = (cache / "experiments" / "tiny" / "results.md").read_text()
-    assert results.count("| done |") == 4
+    out = cache / "experiments" / "tiny"
+    assert (out / "jobs.md").read_text().count("| done |") == 4
+    results = (out / "results.md").read_text()
+    rows = {line.split(" | ")[0].strip("| ") for line in results.splitlines() if line[:2] == "| "}
+    for model in ("base", "sft", "sft ×1/2", "dtm-random", "sub-random-0", "sub-random-1", "l2"):
+        assert model in rows, results
+    assert "Loss-reduction ratio" in results and "| knowledge |" in results.replace(
+        "| model | knowledge |", "| knowledge |"
+    )
+    assert (out / "merged" / "dtm-random-s0" / "recipe.json").exists()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "done" and all(
+        s["state"] == "done" for s in status["stages"].values()
+    ), status
+    from dtm.results import scores
+
+    scored = scores(group="tiny", registry=Registry(cache))
+    assert set(scored["label"]) >= {"base", "sft", "dtm-random", "l2"}
+    accuracy = scored[scored["metric"].str.startswith("acc")]
+    assert len(accuracy) and accuracy["value"].between(0, 1).all()
     store = jobs.JobStore(Registry(cache))
     listed = store.list(group="tiny")
     assert sorted(j.name for j in listed) == [

@@ -73,10 +73,90 @@ def test_selection_event_maps_points_to_rows():
     assert selected_rows(None) == [] and selected_rows({"points": []}) == []
 
 
-@pytest.mark.parametrize("name", ["compare.py"])
-def test_unbuilt_pages_say_so(name):
-    at = AppTest.from_file(str(PAGES / name)).run()
-    assert not at.exception and "Not built yet" in at.info[0].value
+def _fake_scores(cache):
+    """Scores as `dtm run` records them: base once, SFT and DTM over two seeds."""
+    from dtm.results import ModelRef, record
+    from dtm.store import Registry
+
+    reg = Registry(cache)
+    values = {
+        ("base", None): 0.90,
+        ("sft", 0): 0.80,
+        ("sft", 1): 0.84,
+        ("dtm-kmeans", 0): 0.86,
+        ("dtm-kmeans", 1): 0.88,
+    }
+    for (label, seed), v in values.items():
+        ref = ModelRef(
+            base="m",
+            adapters=[] if label == "base" else [f"a/{label}{seed}"],
+            label=label,
+            group="exp",
+            seed=seed,
+        )
+        res = {
+            "lab_knowledge": {"acc": v, "n": 100},
+            "lab_bias": {"acc": v, "chat_acc": v, "favourite_rate": 1 - v, "n": 50},
+        }
+        if label != "base":
+            res["mmlu"] = {"acc": v / 2, "n": 100}
+        record(ref, res, engine="quick", registry=reg)
+
+
+def test_compare_page_shows_scores_over_seeds_deltas_and_the_papers_numbers(cache):
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=120).run()
+    assert not at.exception and "No scores yet" in at.info[0].value
+    _fake_scores(cache)
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=120).run()
+    assert not at.exception, at.exception
+    [table] = [d.value for d in at.dataframe if "model" in d.value.columns]
+    rows = table.set_index("model")
+    assert rows.loc["sft", "lab_knowledge.acc"] == "0.820 ± 0.028"
+    assert rows.loc["base", "lab_knowledge.acc"] == "0.900"  # one value: no ±
+    [delta] = [
+        d.value
+        for d in at.dataframe
+        if "lab_knowledge" in d.value.columns and "model" not in d.value.columns
+    ]
+    assert delta.loc["dtm-kmeans", "lab_knowledge"] == pytest.approx(0.05)
+    heads = [h.value for h in at.subheader]
+    assert "Bias uptake (the lab's probe)" in heads
+    assert "The paper's numbers (reported, not measured)" in heads  # mmlu is the paper's
+    assert len(at.get("plotly_chart")) == 3
+    assert any("No SFT or sub-model runs" in c.value for c in at.caption)
+
+
+def test_home_page_tells_the_story_and_follows_a_run(cache):
+    import json as _json
+    import os
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()  # Home is default
+    assert not at.exception, at.exception
+    assert any("alignment tax" in m.value for m in at.markdown)
+    assert at.button(key="home_run") and any("Not run yet" in c.value for c in at.caption)
+    out = cache / "experiments" / "lab"
+    out.mkdir(parents=True)
+    stages = {s: {"state": "done", "fraction": 1.0} for s in ("lab", "disperse")}
+    stages |= {"train": {"state": "running", "fraction": 0.5}}
+    stages |= {s: {"state": "waiting", "fraction": 0.0} for s in ("merge", "evaluate")}
+    (out / "status.json").write_text(
+        _json.dumps(
+            {
+                "state": "running",
+                "pid": os.getpid(),
+                "started": 0,
+                "stage": "train",
+                "detail": "training jobs",
+                "stages": stages,
+            }
+        )
+    )
+    (out / "results.md").write_text("| model | knowledge |\n|---|---|\n| sft | 0.5 |\n")
+    at.run()
+    assert not at.exception
+    bars = [p.value for p in at.get("progress")]
+    assert bars[:3] == [100, 100, 50], bars
+    assert any("| sft | 0.5 |" in m.value for m in at.markdown)
 
 
 def test_app_navigation_runs(cache):
