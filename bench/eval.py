@@ -52,10 +52,14 @@ def main() -> int:
                     res = evaluate(model, tok, [task], engine="quick", lab=lab, limit=args.limit)
                 times.setdefault((engine, task), []).append(time.perf_counter() - t0)
                 scores[(engine, task)] = res[task]
-    print(f"lab {lab}; model {'base + ' + args.adapter if args.adapter else 'base'}; "
-          f"median of {args.repeats}")
-    print(f"{'task':<15}{'items':>7}{'quick s':>10}{'full s':>10}{'quick it/s':>12}"
-          f"{'full it/s':>11}{'speedup':>9}  acc quick = full")
+    print(
+        f"lab {lab}; model {'base + ' + args.adapter if args.adapter else 'base'}; "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'task':<15}{'items':>7}{'quick s':>10}{'full s':>10}{'quick it/s':>12}"
+        f"{'full it/s':>11}{'speedup':>9}  acc quick = full"
+    )
     tot = {"quick": 0.0, "full": 0.0}
     items_all = 0
     same = True
@@ -68,11 +72,15 @@ def main() -> int:
         tot["quick"] += q
         tot["full"] += f
         items_all += n
-        print(f"{task:<15}{n:>7}{q:>10.2f}{f:>10.2f}{n / q:>12.1f}{n / f:>11.1f}{f / q:>8.2f}×"
-              f"  {aq:.4f} {'=' if aq == af else '≠'} {af:.4f}")
-    print(f"{'all':<15}{items_all:>7}{tot['quick']:>10.2f}{tot['full']:>10.2f}"
-          f"{items_all / tot['quick']:>12.1f}{items_all / tot['full']:>11.1f}"
-          f"{tot['full'] / tot['quick']:>8.2f}×  {'identical' if same else 'DIFFERENT'}")
+        print(
+            f"{task:<15}{n:>7}{q:>10.2f}{f:>10.2f}{n / q:>12.1f}{n / f:>11.1f}{f / q:>8.2f}×"
+            f"  {aq:.4f} {'=' if aq == af else '≠'} {af:.4f}"
+        )
+    print(
+        f"{'all':<15}{items_all:>7}{tot['quick']:>10.2f}{tot['full']:>10.2f}"
+        f"{items_all / tot['quick']:>12.1f}{items_all / tot['full']:>11.1f}"
+        f"{tot['full'] / tot['quick']:>8.2f}×  {'identical' if same else 'DIFFERENT'}"
+    )
     return 0 if same else 1
 
 
