@@ -37,7 +37,7 @@ def _device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def mc_predictions(model, tokenizer, items: list[dict], batch_size: int = 64) -> list[int]:
+def mc_predictions(model, tokenizer, items: list[dict], batch_size: int = 256) -> list[int]:
     """Index of the most likely choice of each item."""
     pairs, owners = [], []
     for i, it in enumerate(items):
@@ -81,7 +81,7 @@ def _continuation_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[f
 
 @torch.inference_mode()
 def generate(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 64
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 256
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (already chat-formatted, special tokens written
     out), decoded up to the end-of-text token."""

@@ -121,7 +121,8 @@ def scores(
     *, group: str | None = None, registry: Registry | None = None, latest: bool = True
 ) -> pd.DataFrame:
     """Stored scores (of one group); with ``latest``, only the newest value of each
-    (model, task, metric, engine, limit)."""
+    (model, task, metric, engine, limit), and within a group of each (label, seed, ...):
+    a label and seed name one model of a group, whichever files it was rebuilt from."""
     reg = registry or Registry()
     sql = (
         "SELECT model_key, model, label, grp, task, metric, value, stderr, n, seed, engine, "
@@ -135,6 +136,10 @@ def scores(
         df = pd.read_sql_query(sql + " ORDER BY created", con, params=args)
     if latest and len(df):
         df = df.drop_duplicates(["model_key", "task", "metric", "engine", "lim"], keep="last")
+        named = df["label"].fillna("") != ""
+        same = ["grp", "label", "seed", "task", "metric", "engine", "lim"]
+        df = pd.concat([df[~named], df[named].drop_duplicates(same, keep="last")])
+        df = df.sort_values("created", kind="stable")
     return df.reset_index(drop=True)
 
 
