@@ -70,22 +70,16 @@ def alignment_tax_curve(records: list[dict], metrics: list[tuple[str, str]] | No
 def token_losses(model, encoded: list[dict], batch_size: int = 32) -> list[tuple[int, float]]:
     """(token id, loss) of every response token of ``encoded`` (``encode_rows`` rows:
     ``input_ids`` and ``labels`` with the prompt masked to -100)."""
+    from dtm.train import collate
+
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
     out: list[tuple[int, float]] = []
     try:
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            width = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                n = len(r["input_ids"])
-                ids[i, :n] = torch.tensor(r["input_ids"])
-                labels[i, :n] = torch.tensor(r["labels"])
-                mask[i, :n] = 1
+            batch = collate(0)(encoded[start : start + batch_size])  # pads are masked
+            ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
             target = labels[:, 1:].to(dev)
             nll = torch.nn.functional.cross_entropy(
