@@ -433,23 +433,11 @@ def _mean_std(values: list[float], digits: int = 3) -> str:
     return f"{s.mean():.{digits}f} ± {s.std(ddof=1):.{digits}f}"
 
 
-def _order(label: str) -> tuple:
-    first = ["base", "sft"]
-    if label in first:
-        return (first.index(label), label)
-    if label.startswith("sft ×"):
-        return (2, label)
-    if label.startswith("dtm-"):
-        return (3, label)
-    if label.startswith("sub-"):
-        return (5, label)
-    return (4, label)
-
-
 def results_markdown(
     exp, table: pd.DataFrame, jobs, command: str, seconds: float, timings: dict | None = None
 ) -> str:
     """The experiment's results: mean ± std over seeds (n seeds as given)."""
+    from dtm.compare import model_order
     from dtm.train import read_metrics
 
     lines = [
@@ -464,7 +452,7 @@ def results_markdown(
     cols = [c for c in COLUMNS if ((table["task"] == c[0]) & (table["metric"] == c[1])).any()]
     lines.append("| model | " + " | ".join(c[2] for c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
-    for label in sorted(table["label"].dropna().unique(), key=_order):
+    for label in model_order(table["label"].dropna()):
         sub = table[table["label"] == label]
         cells = [
             _mean_std(sub[(sub["task"] == t) & (sub["metric"] == k)]["value"].tolist())
