@@ -7,17 +7,18 @@ import streamlit as st
 from dtm import jobs
 from dtm.errors import DTMError
 from dtm.lab import ensure_default_lab, lab_status
+from pages._nav import resume
 
 st.set_page_config(page_title="Disperse-Then-Merge", page_icon=":material/hub:", layout="wide")
-page = st.navigation(
-    [
-        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-        st.Page("pages/disperse.py", title="Disperse", icon=":material/scatter_plot:"),
-        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
-        st.Page("pages/compare.py", title="Compare", icon=":material/bar_chart:"),
-    ]
-)
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/disperse.py", title="Disperse", icon=":material/scatter_plot:"),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/bar_chart:"),
+]
+page = st.navigation(PAGES)
+resume(PAGES)  # a page first opened in Streamlit's legacy pages/ mode comes back here
 
 # The default lab builds in a background process on first start; pages never wait for it.
 if os.environ.get("DTM_LAB_AUTOBUILD", "1") != "0":

@@ -22,6 +22,9 @@ from dtm.results import groups, scores
 from dtm.store import Registry, cache_dir
 from dtm.study import COLUMNS, group_models, score_models
 from dtm.train import read_metrics
+from pages._nav import through_app
+
+through_app("compare")
 
 BIAS = [(t, m) for t, m, _ in COLUMNS if t == "lab_bias" and m != "chat_acc"]
 

@@ -16,6 +16,9 @@ from dtm.lab import lab_status
 from dtm.pipeline import DisperseConfig, run_disperse
 from dtm.samples import SAMPLE_PATH
 from dtm.store import Registry, cache_dir, save_upload
+from pages._nav import through_app
+
+through_app("disperse")
 
 SELECTED = "disperse_selected"  # list of row positions selected on the map or by cluster
 

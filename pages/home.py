@@ -12,6 +12,9 @@ from dtm import jobs
 from dtm.errors import DTMError
 from dtm.experiment import load_experiment
 from dtm.study import STAGES, experiment_dir, launch, read_status
+from pages._nav import through_app
+
+through_app("home")
 
 LAB_STORY = Path(__file__).resolve().parents[1] / "experiments" / "lab.yaml"
 STAGE_TEXT = {
@@ -65,7 +68,11 @@ if started:
 
 @st.fragment(run_every=2)
 def story() -> None:
-    st_ = read_status(exp.name)
+    try:
+        st_ = read_status(exp.name)
+    except DTMError as e:
+        st.error(str(e))
+        return
     if not st_:
         st.caption("Not run yet on this machine.")
         return
@@ -90,13 +97,17 @@ def story() -> None:
         st.caption(st_["detail"])
     if st_.get("error"):
         st.error(st_["error"])
-    group = [j for j in jobs.JobStore().list(group=exp.name)]
+    try:
+        group = jobs.JobStore().list(group=exp.name)
+    except DTMError as e:  # a locked or unreadable registry: said, and the page goes on
+        st.error(str(e))
+        group = []
     if group:
         done = sum(j.state == "done" for j in group)
         st.caption(f"Training jobs: {done} of {len(group)} done. Watch them on the Train page.")
     results = experiment_dir(exp.name) / "results.md"
     if results.exists():
-        st.markdown(results.read_text(encoding="utf-8"))
+        st.markdown(results.read_text(encoding="utf-8", errors="replace"))
     log = experiment_dir(exp.name) / "run.log"
     if state in ("failed", "interrupted") and log.exists():
         with st.expander("run log"):

@@ -27,6 +27,12 @@ from dtm.merge.methods import METHODS
 from dtm.merge.sources import merge_sources
 from dtm.store import Registry, cache_dir, safe_name
 from dtm.train import load_base
+from pages._nav import through_app
+
+through_app("merge")
+
+
+PICKED = "m_picked_weights"  # a landscape point's weights, applied on the next run
 
 
 @st.cache_resource
@@ -69,16 +75,17 @@ def params_panel(method: str) -> dict:
 
 def sliders(names: list[str]) -> list[float]:
     k = len(names)
+    # Weights picked on the landscape: set here, before the sliders exist in this run
+    # (a widget's value cannot be changed once it is drawn).
+    picked = st.session_state.pop(PICKED, None)
+    if picked is not None and len(picked) == k:
+        for i, v in enumerate(picked):
+            st.session_state[f"w_{i}"] = round(float(v), 2)
     cols = st.columns(min(k, 4))
     for i, name in enumerate(names):
         st.session_state.setdefault(f"w_{i}", round(1 / k, 3))
         cols[i % len(cols)].slider(name, 0.0, 1.0, step=0.01, key=f"w_{i}")
     return [float(st.session_state[f"w_{i}"]) for i in range(k)]
-
-
-def set_weights(w) -> None:
-    for i, v in enumerate(w):
-        st.session_state[f"w_{i}"] = round(float(v), 2)
 
 
 def page() -> None:
@@ -215,7 +222,7 @@ def landscape_panel(merger, method, params, names, bench, limit, tasks) -> None:
         if idx is not None:
             w = frame.iloc[int(idx)][[f"w{i}" for i in range(k)]].to_numpy()
             if not np.allclose(w, [st.session_state[f"w_{i}"] for i in range(k)], atol=0.006):
-                set_weights(w)
+                st.session_state[PICKED] = w.tolist()
                 st.rerun()
 
 

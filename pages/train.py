@@ -17,6 +17,9 @@ from dtm.lab.measure import LAB_SFT
 from dtm.pipeline import saved_assignments, training_inputs
 from dtm.store import Registry, cache_dir
 from dtm.train import TrainConfig
+from pages._nav import through_app
+
+through_app("train")
 
 
 @st.cache_resource
