@@ -4,8 +4,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8501
+# The browser tests drive Debian's Chromium (a browser download by Playwright cannot work
+# offline); `make test` installs it with apt when it is missing.
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test setup lint bench-disperse bench-train bench-eval clean-cache
+.PHONY: run test setup lint bench-disperse bench-train bench-eval clean-cache chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +24,23 @@ $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "no apt-get: install Chromium at $(CHROMIUM) to run the browser tests (they skip)"; \
+	  fi; \
+	fi
+
 run: $(VENV)/.installed
 	$(BIN)/streamlit run app.py --server.port $(PORT)
 
-test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+test: $(VENV)/.installed-dev chromium
+	DTM_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check dtm pages app.py tests bench

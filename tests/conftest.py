@@ -91,3 +91,48 @@ def tiny_train(lab: Path, out, **kw):
     }
     values.update(kw)
     return TrainConfig(**values)
+
+
+# --- The reliability summary: bad inputs tried and handled, faults injected and survived ---
+# Tests carry one of these marks; the end of the run prints how many ran and passed.
+TALLIED = {
+    "bad_input": "bad inputs tried {n}, handled {ok}",
+    "fault": "faults injected {n}, survived {ok}",
+    "security": "security checks {n}, passed {ok}",
+}
+_tally: dict[str, dict[str, bool]] = {k: {} for k in TALLIED}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bad_input: one case of the bad-input corpus")
+    config.addinivalue_line("markers", "fault: an injected fault the tool must survive")
+    config.addinivalue_line("markers", "security: one security property")
+    config.addinivalue_line("markers", "browser: drives the dashboard in headless Chromium")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.user_properties.extend(
+            ("tally", k) for k in TALLIED if item.get_closest_marker(k) is not None
+        )
+
+
+def pytest_runtest_logreport(report):
+    kinds = [v for k, v in report.user_properties if k == "tally"]
+    if not kinds or (report.when != "call" and report.passed):
+        return
+    for kind in kinds:
+        if report.skipped:  # not tried here (e.g. no Chromium): not counted either way
+            _tally[kind].pop(report.nodeid, None)
+        else:
+            _tally[kind][report.nodeid] = report.passed and _tally[kind].get(report.nodeid, True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not any(_tally.values()):
+        return
+    parts = [
+        TALLIED[k].format(n=len(v), ok=sum(v.values())) for k, v in _tally.items() if v
+    ]
+    terminalreporter.write_sep("=", "reliability")
+    terminalreporter.write_line("; ".join(parts))

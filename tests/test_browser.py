@@ -1,0 +1,185 @@
+"""The whole flow in a real browser: the dashboard served by `streamlit run app.py`,
+driven in headless Chromium as a person would, with a server crash on the way.
+
+Screenshots of each page land in test-artifacts/browser/ (DTM_TEST_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from browser import Dashboard, launch_chromium, need_chromium, shot, wait_idle
+
+from dtm import jobs
+from dtm.lab import default_lab_dir
+from dtm.store import Registry
+
+pytestmark = pytest.mark.browser
+MINUTE = 60_000
+
+
+@pytest.fixture
+def dashboard(cache, lab0, tmp_path):
+    need_chromium()
+    lab = default_lab_dir()
+    lab.parent.mkdir(parents=True)
+    lab.symlink_to(lab0, target_is_directory=True)
+    app = Dashboard(cache, tmp_path / "streamlit.log").start()
+    yield app
+    app.stop()
+    store = jobs.JobStore(Registry(cache))
+    for j in store.list():
+        if j.state not in jobs.FINAL:
+            jobs.cancel(j.id, store)
+
+
+def go(page, app, title: str) -> None:
+    """Open a page from the sidebar, as a person does."""
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=title, exact=True).click()
+    page.get_by_role("heading", name=title, level=1).wait_for(timeout=MINUTE)
+    wait_idle(page)
+
+
+def page_done(page, name: str) -> None:
+    """No exception on the page; a screenshot kept as a test artifact."""
+    from playwright.sync_api import expect
+
+    shot(page, name)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+
+
+def metric_values(page) -> list[str]:
+    return page.get_by_test_id("stMetricValue").all_inner_texts()
+
+
+def lasso(page, box) -> None:
+    """A lasso drawn around the middle of a Plotly chart."""
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    rx, ry = box["width"] / 3, box["height"] / 3
+    page.mouse.move(cx - rx, cy - ry)
+    page.mouse.down()
+    for x, y in ((cx + rx, cy - ry), (cx + rx, cy + ry), (cx - rx, cy + ry), (cx - rx, cy - ry)):
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+def set_number(page, key: str, value) -> None:
+    box = page.locator(f".st-key-{key} input")
+    box.fill(str(value))
+    box.press("Enter")
+    wait_idle(page)
+
+
+@pytest.fixture
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser
+        for i, page in enumerate(pg for c in browser.contexts for pg in c.pages):
+            shot(page, f"last-{i}")  # where it stood at the end, pass or fail
+        browser.close()
+
+
+@pytest.mark.fault
+def test_the_whole_flow_in_chromium_survives_a_server_crash(dashboard, chromium, cache):
+    from playwright.sync_api import expect
+
+    app, browser = dashboard, chromium
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app.url)
+    page.get_by_role("heading", name="Disperse-Then-Merge", level=1).wait_for(timeout=MINUTE)
+    wait_idle(page)
+    page_done(page, "1-home")
+
+    # Disperse: the lab's data into K=4 clusters, the map, a lasso, the table.
+    go(page, app, "Disperse")
+    chart = page.locator(".st-key-disperse_map .js-plotly-plot")
+    chart.wait_for(timeout=5 * MINUTE)
+    wait_idle(page)
+    assert metric_values(page)[2] == "4"
+    expect(page.get_by_role("heading", name="Selected rows (0)")).to_be_visible()
+    lasso(page, page.locator(".st-key-disperse_map .nsewdrag").first.bounding_box())
+    heading = page.get_by_role("heading", name=re.compile(r"Selected rows \([1-9]\d*\)"))
+    heading.wait_for(timeout=MINUTE)
+    wait_idle(page)
+    n = int(re.search(r"\((\d+)\)", heading.inner_text())[1])
+    # The table of the selected rows: a grid of n rows and a header row.
+    grid = page.get_by_test_id("stDataFrame").locator(f"[role='grid'][aria-rowcount='{n + 1}']")
+    expect(grid).to_have_count(1, timeout=MINUTE)
+    page_done(page, "2-disperse")
+    page.locator(".st-key-save_assignment button").click()
+    wait_idle(page)
+
+    # Train: two sessions press the launch button at once.
+    pages = [page, browser.new_page(viewport={"width": 1400, "height": 1000})]
+    pages[1].goto(app.url)
+    wait_idle(pages[1])
+    for pg in pages:
+        go(pg, app, "Train")
+        pg.get_by_text("Hyperparameters").click()
+        for key, value in (("hp_steps", 16), ("hp_lr", "0.01"), ("hp_log", 4)):
+            set_number(pg, key, value)
+        for key, value in (("hp_len", 96), ("hp_batch", 8), ("hp_micro", 8)):
+            set_number(pg, key, value)
+    for pg in pages:
+        pg.locator(".st-key-launch_dtm button").click(no_wait_after=True)
+    for pg in pages:
+        wait_idle(pg)
+        expect(pg.get_by_test_id("stException")).to_have_count(0)
+        expect(pg.get_by_test_id("stAlertContentError")).to_have_count(0)
+    store = jobs.JobStore(Registry(cache))
+    assert sorted(j.name for j in store.list()) == ["sft", "sub 0", "sub 1", "sub 2", "sub 3"]
+    pages[1].close()
+
+    # The server dies with jobs running; a new one re-attaches to them.
+    app.kill9()
+    time.sleep(1)
+    app.start()
+    page.reload()  # the tab was on the Train page: it comes back to it, through app.py
+    page.get_by_role("heading", name="Train", level=1).wait_for(timeout=MINUTE)
+    expect(page.get_by_test_id("stSidebar")).to_contain_text("Alignment-tax lab: ready")
+    end = time.time() + 600
+    while time.time() < end and not all(j.state == "done" for j in store.list()):
+        time.sleep(2)
+    assert [j.state for j in store.list()] == ["done"] * 5
+    page.wait_for_timeout(3000)  # the jobs table refreshes every 2 s
+    wait_idle(page)
+    expect(page.locator(".st-key-curve_train .js-plotly-plot")).to_be_visible()
+    page_done(page, "3-train")
+
+    # Merge: a slider moves, the live score changes.
+    go(page, app, "Merge")
+    page.get_by_test_id("stMetricValue").first.wait_for(timeout=5 * MINUTE)
+    wait_idle(page)
+    before = metric_values(page)[:3]
+    page.locator(".st-key-w_0 input[type='range']").press("End")
+    wait_idle(page)
+    for i in (1, 2, 3):
+        page.locator(f".st-key-w_{i} input[type='range']").press("Home")
+        wait_idle(page)
+    expect(page.locator(".st-key-w_0 input[type='range']")).to_have_value("1")
+    after = metric_values(page)[:3]
+    page_done(page, "4-merge")
+    assert after != before, (before, after)
+    # The merge landscape: a click on one of its points sets the sliders to it.
+    page.locator(".st-key-m_land button").click()
+    points = page.locator(".st-key-m_land_chart .scatterlayer .point")
+    points.first.wait_for(timeout=5 * MINUTE)
+    wait_idle(page)
+    points.nth(points.count() // 2).click(force=True)
+    wait_idle(page)
+    expect(page.locator(".st-key-w_0 input[type='range']")).not_to_have_value("1", timeout=MINUTE)
+    weights = [page.locator(f".st-key-w_{i} input[type='range']").input_value() for i in range(4)]
+    assert abs(sum(map(float, weights)) - 1) < 0.03, weights
+    page_done(page, "4-merge-landscape")
+
+    # Compare: score the launch, then the benchmark bars and the loss-ratio chart.
+    go(page, app, "Compare")
+    page.locator(".st-key-c_go button").click()
+    page.locator(".st-key-c_bars .js-plotly-plot").wait_for(timeout=5 * MINUTE)
+    wait_idle(page)
+    expect(page.locator(".st-key-c_ratio_fig .js-plotly-plot")).to_be_visible()
+    page_done(page, "5-compare")
