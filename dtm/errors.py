@@ -17,3 +17,8 @@ class RegistryError(DTMError):
 
 class ConfigError(DTMError):
     """An option or parameter out of its valid range."""
+
+
+class StorageError(DTMError):
+    """A save failed for lack of room (disk full, quota, size limit) or permission; what
+    was there before is left as it was."""

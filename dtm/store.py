@@ -9,6 +9,7 @@ written, so a crash never leaves a half-written artifact that a later read trust
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtm.errors import RegistryError
+from dtm.errors import RegistryError, StorageError
 
 SCHEMA_VERSION = 3  # 2: jobs and metrics tables; 3: results
 _SCHEMA = """
@@ -116,18 +117,41 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file size limit was reached",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
+
+
+def save_failed(target: Path, e: OSError, existed: bool) -> StorageError | None:
+    """The StorageError for a save of ``target`` that failed with ``e`` for lack of room
+    or permission (None for any other OSError)."""
+    why = _NO_ROOM.get(e.errno)
+    if why is None:
+        return None
+    kept = f"the previous {target.name} is unchanged" if existed else "nothing was written"
+    return StorageError(f"could not save {target}: {why} ({e.strerror}); {kept}.")
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success fsync it and rename it over
-    ``target``. On any error the temporary file is removed and ``target`` is untouched."""
+    ``target``. On any error the temporary file is removed and ``target`` is untouched
+    (a full disk or a quota is a StorageError saying so)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    existed = target.exists()
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as e:
+        raise (save_failed(target, e, existed) or e) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -167,6 +191,19 @@ def save_upload(name: str, content: bytes, max_bytes: int = 500 << 20) -> Path:
         with atomic_path(target) as tmp:
             tmp.write_bytes(content)
     return target
+
+
+def busy_timeout() -> float:
+    """Seconds a registry call waits for another process's lock before it gives up with
+    a RegistryError: ``$DTM_REGISTRY_TIMEOUT`` (default 30)."""
+    raw = os.environ.get("DTM_REGISTRY_TIMEOUT", "30")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RegistryError(f"DTM_REGISTRY_TIMEOUT={raw!r}: not a number of seconds.") from None
+    if not 0 <= value <= 86400:
+        raise RegistryError(f"DTM_REGISTRY_TIMEOUT={raw!r}: give 0 to 86400 seconds.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -216,19 +253,26 @@ class Registry:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        wait = busy_timeout()
         try:
-            con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            con = sqlite3.connect(self.db_path, timeout=wait, isolation_level=None)
         except sqlite3.Error as e:
             raise RegistryError(f"Cannot open the registry {self.db_path}: {e}") from e
         try:
+            con.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
             con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA busy_timeout=30000")
             yield con
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
                 raise RegistryError(
-                    f"The registry {self.db_path} is locked by another process ({e}); "
-                    "try again when it finishes."
+                    f"The registry {self.db_path} is locked by another process ({e}; waited "
+                    f"{wait:g} s, DTM_REGISTRY_TIMEOUT); try again when it finishes."
+                ) from e
+            if "disk" in str(e) and shutil.disk_usage(self.root).free < 1 << 20:
+                raise RegistryError(
+                    f"The registry {self.db_path} could not be written: the disk is full "
+                    f"({e}); nothing was recorded and the registry is unchanged. Free some "
+                    "space and run it again."
                 ) from e
             raise RegistryError(f"The registry {self.db_path} failed: {e}") from e
         except sqlite3.DatabaseError as e:
@@ -303,6 +347,8 @@ class Registry:
                 if not (final / _DONE).exists():
                     raise
                 # Another process published the same artifact first; its copy is equal.
+        except OSError as e:
+            raise (save_failed(final, e, False) or e) from e
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
