@@ -338,6 +338,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
             weights = [float(x) for x in args.weights.split(",")]
         except ValueError:
             raise ConfigError(f"--weights {args.weights}: not comma-separated numbers.") from None
+    if weights is not None:  # checked before any model loads, naming the flag
+        from dtm.merge.methods import check_weights
+
+        try:
+            check_weights(weights, len(args.adapters), normalise=False)
+        except ConfigError as e:
+            raise ConfigError(f"--weights {args.weights}: {e}") from None
     weights = weights or [1.0 / len(args.adapters)] * len(args.adapters)
     params = {"seed": args.seed}
     if args.density is not None:
@@ -348,7 +355,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         params["lambda"] = args.lam
     if args.consensus:
         params["consensus"] = args.consensus
-    merger = Merger(args.base, args.adapters, trust_remote_code=args.trust_remote_code)
+    merger = Merger(
+        args.base,
+        args.adapters,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
     out = merger.export(args.out, args.method, weights, full=args.full, **params)
     kind = "full merged weights" if args.full else "a peft adapter"
     print(f"merged {len(args.adapters)} adapters ({args.method}, weights {weights}) into {kind}")
@@ -378,6 +390,49 @@ def _model_and_lab(model: str, lab: str | None) -> tuple[str, str | None]:
     return model, lab
 
 
+def _check_results_file(out: Path) -> None:
+    """An existing ``--out`` is replaced only when it is a results file as ``dtm eval``
+    writes it (``{task: {metric: number}}``); anything else (a hand-edited or foreign
+    file) is reported and left as it is."""
+    import json
+
+    if not out.exists():
+        return
+    keep = "it was left as it is: move it aside or choose another --out."
+    try:
+        data = json.loads(out.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"--out {out}: exists and is not UTF-8 text ({e.reason}); {keep}"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"--out {out}: exists and is not a results file (not valid JSON: {e.msg} at line "
+            f"{e.lineno} column {e.colno}); {keep}"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot read it ({e.strerror}); {keep}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"--out {out}: exists and is not a results file (a JSON {type(data).__name__}, "
+            f"not {{task: {{metric: value}}}}); {keep}"
+        )
+    for task, metrics in data.items():
+        if not isinstance(metrics, dict):
+            raise ConfigError(
+                f"--out {out}: exists and is not a results file ({task!r} holds a "
+                f"{type(metrics).__name__}, not {{metric: value}}); {keep}"
+            )
+        for metric, value in metrics.items():
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise ConfigError(
+                    f"--out {out}: exists and is not a results file ({task}.{metric} is "
+                    f"{value!r}, not a number); {keep}"
+                )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -404,6 +459,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give a file name such as results.json.")
+    _check_results_file(out)
     check_code_opt_in(tasks, args.allow_code_execution)
     base, lab = _model_and_lab(args.model, args.lab)
     ref = ModelRef(
@@ -415,7 +471,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if len(ref.adapters) > 1:
         ref.recipe = {"method": "average", "weights": None, "params": {}}
-    model, tok = load_model(ref, trust_remote_code=args.trust_remote_code)
+    model, tok = load_model(
+        ref, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle
+    )
     results = evaluate(
         model,
         tok,
@@ -524,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--job", default=None, help=argparse.SUPPRESS)  # run a registry job
     t.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     t.add_argument(
+        "--allow-pickle-weights",
+        dest="allow_pickle",
+        action="store_true",
+        help="load a base model that has only pickle (.bin) weights (a pickle can run code)",
+    )
+    t.add_argument(
         "--val-data",
         dest="val_data",
         default=None,
@@ -605,6 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--seed", type=int, default=0, help="dare: mask seed")
     mg.add_argument("--full", action="store_true", help="write full merged weights (HF format)")
     mg.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    mg.add_argument(
+        "--allow-pickle-weights",
+        dest="allow_pickle",
+        action="store_true",
+        help="load a base model that has only pickle (.bin) weights (a pickle can run code)",
+    )
     mg.add_argument("--out", required=True, help="a new folder")
     mg.set_defaults(func=cmd_merge)
 
@@ -640,6 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run humaneval/mbpp, which execute model code",
     )
     ev.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    ev.add_argument(
+        "--allow-pickle-weights",
+        dest="allow_pickle",
+        action="store_true",
+        help="load a base model that has only pickle (.bin) weights (a pickle can run code)",
+    )
     ev.add_argument(
         "--list-tasks",
         dest="list_tasks",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dtm.errors import ConfigError
 from dtm.store import Registry, canonical_json, input_key
 
 
@@ -46,29 +47,52 @@ class ModelRef:
         return f"{self.base} + {r.get('method', 'average')} of {len(self.adapters)} adapters"
 
 
-def load_model(ref: ModelRef, *, trust_remote_code: bool = False):
-    """(model, tokenizer) for ``ref``."""
+def load_model(ref: ModelRef, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer) for ``ref``; ``allow_pickle`` lets a base model with only pickle
+    weights load (see ``dtm.train.load_base``)."""
     from dtm.train import load_base
 
     if len(ref.adapters) > 1 or ref.recipe:
         from dtm.merge.engine import Merger
 
-        merger = Merger(ref.base, ref.adapters, trust_remote_code=trust_remote_code)
+        merger = Merger(
+            ref.base,
+            ref.adapters,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
         r = ref.recipe or {"method": "average"}
         weights = r.get("weights") or [1.0 / len(ref.adapters)] * len(ref.adapters)
         return merger.apply(r.get("method", "average"), weights, **r.get("params", {})), (
             merger.tokenizer
         )
-    model, tok = load_base(ref.base, trust_remote_code=trust_remote_code)
+    lora = None
+    if ref.adapters:
+        from dtm.merge.lora import CONFIG, WEIGHTS, read_adapter
+
+        a = Path(ref.adapters[0])
+        if not (a / CONFIG).exists():
+            raise ConfigError(f"{a}: not a peft adapter folder (no {CONFIG}).")
+        try:
+            is_lora = json.loads((a / CONFIG).read_text()).get("peft_type") == "LORA"
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{a / CONFIG}: not a readable adapter config ({e}).") from None
+        if is_lora and (a / WEIGHTS).exists():
+            lora = read_adapter(a)  # checked before the base model loads
+    model, tok = load_base(ref.base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if ref.adapters:
         from peft import PeftModel
 
-        from dtm.errors import ConfigError
+        from dtm.merge.lora import check_fits_base
 
-        a = Path(ref.adapters[0])
-        if not (a / "adapter_config.json").exists():
-            raise ConfigError(f"{a}: not a peft adapter folder (no adapter_config.json).")
-        model = PeftModel.from_pretrained(model, str(a))
+        if lora is not None:
+            check_fits_base(lora, model, ref.base)
+        try:
+            model = PeftModel.from_pretrained(model, str(a))
+        except RuntimeError as e:  # e.g. a size mismatch: an adapter of another base
+            raise ConfigError(
+                f"{a}: cannot be applied to the base model {ref.base}: {str(e)[:300]}"
+            ) from e
     return model, tok
 
 

@@ -55,6 +55,8 @@ class Progress:
 
     def __init__(self, name: str, echo=None) -> None:
         self.path = experiment_dir(name) / "status.json"
+        if self.path.exists():  # a hand-edited status is reported, never overwritten
+            read_status_file(self.path)
         self.echo = echo
         self.state = {
             "experiment": name,
@@ -108,15 +110,61 @@ class Progress:
 
 
 def read_status(name: str) -> dict | None:
-    """The run's ``status.json``; a ``running`` run whose process is gone reads as
-    ``interrupted``."""
+    """The run's ``status.json`` (None when there is none); a ``running`` run whose
+    process is gone reads as ``interrupted``. A file that is not a status as ``Progress``
+    writes it (hand-edited, or foreign) raises ``DataError`` and is left as it is."""
     p = experiment_dir(name) / "status.json"
-    try:
-        st = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+    if not p.exists():
         return None
+    st = read_status_file(p)
     if st.get("state") == "running" and not _alive(st.get("pid")):
         st["state"] = "interrupted"
+    return st
+
+
+def read_status_file(path: Path) -> dict:
+    """A ``status.json``, checked: ``DataError`` naming the file and the field when it
+    is not one."""
+    from dtm.errors import DataError
+
+    keep = "it was left as it is: delete it (or move it aside) to start the run afresh."
+    try:
+        st = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); {keep}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); {keep}"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
+
+    def bad(field: str, want: str) -> DataError:
+        return DataError(f"{path}: {field} must be {want}; {keep}")
+
+    if not isinstance(st, dict):
+        raise bad("the file", "a JSON object (a run's status)")
+    if not isinstance(st.get("state"), str):
+        raise bad("state", "text (running, done, failed, ...)")
+    pid = st.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+        raise bad("pid", "a process id (an integer) or null")
+    for key in ("started", "updated"):
+        v = st.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(key, "a time in seconds (a number)")
+    for key in ("stage", "detail", "error"):
+        if st.get(key) is not None and not isinstance(st[key], str):
+            raise bad(key, "text or null")
+    stages = st.get("stages", {})
+    if not isinstance(stages, dict):
+        raise bad("stages", "an object of {stage: {state, fraction}}")
+    for name, s in stages.items():
+        if not isinstance(s, dict) or not isinstance(s.get("state", ""), str):
+            raise bad(f"stages.{name}", "an object {state, fraction}")
+        f = s.get("fraction", 0.0)
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise bad(f"stages.{name}.fraction", "a number from 0 to 1")
     return st
 
 

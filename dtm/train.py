@@ -100,6 +100,10 @@ class TrainConfig:
         default=None, metadata={"help": "steps between benchmark scores (default: log_every)"}
     )
     trust_remote_code: bool = False
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "load a base model that has only pickle (.bin) weights"},
+    )
 
 
 KINDS = ("sft", "sub", "soup", "l2", "ewc", "replay")
@@ -139,26 +143,62 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
-def load_base(name: str, *, trust_remote_code: bool = False):
-    """(model, tokenizer) from a folder or hub id, with a clear error when it is not one.
-    Weights load from safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+PICKLE_FLAG = "--allow-pickle-weights"
 
+
+def check_base_path(name: str, *, allow_pickle: bool = False) -> None:
+    """Raise ConfigError when ``name`` is a local path that is not a loadable model
+    folder (a hub id is not checked here). Pickle-only weights are refused unless
+    ``allow_pickle``."""
     path = Path(name).expanduser()
     if not path.exists() and name.startswith(("/", ".", "~")):
         raise ConfigError(f"{name}: no such model folder.")
-    if path.exists() and not (path / "config.json").exists():
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{name}: not a model folder (a file, not a folder with config.json).")
+    if not (path / "config.json").exists():
         raise ConfigError(f"{name}: not a model folder (no config.json).")
-    if path.is_dir() and not any(path.glob("*.safetensors")):
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*.bin"))
+    if not pickles:
+        raise ConfigError(f"{name}: no model weights (no *.safetensors or *.bin file).")
+    if not allow_pickle:
         raise ConfigError(
-            f"{name}: no *.safetensors weights. Pickle weights (.bin) are not loaded, since "
-            "they can run code; convert the model with save_pretrained(safe_serialization=True)."
+            f"{name}: no *.safetensors weights, only pickle weights ({', '.join(pickles[:3])}). "
+            "Pickle weights (.bin) are not loaded unless you allow it, since a pickle can run "
+            f"code: add {PICKLE_FLAG} (allow_pickle: true in a config file) if you trust "
+            "this folder, or convert it with save_pretrained(safe_serialization=True)."
         )
+
+
+def load_base(name: str, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer) from a folder or hub id, with a clear error when it is not one.
+    Weights load from safetensors only, unless ``allow_pickle`` (then pickle weights load
+    through ``torch.load(weights_only=True)``, which refuses arbitrary objects)."""
+    import pickle
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_base_path(name, allow_pickle=allow_pickle)
+    path = Path(name).expanduser()
+    pickle_only = path.is_dir() and not any(path.glob("*.safetensors"))
+    weights = (
+        {"use_safetensors": False, "weights_only": True}
+        if allow_pickle and pickle_only
+        else {"use_safetensors": True}
+    )
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            name, trust_remote_code=trust_remote_code, use_safetensors=True
+            name, trust_remote_code=trust_remote_code, **weights
         )
+    except pickle.UnpicklingError as e:  # weights_only=True met more than tensors
+        raise ConfigError(
+            f"{name}: its pickle weights hold more than tensors and were refused, even with "
+            f"{PICKLE_FLAG} (loading them could run code): {str(e).splitlines()[0][:200]}"
+        ) from e
     except (OSError, ValueError) as e:
         raise ConfigError(f"Cannot load the model {name!r}: {e}") from e
     if tok.pad_token_id is None:
@@ -230,17 +270,26 @@ def _split(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                 f"{cfg.assignments}: needs the columns id and cluster "
                 "(the assignments.csv of `dtm disperse`)."
             )
+        if asg.empty:
+            raise ConfigError(f"{cfg.assignments}: no rows under its header.")
         if not set(table["id"]) >= set(asg["id"]):
             raise ConfigError(
                 f"{cfg.assignments}: its ids are not rows of {cfg.data} "
                 "(an assignment of another dataset?)."
             )
-        k = int(asg["cluster"].max()) + 1
+        clusters = pd.to_numeric(asg["cluster"], errors="coerce")
+        bad = asg.index[clusters.isna() | (clusters % 1 != 0) | (clusters < 0)]
+        if len(bad):
+            raise ConfigError(
+                f"{cfg.assignments}: line {int(bad[0]) + 2}: cluster "
+                f"{asg['cluster'].iloc[bad[0]]!r} is not a cluster number (0, 1, ...)."
+            )
+        k = int(clusters.max()) + 1
         if not 0 <= cfg.cluster < k:
             raise ConfigError(
                 f"cluster {cfg.cluster} is out of range: the assignment has clusters 0..{k - 1}."
             )
-        keep = set(asg.loc[asg["cluster"] == cfg.cluster, "id"])
+        keep = set(asg.loc[clusters == cfg.cluster, "id"])
         table = table[table["id"].isin(keep)].reset_index(drop=True)
     if cfg.val_data:
         return table, load_instructions(cfg.val_data, count_tokens=False).table
@@ -266,7 +315,8 @@ def run_id(cfg: TrainConfig) -> str:
     """A stable id for a configuration (its run folder does not count)."""
     from dtm.store import input_key
 
-    values = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    # allow_pickle is a permission, not a parameter of the run: it does not change the id
+    values = {k: v for k, v in asdict(cfg).items() if k not in ("out", "allow_pickle")}
     return input_key("run", values)
 
 
@@ -288,9 +338,12 @@ def train(
     from dtm.train_loop import run_one
 
     check_config(cfg)
+    check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
     if cfg.eval_lab and eval_hook is None:
         eval_hook = lab_eval_hook(cfg.eval_lab)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if cfg.kind != "soup":
@@ -331,7 +384,9 @@ def train(
         out / "adapter", lambda tmp: linear_concat(members, [1 / cfg.members] * len(members), tmp)
     )
     _write_config(cfg, out, {"members": [str(m) for m in members]})
-    model, tok = load_base(cfg.base, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_base(
+        cfg.base, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
+    )
     from peft import PeftModel
 
     return {

@@ -88,7 +88,9 @@ def run_one(cfg: TrainConfig, out: Path, eval_hook, progress, resume, on_record,
     _STOP.clear()
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_base(cfg.base, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_base(
+        cfg.base, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
+    )
     train_table, val_table = _split(cfg)
     if len(train_table) == 0:
         raise TrainingError(f"no training rows in {cfg.data} for this run.")

@@ -152,20 +152,6 @@ def test_cli_disperse_writes_the_contract_files(cache, tmp_path):
     )
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--k", 0], "K must be at least 1 (got 0)"),
-        (["--k", 500], "K=500 is larger than the number of usable rows (3)"),
-    ],
-)
-def test_cli_disperse_bad_k_exits_2(cache, tmp_path, args, message):
-    data = write_jsonl(tmp_path / "d.jsonl", [alpaca(i) for i in range(3)])
-    r = dtm_cli("disperse", "--data", data, *args, "--no-map", "--out", tmp_path / "o", cache=cache)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
-
-
 def test_cli_data_check_exit_codes(cache, tmp_path):
     good = write_jsonl(tmp_path / "g.jsonl", [alpaca(1), '{"x": 1}'])
     r = dtm_cli("data", "check", good, cache=cache)

@@ -64,16 +64,6 @@ def test_atomic_path_keeps_old_file_on_error(tmp_path):
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
 
 
-def test_corrupt_registry_is_reported_and_left_intact(cache):
-    cache.mkdir(parents=True)
-    db = cache / "registry.sqlite"
-    db.write_bytes(b"this is the user's file, not a database" * 100)
-    before = db.read_bytes()
-    with pytest.raises(RegistryError, match="not a readable SQLite database.*left as it is"):
-        Registry()
-    assert db.read_bytes() == before
-
-
 def test_safe_names_stay_inside_their_folder(cache):
     assert safe_name("../../etc/passwd") == "passwd"
     assert safe_name("..") == "file" and safe_name(".hidden") == "hidden"

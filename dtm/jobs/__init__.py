@@ -63,12 +63,14 @@ def submit(
 ) -> tuple[Job, bool]:
     """Queue a training run; returns (job, created). A configuration already submitted
     returns its existing job (whatever its state) and starts nothing."""
-    from dtm.train import check_config
+    from dtm.train import check_base_path, check_config
 
     store = store or JobStore()
     check_config(cfg)
     backend = backend or default_backend()
     backend_for(backend)  # validates the spec (and that Ray is importable)
+    if not backend.startswith("ray"):  # a Ray cluster's workers may see other folders
+        check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)  # before a job is queued
     jid = run_id(cfg)
     run_dir = store.registry.root / "runs" / jid
     cfg = TrainConfig(**{**asdict(cfg), "out": str(run_dir)})

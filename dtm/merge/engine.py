@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from dtm.errors import ConfigError
-from dtm.merge.lora import WEIGHTS, check_compatible, linear_concat, read_adapter
+from dtm.merge.lora import (
+    WEIGHTS,
+    check_compatible,
+    check_fits_base,
+    linear_concat,
+    read_adapter,
+)
 from dtm.merge.methods import METHODS, check_weights
 from dtm.store import file_digest, write_json_atomic
 
@@ -33,7 +39,14 @@ class Merger:
     """``Merger(base, adapters)``; ``apply(method, weights, **params)`` -> the merged model
     (in place); ``export(out, method, weights, full=False, **params)``."""
 
-    def __init__(self, base: str, adapters: list[str | Path], *, trust_remote_code=False):
+    def __init__(
+        self,
+        base: str,
+        adapters: list[str | Path],
+        *,
+        trust_remote_code=False,
+        allow_pickle: bool = False,
+    ):
         import torch
         from peft import PeftModel
 
@@ -44,8 +57,10 @@ class Merger:
         self.base = base
         self.sets = [read_adapter(a) for a in adapters]
         check_compatible(self.sets)
-        model, self.tokenizer = load_base(base, trust_remote_code=trust_remote_code)
-        self._check_against_base(model)
+        model, self.tokenizer = load_base(
+            base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
+        check_fits_base(self.sets[0], model, base)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(self.device)
         self.names = [f"sub{k}" for k in range(len(self.sets))]
@@ -67,22 +82,6 @@ class Merger:
         budget = float(os.environ.get("DTM_MERGE_CACHE_MB", "2048")) * 2**20
         self._cache_dense = numel * 4 * len(self.sets) <= budget
         self._written = False  # whether base weights currently hold a merged delta
-
-    def _check_against_base(self, model) -> None:
-        params = dict(model.named_parameters())
-        for prefix, (a, b, _) in self.sets[0].layers.items():
-            name = prefix.removeprefix("base_model.model.") + ".weight"
-            w = params.get(name)
-            if w is None:
-                raise ConfigError(
-                    f"{self.sets[0].path}: layer {prefix} is not in the base model {self.base} "
-                    "(an adapter of another base?)."
-                )
-            if tuple(w.shape) != (b.shape[0], a.shape[1]):
-                raise ConfigError(
-                    f"{self.sets[0].path}: layer {prefix} has shape {(b.shape[0], a.shape[1])}, "
-                    f"the base model's is {tuple(w.shape)} (an adapter of another base?)."
-                )
 
     def _key(self, mod_name: str) -> str:
         """The adapter-file prefix of a module name."""

@@ -33,13 +33,24 @@ def read_adapter(path: str | Path) -> AdapterSet:
     p = Path(path)
     if not (p / CONFIG).is_file() or not (p / WEIGHTS).is_file():
         raise ConfigError(f"{p}: not a peft adapter folder ({CONFIG} and {WEIGHTS} expected).")
-    config = json.loads((p / CONFIG).read_text())
+    try:
+        config = json.loads((p / CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p / CONFIG}: not valid JSON ({e}); it was left as it is.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{p / CONFIG}: expected a JSON object (a peft adapter config).")
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"{p}: a {config.get('peft_type')} adapter; only LoRA can be merged.")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ConfigError(f"{p}: per-layer ranks (rank_pattern) are not supported.")
-    tensors = load_file(p / WEIGHTS)
-    r, alpha = config["r"], config["lora_alpha"]
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    for key, value in (("r", r), ("lora_alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{p / CONFIG}: {key} is {value!r}, not a positive number.")
+    try:
+        tensors = load_file(p / WEIGHTS)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ConfigError(f"{p / WEIGHTS}: not a readable safetensors file ({e}).") from e
     s = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
     layers = {}
     for key, a in tensors.items():
@@ -77,6 +88,27 @@ def check_compatible(adapters: list[AdapterSet]) -> None:
                     f"{name}: shape {tuple(b.shape[:1]) + tuple(a.shape[1:])} in {other.path} "
                     f"but {tuple(b0.shape[:1]) + tuple(a0.shape[1:])} in {first.path}."
                 )
+
+
+def check_fits_base(adapter: AdapterSet, model, base: str) -> None:
+    """ConfigError unless every layer of ``adapter`` is a layer of ``model`` (the loaded
+    base ``base``) with matching shapes: an adapter of another base is refused."""
+    params = dict(model.named_parameters())
+    for prefix, (a, b, _) in adapter.layers.items():
+        name = prefix.removeprefix("base_model.model.") + ".weight"
+        w = params.get(name)
+        if w is None:
+            raise ConfigError(
+                f"{adapter.path}: layer {prefix} is not in the base model {base} "
+                f"(an adapter of another base? it was trained on "
+                f"{adapter.config.get('base_model_name_or_path')})."
+            )
+        if tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise ConfigError(
+                f"{adapter.path}: layer {prefix} has shape {(b.shape[0], a.shape[1])}, "
+                f"the base model's is {tuple(w.shape)} (an adapter of another base? it was "
+                f"trained on {adapter.config.get('base_model_name_or_path')})."
+            )
 
 
 def linear_concat(adapters: list[str | Path], weights: list[float], out: str | Path) -> Path:
