@@ -131,8 +131,6 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     if not any(_tally.values()):
         return
-    parts = [
-        TALLIED[k].format(n=len(v), ok=sum(v.values())) for k, v in _tally.items() if v
-    ]
+    parts = [TALLIED[k].format(n=len(v), ok=sum(v.values())) for k, v in _tally.items() if v]
     terminalreporter.write_sep("=", "reliability")
     terminalreporter.write_line("; ".join(parts))
