@@ -125,12 +125,29 @@ def run_harness(
     seed: int = 0,
     tm=None,
 ) -> dict[str, dict[str, float]]:
+    check_code_opt_in(tasks, allow_code)
+    # The opt-in holds for this call only: a long-lived process (the dashboard) must not
+    # keep code execution switched on for the next evaluation.
+    before = os.environ.get("HF_ALLOW_CODE_EVAL")
+    if allow_code:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        return _simple_evaluate(
+            model, tokenizer, tasks, include_path, limit, batch_size, allow_code, seed, tm
+        )
+    finally:
+        if before is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = before
+
+
+def _simple_evaluate(
+    model, tokenizer, tasks, include_path, limit, batch_size, allow_code, seed, tm
+):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    check_code_opt_in(tasks, allow_code)
-    if allow_code:
-        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
     tm = tm or task_manager(include_path)
     load_tasks(tasks, tm)  # each dataset present, or a message naming it
     was_training = model.training

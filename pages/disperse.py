@@ -82,7 +82,13 @@ def data_source() -> str | None:
         up = st.file_uploader(
             "JSONL, JSON, CSV or Parquet", type=["jsonl", "ndjson", "json", "csv", "parquet"]
         )
-        return str(save_upload(up.name, up.getvalue())) if up is not None else None
+        if up is None:
+            return None
+        try:
+            return str(save_upload(up.name, up.getvalue()))
+        except DTMError as e:  # over the size limit, or no room to keep it
+            st.error(str(e))
+            return None
     if kind == "Local path":
         return st.text_input("Path to a data file on the server", key="ds_path") or None
     hub = st.text_input(

@@ -59,6 +59,7 @@ def test_queue_runs_one_cpu_job_at_a_time_and_never_duplicates(lab0, cache, tmp_
         assert "step 6: train_loss" in (cache / "runs" / j.id / "log.txt").read_text()
 
 
+@pytest.mark.fault
 def test_kill_9_shows_interrupted_and_resume_continues_from_the_checkpoint(lab0, cache):
     store = jobs.JobStore(Registry(cache))
     cfg = tiny_train(
@@ -87,6 +88,7 @@ def test_kill_9_shows_interrupted_and_resume_continues_from_the_checkpoint(lab0,
     assert store.get(job.id).attempts == 1
 
 
+@pytest.mark.fault
 def test_jobs_survive_their_launcher_and_are_seen_by_a_new_process(lab0, cache):
     """The launching process (a dashboard server) exits; a fresh process re-attaches."""
     cfg = tiny_train(lab0, "-", steps=40, log_every=10)

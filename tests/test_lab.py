@@ -207,6 +207,7 @@ def test_injected_biases_at_their_configured_rates(knobs):
     assert unseen_people and not any(set(r.instruction.split()) & unseen_people for r in train)
 
 
+@pytest.mark.fault
 def test_background_build_runs_once_reports_progress_survives_a_kill(cache):
     import os
     import signal

@@ -54,6 +54,7 @@ def test_artifact_with_missing_folder_is_not_trusted(cache):
     assert computed
 
 
+@pytest.mark.fault
 def test_atomic_path_keeps_old_file_on_error(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old")
@@ -64,6 +65,7 @@ def test_atomic_path_keeps_old_file_on_error(tmp_path):
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.security
 def test_safe_names_stay_inside_their_folder(cache):
     assert safe_name("../../etc/passwd") == "passwd"
     assert safe_name("..") == "file" and safe_name(".hidden") == "hidden"

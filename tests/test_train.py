@@ -77,6 +77,7 @@ def test_sub_model_trains_on_its_cluster_and_saves_its_fisher(lab0, tmp_path):
     assert sum(float(f.sum()) for f in fisher.values()) > 0
 
 
+@pytest.mark.fault
 def test_stop_then_resume_continues_the_curve_as_if_uninterrupted(lab0, sft_run, tmp_path):
     """A stop request saves a checkpoint; resuming from it reaches the same weights and
     losses as the run that was never stopped."""
@@ -104,6 +105,7 @@ def test_stop_then_resume_continues_the_curve_as_if_uninterrupted(lab0, sft_run,
         torch.testing.assert_close(d, dense_deltas(sft_out / "adapter")[name], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.fault
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(lab0, tmp_path):
     cfg = tiny_train(
         lab0, tmp_path / "nan", steps=12, lr=1e30, max_grad_norm=1e30, save_every=1, log_every=1
@@ -119,6 +121,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(la
     assert not (tmp_path / "nan" / "adapter").exists()
 
 
+@pytest.mark.fault
 def test_a_failed_save_leaves_no_adapter_that_looks_complete(lab0, tmp_path):
     """The adapter write hits the file-size limit (a real EFBIG from the kernel)."""
     out = tmp_path / "run"
