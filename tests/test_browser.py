@@ -183,3 +183,41 @@ def test_the_whole_flow_in_chromium_survives_a_server_crash(dashboard, chromium,
     wait_idle(page)
     expect(page.locator(".st-key-c_ratio_fig .js-plotly-plot")).to_be_visible()
     page_done(page, "5-compare")
+
+
+@pytest.mark.fault
+def test_a_job_killed_mid_run_shows_interrupted_and_resumes_from_the_page(
+    dashboard, chromium, cache, lab0
+):
+    """kill -9 of a training job: the Train page shows it interrupted; its Resume button
+    continues it from the checkpoint to the end, one loss curve without repeats."""
+    import os
+    import signal
+
+    from conftest import tiny_train
+    from playwright.sync_api import expect
+
+    store = jobs.JobStore(Registry(cache))
+    cfg = tiny_train(
+        lab0, "-", steps=400, save_every=5, log_every=5, batch_size=4, micro_batch_size=4
+    )
+    job, _ = jobs.submit(cfg, name="sft long", group="faults", store=store)
+    ckpts = cache / "runs" / job.id / "checkpoints"
+    end = time.time() + 240
+    while time.time() < end and not (store.get(job.id).step >= 10 and any(ckpts.glob("c*"))):
+        time.sleep(0.3)
+    assert store.get(job.id).state == "running", "the job ended before it could be killed"
+    os.kill(store.get(job.id).pid, signal.SIGKILL)
+
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url := dashboard.url)
+    go(page, app_url, "Train")
+    picked = page.locator(".st-key-job_pick input")  # the selected job: "name · state · id"
+    expect(picked).to_have_value(re.compile("^sft long · interrupted"), timeout=MINUTE)
+    page_done(page, "6-train-interrupted")
+    page.locator(".st-key-job_resume button").click()
+    expect(picked).to_have_value(re.compile("^sft long · done"), timeout=4 * MINUTE)
+    page_done(page, "7-train-resumed")
+    steps = [r["step"] for r in store.metrics(job.id)]
+    assert steps == list(range(0, 401, 5)), steps  # the curve went on from the checkpoint
+    assert store.get(job.id).attempts == 1

@@ -123,20 +123,24 @@ def test_token_level_bias_is_exact(lab0, lab_model, sft_run):
 @pytest.mark.fault
 def test_experiment_launch_starts_one_run_and_a_dead_run_reads_interrupted(cache, tmp_path):
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from dtm.study import launch, read_status
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: story\nlab: {size: huge}\n")  # fails at once: lab.size
-    first = launch(bad, "story")
-    second = launch(bad, "story")
-    assert first["pid"] == second["pid"]
+    with ThreadPoolExecutor(2) as pool:  # two sessions press the button at once
+        both = list(pool.map(lambda _: launch(bad, "story"), range(2)))
+    pids = {st["pid"] for st in both if "pid" in st}  # the other may read "starting"
+    assert len(pids) == 1 and all(st["state"] in ("running", "starting") for st in both)
+    first = read_status("story")
+    assert first["pid"] in pids
     end = time.time() + 60
     while time.time() < end and read_status("story")["state"] == "running":
         time.sleep(0.2)
     assert read_status("story")["state"] == "interrupted"
     log = (cache / "experiments" / "story" / "run.log").read_text()
-    assert "lab.size must be small or default" in log
+    assert log.count("lab.size must be small or default") == 1  # one run was started
     assert launch(bad, "story")["pid"] != first["pid"]  # an ended run can start again
 
 
