@@ -435,6 +435,9 @@ def publish_dir(final: Path, write: Callable[[Path], Any]) -> Path:
             os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+    except DTMError:  # the writer's own clear message (e.g. a missing input file)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except Exception as e:  # OSError, or a safetensors write error wrapping one
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"could not save {final}: {e}") from e
