@@ -518,6 +518,22 @@ def cmd_lab_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_permissions(p: argparse.ArgumentParser) -> None:
+    """The two switches that let a model folder run code: both off unless given."""
+    p.add_argument(
+        "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        help="run the Python code a model folder ships (its auto_map); off by default",
+    )
+    p.add_argument(
+        "--allow-pickle-weights",
+        dest="allow_pickle",
+        action="store_true",
+        help="load a base model that has only pickle (.bin) weights (a pickle can run code)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dtm.cluster import METHODS
     from dtm.embed import DEFAULT_MODEL, FIELDS, PRECISIONS
@@ -580,13 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the last checkpoint in --out"
     )
     t.add_argument("--job", default=None, help=argparse.SUPPRESS)  # run a registry job
-    t.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
-    t.add_argument(
-        "--allow-pickle-weights",
-        dest="allow_pickle",
-        action="store_true",
-        help="load a base model that has only pickle (.bin) weights (a pickle can run code)",
-    )
+    _model_permissions(t)
     t.add_argument(
         "--val-data",
         dest="val_data",
@@ -668,13 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--lambda", dest="lam", type=float, default=None, help="task_arithmetic")
     mg.add_argument("--seed", type=int, default=0, help="dare: mask seed")
     mg.add_argument("--full", action="store_true", help="write full merged weights (HF format)")
-    mg.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
-    mg.add_argument(
-        "--allow-pickle-weights",
-        dest="allow_pickle",
-        action="store_true",
-        help="load a base model that has only pickle (.bin) weights (a pickle can run code)",
-    )
+    _model_permissions(mg)
     mg.add_argument("--out", required=True, help="a new folder")
     mg.set_defaults(func=cmd_merge)
 
@@ -709,13 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run humaneval/mbpp, which execute model code",
     )
-    ev.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
-    ev.add_argument(
-        "--allow-pickle-weights",
-        dest="allow_pickle",
-        action="store_true",
-        help="load a base model that has only pickle (.bin) weights (a pickle can run code)",
-    )
+    _model_permissions(ev)
     ev.add_argument(
         "--list-tasks",
         dest="list_tasks",
