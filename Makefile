@@ -29,8 +29,9 @@ chromium:
 	  if command -v apt-get >/dev/null; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    echo "installing Debian's chromium for the browser tests"; \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    ( $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ) || \
+	    echo "could not install chromium: the browser tests will skip (and fail under CI)"; \
 	  else \
 	    echo "no apt-get: install Chromium at $(CHROMIUM) to run the browser tests (they skip)"; \
 	  fi; \
