@@ -116,7 +116,17 @@ def wait_idle(page, timeout: float = 120_000) -> None:
 
 
 def shot(page, name: str) -> Path:
+    """The whole page as a PNG. Streamlit scrolls inside its main block, not the document,
+    so the viewport is stretched to the block's height for the picture."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    size = page.viewport_size
+    height = page.evaluate(
+        "() => Math.max(document.querySelector('[data-testid=stMain]')?.scrollHeight || 0,"
+        " document.body.scrollHeight)"
+    )
+    page.set_viewport_size({"width": size["width"], "height": min(max(height, 600), 8000)})
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(path))
+    page.set_viewport_size(size)
     return path
