@@ -44,7 +44,7 @@ test: $(VENV)/.installed-dev chromium
 	DTM_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check dtm pages app.py tests bench
+	$(BIN)/ruff check dtm views app.py tests bench
 
 bench-disperse: $(VENV)/.installed
 	$(BIN)/python bench/disperse.py

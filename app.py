@@ -7,18 +7,16 @@ import streamlit as st
 from dtm import jobs
 from dtm.errors import DTMError
 from dtm.lab import ensure_default_lab, lab_status
-from pages._nav import resume
 
 st.set_page_config(page_title="Disperse-Then-Merge", page_icon=":material/hub:", layout="wide")
 PAGES = [
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/disperse.py", title="Disperse", icon=":material/scatter_plot:"),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/bar_chart:"),
+    st.Page("views/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("views/disperse.py", title="Disperse", icon=":material/scatter_plot:"),
+    st.Page("views/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("views/merge.py", title="Merge", icon=":material/merge:"),
+    st.Page("views/compare.py", title="Compare", icon=":material/bar_chart:"),
 ]
 page = st.navigation(PAGES)
-resume(PAGES)  # a page first opened in Streamlit's legacy pages/ mode comes back here
 
 # The default lab builds in a background process on first start; pages never wait for it.
 if os.environ.get("DTM_LAB_AUTOBUILD", "1") != "0":

@@ -77,7 +77,7 @@ def recluster_and_reopen(n: int, seed: int, repeats: int) -> tuple[float, list[f
     """Seconds to re-cluster with another K on cached embeddings, and warm page reopens."""
     from streamlit.testing.v1 import AppTest
 
-    from dtm.pipeline import DisperseConfig, assignment_step, run_disperse
+    from dtm.disperse import DisperseConfig, assignment_step, run_disperse
     from dtm.samples import synthetic_instructions, write_jsonl
     from dtm.store import Registry
 

@@ -23,7 +23,7 @@ def main() -> int:
     from dtm.evaluate import evaluate
     from dtm.lab import default_lab_dir
     from dtm.lab.benchmarks import TASKS
-    from dtm.results import ModelRef, load_model
+    from dtm.score import ModelRef, load_model
 
     p = argparse.ArgumentParser()
     p.add_argument("--lab", default=str(default_lab_dir()))

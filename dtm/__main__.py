@@ -1,5 +1,9 @@
 """``python -m dtm ...``: the headless twin of the dashboard.
 
+Length: this module holds the whole command-line contract (every flag, output line and
+exit code) in one place on purpose: one ``cmd_*`` per command, each calling one library
+function, and one small ``_*_parser`` per command; the stage logic lives in the library.
+
 Exit codes: 0 success; 2 bad input or environment (a message on stderr says what and
 where); 3 training stopped on request (a checkpoint was saved: resume it); 1 an
 unexpected error (a bug: the traceback is printed).
@@ -48,7 +52,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_disperse(args: argparse.Namespace) -> int:
-    from dtm.pipeline import DisperseConfig, run_disperse, write_disperse_outputs
+    from dtm.disperse import DisperseConfig, run_disperse, write_disperse_outputs
     from dtm.store import Registry
 
     out = Path(args.out)
@@ -93,20 +97,14 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
     progress = bar
     if args.progress_file:
         import os
-        import time
 
-        from dtm.store import write_json_atomic
+        from dtm.store import ProgressFile
 
-        last = [0.0]
+        file = ProgressFile(args.progress_file, state="building", pid=os.getpid())
 
         def progress(stage: str, frac: float) -> None:
             bar(stage, frac)
-            if time.time() - last[0] > 0.5 or frac >= 1.0:
-                last[0] = time.time()
-                write_json_atomic(
-                    args.progress_file,
-                    {"state": "building", "pid": os.getpid(), "stage": stage, "fraction": frac},
-                )
+            file.update(force=frac >= 1.0, stage=stage, fraction=frac)
 
     try:
         summary = build_lab(
@@ -136,29 +134,10 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace):
     """A TrainConfig from ``--config FILE`` (JSON or YAML) overridden by the flags."""
-    from dataclasses import fields
+    from dtm.train.config import config_from_args
 
-    from dtm.train import TrainConfig
-
-    values: dict = {}
-    if args.config:
-        values = _read_mapping(args.config)
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"--config {args.config}: unknown keys {', '.join(unknown)}.")
-    for f in fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None and v is not False:
-            values[f.name] = v
-    if isinstance(values.get("target_modules"), str):
-        values["target_modules"] = tuple(values["target_modules"].split(","))
-    elif "target_modules" in values:
-        values["target_modules"] = tuple(values["target_modules"])
-    missing = [n for n in ("base", "data", "out") if not values.get(n)]
-    if missing:
-        raise ConfigError(f"train needs {', '.join('--' + m for m in missing)}.")
-    return TrainConfig(**values)
+    values = _read_mapping(args.config) if args.config else {}
+    return config_from_args(args, values, args.config or "")
 
 
 def _read_mapping(path: str) -> dict:
@@ -188,7 +167,7 @@ def _install_stop_handlers() -> None:
     """SIGTERM, or a first Ctrl-C, asks the trainer to checkpoint and stop."""
     import signal
 
-    from dtm.train_loop import request_stop
+    from dtm.train import request_stop
 
     def on_int(signum, frame):
         print("stopping after this step (checkpoint); Ctrl-C again to abort", file=sys.stderr)
@@ -272,17 +251,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    from dtm.experiment import describe, load_experiment, plan, run, summary_table
-    from dtm.store import write_text_atomic
-    from dtm.study import (
-        Progress,
-        evaluate_experiment,
+    from dtm.experiment import (
+        describe,
         experiment_dir,
-        export_merges,
-        results_markdown,
+        load_experiment,
+        plan,
+        run_experiment,
     )
 
     exp = load_experiment(args.experiment)
@@ -291,46 +265,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(describe(exp, plan(exp)))
     if args.dry_run:
         return 0
-    prog = Progress(exp.name, echo=_progress_bar())
     command = f"python -m dtm run {args.experiment}"
+    out = experiment_dir(exp.name)
     try:
-        res = run(exp, progress=prog, wait=not args.no_wait, stage=prog.stage)
-        table = summary_table(res["jobs"])
-        print(table)
-        out = experiment_dir(exp.name)
-        write_text_atomic(out / "jobs.md", f"# {exp.name}: training jobs\n\n{table}\n")
-        if args.no_wait:
-            prog.done()
-            print(f"wrote {out / 'jobs.md'}; the jobs run on")
-            return 0
-        bad = [j for j in res["jobs"] if j.state != "done"]
-        for j in bad:
-            print(f"{j.name} ({j.id[:12]}): {j.state}: {j.error}", file=sys.stderr)
-        t0 = time.time()
-        prog.stage("merge")
-        export_merges(exp, res["jobs"], progress=prog)
-        prog.stage("evaluate")
-        scores = evaluate_experiment(exp, res["jobs"], progress=prog)
-        timings = json.loads((out / "results.json").read_text())["seconds"]
-        seconds = res["seconds"] + time.time() - t0
-        md = results_markdown(exp, scores, res["jobs"], command, seconds, timings)
-        write_text_atomic(out / "results.md", md)
-        print(md)
-        print(f"wrote {out / 'results.md'} and results.json")
-        if bad:
-            raise DTMError(
-                f"{len(bad)} of {len(res['jobs'])} jobs did not finish; the "
-                "results table holds the models that did."
-            )
-        prog.done()
-    except BaseException as e:
-        prog.failed(str(e) or type(e).__name__)
+        res = run_experiment(exp, command=command, wait=not args.no_wait, echo=_progress_bar())
+    except DTMError:
+        if (out / "results.md").exists():
+            print((out / "results.md").read_text(encoding="utf-8"))
         raise
+    print(res["jobs_table"])
+    if args.no_wait:
+        print(f"wrote {out / 'jobs.md'}; the jobs run on")
+        return 0
+    print(res["results"])
+    print(f"wrote {out / 'results.md'} and results.json")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from dtm.merge.engine import Merger
+    from dtm.merge.methods import merge_params_from_args
 
     weights = None
     if args.weights:
@@ -346,15 +300,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         except ConfigError as e:
             raise ConfigError(f"--weights {args.weights}: {e}") from None
     weights = weights or [1.0 / len(args.adapters)] * len(args.adapters)
-    params = {"seed": args.seed}
-    if args.density is not None:
-        params["density"] = args.density
-    if args.drop is not None:
-        params["drop"] = args.drop
-    if args.lam is not None:
-        params["lambda"] = args.lam
-    if args.consensus:
-        params["consensus"] = args.consensus
+    params = merge_params_from_args(args.method, args)
     merger = Merger(
         args.base,
         args.adapters,
@@ -438,7 +384,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from dtm.evaluate import evaluate, known_tasks
     from dtm.harness import check_code_opt_in
-    from dtm.results import ModelRef, load_model, record
+    from dtm.score import ModelRef, load_model, record
     from dtm.store import write_json_atomic
 
     if args.list_tasks:
@@ -534,18 +480,7 @@ def _model_permissions(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dtm.cluster import METHODS
-    from dtm.embed import DEFAULT_MODEL, FIELDS, PRECISIONS
-    from dtm.train import KINDS
-
-    p = argparse.ArgumentParser(
-        prog="python -m dtm",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="inspect instruction data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="load a file and report kept and dropped rows")
@@ -553,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", default="train", help="split of a hub dataset")
     check.add_argument("--examples", type=int, default=20, help="dropped rows to list")
     check.set_defaults(func=cmd_data_check)
+
+
+def _disperse_parser(sub) -> None:
+    from dtm.cluster import METHODS
+    from dtm.embed import DEFAULT_MODEL, FIELDS, PRECISIONS
 
     d = sub.add_parser("disperse", help="embed, cluster into K subsets, and map the data")
     d.add_argument("--data", required=True, help="data file or hub dataset id")
@@ -582,68 +522,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="folder for assignments.csv, clusters.json")
     d.set_defaults(func=cmd_disperse)
 
+
+def _train_parser(sub) -> None:
+    from dtm.train.config import add_arguments
+
     t = sub.add_parser(
         "train", help="LoRA SFT of a causal LM: vanilla SFT, a sub-model, or a baseline"
     )
-    t.add_argument("--base", default=None, help="model folder or hub id")
-    t.add_argument("--data", default=None, help="instruction data file")
-    t.add_argument("--out", default=None, help="run folder")
     t.add_argument(
         "--config", default=None, help="JSON or YAML file of TrainConfig values (flags win)"
     )
-    t.add_argument("--kind", choices=KINDS, default=None)
     t.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --out"
     )
     t.add_argument("--job", default=None, help=argparse.SUPPRESS)  # run a registry job
-    _model_permissions(t)
-    t.add_argument(
-        "--val-data",
-        dest="val_data",
-        default=None,
-        help="held-out data file (default: a split of --data)",
-    )
-    t.add_argument("--assignments", default=None, help="assignments.csv of a disperse run")
-    t.add_argument("--cluster", type=int, default=None, help="the cluster to train on")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--epochs", type=float, default=None)
-    for name, typ in [
-        ("lora_r", int),
-        ("lora_alpha", int),
-        ("lora_dropout", float),
-        ("lr", float),
-        ("warmup_ratio", float),
-        ("weight_decay", float),
-        ("max_grad_norm", float),
-        ("batch_size", int),
-        ("micro_batch_size", int),
-        ("max_length", int),
-        ("log_every", int),
-        ("probe_size", int),
-        ("seed", int),
-        ("target_modules", str),
-        ("scheduler", str),
-        ("members", int),
-        ("l2_weight", float),
-        ("ewc_weight", float),
-        ("reference", str),
-        ("reference_size", int),
-        ("fisher_size", int),
-        ("save_every", int),
-        ("keep_checkpoints", int),
-        ("eval_every", int),
-        ("val_fraction", float),
-    ]:
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
-    t.add_argument(
-        "--eval-lab",
-        dest="eval_lab",
-        default=None,
-        help="a lab folder: score its benchmarks at every --eval-every steps",
-    )
+    add_arguments(t)  # one flag per TrainConfig field, with its help
     t.set_defaults(func=cmd_train)
 
+
+def _jobs_parser(sub) -> None:
     j = sub.add_parser("jobs", help="background training jobs")
     j_sub = j.add_subparsers(dest="jobs_command", required=True)
     jl = j_sub.add_parser("list", help="every job with its state and progress")
@@ -665,23 +562,24 @@ def build_parser() -> argparse.ArgumentParser:
     for c in j_sub.choices.values():
         c.set_defaults(func=cmd_jobs)
 
+
+def _merge_parser(sub) -> None:
     from dtm.merge.methods import METHODS as MERGE_METHODS
+    from dtm.merge.methods import add_merge_arguments
 
     mg = sub.add_parser("merge", help="merge LoRA sub-models exactly into one adapter or model")
     mg.add_argument("--base", required=True, help="the base model the adapters were trained on")
     mg.add_argument("--adapters", nargs="+", required=True, help="peft adapter folders")
     mg.add_argument("--weights", default=None, help="comma-separated, one per adapter")
     mg.add_argument("--method", default="average", choices=list(MERGE_METHODS))
-    mg.add_argument("--density", type=float, default=None, help="ties: fraction kept")
-    mg.add_argument("--drop", type=float, default=None, help="dare: drop rate p")
-    mg.add_argument("--consensus", choices=["ties"], default=None, help="dare: TIES-style")
-    mg.add_argument("--lambda", dest="lam", type=float, default=None, help="task_arithmetic")
-    mg.add_argument("--seed", type=int, default=0, help="dare: mask seed")
+    add_merge_arguments(mg)
     mg.add_argument("--full", action="store_true", help="write full merged weights (HF format)")
     _model_permissions(mg)
     mg.add_argument("--out", required=True, help="a new folder")
     mg.set_defaults(func=cmd_merge)
 
+
+def _run_parser(sub) -> None:
     r = sub.add_parser("run", help="a whole experiment from a YAML file, headless")
     r.add_argument("experiment", help="an experiment file, e.g. experiments/lab.yaml")
     r.add_argument(
@@ -691,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default=None, help="local or ray:ADDRESS (overrides the file)")
     r.set_defaults(func=cmd_run)
 
+
+def _eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="score a model on the lab's tasks or the paper's benchmarks")
     ev.add_argument("--model", default=None, help="model folder, hub id, or `lab`")
     ev.add_argument(
@@ -723,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="results.json: {task: {metric: value}}")
     ev.set_defaults(func=cmd_eval)
 
+
+def _lab_parser(sub) -> None:
     lab = sub.add_parser("lab", help="the embedded alignment-tax lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     lb = lab_sub.add_parser("build", help="build the synthetic world, base model, data, benchmarks")
@@ -750,6 +652,26 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--out", required=True)
     lm.set_defaults(func=cmd_lab_measure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dtm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _data_parser,
+        _disperse_parser,
+        _train_parser,
+        _jobs_parser,
+        _merge_parser,
+        _run_parser,
+        _eval_parser,
+        _lab_parser,
+    ):
+        add(sub)
     return p
 
 

@@ -8,6 +8,9 @@ token-level bias.
 - ``alignment_tax_curve(records)``: each lab benchmark against step (and fraction of the
   data seen) from the records a run scored with ``eval_every``. Columns: ``step,
   fraction, epoch, task, metric, value``.
+- ``summarise(scores)``, ``with_deltas``, ``wide``, ``model_order``: the Compare page's
+  benchmark tables (mean and std over seeds, deltas against SFT); ``paper_reference()``:
+  the paper's reported numbers (percent, ``source = "reported"``), a separate set.
 - ``token_level_bias(early, late, tokenizer, train_rows, val_rows)``: per token, how much
   its loss fell between an early and a late model on training text and on validation
   text (the paper's figure 5): tokens whose loss falls on training text but not on
@@ -17,6 +20,7 @@ token-level bias.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -70,7 +74,7 @@ def alignment_tax_curve(records: list[dict], metrics: list[tuple[str, str]] | No
 def token_losses(model, encoded: list[dict], batch_size: int = 32) -> list[tuple[int, float]]:
     """(token id, loss) of every response token of ``encoded`` (``encode_rows`` rows:
     ``input_ids`` and ``labels`` with the prompt masked to -100)."""
-    from dtm.train import collate
+    from dtm.train.rows import collate
 
     dev = next(model.parameters()).device
     was = model.training
@@ -153,9 +157,85 @@ def token_level_bias(
 def encode_split(path: str, tokenizer, max_length: int = 128, n: int = 256, seed: int = 0):
     """The first ``n`` rows (seeded sample) of an instruction data file, encoded."""
     from dtm.data import load_instructions
-    from dtm.train import encode_rows
+    from dtm.train.rows import encode_rows
 
     table = load_instructions(path, count_tokens=False).table
     if len(table) > n:
         table = table.sample(n=n, random_state=seed)
     return encode_rows(table, tokenizer, max_length)
+
+
+REFERENCE = Path(__file__).parent / "reference" / "paper_table1.csv"
+
+
+def summarise(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per (label, task, metric) of the registry's scores: ``kind, mean, std,
+    seeds, stderr`` (std over seeds, sample std; NaN with one seed)."""
+    cols = ["label", "kind", "task", "metric", "mean", "std", "seeds", "stderr"]
+    if scores.empty:
+        return pd.DataFrame(columns=cols)
+    if "kind" not in scores:
+        scores = scores.assign(kind=None)
+    g = scores.groupby(["label", "task", "metric"], sort=False)
+    out = g.agg(
+        kind=("kind", "first"),
+        mean=("value", "mean"),
+        std=("value", lambda v: v.std(ddof=1) if len(v) > 1 else float("nan")),
+        seeds=("value", "size"),
+        stderr=("stderr", "mean"),
+    ).reset_index()
+    return out[cols]
+
+
+def with_deltas(summary: pd.DataFrame, against: str = "sft") -> pd.DataFrame:
+    ref = summary[summary["label"] == against].set_index(["task", "metric"])["mean"]
+    out = summary.copy()
+    keys = list(zip(out["task"], out["metric"], strict=True))
+    out["delta"] = [m - ref.get(k, float("nan")) for m, k in zip(out["mean"], keys, strict=True)]
+    return out
+
+
+def wide(summary: pd.DataFrame, measures: list[tuple[str, str]], labels: list[str]):
+    """A display table: one row per label, a ``task.metric`` column per measure, cells
+    ``mean ± std`` (or the mean alone with one seed)."""
+    rows = []
+    for label in labels:
+        row = {"model": label}
+        for task, metric in measures:
+            hit = summary[
+                (summary["label"] == label)
+                & (summary["task"] == task)
+                & (summary["metric"] == metric)
+            ]
+            if hit.empty:
+                row[f"{task}.{metric}"] = ""
+                continue
+            m, s = hit["mean"].iloc[0], hit["std"].iloc[0]
+            row[f"{task}.{metric}"] = f"{m:.3f}" + ("" if pd.isna(s) else f" ± {s:.3f}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def model_order(table: pd.DataFrame) -> list[str]:
+    """The labels of a scores or summary table (``label``, ``kind``) in the order tables
+    show them: by kind as ``dtm.score.KINDS`` lists them (base, SFT, the shrinkage control,
+    DTM, baselines, sub-models), then by label; rows of unknown kind come last."""
+    from dtm.score import KINDS
+
+    rank = {k: i for i, k in enumerate(KINDS)}
+    kinds = table["kind"] if "kind" in table else pd.Series([None] * len(table))
+    first: dict[str, int] = {}
+    for label, kind in zip(table["label"], kinds, strict=True):
+        if isinstance(label, str) and label:
+            first.setdefault(label, rank.get(kind, len(KINDS)))
+    return sorted(first, key=lambda label: (first[label], label))
+
+
+def paper_reference(tasks: list[str] | None = None) -> pd.DataFrame:
+    """The paper's reported cells (percent) for ``tasks``: ``label, task, value, table,
+    source``."""
+    ref = pd.read_csv(REFERENCE).rename(columns={"model": "label"})
+    ref["source"] = "reported"
+    if tasks is not None:
+        ref = ref[ref["task"].isin(tasks)]
+    return ref.reset_index(drop=True)

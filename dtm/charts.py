@@ -258,10 +258,9 @@ def score_bars(summary: pd.DataFrame, measures: list[tuple[str, str]], labels: l
     """Grouped bars: one group per measure, one bar per model (mean over seeds, error bar
     = std over seeds where there are several)."""
     fig = go.Figure()
-    names = [
-        f"{t.removeprefix('lab_')}.{m}" if m != "acc" else t.removeprefix("lab_")
-        for t, m in measures
-    ]
+    from dtm.tasks import short
+
+    names = [f"{short(t)}.{m}" if m != "acc" else short(t) for t, m in measures]
     for i, label in enumerate(labels):
         means, stds = [], []
         for t, m in measures:

@@ -16,6 +16,9 @@ tokenizer: a model-independent size; training counts again with the base model's
 
 Bad rows are dropped with a reason and their line (or record) number; nothing is
 silently coerced. A file with no usable row raises ``DataError``.
+
+Length: one reader per file format and row shape, with the check of every field each
+one needs; they share the drop-with-a-reason report, so they stay together.
 """
 
 from __future__ import annotations
@@ -405,15 +408,9 @@ def _unique_ids(ids: list[str], lines: list[int], report: LoadReport) -> list[st
     return out
 
 
-def prompt_text(table: pd.DataFrame) -> pd.Series:
-    """The instruction with its input (if any) on the next line."""
-    return table["instruction"].where(
-        table["input"] == "", table["instruction"] + "\n" + table["input"]
-    )
-
-
 def token_counts(table: pd.DataFrame) -> list[int]:
-    from dtm.embed import default_tokenizer
+    """Tokens of each row's prompt and response, by the embedding model's tokenizer."""
+    from dtm.embed import default_tokenizer, prompt_text
 
     tok = default_tokenizer()
     texts = (prompt_text(table) + "\n" + table["response"]).tolist()

@@ -101,11 +101,16 @@ def check_field(field: str) -> None:
         raise ConfigError(f"field must be one of {', '.join(FIELDS)} (got {field!r}).")
 
 
+def prompt_text(table: pd.DataFrame) -> pd.Series:
+    """The instruction with its input (if any) on the next line."""
+    return table["instruction"].where(
+        table["input"] == "", table["instruction"] + "\n" + table["input"]
+    )
+
+
 def field_texts(table: pd.DataFrame, field: str) -> list[str]:
     """The text embedded for ``field``: the prompt (instruction + input), the response,
     or both joined by a blank line."""
-    from dtm.data import prompt_text
-
     if field == "instruction":
         return prompt_text(table).tolist()
     if field == "response":

@@ -22,3 +22,14 @@ class ConfigError(DTMError):
 class StorageError(DTMError):
     """A save failed for lack of room (disk full, quota, size limit) or permission; what
     was there before is left as it was."""
+
+
+class TrainingError(DTMError):
+    """The run could not go on (a non-finite loss, a failed save); the message says
+    what was kept."""
+
+
+class Stopped(DTMError):
+    """The run stopped on request after saving a checkpoint; it can be resumed."""
+
+    exit_code = 3

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dtm.lab import checks
-from dtm.lab.benchmarks import MC_TASKS, PROBES, TASKS
+from dtm.tasks import MC_TASKS, PROBES, TASKS
 
 
 def read_items(bench_dir: str | Path, task: str, limit: int | None = None) -> list[dict]:

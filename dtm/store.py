@@ -5,6 +5,9 @@ keyed by a hash of those inputs, plus a folder of files ``<cache>/<kind>/<key>/`
 A folder becomes visible only by an atomic rename once every file in it is
 written, so a crash never leaves a half-written artifact that a later read trusts.
 ``DTM_CACHE`` moves the cache (default: ``cache/`` beside the ``dtm`` package).
+
+Length: every write the project makes goes through the few helpers here (atomic files,
+the folder publisher, progress files, the registry), so that one copy of each exists.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from dtm.errors import RegistryError, StorageError
 
-SCHEMA_VERSION = 3  # 2: jobs and metrics tables; 3: results
+SCHEMA_VERSION = 4  # 2: jobs and metrics tables; 3: results; 4: kinds and clusterings
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
     kind    TEXT NOT NULL,
@@ -61,7 +64,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created     REAL NOT NULL,
     started     REAL,
     updated     REAL NOT NULL,
-    ended       REAL
+    ended       REAL,
+    clustering  TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     job    TEXT NOT NULL,
@@ -84,11 +88,15 @@ CREATE TABLE IF NOT EXISTS results (
     seed      INTEGER,
     engine    TEXT NOT NULL,
     lim       INTEGER,
-    created   REAL NOT NULL
+    created   REAL NOT NULL,
+    kind      TEXT,
+    clustering TEXT
 );
 CREATE INDEX IF NOT EXISTS results_model ON results (model_key);
 CREATE INDEX IF NOT EXISTS results_grp ON results (grp);
 """
+# Schema 4's columns, added in place to an older registry (their rows read NULL).
+_ADDED_COLUMNS = (("jobs", "clustering"), ("results", "kind"), ("results", "clustering"))
 _DONE = "_complete.json"  # written last inside an artifact folder
 
 
@@ -157,6 +165,57 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def is_io_error(e: BaseException | None) -> bool:
+    """An OSError, or a library error wrapping one (safetensors reports a failed write as
+    ``SafetensorError: ... I/O error``)."""
+    while e is not None:
+        if isinstance(e, OSError) or "I/O error" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def publish_dir(
+    final: str | Path, write: Callable[[Path], Any], *, replace: bool = True, wrap: bool = True
+) -> Path:
+    """The one publisher of folders: call ``write(tmp)`` on a private folder beside
+    ``final``, then rename it into place. On failure nothing named ``final`` is created;
+    an older ``final`` is replaced only once the new one is complete, or, with
+    ``replace=False``, kept (another writer published the same thing first). Single
+    files go through ``atomic_path``; registry artifacts through ``Registry.produce``,
+    which calls this. A save that fails for lack of room is a StorageError saying so;
+    any other I/O error is one too, unless ``wrap=False`` (then it is raised as it is)."""
+    from dtm.errors import DTMError
+
+    final = Path(final)
+    existed = final.exists()
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if final.exists() and not replace:
+            return final
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except DTMError:  # the writer's own clear message (e.g. a missing input file)
+        raise
+    except OSError as e:
+        no_room = save_failed(final, e, existed)
+        if no_room is None and not wrap:
+            raise
+        raise (no_room or StorageError(f"could not save {final}: {e}")) from e
+    except Exception as e:  # e.g. a safetensors write error wrapping an OSError
+        if not (wrap and is_io_error(e)):
+            raise
+        raise StorageError(f"could not save {final}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def write_text_atomic(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -165,6 +224,55 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
 
 def write_json_atomic(target: str | Path, obj: Any) -> Path:
     return write_text_atomic(target, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone
+    or a zombie: with the pid it identifies one process for the life of the machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError, ValueError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def pid_alive(pid: int | None, start: str | None = None) -> bool:
+    """The one process check: ``pid`` runs (not a zombie) and, when ``start`` is given,
+    is still the process that had that start time (a reused pid is not alive)."""
+    if not pid or int(pid) <= 0:
+        return False
+    now = proc_start_time(int(pid))
+    return now is not None and (start is None or now == start)
+
+
+class ProgressFile:
+    """The one progress writer: ``update(**fields)`` merges ``fields`` into a JSON file
+    (atomically, at most every ``every`` seconds unless ``force``), so another process
+    (a page, ``dtm jobs``) can follow long work."""
+
+    def __init__(self, path: str | Path, every: float = 0.5, **initial: Any) -> None:
+        self.path, self.every, self.state, self._last = Path(path), every, dict(initial), 0.0
+
+    def update(self, *, force: bool = False, **fields: Any) -> None:
+        self.state.update(fields)
+        now = time.time()
+        if force or now - self._last >= self.every:
+            self._last = now
+            write_json_atomic(self.path, {**self.state, "updated": now})
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a killed writer) is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -235,7 +343,11 @@ class Registry:
                     f"(schema {version} > {SCHEMA_VERSION}); upgrade dtm or set DTM_CACHE."
                 )
             con.executescript(_SCHEMA)
-            if version < SCHEMA_VERSION:  # older schemas only lack tables made here
+            if version < SCHEMA_VERSION:  # older schemas lack tables and columns made here
+                for table, column in _ADDED_COLUMNS:
+                    have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -333,25 +445,15 @@ class Registry:
         if hit is not None:
             return hit, False
         final = self.root / kind / key
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            meta = build(tmp)
+        if final.exists() and not (final / _DONE).exists():
+            shutil.rmtree(final)  # left by a crash before its rename: never trusted
+        meta: dict[str, Any] = {}
+
+        def write(tmp: Path) -> None:
+            meta.update(build(tmp))
             (tmp / _DONE).write_text(canonical_json({"kind": kind, "key": key}))
-            if final.exists() and not (final / _DONE).exists():
-                shutil.rmtree(final)  # left by a crash before its rename: never trusted
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / _DONE).exists():
-                    raise
-                # Another process published the same artifact first; its copy is equal.
-        except OSError as e:
-            raise (save_failed(final, e, False) or e) from e
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        publish_dir(final, write, replace=False, wrap=False)  # another's copy is equal
         rel = final.relative_to(self.root).as_posix()
         now = time.time()
         with self._connect() as con:

@@ -31,9 +31,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, alpaca, dtm_cli, round_robin_assignment, write_jsonl
 
+from dtm.store import SCHEMA_VERSION
+
 pytestmark = pytest.mark.bad_input
 
-PAGES = ROOT / "pages"
+PAGES = ROOT / "views"
 TEN_MB = 10 << 20
 
 
@@ -211,7 +213,7 @@ def train_page(env: Env, base: str):
     launch button pressed."""
     from streamlit.testing.v1 import AppTest
 
-    from dtm.pipeline import DisperseConfig, run_disperse
+    from dtm.disperse import DisperseConfig, run_disperse
     from dtm.store import Registry
 
     reg = Registry(env.cache)
@@ -350,9 +352,17 @@ def status_file(env: Env, text: str) -> Path:
 
 
 def experiment(env: Env, extra: str = "") -> Path:
-    """An experiment file named ``lab`` (as the Home page's story) on a small data file."""
+    """An experiment file named ``lab`` (as the Home page's story) on a small data file,
+    valid but for what a case adds: its base folder has the files a model folder needs
+    (it is never loaded: every case stops before any work) and it names its tasks."""
     data = good(env, "exp-data.jsonl", 6)
-    return env.write("exp.yaml", f"name: lab\nbase: {env.tmp}/base\ndata: {data}\n{extra}")
+    env.write("base/config.json", "{}")
+    env.write("base/model.safetensors", "")
+    return env.write(
+        "exp.yaml",
+        f"name: lab\nbase: {env.tmp}/base\ndata: {data}\nevaluate: {{tasks: [lab_knowledge]}}\n"
+        f"{extra}",
+    )
 
 
 @contextlib.contextmanager
@@ -729,7 +739,7 @@ CASES = [
          absent=("o",), during=exclusive_lock, page=lambda e: locked_page(e)),
     Case("registry-newer-schema", "registry", "jobs list",
          ("The registry {cache}/registry.sqlite was written by a newer version of dtm "
-          "(schema 99 > 3)",), setup=lambda e: newer_schema(e)),
+          f"(schema 99 > {SCHEMA_VERSION})",), setup=lambda e: newer_schema(e)),
     Case("registry-timeout-not-a-number", "registry", "jobs list",
          ("DTM_REGISTRY_TIMEOUT='soon': not a number of seconds.",),
          during=lambda e: env_var("DTM_REGISTRY_TIMEOUT", "soon")),

@@ -9,8 +9,8 @@ import pytest
 from conftest import alpaca, dtm_cli, write_jsonl
 
 from dtm import cluster
+from dtm.disperse import DisperseConfig, run_disperse
 from dtm.errors import ConfigError
-from dtm.pipeline import DisperseConfig, run_disperse
 from dtm.samples import SAMPLE_PATH, synthetic_instructions
 from dtm.store import Registry
 

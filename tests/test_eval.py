@@ -12,7 +12,7 @@ from dtm.lab.benchmarks import TASKS
 
 @pytest.fixture(scope="module")
 def lab_model(lab0):
-    from dtm.train import load_base
+    from dtm.models import load_base
 
     return load_base(str(lab0 / "model"))
 
@@ -59,7 +59,7 @@ def test_eval_cli_writes_results_and_records_them(lab0, cache, tmp_path):
     for task, metrics in res.items():
         acc = [k for k in metrics if k.startswith("acc")]
         assert acc and 0 <= metrics["acc"] <= 1 and metrics["n"] == 20, task
-    from dtm.results import scores
+    from dtm.score import scores
     from dtm.store import Registry
 
     rows = scores(group="cli", registry=Registry(cache))
@@ -99,7 +99,7 @@ def test_token_level_bias_is_exact(lab0, lab_model, sft_run):
     from peft import PeftModel
 
     from dtm.analysis import encode_split, token_level_bias, token_losses
-    from dtm.train import load_base
+    from dtm.models import load_base
 
     base, tok = lab_model
     train = encode_split(str(lab0 / "data" / "train.jsonl"), tok, n=24)
@@ -125,7 +125,7 @@ def test_experiment_launch_starts_one_run_and_a_dead_run_reads_interrupted(cache
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from dtm.study import launch, read_status
+    from dtm.experiment import launch, read_status
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: story\nlab: {size: huge}\n")  # fails at once: lab.size

@@ -264,7 +264,7 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     assert status["state"] == "done" and all(
         s["state"] == "done" for s in status["stages"].values()
     ), status
-    from dtm.results import scores
+    from dtm.score import scores
 
     scored = scores(group="tiny", registry=Registry(cache))
     assert set(scored["label"]) >= {"base", "sft", "dtm-random", "l2"}

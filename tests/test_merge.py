@@ -11,7 +11,8 @@ from dtm.controls import shrink_adapter
 from dtm.errors import ConfigError
 from dtm.merge.engine import Merger
 from dtm.merge.lora import read_adapter
-from dtm.train import load_base, train
+from dtm.models import load_base
+from dtm.train import train
 
 W = [0.2, 0.5, 0.3]
 

@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from dtm.charts import selected_rows
 
-PAGES = ROOT / "pages"
+PAGES = ROOT / "views"
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_selection_event_maps_points_to_rows():
 
 def _fake_scores(cache):
     """Scores as `dtm run` records them: base once, SFT and DTM over two seeds."""
-    from dtm.results import ModelRef, record
+    from dtm.score import ModelRef, record
     from dtm.store import Registry
 
     reg = Registry(cache)
@@ -208,8 +208,8 @@ def test_train_page_launches_the_dtm_set_once_and_shows_it_live(cache, lab0):
     import time
 
     from dtm import jobs
+    from dtm.disperse import DisperseConfig, run_disperse
     from dtm.lab import default_lab_dir
-    from dtm.pipeline import DisperseConfig, run_disperse
     from dtm.store import Registry
 
     at = AppTest.from_file(str(PAGES / "train.py"), default_timeout=120).run()

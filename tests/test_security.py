@@ -17,7 +17,7 @@ from conftest import ROOT, dtm_cli
 pytestmark = pytest.mark.security
 SOURCES = [
     p
-    for d in ("dtm", "pages", "bench", "tests")
+    for d in ("dtm", "views", "bench", "tests")
     for p in (ROOT / d).rglob("*.py")
     if "__pycache__" not in p.parts
 ] + [ROOT / "app.py"]
@@ -171,8 +171,8 @@ def test_a_pickle_that_runs_code_is_refused_even_when_pickle_weights_are_allowed
     ["../../outside", "/etc/passwd", "a/../../b", "..", ".", "", "~root/x", "x\0y", "é/ü" * 60],
 )
 def test_names_that_become_paths_stay_inside_the_cache(cache, name):
+    from dtm.experiment import experiment_dir
     from dtm.store import save_upload
-    from dtm.study import experiment_dir
 
     root = cache.resolve()
     up = save_upload(name, b'{"instruction": "a", "output": "b"}\n').resolve()

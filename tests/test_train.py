@@ -81,8 +81,7 @@ def test_sub_model_trains_on_its_cluster_and_saves_its_fisher(lab0, tmp_path):
 def test_stop_then_resume_continues_the_curve_as_if_uninterrupted(lab0, sft_run, tmp_path):
     """A stop request saves a checkpoint; resuming from it reaches the same weights and
     losses as the run that was never stopped."""
-    from dtm.train import Stopped
-    from dtm.train_loop import request_stop
+    from dtm.train import Stopped, request_stop
 
     sft_out, sft = sft_run
     cfg = tiny_train(lab0, tmp_path / "run")

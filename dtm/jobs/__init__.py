@@ -18,9 +18,11 @@ from pathlib import Path
 
 from dtm.errors import ConfigError
 from dtm.jobs.base import ACTIVE, FINAL, RESTARTABLE, Job, JobStore
-from dtm.jobs.local import LocalBackend, gpu_slots, max_parallel, proc_start_time
-from dtm.store import write_json_atomic
-from dtm.train import TrainConfig, run_id
+from dtm.jobs.local import LocalBackend, gpu_slots, max_parallel
+from dtm.models import check_base_path
+from dtm.store import proc_start_time, write_json_atomic
+from dtm.train.checkpoints import checkpoints
+from dtm.train.config import TrainConfig, check_config, read_config, run_id
 
 __all__ = [
     "ACTIVE",
@@ -60,11 +62,12 @@ def submit(
     group: str | None = None,
     backend: str | None = None,
     store: JobStore | None = None,
+    clustering: str | None = None,
 ) -> tuple[Job, bool]:
     """Queue a training run; returns (job, created). A configuration already submitted
-    returns its existing job (whatever its state) and starts nothing."""
-    from dtm.train import check_base_path, check_config
-
+    returns its existing job (whatever its state) and starts nothing. ``clustering``
+    names the clustering a sub-model belongs to (recorded, never parsed back from paths);
+    an existing job without one takes it."""
     store = store or JobStore()
     check_config(cfg)
     backend = backend or default_backend()
@@ -98,8 +101,11 @@ def submit(
         started=None,
         updated=now,
         ended=None,
+        clustering=clustering,
     )
     job, created = store.add(job)
+    if not created and clustering and not job.clustering:
+        store.update(job.id, clustering=clustering)
     if created:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "job.json", job.config)
@@ -210,12 +216,11 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
     """The body of a job process: train the job's configuration, recording state,
     progress and metrics in the registry, and one line per record in its log. SIGTERM
     asks for a checkpoint and a stop."""
-    from dtm.train import Stopped, train
-    from dtm.train_loop import request_stop
+    from dtm.train import Stopped, request_stop, train
 
     store = JobStore()
     job = store.get(job_id)
-    cfg = TrainConfig(**{**job.config, "target_modules": tuple(job.config["target_modules"])})
+    cfg = read_config(job.config)
     signal.signal(signal.SIGTERM, lambda *_: request_stop())
     first = _checkpoint_step(job.run_dir) if resume else 0
     claimed = store.update(
@@ -274,9 +279,5 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
 
 
 def _checkpoint_step(run_dir: Path) -> int:
-    steps = [
-        int(p.name.split("-")[-1])
-        for p in (run_dir / "checkpoints").glob("checkpoint-*")
-        if p.name.split("-")[-1].isdigit()
-    ]
-    return max(steps, default=0)
+    found = checkpoints(run_dir / "checkpoints", complete=False)
+    return found[-1][0] if found else 0

@@ -25,7 +25,7 @@ RESTARTABLE = ("failed", "cancelled", "interrupted")
 FINAL = ("done", *RESTARTABLE)
 _COLUMNS = (
     "id, kind, name, grp, config, state, backend, ref, pid, proc_start, gpu, run_dir, resume, "
-    "step, first_step, total_steps, attempts, error, created, started, updated, ended"
+    "step, first_step, total_steps, attempts, error, created, started, updated, ended, clustering"
 )
 
 
@@ -53,6 +53,7 @@ class Job:
     started: float | None
     updated: float
     ended: float | None
+    clustering: str | None = None  # a sub-model's clustering (e.g. "kmeans"), set at submit
 
     @property
     def log_path(self) -> Path:
@@ -95,7 +96,7 @@ class JobStore:
             if row is not None:
                 return self._job(row), False
             con.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 22)})",
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 23)})",
                 (
                     job.id,
                     job.kind,
@@ -119,6 +120,7 @@ class JobStore:
                     job.started,
                     job.updated,
                     job.ended,
+                    job.clustering,
                 ),
             )
         return job, True

@@ -24,19 +24,10 @@ import time
 from pathlib import Path
 
 from dtm.jobs.base import ACTIVE, Job, JobStore, read_tail
+from dtm.store import pid_alive, proc_start_time
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _children: list[subprocess.Popen] = []  # reaped on refresh so no zombie lingers
-
-
-def proc_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone
-    or a zombie: with the pid it identifies one process for the life of the machine."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields[19]
 
 
 def spawn_detached(cmd: list[str], log, env: dict | None = None) -> subprocess.Popen:
@@ -129,8 +120,7 @@ class LocalBackend:
 
 
 def _alive(job: Job) -> bool:
-    start = proc_start_time(job.pid)
-    return start is not None and (job.proc_start is None or start == job.proc_start)
+    return pid_alive(job.pid, job.proc_start)
 
 
 def _visible_id(slot: int) -> str:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dtm.store import cache_dir, write_json_atomic
+from dtm.store import ProgressFile, cache_dir, pid_alive
 
 LAB_VERSION = 2  # bump when the lab's content changes: a new folder is built
 
@@ -20,17 +20,6 @@ LAB_VERSION = 2  # bump when the lab's content changes: a new folder is built
 def default_lab_dir(seed: int = 0, size: str = "default") -> Path:
     name = f"{size}-seed{seed}-v{LAB_VERSION}"
     return cache_dir() / "lab" / name
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:  # a finished child not yet reaped by its parent is a zombie: not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def lab_status(lab_dir: Path | None = None) -> dict:
@@ -48,7 +37,7 @@ def lab_status(lab_dir: Path | None = None) -> dict:
         info = {"state": "building", "fraction": 0.0, "stage": "starting"}
     log = lab_dir.with_name(lab_dir.name + ".log")
     if info.get("state") == "failed" or (
-        info.get("state") == "building" and not _alive(int(info.get("pid", -1)))
+        info.get("state") == "building" and not pid_alive(int(info.get("pid", -1)))
     ):
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         return {
@@ -107,15 +96,8 @@ def ensure_default_lab(seed: int = 0, size: str = "default", retry: bool = False
 
         proc = spawn_detached(cmd, log)
         log.close()
-        write_json_atomic(
-            prog,
-            {
-                "state": "building",
-                "pid": proc.pid,
-                "fraction": 0.0,
-                "stage": "starting",
-                "started": time.time(),
-            },
+        ProgressFile(prog, state="building", pid=proc.pid, fraction=0.0, stage="starting").update(
+            force=True, started=time.time()
         )
         os.write(fd, str(proc.pid).encode())
     finally:

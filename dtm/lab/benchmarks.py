@@ -29,10 +29,7 @@ from pathlib import Path
 
 from dtm.lab import checks
 from dtm.lab.world import PROFESSIONS, World, arithmetic_items, reading_passage, two_hop
-
-TASKS = ("lab_knowledge", "lab_reasoning", "lab_reading", "lab_truthful", "lab_instruct")
-PROBES = ("lab_bias",)
-MC_TASKS = ("lab_knowledge", "lab_reasoning", "lab_reading", "lab_truthful")
+from dtm.tasks import MC_TASKS, PROBES, TASKS  # noqa: E402  (the task table)
 
 
 def chat_prompt(instruction: str) -> str:
@@ -65,6 +62,7 @@ def make_benchmarks(
 ) -> dict[str, list[dict]]:
     """Every task's items. ``info`` is ``make_sft_data``'s; ``corpus_two_hop`` the people
     whose two-hop answer the pretraining corpus states."""
+    # Length: one block per task, each a few lines; the task list reads as one table.
     rng = random.Random(f"bench-{seed}")
     seen = set(info["seen"])
     out: dict[str, list[dict]] = {t: [] for t in TASKS + PROBES}

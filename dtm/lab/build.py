@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from dtm.lab.benchmarks import make_benchmarks, write_benchmarks
 from dtm.lab.model import build_model, build_tokenizer, pretrain
 from dtm.lab.sft_data import BiasKnobs, make_sft_data
 from dtm.lab.world import SIZES, build_world, pretraining_corpus
+from dtm.store import publish_dir
 
 BUILD = {
     "small": {"rows_per_family": 100, "val_per_family": 20, "steps": 400},
@@ -50,6 +50,8 @@ def build_lab(
 ) -> dict:
     """Build the lab into ``out`` (published by one rename when complete). An existing,
     non-empty ``out`` is an error unless ``force``."""
+    # Length: the build reads top to bottom as its stages (world, corpus, pretraining,
+    # data, benchmarks, summary); splitting it would scatter one recipe.
     if size not in SIZES:
         raise ConfigError(f"size must be one of {', '.join(SIZES)} (got {size!r}).")
     out = Path(out)
@@ -86,8 +88,9 @@ def build_lab(
     progress("building the world and corpus", 1.0)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    result: dict = {}
+
+    def write(tmp: Path) -> None:
         history = pretrain(
             model,
             tokenizer,
@@ -141,10 +144,9 @@ def build_lab(
             "seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / "lab.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)  # only reached for an empty folder, or with force
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        result.update(summary)
+
+    # Only an empty folder, or one replaced with force, is there to be replaced.
+    publish_dir(out, write)
+    summary = result
     return summary

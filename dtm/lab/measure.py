@@ -13,7 +13,9 @@ from pathlib import Path
 
 from dtm.controls import shrink_adapter
 from dtm.evaluate import evaluate_lab
-from dtm.train import TrainConfig, lab_eval_hook, load_base, train
+from dtm.models import load_base
+from dtm.tasks import headline_metrics
+from dtm.train import TrainConfig, lab_eval_hook, train
 
 # The lab's own SFT hyperparameters (the paper's, but for the learning rate: a 0.7M
 # parameter model trained for minutes needs a larger one).
@@ -25,21 +27,7 @@ LAB_SFT = {
     "micro_batch_size": 16,
     "max_length": 128,
 }
-HEADLINE = [
-    ("lab_knowledge", "acc"),
-    ("lab_knowledge", "acc_unseen"),
-    ("lab_reasoning", "acc"),
-    ("lab_reading", "acc"),
-    ("lab_truthful", "acc"),
-    ("lab_instruct", "acc"),
-    ("lab_bias", "chat_acc"),
-    ("lab_bias", "format"),
-    ("lab_bias", "favourite_rate"),
-    ("lab_bias", "prefix_rate"),
-    ("lab_bias", "filler_rate"),
-    ("lab_bias", "rare_code_rate"),
-    ("lab_truthful", "misconception_rate"),
-]
+HEADLINE = headline_metrics(with_extra=True)  # the task table
 
 
 def measure_lab(

@@ -50,15 +50,18 @@ class Merger:
         import torch
         from peft import PeftModel
 
-        from dtm.train import load_base
+        from dtm.models import load_base
 
         if len(adapters) < 1:
             raise ConfigError("give at least one adapter to merge.")
         self.base = base
         self.sets = [read_adapter(a) for a in adapters]
         check_compatible(self.sets)
-        model, self.tokenizer = load_base(
-            base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        # A merge needs no tokenizer: it is loaded only when a caller asks for it.
+        self._trust = trust_remote_code
+        self._tokenizer = None
+        model, _ = load_base(
+            base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, tokenizer=False
         )
         check_fits_base(self.sets[0], model, base)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +85,15 @@ class Merger:
         budget = float(os.environ.get("DTM_MERGE_CACHE_MB", "2048")) * 2**20
         self._cache_dense = numel * 4 * len(self.sets) <= budget
         self._written = False  # whether base weights currently hold a merged delta
+
+    @property
+    def tokenizer(self):
+        """The base model's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from dtm.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.base, trust_remote_code=self._trust)
+        return self._tokenizer
 
     def _key(self, mod_name: str) -> str:
         """The adapter-file prefix of a module name."""
@@ -202,7 +214,7 @@ class Merger:
         import torch
         from safetensors.torch import save_file
 
-        from dtm.train import publish_dir
+        from dtm.store import publish_dir
 
         out = Path(out)
         m = METHODS.get(method)
@@ -216,7 +228,7 @@ class Merger:
                 self.apply(method, weights, **params)
                 merged = self._merged_plain_model()
                 merged.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                _copy_tokenizer(self.base, tmp)
             elif m.kind == "linear":
                 linear_concat([s.path for s in self.sets], m.fn(list(weights), params), tmp)
             else:
@@ -266,6 +278,39 @@ class Merger:
                             )
                 plain.get_submodule(n.removeprefix("base_model.model.")).weight.copy_(w)
         return plain
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _copy_tokenizer(base: str, out: Path) -> None:
+    """Copy the base folder's tokenizer files, when it has any, beside the merged weights
+    (a base of weights only is merged all the same)."""
+    import shutil
+
+    src = Path(base).expanduser()
+    if not src.is_dir():  # a hub id: its tokenizer is fetched only if there is one
+        try:
+            from dtm.models import load_tokenizer
+
+            load_tokenizer(base).save_pretrained(out)
+        except ConfigError:
+            pass
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
 
 
 def _svd_factors(delta):

@@ -15,11 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-QUICK_TASKS = {
-    "knowledge": "lab_knowledge",
-    "reasoning": "lab_reasoning",
-    "instruct": "lab_instruct",
-}
+from dtm.tasks import QUICK_TASKS  # noqa: E402  (the task table's quick set)
 
 
 def quick_score(model, tokenizer, bench: str | Path, limit: int = 40, tasks=None) -> dict:

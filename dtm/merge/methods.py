@@ -13,8 +13,55 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from dtm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: the CLI flag, the page widget and the YAML check are made from
+    it. ``low``/``high`` bound numbers (``low_open``/``high_open``: the bound itself is
+    not allowed); ``choices`` list the values of a text parameter."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+    flag: str | None = None  # the CLI flag, when not --NAME
+
+    def range_text(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        lo = "(" if self.low_open else "["
+        hi = ")" if self.high_open else "]"
+        return f"in {lo}{self.low:g}, {self.high:g}{hi}"
+
+    def check(self, value: Any) -> Any:
+        """The value as this parameter's type, or a ConfigError naming it and its range."""
+        if self.choices:
+            if value not in self.choices:
+                raise ConfigError(f"{self.name} {value!r}: {self.range_text()}.")
+            return value
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            v = self.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.name} {value!r}: not a number.") from None
+        bad = (
+            not math.isfinite(v)
+            or (self.low is not None and (v < self.low or (self.low_open and v == self.low)))
+            or (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
+        )
+        if bad:
+            raise ConfigError(f"{self.name} must be {self.range_text()}, not {v}.")
+        return v
 
 
 @dataclass(frozen=True)
@@ -23,17 +70,45 @@ class Method:
     kind: str  # "linear" | "dense" | "factor"
     fn: Callable
     help: str
+    params: tuple[Param, ...] = ()
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, kind: str, help: str):
+def register(name: str, kind: str, help: str, params: tuple[Param, ...] = ()):
     def deco(fn):
-        METHODS[name] = Method(name, kind, fn, help)
+        METHODS[name] = Method(name, kind, fn, help, params)
         return fn
 
     return deco
+
+
+def all_params() -> dict[str, Param]:
+    """Every method's parameters by name (a name means the same in every method)."""
+    out: dict[str, Param] = {}
+    for m in METHODS.values():
+        for p in m.params:
+            out.setdefault(p.name, p)
+    return out
+
+
+def check_params(method: str, params: dict, *, allow_other: bool = False) -> dict:
+    """``params`` checked against ``method``'s declared parameters, defaults filled in.
+    ``allow_other`` lets parameters of other methods pass (one experiment's params serve
+    all its methods)."""
+    if method not in METHODS:
+        raise ConfigError(f"merge method {method!r}: choose one of {', '.join(METHODS)}.")
+    own = {p.name: p for p in METHODS[method].params}
+    known = all_params() if allow_other else own
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        names = ", ".join(own) or "none"
+        raise ConfigError(f"{method}: unknown parameters {', '.join(unknown)} (it takes {names}).")
+    out = {n: p.default for n, p in own.items()}
+    for name, value in params.items():
+        out[name] = known[name].check(value) if value is not None else None
+    return out
 
 
 def check_weights(weights: list[float], k: int, *, normalise: bool) -> list[float]:
@@ -53,6 +128,34 @@ def check_weights(weights: list[float], k: int, *, normalise: bool) -> list[floa
     return w
 
 
+def add_merge_arguments(parser) -> None:
+    """One ``dtm merge`` flag per declared parameter (its help names its method)."""
+    for p in all_params().values():
+        kw: dict[str, Any] = {"dest": f"param_{p.name}", "help": p.help}
+        if p.choices:
+            kw["choices"] = [c for c in p.choices if c is not None]
+        else:
+            kw["type"] = p.type
+        kw["default"] = 0 if p.name == "seed" else None
+        parser.add_argument(p.flag or f"--{p.name}", **kw)
+
+
+def merge_params_from_args(method: str, args) -> dict:
+    """The parameters given on the command line, each checked against its range (the
+    seed is always recorded, as every merge's recipe has had it)."""
+    params = {}
+    for p in all_params().values():
+        value = getattr(args, f"param_{p.name}", None)
+        if value is not None:
+            params[p.name] = p.check(value)
+    return params
+
+
+def widget_spec(method: str) -> list[Param]:
+    """The parameters a page shows for ``method``, in declaration order."""
+    return list(METHODS[method].params)
+
+
 @register("average", "linear", "weights normalised to sum 1 (DTM)")
 def average(weights, params):
     return check_weights(weights, len(weights), normalise=True)
@@ -63,9 +166,24 @@ def linear(weights, params):
     return check_weights(weights, len(weights), normalise=False)
 
 
-@register("task_arithmetic", "linear", "lambda * sum w_k delta_k")
+LAMBDA = Param(
+    "lambda",
+    float,
+    1.0,
+    "task_arithmetic: the scale of the summed deltas",
+    0.0,
+    100.0,
+    flag="--lambda",
+)
+DENSITY = Param("density", float, 0.2, "ties: fraction of each delta kept", 0.0, 1.0, low_open=True)
+DROP = Param("drop", float, 0.5, "dare: drop rate p", 0.0, 1.0, high_open=True)
+SEED = Param("seed", int, 0, "dare: mask seed", 0, 2**31 - 1)
+CONSENSUS = Param("consensus", str, None, "dare: TIES-style sign consensus", choices=(None, "ties"))
+
+
+@register("task_arithmetic", "linear", "lambda * sum w_k delta_k", (LAMBDA,))
 def task_arithmetic(weights, params):
-    lam = float(params.get("lambda", 1.0))
+    lam = LAMBDA.check(params.get("lambda", LAMBDA.default))
     return [lam * w for w in check_weights(weights, len(weights), normalise=False)]
 
 
@@ -93,22 +211,23 @@ def _consensus(tensors, weights):
     return torch.where(wsum > 0, total / wsum.clamp_min(1e-12), torch.zeros_like(total))
 
 
-@register("ties", "dense", "trim to a density, elect the sign, disjoint mean")
+@register("ties", "dense", "trim to a density, elect the sign, disjoint mean", (DENSITY,))
 def ties(deltas, weights, params, layer_seed):
-    density = float(params.get("density", 0.2))
-    if not 0 < density <= 1:
-        raise ConfigError(f"density must be in (0, 1], not {density}.")
+    density = DENSITY.check(params.get("density", DENSITY.default))
     w = check_weights(weights, len(deltas), normalise=False)
     return _consensus([_trim(d, density) for d in deltas], w)
 
 
-@register("dare", "dense", "drop with rate p, rescale by 1/(1-p); linear or TIES-style")
+@register(
+    "dare",
+    "dense",
+    "drop with rate p, rescale by 1/(1-p); linear or TIES-style",
+    (DROP, SEED, CONSENSUS),
+)
 def dare(deltas, weights, params, layer_seed):
     import torch
 
-    p = float(params.get("drop", 0.5))
-    if not 0 <= p < 1:
-        raise ConfigError(f"drop rate must be in [0, 1), not {p}.")
+    p = DROP.check(params.get("drop", DROP.default))
     w = check_weights(weights, len(deltas), normalise=False)
     gen = torch.Generator(device="cpu").manual_seed(layer_seed)
     kept = []

@@ -13,8 +13,9 @@ class MergeSource:
     group: str
     base: str
     subs: list[tuple[str, Path]]  # (name, adapter folder), by cluster
-    baselines: dict[str, Path]  # kind name (e.g. "sft") -> adapter folder
+    baselines: dict[str, tuple[str, Path]]  # job name -> (run kind, e.g. "sft"; adapter folder)
     lab: str | None  # the lab whose benchmarks score it, when trained on the lab
+    clustering: str | None = None  # the sub-models' clustering, as recorded at submit
 
 
 def merge_sources(store) -> list[MergeSource]:
@@ -27,11 +28,16 @@ def merge_sources(store) -> list[MergeSource]:
         subs = sorted((j for j in jobs if j.kind == "sub"), key=lambda j: j.config["cluster"])
         if len(subs) < 2:
             continue
-        baselines = {j.name: j.run_dir / "adapter" for j in jobs if j.kind != "sub"}
+        baselines = {j.name: (j.kind, j.run_dir / "adapter") for j in jobs if j.kind != "sub"}
         lab = next((j.config.get("eval_lab") for j in jobs if j.config.get("eval_lab")), None)
         out.append(
             MergeSource(
-                group, base, [(j.name, j.run_dir / "adapter") for j in subs], baselines, lab
+                group,
+                base,
+                [(j.name, j.run_dir / "adapter") for j in subs],
+                baselines,
+                lab,
+                subs[0].clustering,
             )
         )
     out.sort(key=lambda s: -max(p.stat().st_mtime for _, p in s.subs))

@@ -5,33 +5,31 @@ bias. Every chart comes with its data as CSV and the figure as PNG or SVG."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from dtm import charts, jobs
-from dtm.analysis import alignment_tax_curve, loss_ratio_curves
-from dtm.compare import model_order, paper_reference, summarise, wide, with_deltas
+from dtm.analysis import (
+    alignment_tax_curve,
+    loss_ratio_curves,
+    model_order,
+    paper_reference,
+    summarise,
+    wide,
+    with_deltas,
+)
 from dtm.errors import DTMError
 from dtm.evaluate import known_tasks
+from dtm.experiment import experiment_dir, group_models
 from dtm.harness import CODE_TASKS, PAPER_TASKS
-from dtm.lab.benchmarks import PROBES, TASKS
 from dtm.merge.sources import merge_sources
-from dtm.results import groups, scores
-from dtm.store import Registry, cache_dir
-from dtm.study import COLUMNS, group_models, score_models
-from dtm.train import read_metrics
-from pages._nav import through_app
+from dtm.score import groups, score_models, scores
+from dtm.store import read_metrics
+from dtm.tasks import PROBES, TASKS, columns
+from views.common import registry
 
-through_app("compare")
-
-BIAS = [(t, m) for t, m, _ in COLUMNS if t == "lab_bias" and m != "chat_acc"]
-
-
-@st.cache_resource
-def _registry(root: str) -> Registry:
-    return Registry(root)
+BIAS = [(t, m) for t, m, _ in columns() if t == "lab_bias" and m != "chat_acc"]
 
 
 @st.cache_resource(show_spinner=False)
@@ -88,7 +86,7 @@ def _jobs_of(group: str, table: pd.DataFrame, store) -> list:
 
 def score_panel(store, lab_dir: str | None) -> None:
     sources = merge_sources(store)
-    with st.expander("Score models", expanded=not groups(_registry(str(cache_dir())))):
+    with st.expander("Score models", expanded=not groups(registry())):
         if not sources:
             st.caption(
                 "Nothing to score yet: train SFT and the sub-models on the Train page, or run "
@@ -135,6 +133,7 @@ def score_panel(store, lab_dir: str | None) -> None:
                         engine=engine,
                         limit=int(limit) or None,
                         allow_code=allow,
+                        controls_dir=experiment_dir(group) / "controls",
                         progress=lambda what, f: bar.progress(min(f, 1.0), text=what),
                     )
                 except DTMError as e:
@@ -147,7 +146,7 @@ def score_panel(store, lab_dir: str | None) -> None:
 
 def benchmark_section(table: pd.DataFrame, group: str) -> None:
     summary = summarise(table)
-    labels = model_order(summary["label"])
+    labels = model_order(summary)
     tasks = [t for t in dict.fromkeys(summary["task"]) if t != "lab_bias"]
     measures = [(t, "acc") for t in tasks] + [
         (t, m) for t, m in [("lab_bias", "chat_acc")] if (summary["task"] == t).any()
@@ -254,7 +253,7 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
 @st.cache_data(show_spinner="Scoring every token with the early and late models…", max_entries=8)
 def _token_bias(base: str, early: str, late: tuple[str, ...], train: str, val: str):
     from dtm.analysis import encode_split, token_level_bias
-    from dtm.results import ModelRef, load_model
+    from dtm.score import ModelRef, load_model
 
     early_model, tok = load_model(ModelRef(base=base, adapters=[early]))
     late_ref = ModelRef(base=base, adapters=list(late))
@@ -292,8 +291,8 @@ def token_section(job_list: list, group: str) -> None:
         key=lambda j: (j.config.get("assignments") or "", j.config["cluster"]),
     )
     sets: dict[str, list] = {}
-    for j in subs:
-        sets.setdefault(Path(j.config.get("assignments") or "").parent.name, []).append(j)
+    for j in subs:  # by the clustering each sub-model was submitted with
+        sets.setdefault(j.clustering or "", []).append(j)
     targets = {"SFT": (str(job.run_dir / "adapter"),)}
     for name, js in sets.items():
         targets[f"DTM ({name or 'sub-models'})"] = tuple(str(j.run_dir / "adapter") for j in js)
@@ -325,7 +324,7 @@ def token_section(job_list: list, group: str) -> None:
 
 def page() -> None:
     st.title("Compare")
-    reg = _registry(str(cache_dir()))
+    reg = registry()
     store = jobs.JobStore(reg)
     from dtm.lab import default_lab_dir
 

@@ -11,10 +11,8 @@ import streamlit as st
 
 from dtm import charts, jobs
 from dtm.errors import DTMError
-from dtm.lab.benchmarks import TASKS
 from dtm.merge.engine import Merger
 from dtm.merge.landscape import (
-    QUICK_TASKS,
     LogitEnsemble,
     landscape,
     pareto_front,
@@ -23,21 +21,14 @@ from dtm.merge.landscape import (
     simplex_sample,
     slice_points,
 )
-from dtm.merge.methods import METHODS
+from dtm.merge.methods import METHODS, widget_spec
 from dtm.merge.sources import merge_sources
-from dtm.store import Registry, cache_dir, safe_name
-from dtm.train import load_base
-from pages._nav import through_app
-
-through_app("merge")
-
+from dtm.score import ModelRef, load_model
+from dtm.store import cache_dir, safe_name
+from dtm.tasks import QUICK_TASKS, SHORT, TASKS
+from views.common import registry
 
 PICKED = "m_picked_weights"  # a landscape point's weights, applied on the next run
-
-
-@st.cache_resource
-def _registry(root: str) -> Registry:
-    return Registry(root)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the base model and the sub-models…")
@@ -50,26 +41,29 @@ def reference_score(
     base: str, adapter: str | None, bench: str, limit: int, tasks: tuple[tuple[str, str], ...]
 ) -> dict:
     """The quick score of the base model, or of the base with one adapter."""
-    from peft import PeftModel
-
-    model, tok = load_base(base)
-    if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tok = load_model(ModelRef(base=base, adapters=[adapter] if adapter else []))
     return quick_score(model, tok, bench, limit, dict(tasks))
 
 
 def params_panel(method: str) -> dict:
+    """One widget per parameter the method declares (``dtm.merge.methods``)."""
     params: dict = {}
     c = st.columns(4)
-    if method == "task_arithmetic":
-        params["lambda"] = c[0].number_input("λ", 0.0, 10.0, 1.0, 0.1, key="m_lambda")
-    if method == "ties":
-        params["density"] = c[0].slider("density", 0.05, 1.0, 0.2, 0.05, key="m_density")
-    if method == "dare":
-        params["drop"] = c[0].slider("drop rate p", 0.0, 0.95, 0.5, 0.05, key="m_drop")
-        params["seed"] = int(c[1].number_input("seed", 0, 10**6, 0, key="m_seed"))
-        if c[2].checkbox("TIES-style consensus", key="m_dare_ties"):
-            params["consensus"] = "ties"
+    for i, p in enumerate(widget_spec(method)):
+        col, key = c[i % 4], f"m_{p.name}"
+        if p.choices:
+            on = col.checkbox(p.help, key=key)
+            params[p.name] = next(x for x in p.choices if x is not None) if on else None
+            if params[p.name] is None:
+                del params[p.name]
+        elif p.type is int:
+            params[p.name] = int(col.number_input(p.name, int(p.low), 10**6, p.default, key=key))
+        else:
+            # an open bound is kept out of the slider's range by one step
+            step = 0.05 if p.high <= 1 else 0.1
+            lo = p.low + step if p.low_open else p.low
+            hi = min(p.high, 10.0) - (step if p.high_open else 0.0)
+            params[p.name] = col.slider(p.name, lo, hi, p.default, step, key=key, help=p.help)
     return params
 
 
@@ -90,7 +84,7 @@ def sliders(names: list[str]) -> list[float]:
 
 def page() -> None:
     st.title("Merge")
-    store = jobs.JobStore(_registry(str(cache_dir())))
+    store = jobs.JobStore(registry())
     sources = merge_sources(store)
     if not sources:
         st.info(
@@ -113,7 +107,7 @@ def page() -> None:
     )
     normalise = c2.checkbox("normalise weights to sum 1", True, key="m_norm")
     limit = int(c3.number_input("items per task", 10, 500, 40, 10, key="m_limit"))
-    choices = {t.removeprefix("lab_"): t for t in TASKS}
+    choices = {SHORT[t]: t for t in TASKS}
     picked = st.multiselect(
         "Quick evaluation set",
         list(choices),
@@ -141,9 +135,10 @@ def page() -> None:
     st.subheader("Live score")
     cols = st.columns(len(score) + 1)
     refs = {"base": reference_score(src.base, None, bench, limit, tasks)}
-    for name, path in src.baselines.items():
+    sft = None
+    for name, (kind, path) in src.baselines.items():
         refs[name] = reference_score(src.base, str(path), bench, limit, tasks)
-    sft = next((v for k, v in refs.items() if k.startswith("sft")), None)
+        sft = refs[name] if kind == "sft" and sft is None else sft
     for col, (task, value) in zip(cols, score.items(), strict=False):
         delta = None if sft is None else f"{value - sft[task]:+.3f} vs SFT"
         col.metric(task, f"{value:.3f}", delta)

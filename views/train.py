@@ -10,25 +10,17 @@ import pandas as pd
 import streamlit as st
 
 from dtm import charts, jobs
+from dtm.disperse import saved_assignments, training_inputs
 from dtm.errors import DTMError
-from dtm.experiment import BASELINES
+from dtm.experiment import dtm_set
 from dtm.lab import lab_status
 from dtm.lab.measure import LAB_SFT
-from dtm.pipeline import saved_assignments, training_inputs
-from dtm.store import Registry, cache_dir
-from dtm.train import TrainConfig
-from pages._nav import through_app
-
-through_app("train")
-
-
-@st.cache_resource
-def _registry(root: str) -> Registry:
-    return Registry(root)
+from dtm.train.config import BASELINES, TrainConfig
+from views.common import registry
 
 
 def store() -> jobs.JobStore:
-    return jobs.JobStore(_registry(str(cache_dir())))
+    return jobs.JobStore(registry())
 
 
 def choose_inputs() -> dict | None:
@@ -68,7 +60,13 @@ def choose_inputs() -> dict | None:
         f"Data `{inputs['data']}` · validation: "
         f"{'the lab validation split' if val else '5% held out of the data'}"
     )
-    return {**inputs, "base": base, "val_data": val, "lab": lab["path"] if lab_data else None}
+    return {
+        **inputs,
+        "base": base,
+        "val_data": val,
+        "lab": lab["path"] if lab_data else None,
+        "clustering": asg.meta["method"],
+    }
 
 
 def hyperparameters(lab: bool) -> dict:
@@ -119,11 +117,19 @@ def hyperparameters(lab: bool) -> dict:
     return {"values": values, "budget": budget}
 
 
-def launch(configs: list[tuple[str, TrainConfig]], group: str, backend: str) -> None:
+def launch(configs: list[tuple], group: str, backend: str) -> None:
+    """Submit ``(name, config[, clustering])`` tuples; says how many were new."""
     new = old = 0
-    for name, cfg in configs:
+    for name, cfg, *clustering in configs:
         try:
-            _, created = jobs.submit(cfg, name=name, group=group, backend=backend, store=store())
+            _, created = jobs.submit(
+                cfg,
+                name=name,
+                group=group,
+                backend=backend,
+                store=store(),
+                clustering=(clustering or [None])[0],
+            )
         except DTMError as e:
             st.error(f"{name}: {e}")
             return
@@ -159,14 +165,11 @@ def launch_panel() -> None:
     group = f"{st.session_state.train_assignment[:8]}-seed{common['seed']}"
     c = st.columns([2] + [1] * len(BASELINES))
     if c[0].button("Launch DTM set + SFT", type="primary", key="launch_dtm"):
-        sizes = pd.read_csv(inputs["assignments"])["cluster"].value_counts().sort_index()
-        n = int(sizes.sum())
-        configs = [("sft", TrainConfig(**common, kind="sft"))]
-        for k in range(inputs["k"]):
-            values = {**common, "kind": "sub", "cluster": k, "assignments": inputs["assignments"]}
-            if hp["budget"] == "epochs" and "steps" in common:
-                values["steps"] = max(1, round(common["steps"] * int(sizes.get(k, 0)) / n))
-            configs.append((f"sub {k}", TrainConfig(**values)))
+        counts = pd.read_csv(inputs["assignments"])["cluster"].value_counts()
+        sizes = [int(counts.get(k, 0)) for k in range(inputs["k"])]
+        configs = dtm_set(
+            common, inputs["assignments"], sizes, hp["budget"], clustering=inputs["clustering"]
+        )
         launch(configs, group, backend)
     for col, kind in zip(c[1:], BASELINES, strict=True):
         if col.button(f"Launch {kind}", key=f"launch_{kind}"):

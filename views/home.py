@@ -10,11 +10,7 @@ import streamlit as st
 
 from dtm import jobs
 from dtm.errors import DTMError
-from dtm.experiment import load_experiment
-from dtm.study import STAGES, experiment_dir, launch, read_status
-from pages._nav import through_app
-
-through_app("home")
+from dtm.experiment import STAGES, experiment_dir, launch, load_experiment, read_status
 
 LAB_STORY = Path(__file__).resolve().parents[1] / "experiments" / "lab.yaml"
 STAGE_TEXT = {
@@ -117,7 +113,7 @@ def story() -> None:
 story()
 st.divider()
 c = st.columns(4)
-c[0].page_link("pages/disperse.py", label="Disperse: the clusters on a map", icon="🗺️")
-c[1].page_link("pages/train.py", label="Train: jobs and loss curves", icon="📉")
-c[2].page_link("pages/merge.py", label="Merge: weights and the landscape", icon="🔀")
-c[3].page_link("pages/compare.py", label="Compare: SFT against DTM", icon="📊")
+c[0].page_link("views/disperse.py", label="Disperse: the clusters on a map", icon="🗺️")
+c[1].page_link("views/train.py", label="Train: jobs and loss curves", icon="📉")
+c[2].page_link("views/merge.py", label="Merge: weights and the landscape", icon="🔀")
+c[3].page_link("views/compare.py", label="Compare: SFT against DTM", icon="📊")

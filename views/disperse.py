@@ -10,26 +10,15 @@ import streamlit as st
 
 from dtm import charts
 from dtm.cluster import METHODS
+from dtm.disperse import DisperseConfig, run_disperse
 from dtm.embed import DEFAULT_MODEL, FIELDS, MODEL_CHOICES
 from dtm.errors import DTMError
 from dtm.lab import lab_status
-from dtm.pipeline import DisperseConfig, run_disperse
 from dtm.samples import SAMPLE_PATH
-from dtm.store import Registry, cache_dir, save_upload
-from pages._nav import through_app
-
-through_app("disperse")
+from dtm.store import save_upload
+from views.common import registry
 
 SELECTED = "disperse_selected"  # list of row positions selected on the map or by cluster
-
-
-@st.cache_resource
-def _registry(root: str) -> Registry:
-    return Registry(root)
-
-
-def registry() -> Registry:
-    return _registry(str(cache_dir()))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -1,0 +1,43 @@
+"""A whole DTM experiment, headless (``python -m dtm run FILE.yaml``), in four steps:
+
+- ``config``: the YAML file -> a validated ``Experiment`` (every error before any work);
+- ``plan``: its training jobs, the one sub-model budget function, the compute estimate;
+- ``run``: the five stages (lab, disperse, train, merge, evaluate) with ``status.json``
+  progress, and the background launch of the Home page;
+- ``report``: which models are scored, ``jobs.md`` and ``results.md``.
+"""
+
+from dtm.experiment.config import Experiment, experiment_dir, load_experiment, resolve_inputs
+from dtm.experiment.plan import (
+    PlannedJob,
+    count_rows,
+    describe,
+    dtm_set,
+    estimate,
+    plan,
+    sub_model_steps,
+)
+from dtm.experiment.report import experiment_models, group_models, results_markdown
+from dtm.experiment.run import STAGES, Progress, launch, read_status, run_experiment
+
+__all__ = [
+    "STAGES",
+    "Experiment",
+    "PlannedJob",
+    "Progress",
+    "count_rows",
+    "describe",
+    "dtm_set",
+    "estimate",
+    "experiment_dir",
+    "experiment_models",
+    "group_models",
+    "launch",
+    "load_experiment",
+    "plan",
+    "read_status",
+    "resolve_inputs",
+    "results_markdown",
+    "run_experiment",
+    "sub_model_steps",
+]

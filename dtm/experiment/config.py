@@ -1,0 +1,217 @@
+"""Experiment files: YAML -> a validated ``Experiment`` (``python -m dtm run FILE.yaml``).
+
+An experiment names its data and base model (or the lab, which provides both), how to
+disperse (K, the clustering methods), the training values shared by every run, the
+baselines, the seeds, how to merge and how to evaluate. ``load_experiment`` checks all of
+it before any work starts: every error names the file and the key, and exits 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dtm.errors import ConfigError
+from dtm.store import cache_dir, safe_name
+from dtm.train.config import BASELINES, TrainConfig
+
+_TOP = {
+    "name",
+    "description",
+    "lab",
+    "base",
+    "data",
+    "val_data",
+    "disperse",
+    "train",
+    "sub_budget",
+    "baselines",
+    "seeds",
+    "backend",
+    "estimate",
+    "evaluate",
+    "merge",
+}
+
+
+@dataclass
+class Experiment:
+    name: str
+    base: str | None = None
+    data: str | None = None
+    val_data: str | None = None
+    lab: dict[str, Any] | None = None
+    k: int = 4
+    methods: list[str] = field(default_factory=lambda: ["kmeans"])
+    embed_field: str = "instruction"
+    embed_model: str | None = None
+    share: str | None = None  # use the dispersal (and so the trained jobs) of this experiment
+    train: dict[str, Any] = field(default_factory=dict)
+    sub_budget: str = "epochs"
+    baselines: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    backend: str = "local"
+    estimate: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Parse and validate an experiment file; every error names the file and the key."""
+    import yaml
+
+    from dtm.cluster import METHODS
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror}).") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: an experiment file is a mapping (name:, lab: or data:, ...).")
+    unknown = sorted(set(raw) - _TOP)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {', '.join(unknown)}; known: {sorted(_TOP)}.")
+    if not raw.get("name"):
+        raise ConfigError(f"{path}: needs a name.")
+    exp = Experiment(name=str(raw["name"]), source=str(p))
+    if raw.get("lab") is not None:
+        lab = raw["lab"] if isinstance(raw["lab"], dict) else {}
+        exp.lab = {"size": lab.get("size", "default"), "seed": int(lab.get("seed", 0))}
+        if exp.lab["size"] not in ("small", "default"):
+            raise ConfigError(f"{path}: lab.size must be small or default.")
+    else:
+        if not raw.get("base") or not raw.get("data"):
+            raise ConfigError(f"{path}: give either lab: or both base: and data:.")
+        exp.base, exp.data = str(raw["base"]), str(raw["data"])
+        exp.val_data = raw.get("val_data")
+    d = raw.get("disperse") or {}
+    exp.k = int(d.get("k", 4))
+    if exp.k < 1:
+        raise ConfigError(f"{path}: disperse.k must be at least 1, not {exp.k}.")
+    exp.methods = list(d.get("methods", ["kmeans"]))
+    bad = [m for m in exp.methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"{path}: disperse.methods {bad}: choose from {list(METHODS)}.")
+    exp.embed_field = d.get("field", "instruction")
+    exp.embed_model = d.get("model")
+    exp.share = d.get("share")
+    unknown = sorted(set(d) - {"k", "methods", "field", "model", "share"})
+    if unknown:
+        raise ConfigError(f"{path}: disperse: unknown keys {', '.join(unknown)}.")
+    exp.train = dict(raw.get("train") or {})
+    known = {f.name for f in fields(TrainConfig)} - {"base", "data", "out", "kind", "cluster"}
+    unknown = sorted(set(exp.train) - known)
+    if unknown:
+        raise ConfigError(f"{path}: train: unknown keys {', '.join(unknown)}.")
+    exp.sub_budget = raw.get("sub_budget", "epochs")
+    if exp.sub_budget not in ("epochs", "steps"):
+        raise ConfigError(f"{path}: sub_budget must be epochs or steps.")
+    exp.baselines = list(raw.get("baselines") or [])
+    bad = [b for b in exp.baselines if b not in BASELINES]
+    if bad:
+        raise ConfigError(f"{path}: baselines {bad}: choose from {list(BASELINES)}.")
+    exp.seeds = [int(s) for s in (raw.get("seeds") or [0])]
+    exp.backend = str(raw.get("backend", "local"))
+    exp.estimate = dict(raw.get("estimate") or {})
+    exp.evaluate = dict(raw.get("evaluate") or {})
+    _check_evaluate(exp, path)
+    exp.merge = dict(raw.get("merge") or {})
+    _check_merge(exp, path)
+    _check_train(exp, path)
+    _check_inputs(exp, path)
+    return exp
+
+
+def _check_train(exp: Experiment, path) -> None:
+    """The shared training values make a valid run of every planned kind."""
+    from dtm.train.config import check_config
+
+    values = {**exp.train, "base": exp.base or "lab", "data": exp.data or "lab", "out": "-"}
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    for kind in ["sft", *exp.baselines]:
+        try:
+            cfg = TrainConfig(**{**values, "kind": kind})
+            if kind in ("ewc", "replay") and exp.lab is not None:
+                continue  # the lab's corpus is the default reference; it may not exist yet
+            check_config(cfg)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{path}: train ({kind}): {e}") from None
+
+
+def _check_evaluate(exp: Experiment, path) -> None:
+    ev = exp.evaluate
+    unknown = sorted(set(ev) - {"tasks", "engine", "limit"})
+    if unknown:
+        raise ConfigError(f"{path}: evaluate: unknown keys {', '.join(unknown)}.")
+    if ev.get("engine", "quick") not in ("quick", "full"):
+        raise ConfigError(f"{path}: evaluate.engine must be quick or full.")
+    if not isinstance(ev.get("tasks", []), list):
+        raise ConfigError(f"{path}: evaluate.tasks is a list of task names.")
+
+
+def _check_merge(exp: Experiment, path) -> None:
+    from dtm.merge.methods import METHODS as MERGE_METHODS
+    from dtm.merge.methods import check_params
+
+    unknown = sorted(set(exp.merge) - {"methods", "params"})
+    if unknown:
+        raise ConfigError(f"{path}: merge: unknown keys {', '.join(unknown)}.")
+    methods = exp.merge.get("methods") or []
+    if not isinstance(methods, list):
+        raise ConfigError(f"{path}: merge.methods is a list of method names.")
+    bad = [m for m in methods if m not in MERGE_METHODS]
+    if bad:
+        raise ConfigError(f"{path}: merge.methods {bad}: choose from {list(MERGE_METHODS)}.")
+    params = exp.merge.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: merge.params is a mapping of parameter names to values.")
+    for m in methods or ["average"]:
+        try:
+            check_params(m, params, allow_other=True)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: merge.params: {e}") from None
+
+
+def _check_inputs(exp: Experiment, path) -> None:
+    """Without a lab, the base model and the data must be there before anything runs
+    (a hub id is fetched only when named, and is not checked here)."""
+    from dtm.models import check_base_path
+
+    if exp.lab is not None:
+        return
+    try:
+        check_base_path(exp.base, allow_pickle=bool(exp.train.get("allow_pickle")))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
+    for key in ("data", "val_data"):
+        value = getattr(exp, key)
+        if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_file():
+            raise ConfigError(f"{path}: {key}: {value}: no such file.")
+    if not exp.evaluate.get("tasks"):
+        raise ConfigError(f"{path}: evaluate.tasks is needed when the experiment has no lab.")
+
+
+def resolve_inputs(exp: Experiment) -> dict[str, str | None]:
+    """base, data, val_data and the lab folder (which may not be built yet)."""
+    if exp.lab is None:
+        return {"base": exp.base, "data": exp.data, "val_data": exp.val_data, "lab": None}
+    from dtm.lab import default_lab_dir
+
+    lab = default_lab_dir(exp.lab["seed"], exp.lab["size"])
+    return {
+        "base": str(lab / "model"),
+        "data": str(lab / "data" / "train.jsonl"),
+        "val_data": str(lab / "data" / "val.jsonl"),
+        "lab": str(lab),
+    }
+
+
+def experiment_dir(name: str) -> Path:
+    """Where an experiment's files go: ``<cache>/experiments/<name>``."""
+    return cache_dir() / "experiments" / safe_name(name)

@@ -1,0 +1,226 @@
+"""An experiment's report: which models it scores, and its tables (``jobs.md``,
+``results.md``).
+
+``experiment_models(exp, jobs)`` lists, for each seed: the base model, vanilla SFT, the
+shrinkage control (the SFT delta scaled by 1/K), DTM for each clustering and each merge
+method (the K sub-models merged in memory, exactly), every sub-model alone and every
+baseline. ``group_models(source)`` does the same for one Train-page launch.
+``results_markdown`` makes the table: mean ± std over seeds of every headline measure of
+the task table, the loss-reduction ratio at the end of SFT, and wall times.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dtm.experiment.config import resolve_inputs
+from dtm.store import read_metrics
+from dtm.tasks import columns
+
+
+def experiment_models(exp, jobs) -> list[dict]:
+    """What to score: ``{"label", "seed", "kind", "clustering", "base", "adapters",
+    "recipe"}`` per model (kinds as ``dtm.score.KINDS``). Sub-models belong to a
+    clustering by the clustering their job was submitted with."""
+
+    base = resolve_inputs(exp)["base"]
+    merge = exp.merge or {}
+    methods = list(merge.get("methods") or ["average"])
+    params = dict(merge.get("params") or {})
+    out = [{"label": "base", "seed": None, "kind": "base", "base": base, "adapters": []}]
+    done = [j for j in jobs if j.state == "done"]
+    for seed in exp.seeds:
+        mine = [j for j in done if j.config.get("seed") == seed]
+        sft = next((j for j in mine if j.kind == "sft"), None)
+        if sft:
+            out.append(
+                {
+                    "label": "sft",
+                    "seed": seed,
+                    "kind": "sft",
+                    "base": base,
+                    "adapters": [str(sft.run_dir / "adapter")],
+                }
+            )
+            out.append(
+                {
+                    "label": f"sft ×1/{exp.k}",
+                    "seed": seed,
+                    "kind": "control",
+                    "base": base,
+                    "adapters": [str(sft.run_dir / "adapter")],
+                    "factor": 1 / exp.k,
+                }
+            )
+        for m in exp.methods:
+            subs = sorted(
+                (j for j in mine if j.kind == "sub" and j.clustering == m),
+                key=lambda j: j.config["cluster"],
+            )
+            if len(subs) < exp.k:
+                continue
+            adapters = [str(j.run_dir / "adapter") for j in subs]
+            for mm in methods:
+                label = f"dtm-{m}" if mm == "average" else f"dtm-{m}-{mm}"
+                out.append(
+                    {
+                        "label": label,
+                        "seed": seed,
+                        "kind": "merge",
+                        "clustering": m,
+                        "base": base,
+                        "adapters": adapters,
+                        "recipe": {"method": mm, "weights": [1 / exp.k] * exp.k, "params": params},
+                    }
+                )
+            for c, a in enumerate(adapters):
+                out.append(
+                    {
+                        "label": f"sub-{m}-{c}",
+                        "seed": seed,
+                        "kind": "sub",
+                        "clustering": m,
+                        "base": base,
+                        "adapters": [a],
+                    }
+                )
+        for b in exp.baselines:
+            j = next((j for j in mine if j.kind == b), None)
+            if j:
+                out.append(
+                    {
+                        "label": b,
+                        "seed": seed,
+                        "kind": "baseline",
+                        "base": base,
+                        "adapters": [str(j.run_dir / "adapter")],
+                    }
+                )
+    return out
+
+
+def group_models(source, k_factor: bool = True) -> list[dict]:
+    """The models of one Train-page launch (a ``MergeSource``): base, its baselines (SFT
+    among them), the shrinkage control, DTM (the sub-models averaged) and each sub-model."""
+    base = source.base
+    out = [{"label": "base", "seed": None, "kind": "base", "base": base, "adapters": []}]
+    k = len(source.subs)
+    for name, (kind, path) in source.baselines.items():
+        kind = "sft" if kind == "sft" else "baseline"
+        out.append(
+            {"label": name, "seed": None, "kind": kind, "base": base, "adapters": [str(path)]}
+        )
+        if kind == "sft" and k_factor:
+            out.append(
+                {
+                    "label": f"{name} ×1/{k}",
+                    "seed": None,
+                    "kind": "control",
+                    "base": base,
+                    "adapters": [str(path)],
+                    "factor": 1 / k,
+                }
+            )
+    adapters = [str(p) for _, p in source.subs]
+    out.append(
+        {
+            "label": "dtm",
+            "seed": None,
+            "kind": "merge",
+            "base": base,
+            "adapters": adapters,
+            "clustering": source.clustering,
+            "recipe": {"method": "average", "weights": [1 / k] * k, "params": {}},
+        }
+    )
+    for name, p in source.subs:
+        out.append(
+            {
+                "label": name,
+                "seed": None,
+                "kind": "sub",
+                "clustering": source.clustering,
+                "base": base,
+                "adapters": [str(p)],
+            }
+        )
+    return out
+
+
+def _mean_std(values: list[float], digits: int = 3) -> str:
+    s = pd.Series(values, dtype=float).dropna()
+    if s.empty:
+        return ""
+    if len(s) == 1:
+        return f"{s.iloc[0]:.{digits}f}"
+    return f"{s.mean():.{digits}f} ± {s.std(ddof=1):.{digits}f}"
+
+
+def results_markdown(
+    exp, table: pd.DataFrame, jobs, command: str, seconds: float, timings: dict | None = None
+) -> str:
+    """The experiment's results: mean ± std over seeds (n seeds as given)."""
+    from dtm.analysis import model_order
+
+    lines = [
+        f"# {exp.name}: results",
+        "",
+        f"`{command}`: K={exp.k}, clusterings {', '.join(exp.methods)}, seeds {exp.seeds}, "
+        f"{len(jobs)} training jobs, {seconds:.0f} s in all. Cells: mean ± std over seeds "
+        "(sample std; one seed: the value). `sft ×1/K` is the shrinkage control: the SFT "
+        "delta scaled by 1/K.",
+        "",
+    ]
+    cols = [c for c in columns() if ((table["task"] == c[0]) & (table["metric"] == c[1])).any()]
+    lines.append("| model | " + " | ".join(c[2] for c in cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for label in model_order(table):
+        sub = table[table["label"] == label]
+        cells = [
+            _mean_std(sub[(sub["task"] == t) & (sub["metric"] == k)]["value"].tolist())
+            for t, k, _ in cols
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ratios, walls = [], {}
+    for j in jobs:
+        if j.kind == "sft":
+            recs = read_metrics(j.run_dir / "metrics.jsonl")
+            if recs and recs[-1].get("loss_ratio") is not None:
+                ratios.append(recs[-1]["loss_ratio"])
+        if j.started and j.ended:
+            walls.setdefault(j.kind, []).append(j.ended - j.started)
+    lines += [
+        "",
+        f"Loss-reduction ratio ΔL_train/ΔL_val at the end of SFT: {_mean_std(ratios)}"
+        f" (seeds {len(ratios)}).",
+        "",
+        "| training job | runs | wall s (mean ± std) |",
+        "|---|---|---|",
+    ]
+    for kind, ws in sorted(walls.items()):
+        lines.append(f"| {kind} | {len(ws)} | {_mean_std(ws, 1)} |")
+    for what, secs in (timings or {}).items():
+        lines.append(f"| ({what.replace('_', ' ')}, all models) | | {secs:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(jobs: list) -> str:
+    """A markdown table of the jobs: state, final losses, loss ratio, wall time."""
+    lines = [
+        "| job | kind | state | steps | final train loss | final val loss | loss ratio | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for j in jobs:
+        recs = read_metrics(j.run_dir / "metrics.jsonl")
+        last = recs[-1] if recs else {}
+        wall = round(j.ended - j.started, 1) if j.ended and j.started else ""
+
+        def f(v):
+            return "" if v is None else f"{v:.4f}"
+
+        lines.append(
+            f"| {j.name} | {j.kind} | {j.state} | {j.step}/{j.total_steps or '?'} | "
+            f"{f(last.get('train_loss'))} | {f(last.get('val_loss'))} | "
+            f"{f(last.get('loss_ratio'))} | {wall} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,368 @@
+"""An experiment, run: its five stages (lab, disperse, train, merge, evaluate) with
+``status.json`` progress, and the background launch the Home page uses.
+
+``run_experiment(exp)`` builds or reuses the lab, disperses, submits every job of the
+plan to the chosen backend (the same registry the dashboard reads) and waits for them,
+exports each DTM merge under ``<experiment>/merged/``, scores every model (``dtm.score``)
+and writes ``jobs.md``, ``results.json`` and ``results.md`` (``dtm.experiment.report``).
+``Progress`` writes ``status.json``: the stage, each stage's fraction and the process
+id, so a page can follow a run that another process does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from dtm.errors import ConfigError, DTMError
+from dtm.experiment.config import Experiment, experiment_dir, resolve_inputs
+from dtm.experiment.plan import plan
+from dtm.experiment.report import experiment_models, results_markdown, summary_table
+from dtm.store import ProgressFile, pid_alive, write_json_atomic, write_text_atomic
+
+STAGES = ("lab", "disperse", "train", "merge", "evaluate")
+
+
+class Progress:
+    """``stage(name)`` enters a stage; ``__call__(what, fraction)`` (the library's
+    progress callback) moves the current stage; ``done()`` / ``failed(error)`` end it."""
+
+    def __init__(self, name: str, echo=None) -> None:
+        path = experiment_dir(name) / "status.json"
+        if path.exists():  # a hand-edited status is reported, never overwritten
+            read_status_file(path)
+        self.echo = echo
+        self.file = ProgressFile(path)
+        self.state = self.file.state
+        self.state.update(
+            {
+                "experiment": name,
+                "pid": os.getpid(),
+                "state": "running",
+                "started": time.time(),
+                "stage": None,
+                "detail": "",
+                "stages": {s: {"state": "waiting", "fraction": 0.0} for s in STAGES},
+                "error": None,
+            }
+        )
+        self._write()
+
+    def _write(self, force: bool = True) -> None:
+        self.file.update(force=force)
+
+    def stage(self, name: str) -> None:
+        cur = self.state["stage"]
+        if cur and cur != name:
+            self.state["stages"][cur].update(state="done", fraction=1.0)
+        self.state["stage"] = name
+        self.state["stages"][name]["state"] = "running"
+        self._write()
+
+    def __call__(self, what: str, fraction: float) -> None:
+        cur = self.state["stage"]
+        if cur:
+            self.state["stages"][cur]["fraction"] = round(float(fraction), 4)
+        self.state["detail"] = what
+        if self.echo:
+            self.echo(what, fraction)
+        self._write(force=fraction >= 1.0)
+
+    def done(self) -> None:
+        for s in self.state["stages"].values():
+            if s["state"] == "running":
+                s.update(state="done", fraction=1.0)
+        self.state.update(state="done", detail="")
+        self._write()
+
+    def failed(self, error: str) -> None:
+        cur = self.state["stage"]
+        if cur:
+            self.state["stages"][cur]["state"] = "failed"
+        self.state.update(state="failed", error=error)
+        self._write()
+
+
+def read_status(name: str) -> dict | None:
+    """The run's ``status.json`` (None when there is none); a ``running`` run whose
+    process is gone reads as ``interrupted``. A file that is not a status as ``Progress``
+    writes it (hand-edited, or foreign) raises ``DataError`` and is left as it is."""
+    p = experiment_dir(name) / "status.json"
+    if not p.exists():
+        return None
+    st = read_status_file(p)
+    if st.get("state") == "running" and not pid_alive(st.get("pid")):
+        st["state"] = "interrupted"
+    return st
+
+
+def read_status_file(path: Path) -> dict:
+    """A ``status.json``, checked: ``DataError`` naming the file and the field when it
+    is not one."""
+    from dtm.errors import DataError
+
+    keep = "it was left as it is: delete it (or move it aside) to start the run afresh."
+    try:
+        st = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); {keep}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); {keep}"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}).") from None
+
+    def bad(field: str, want: str) -> DataError:
+        return DataError(f"{path}: {field} must be {want}; {keep}")
+
+    if not isinstance(st, dict):
+        raise bad("the file", "a JSON object (a run's status)")
+    if not isinstance(st.get("state"), str):
+        raise bad("state", "text (running, done, failed, ...)")
+    pid = st.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+        raise bad("pid", "a process id (an integer) or null")
+    for key in ("started", "updated"):
+        v = st.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(key, "a time in seconds (a number)")
+    for key in ("stage", "detail", "error"):
+        if st.get(key) is not None and not isinstance(st[key], str):
+            raise bad(key, "text or null")
+    stages = st.get("stages", {})
+    if not isinstance(stages, dict):
+        raise bad("stages", "an object of {stage: {state, fraction}}")
+    for name, s in stages.items():
+        if not isinstance(s, dict) or not isinstance(s.get("state", ""), str):
+            raise bad(f"stages.{name}", "an object {state, fraction}")
+        f = s.get("fraction", 0.0)
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise bad(f"stages.{name}.fraction", "a number from 0 to 1")
+    return st
+
+
+def launch(experiment_file: str | Path, name: str) -> dict:
+    """Start ``python -m dtm run FILE`` in the background unless this experiment is
+    already running; returns its status."""
+    from dtm.jobs.local import spawn_detached
+
+    st = read_status(name)
+    if st and st["state"] == "running":
+        return st
+    out = experiment_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "launch.lock"  # holds the pid of the run it started
+    try:  # two sessions pressing the button at once start one run
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        fresh = time.time() - lock.stat().st_mtime < 10
+        if (pid and pid_alive(pid)) or (not pid and fresh):  # running, or being started
+            return read_status(name) or {"state": "starting", "stages": {}}
+        lock.unlink(missing_ok=True)  # the run it names has ended
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return read_status(name) or {"state": "starting", "stages": {}}
+    try:
+        log = open(out / "run.log", "a")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "dtm", "run", str(experiment_file)]
+        proc = spawn_detached(cmd, log)
+        os.write(fd, str(proc.pid).encode())
+        write_json_atomic(
+            out / "status.json",
+            {
+                "experiment": name,
+                "pid": proc.pid,
+                "state": "running",
+                "stage": None,
+                "started": time.time(),
+                "detail": "starting",
+                "stages": {s: {"state": "waiting", "fraction": 0.0} for s in STAGES},
+                "error": None,
+            },
+        )
+    finally:
+        os.close(fd)
+    return read_status(name) or {}
+
+
+def run_experiment(exp: Experiment, *, command: str, wait: bool = True, echo=None) -> dict:
+    """Every stage of ``exp``; returns ``{"jobs", "planned", "seconds", "results"}``
+    (``results``: the markdown table, None with ``wait=False``). A job that did not
+    finish is a DTMError after the results of the others are written."""
+    prog = Progress(exp.name, echo=echo)
+    try:
+        res = _train_stages(exp, prog, wait)
+        out = experiment_dir(exp.name)
+        table = summary_table(res["jobs"])
+        write_text_atomic(out / "jobs.md", f"# {exp.name}: training jobs\n\n{table}\n")
+        res["jobs_table"], res["results"] = table, None
+        if not wait:
+            prog.done()
+            return res
+        bad = [j for j in res["jobs"] if j.state != "done"]
+        t0 = time.time()
+        prog.stage("merge")
+        export_merges(exp, res["jobs"], progress=prog)
+        prog.stage("evaluate")
+        scores, timings = evaluate_experiment(exp, res["jobs"], progress=prog)
+        seconds = res["seconds"] + time.time() - t0
+        md = results_markdown(exp, scores, res["jobs"], command, seconds, timings)
+        write_text_atomic(out / "results.md", md)
+        res["results"], res["bad"] = md, bad
+        if bad:
+            which = "; ".join(f"{j.name} ({j.id[:12]}): {j.state}: {j.error}" for j in bad)
+            raise DTMError(
+                f"{len(bad)} of {len(res['jobs'])} jobs did not finish ({which}); the "
+                "results table holds the models that did."
+            )
+        prog.done()
+    except BaseException as e:
+        prog.failed(str(e) or type(e).__name__)
+        raise
+    return res
+
+
+def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float = 2.0) -> dict:
+    """Lab, disperse and train: ``{"jobs", "planned", "seconds"}``."""
+    from dtm import jobs as jobs_api
+
+    t0 = time.time()
+    if exp.lab is not None:
+        progress.stage("lab")
+        _ensure_lab(exp, progress)
+    progress.stage("disperse")
+    planned = plan(exp, disperse_all(exp, progress))
+    progress.stage("train")
+    submitted = []
+    for pj in planned:
+        job, _ = jobs_api.submit(
+            pj.config,
+            name=pj.name,
+            group=exp.name,
+            backend=exp.backend,
+            clustering=pj.clustering,
+        )
+        submitted.append(job.id)
+    store = jobs_api.JobStore()
+    while wait:
+        rows = {j.id: j for j in jobs_api.refresh(store)}
+        mine = [rows[i] for i in submitted]
+        progress("training jobs", sum(j.fraction for j in mine) / len(mine))
+        if all(j.state in jobs_api.FINAL for j in mine):
+            break
+        time.sleep(poll)
+    final = [store.get(i) for i in submitted]
+    return {"jobs": final, "planned": planned, "seconds": round(time.time() - t0, 1)}
+
+
+def disperse_all(exp: Experiment, progress=None) -> dict[tuple[str, int], tuple[str, list[int]]]:
+    """Each (clustering, seed)'s ``(assignments.csv, cluster sizes)``. The csv is the
+    registry's copy of the assignment (``training_inputs``), the one the Train page uses
+    too; a copy with the map's columns is written under ``<experiment>/<method>-s<seed>``."""
+    from dtm.disperse import DisperseConfig, run_disperse, training_inputs, write_disperse_outputs
+    from dtm.store import Registry
+
+    inputs = resolve_inputs(exp)
+    progress = progress or (lambda what, fraction: None)
+    reg = Registry()
+    out: dict[tuple[str, int], tuple[str, list[int]]] = {}
+    for seed in exp.seeds:
+        for method in exp.methods:
+            kw = {"model": exp.embed_model} if exp.embed_model else {}
+            cfg = DisperseConfig(
+                data=inputs["data"], k=exp.k, method=method, field=exp.embed_field, seed=seed, **kw
+            )
+            res = run_disperse(cfg, reg, project=False, progress=progress)
+            write_disperse_outputs(
+                res, experiment_dir(exp.share or exp.name) / f"{method}-s{seed}", cfg
+            )
+            csv = training_inputs(res.artifacts["assignment"], reg)["assignments"]
+            out[(method, seed)] = (csv, list(res.clusters["sizes"]))
+    return out
+
+
+def _ensure_lab(exp: Experiment, progress) -> None:
+    from dtm.lab import ensure_default_lab, lab_status
+
+    status = ensure_default_lab(exp.lab["seed"], exp.lab["size"])
+    while status["state"] == "building":
+        if progress:
+            progress("building the lab", status.get("fraction", 0.0))
+        time.sleep(1.0)
+        status = lab_status(Path(status["path"]))
+    if status["state"] == "failed":
+        raise ConfigError(f"the lab build failed: {status['error']}\n{status.get('log', '')}")
+    if progress:
+        progress("building the lab", 1.0)
+
+
+def export_merges(exp, jobs, *, progress=None) -> list[Path]:
+    """Write each DTM merge as a peft adapter folder (with ``recipe.json``) under
+    ``<experiment>/merged/<label>-s<seed>``, for use outside the dashboard; existing
+    ones are kept."""
+    from dtm.merge.engine import Merger
+    from dtm.store import safe_name
+
+    dtm = [m for m in experiment_models(exp, jobs) if m["kind"] == "merge"]
+    out, mergers = [], {}
+    for i, m in enumerate(dtm):
+        target = experiment_dir(exp.name) / "merged" / f"{safe_name(m['label'])}-s{m['seed']}"
+        if progress:
+            progress(f"merging {m['label']} s{m['seed']}", i / len(dtm))
+        if not (target / "recipe.json").exists():
+            key = tuple(m["adapters"])
+            if key not in mergers:
+                mergers = {key: Merger(m["base"], m["adapters"])}  # one set in memory
+            r = m["recipe"]
+            mergers[key].export(target, r["method"], r["weights"], **r["params"])
+        out.append(target)
+    if progress:
+        progress("merging", 1.0)
+    return out
+
+
+def evaluate_experiment(exp, jobs, *, progress=None):
+    """Score every model of the experiment (``report.experiment_models``) and write
+    ``results.json``; returns ``(scores table, timings)``."""
+    from dtm.score import score_models, scores
+    from dtm.tasks import PROBES, TASKS
+
+    inputs = resolve_inputs(exp)
+    ev = exp.evaluate or {}
+    tasks = list(ev.get("tasks") or (TASKS + PROBES if inputs["lab"] else []))
+    engine, limit = ev.get("engine", "quick"), ev.get("limit")
+    if not tasks:  # load_experiment refuses this; kept for an Experiment made in code
+        raise ConfigError(f"{exp.source}: evaluate.tasks is needed when the experiment has no lab.")
+    out_dir = experiment_dir(exp.name)
+    timings = score_models(
+        experiment_models(exp, jobs),
+        tasks,
+        group=exp.name,
+        lab=inputs["lab"],
+        engine=engine,
+        limit=limit,
+        controls_dir=out_dir / "controls",
+        progress=progress,
+    )
+    table = scores(group=exp.name)
+    table = table[table["engine"] == engine]
+    write_json_atomic(
+        out_dir / "results.json",
+        {
+            "experiment": exp.name,
+            "engine": engine,
+            "limit": limit,
+            "seconds": timings,
+            "scores": table.drop(columns=["model"]).to_dict("records"),
+        },
+    )
+    return table, timings

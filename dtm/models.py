@@ -1,0 +1,146 @@
+"""The one model loader: a base causal LM, with or without LoRA adapters, loaded safely.
+
+- Weights load from safetensors only. A folder with only pickle weights (``*.bin``) is
+  refused unless ``allow_pickle``; even then ``torch.load(weights_only=True)`` refuses a
+  pickle holding anything but tensors.
+- A model folder's own Python code (``auto_map``) runs only with ``trust_remote_code``.
+- The tokenizer is loaded only when asked for: a merge needs none, so a folder of
+  weights without tokenizer files merges (``load_base(..., tokenizer=False)``).
+
+The trainer, the merge engine, evaluation and the pages all load through ``load_base``;
+``load_model(base, adapter)`` adds one peft adapter. Several adapters merged exactly in
+memory are ``dtm.merge.engine.Merger``'s (``dtm.score.load_model`` picks).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dtm.errors import ConfigError
+
+PICKLE_FLAG = "--allow-pickle-weights"
+
+
+def check_base_path(name: str, *, allow_pickle: bool = False) -> None:
+    """Raise ConfigError when ``name`` is a local path that is not a loadable model
+    folder (a hub id is not checked here). Pickle-only weights are refused unless
+    ``allow_pickle``."""
+    path = Path(name).expanduser()
+    if not path.exists() and name.startswith(("/", ".", "~")):
+        raise ConfigError(f"{name}: no such model folder.")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{name}: not a model folder (a file, not a folder with config.json).")
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{name}: not a model folder (no config.json).")
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*.bin"))
+    if not pickles:
+        raise ConfigError(f"{name}: no model weights (no *.safetensors or *.bin file).")
+    if not allow_pickle:
+        raise ConfigError(
+            f"{name}: no *.safetensors weights, only pickle weights ({', '.join(pickles[:3])}). "
+            "Pickle weights (.bin) are not loaded unless you allow it, since a pickle can run "
+            f"code: add {PICKLE_FLAG} (allow_pickle: true in a config file) if you trust "
+            "this folder, or convert it with save_pretrained(safe_serialization=True)."
+        )
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub id, with a pad token (the end-of-text token
+    when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Cannot load the tokenizer of {name!r}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(
+    name: str,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    tokenizer: bool = True,
+):
+    """``(model, tokenizer)`` from a folder or hub id (``tokenizer=False``: the tokenizer
+    is None and never read), with a clear error when it is not one."""
+    import pickle
+
+    from transformers import AutoModelForCausalLM
+
+    check_base_path(name, allow_pickle=allow_pickle)
+    path = Path(name).expanduser()
+    pickle_only = path.is_dir() and not any(path.glob("*.safetensors"))
+    weights = (
+        {"use_safetensors": False, "weights_only": True}
+        if allow_pickle and pickle_only
+        else {"use_safetensors": True}
+    )
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code) if tokenizer else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, trust_remote_code=trust_remote_code, **weights
+        )
+    except pickle.UnpicklingError as e:  # weights_only=True met more than tensors
+        raise ConfigError(
+            f"{name}: its pickle weights hold more than tensors and were refused, even with "
+            f"{PICKLE_FLAG} (loading them could run code): {str(e).splitlines()[0][:200]}"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Cannot load the model {name!r}: {e}") from e
+    return model, tok
+
+
+def load_model(
+    base: str,
+    adapter: str | Path | None = None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """``(model, tokenizer)``: ``base`` alone or with one peft adapter (checked before the
+    base loads). Several adapters merged: ``dtm.merge.engine.Merger``, which loads its
+    base through ``load_base`` too (``dtm.score.load_model`` picks between them)."""
+    lora = _check_adapter(Path(adapter)) if adapter else None
+    model, tok = load_base(base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if adapter:
+        model = apply_adapter(model, adapter, base, lora)
+    return model, tok
+
+
+def _check_adapter(a: Path):
+    """Read a single adapter's config (and its LoRA weights) before the base loads, so a
+    bad folder is reported without the cost of a model load."""
+    from dtm.merge.lora import CONFIG, WEIGHTS, read_adapter
+
+    if not (a / CONFIG).exists():
+        raise ConfigError(f"{a}: not a peft adapter folder (no {CONFIG}).")
+    try:
+        is_lora = json.loads((a / CONFIG).read_text()).get("peft_type") == "LORA"
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{a / CONFIG}: not a readable adapter config ({e}).") from None
+    return read_adapter(a) if is_lora and (a / WEIGHTS).exists() else None
+
+
+def apply_adapter(model, adapter: str | Path, base: str, lora=None):
+    """``model`` with one peft adapter applied (checked to fit the base first)."""
+    from peft import PeftModel
+
+    from dtm.merge.lora import check_fits_base
+
+    if lora is not None:
+        check_fits_base(lora, model, base)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except RuntimeError as e:  # e.g. a size mismatch: an adapter of another base
+        raise ConfigError(
+            f"{adapter}: cannot be applied to the base model {base}: {str(e)[:300]}"
+        ) from e

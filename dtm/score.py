@@ -1,0 +1,227 @@
+"""Model references and the scores table: which model (base + adapters + merge recipe,
+and what it is: its kind and clustering), which task and metric, the value, its
+standard error, the item count, the seed and when.
+
+``ModelRef`` names a model exactly; ``load_model(ref)`` rebuilds it (a merge is redone
+in memory, exactly, by ``dtm.models.load_model``); ``record(ref, results, ...)`` stores a
+``{task: {metric: value}}`` dict; ``scores(...)`` reads them back as a table with columns
+``model_key, model, label, grp, kind, clustering, task, metric, value, stderr, n, seed,
+engine, lim, created``.
+
+Kinds (``KINDS``, in the order tables show them): ``base``, ``sft``, ``control`` (the
+shrinkage control), ``merge`` (DTM), ``baseline``, ``sub`` (one sub-model alone).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dtm.store import Registry, canonical_json, input_key
+
+KINDS = ("base", "sft", "control", "merge", "baseline", "sub")
+
+
+@dataclass
+class ModelRef:
+    """A model as the dashboard makes it: ``base`` plus LoRA ``adapters``; with several
+    adapters, ``recipe`` (``{"method", "weights", "params"}``) says how they are merged.
+    ``label`` (e.g. ``dtm-kmeans``), ``group`` and ``seed`` say where it belongs; ``kind``
+    (one of ``KINDS``) and ``clustering`` say what it is. Only base, adapters and recipe
+    make its key: the same weights are the same model whatever they are called."""
+
+    base: str
+    adapters: list[str] = field(default_factory=list)
+    recipe: dict | None = None
+    label: str = ""
+    group: str | None = None
+    seed: int | None = None
+    kind: str | None = None
+    clustering: str | None = None
+
+    @property
+    def key(self) -> str:
+        what = {"base": self.base, "adapters": self.adapters, "recipe": self.recipe}
+        return input_key("model", what)
+
+    def describe(self) -> str:
+        if not self.adapters:
+            return f"{self.base} (base)"
+        if len(self.adapters) == 1 and not self.recipe:
+            return f"{self.base} + {self.adapters[0]}"
+        r = self.recipe or {}
+        return f"{self.base} + {r.get('method', 'average')} of {len(self.adapters)} adapters"
+
+
+def load_model(ref: ModelRef, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer) for ``ref``: a merge of several adapters is redone in memory,
+    exactly (``Merger``); otherwise ``dtm.models.load_model``."""
+    permissions = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+    if len(ref.adapters) > 1 or ref.recipe:
+        from dtm.merge.engine import Merger
+
+        merger = Merger(ref.base, ref.adapters, **permissions)
+        r = ref.recipe or {"method": "average"}
+        weights = r.get("weights") or [1.0 / len(ref.adapters)] * len(ref.adapters)
+        model = merger.apply(r.get("method", "average"), weights, **r.get("params", {}))
+        return model, merger.tokenizer
+    from dtm.models import load_model as load
+
+    return load(ref.base, ref.adapters[0] if ref.adapters else None, **permissions)
+
+
+def record(
+    ref: ModelRef,
+    results: dict[str, dict[str, float]],
+    *,
+    engine: str,
+    limit: int | None = None,
+    registry: Registry | None = None,
+) -> int:
+    """Store every metric of ``results``; returns the number of rows written."""
+    reg = registry or Registry()
+    now = time.time()
+    model = canonical_json(
+        {k: v for k, v in asdict(ref).items() if k not in ("kind", "clustering")}
+    )
+    rows = []
+    for task, metrics in results.items():
+        n = metrics.get("n")
+        for metric, value in metrics.items():
+            if metric == "n" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            se = metrics.get(f"{metric}_stderr")
+            rows.append(
+                (
+                    ref.key,
+                    model,
+                    ref.label,
+                    ref.group,
+                    task,
+                    metric,
+                    float(value),
+                    None if se is None else float(se),
+                    None if n is None else int(n),
+                    ref.seed,
+                    engine,
+                    limit,
+                    now,
+                    ref.kind,
+                    ref.clustering,
+                )
+            )
+    with reg.transaction() as con:
+        con.executemany(
+            "INSERT INTO results (model_key, model, label, grp, task, metric, value, stderr, "
+            "n, seed, engine, lim, created, kind, clustering) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    return len(rows)
+
+
+def scores(
+    *, group: str | None = None, registry: Registry | None = None, latest: bool = True
+) -> pd.DataFrame:
+    """Stored scores (of one group); with ``latest``, only the newest value of each
+    (model, task, metric, engine, limit), and within a group of each (label, seed, ...):
+    a label and seed name one model of a group, whichever files it was rebuilt from."""
+    reg = registry or Registry()
+    sql = (
+        "SELECT model_key, model, label, grp, kind, clustering, task, metric, value, stderr, "
+        "n, seed, engine, lim, created FROM results"
+    )
+    args: tuple = ()
+    if group is not None:
+        sql += " WHERE grp = ?"
+        args = (group,)
+    with reg._connect() as con:
+        df = pd.read_sql_query(sql + " ORDER BY created", con, params=args)
+    if latest and len(df):
+        df = df.drop_duplicates(["model_key", "task", "metric", "engine", "lim"], keep="last")
+        named = df["label"].fillna("") != ""
+        same = ["grp", "label", "seed", "task", "metric", "engine", "lim"]
+        df = pd.concat([df[~named], df[named].drop_duplicates(same, keep="last")])
+        df = df.sort_values("created", kind="stable")
+    return df.reset_index(drop=True)
+
+
+def groups(registry: Registry | None = None) -> list[str]:
+    """The groups that have scores, newest first."""
+    reg = registry or Registry()
+    with reg._connect() as con:
+        rows = con.execute(
+            "SELECT grp, MAX(created) AS t FROM results WHERE grp IS NOT NULL GROUP BY grp "
+            "ORDER BY t DESC"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def ref_of(row: pd.Series) -> ModelRef:
+    return ModelRef(
+        **json.loads(row["model"]), kind=row.get("kind"), clustering=row.get("clustering")
+    )
+
+
+def score_models(
+    models: list[dict],
+    tasks: list[str],
+    *,
+    group: str,
+    lab: str | None,
+    engine: str = "quick",
+    limit: int | None = None,
+    allow_code: bool = False,
+    controls_dir: Path,
+    progress=None,
+) -> dict[str, float]:
+    """Score each model (``dtm.experiment.report``'s dicts) on ``tasks`` and record the scores under
+    ``group``; a model already scored on every task (same engine and limit) is skipped.
+    Returns the seconds spent loading or merging and evaluating."""
+    from dtm.controls import shrink_adapter
+    from dtm.evaluate import evaluate
+
+    have = scores(group=group)
+    same_limit = have["lim"].isna() if limit is None else have["lim"] == limit
+    have = have[(have["engine"] == engine) & same_limit]
+    timings: dict[str, float] = {"load_and_merge": 0.0, "evaluate": 0.0}
+    for i, m in enumerate(models):
+        adapters = m["adapters"]
+        if m["kind"] == "control":
+            scaled = Path(controls_dir) / f"{Path(adapters[0]).parent.name}-x{m['factor']:.4g}"
+            if not (scaled / "adapter_model.safetensors").exists():
+                shrink_adapter(adapters[0], m["factor"], scaled)
+            adapters = [str(scaled)]
+        ref = ModelRef(
+            base=m["base"],
+            adapters=adapters,
+            recipe=m.get("recipe"),
+            label=m["label"],
+            group=group,
+            seed=m["seed"],
+            kind=m["kind"],
+            clustering=m.get("clustering"),
+        )
+        done = set(have.loc[have["model_key"] == ref.key, "task"])
+        if progress:
+            seed = f" s{m['seed']}" if m["seed"] is not None else ""
+            progress(f"scoring {m['label']}{seed}", i / len(models))
+        if set(tasks) <= done:
+            continue
+        t0 = time.perf_counter()
+        model, tok = load_model(ref)
+        t1 = time.perf_counter()
+        res = evaluate(
+            model, tok, tasks, engine=engine, lab=lab, limit=limit, allow_code=allow_code
+        )
+        timings["load_and_merge"] += t1 - t0
+        timings["evaluate"] += time.perf_counter() - t1
+        record(ref, res, engine=engine, limit=limit)
+        del model
+    if progress:
+        progress("scoring", 1.0)
+    return timings

@@ -1,0 +1,141 @@
+"""LoRA supervised fine-tuning of a ``transformers`` causal LM on the ``transformers``
+Trainer with a peft adapter: vanilla SFT (``kind="sft"``, all data), a DTM sub-model
+(``"sub"``, one cluster of a saved assignment) and the paper's baselines (``"soup"``,
+``"l2"``, ``"ewc"``, ``"replay"``; see ``dtm.baselines``). The pieces:
+
+- ``config``: ``TrainConfig`` (every field with its help), the ``KINDS`` table, the flags;
+- ``rows``: data table -> masked token rows, batches, the train/validation split;
+- ``loop``: one run on the Trainer (setup, arguments, the metrics logger, recovery).
+
+Every ``log_every`` steps ``metrics.jsonl`` (and the registry, when the run is a job) gets
+one JSON object with ``step``, ``epoch``, ``lr``, ``train_loss`` (running), ``val_loss``
+(held-out split), ``probe_loss`` (a fixed subset of the training rows), ``loss_ratio`` =
+(probe_loss at step 0 - probe_loss) / (val_loss at step 0 - val_loss): the pilot study's
+delta L_train / delta L_val, ``loss_ratio_interval`` (the same over the last interval
+only), ``tokens_per_s``, ``mem_mb`` and ``seconds``. An ``eval_hook(model, tokenizer,
+step)`` (or ``eval_lab``) adds benchmark scores at chosen steps: the alignment-tax curve.
+
+Run folder: ``adapter/`` (peft, safetensors; a ``sub`` run adds ``fisher.safetensors``,
+the diagonal Fisher of its LoRA parameters on its cluster), ``checkpoints/checkpoint-N/``
+(adapter + optimizer state; resumable), ``metrics.jsonl``, ``config.json``. The adapter
+folder appears by one rename, so a failed save never leaves one that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from dtm.errors import ConfigError, Stopped, TrainingError
+from dtm.models import check_base_path, load_base
+from dtm.store import publish_dir, read_metrics, write_text_atomic
+from dtm.train.config import BASELINES, KINDS, TrainConfig, check_config, run_id
+from dtm.train.loop import request_stop, run_one
+from dtm.train.rows import collate, encode_rows
+
+__all__ = [
+    "BASELINES",
+    "KINDS",
+    "Stopped",
+    "TrainConfig",
+    "TrainingError",
+    "check_config",
+    "collate",
+    "encode_rows",
+    "lab_eval_hook",
+    "read_metrics",
+    "request_stop",
+    "run_id",
+    "train",
+]
+
+
+def train(
+    cfg: TrainConfig,
+    eval_hook: Callable[[Any, Any, int], dict] | None = None,
+    progress: Callable[[str, float], None] | None = None,
+    *,
+    resume: bool = False,
+    on_record: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Run ``cfg``. ``resume`` continues from the last checkpoint in ``out/checkpoints``
+    (from scratch when there is none). ``on_record(rec)`` sees each metrics record,
+    ``on_step(step, total)`` each optimizer step. Raises ``Stopped`` when
+    ``request_stop()`` was called (a checkpoint was saved), ``TrainingError`` on a
+    non-finite loss or a failed save. Returns ``{"metrics", "seconds", "model",
+    "tokenizer"}``."""
+    check_config(cfg)
+    check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
+    if cfg.eval_lab and eval_hook is None:
+        eval_hook = lab_eval_hook(cfg.eval_lab)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if cfg.kind != "soup":
+        res = run_one(cfg, out, eval_hook, progress, resume, on_record, on_step)
+        _write_config(cfg, out, res["resolved"])
+        return {**res, "seconds": round(time.perf_counter() - t0, 2)}
+    # Uniform Soup: members on all data with seeds seed..seed+n-1, merged with equal
+    # weights exactly (dtm.merge); a finished member is not trained again on resume.
+    from dtm.merge import linear_concat
+
+    records: list[dict] = []
+    members = []
+    for i in range(cfg.members):
+        mcfg = replace(cfg, kind="sft", seed=cfg.seed + i, out=str(out / "members" / str(i)))
+        mout = Path(mcfg.out)
+
+        def tag(rec: dict, i: int = i) -> None:
+            rec["member"] = i
+            if on_record:
+                on_record(rec)
+
+        def step_cb(step: int, total: int, i: int = i) -> None:
+            if on_step:
+                on_step(i * total + step, cfg.members * total)
+
+        if (mout / "adapter" / "adapter_model.safetensors").exists():
+            recs = read_metrics(mout / "metrics.jsonl")
+        else:
+            res = run_one(mcfg, mout, eval_hook, progress, resume, tag, step_cb)
+            _write_config(mcfg, mout, res["resolved"])
+            recs = res["metrics"]
+        records += [dict(r, member=i) for r in recs]
+        members.append(mout / "adapter")
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    publish_dir(
+        out / "adapter", lambda tmp: linear_concat(members, [1 / cfg.members] * len(members), tmp)
+    )
+    _write_config(cfg, out, {"members": [str(m) for m in members]})
+    model, tok = load_base(
+        cfg.base, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
+    )
+    from peft import PeftModel
+
+    return {
+        "metrics": records,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "model": PeftModel.from_pretrained(model, out / "adapter"),
+        "tokenizer": tok,
+    }
+
+
+def lab_eval_hook(lab: str | Path) -> Callable[[Any, Any, int], dict]:
+    from dtm.evaluate import evaluate_lab
+
+    bench = Path(lab) / "benchmarks"
+    if not bench.is_dir():
+        raise ConfigError(f"eval_lab {lab}: no benchmarks/ folder (not a lab).")
+    return lambda model, tok, step: evaluate_lab(model, tok, bench)
+
+
+def _write_config(cfg: TrainConfig, out: Path, extra: dict) -> None:
+    resolved = {**asdict(cfg), **extra, "run_id": run_id(cfg)}
+    write_text_atomic(out / "config.json", json.dumps(resolved, indent=2, default=list) + "\n")

@@ -1,0 +1,227 @@
+"""One training run's configuration and the registry of run kinds.
+
+``TrainConfig`` fields carry their help text; ``add_arguments(parser)`` makes the
+``dtm train`` flags from them and ``config_from_args(args)`` maps the flags (and an
+optional ``--config`` file) back. ``KINDS`` is the one table of run kinds: what data each
+trains on, which penalty or corpus it adds, and how many tokens it costs per row of its
+data (for the plan's estimate).
+
+Defaults are the paper's released command: LoRA r=16, alpha=16, dropout 0.05 on
+``gate_proj, up_proj, down_proj``; lr 3e-4, cosine with warmup, AdamW (0.9, 0.98), eps
+1e-6, no weight decay, max grad norm 0.3, 1 epoch, effective batch 16, max length 1024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dtm.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """One LoRA SFT run. Every field can be set from the CLI, a config file or an
+    experiment file."""
+
+    base: str = field(metadata={"help": "model folder or hub id"})
+    data: str = field(metadata={"help": "instruction data file (or hub dataset id)"})
+    out: str = field(metadata={"help": "run folder"})
+    kind: str = _f("sft", "what to train (see KINDS): sft, sub, or a baseline")
+    val_data: str | None = _f(None, "held-out data file (default: a split of --data)")
+    val_fraction: float = _f(0.05, "share of the rows held out when no --val-data is given")
+    assignments: str | None = _f(None, "assignments.csv of a disperse run (kind sub)")
+    cluster: int | None = _f(None, "the cluster to train on (kind sub)")
+    steps: int | None = _f(None, "optimizer steps; overrides --epochs", exclusive="budget")
+    epochs: float = _f(1.0, "passes over the training rows", exclusive="budget")
+    lora_r: int = _f(16, "LoRA rank r")
+    lora_alpha: int = _f(16, "LoRA alpha (the delta is scaled by alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input, in [0, 1)")
+    target_modules: tuple[str, ...] = _f(
+        ("gate_proj", "up_proj", "down_proj"), "comma-separated module names to adapt"
+    )
+    lr: float = _f(3e-4, "peak learning rate")
+    scheduler: str = _f("cosine", "transformers learning-rate schedule (cosine, linear, ...)")
+    warmup_ratio: float = _f(0.03, "share of the steps spent warming up the learning rate")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.98, "AdamW beta2")
+    adam_epsilon: float = _f(1e-6, "AdamW epsilon")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(0.3, "gradient-norm clipping")
+    batch_size: int = _f(16, "rows per optimizer step")
+    micro_batch_size: int = _f(16, "rows per forward pass (batch_size must be a multiple)")
+    max_length: int = _f(1024, "tokens per row; longer rows are cut")
+    log_every: int = _f(10, "steps between metrics records (train, probe and val losses)")
+    probe_size: int = _f(64, "training rows in the fixed train probe of the loss ratio")
+    seed: int = _f(0, "seed of the split, the data order, the probe and LoRA's init")
+    members: int = _f(4, "soup: members, trained with seeds seed..seed+n-1")
+    l2_weight: float = _f(1.0, "l2: weight of ||delta W||^2")
+    ewc_weight: float = _f(1.0, "ewc: weight of F * delta W^2")
+    reference: str | None = _f(None, "ewc/replay corpus; default: the lab's pretraining text")
+    reference_size: int = _f(256, "ewc: documents for the base model's Fisher")
+    fisher_size: int = _f(128, "sub: rows for the adapter Fisher the fisher merge uses")
+    save_every: int | None = _f(None, "checkpoint interval in steps (default: ~10 per run)")
+    keep_checkpoints: int = _f(2, "checkpoints kept (older ones are removed)")
+    eval_lab: str | None = _f(None, "a lab folder: score its benchmarks during training")
+    eval_every: int | None = _f(None, "steps between benchmark scores (default: log_every)")
+    trust_remote_code: bool = _f(
+        False, "run the Python code a model folder ships (its auto_map); off by default"
+    )
+    allow_pickle: bool = _f(
+        False,
+        "load a base model that has only pickle (.bin) weights (a pickle can run code)",
+        flag="--allow-pickle-weights",
+    )
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A run kind: ``data`` is ``all`` (every training row) or ``cluster`` (one cluster
+    of an assignment); ``tokens`` is the rows trained per row of its data, for the
+    estimate (a soup trains its members, replay mixes in as many corpus rows)."""
+
+    name: str
+    help: str
+    data: str = "all"
+    baseline: bool = True
+    needs_reference: bool = False
+    penalty: str | None = None  # the name of the penalty in dtm.baselines
+
+    def tokens(self, cfg: TrainConfig) -> float:
+        return {"soup": cfg.members, "replay": 2}.get(self.name, 1)
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("sft", "vanilla SFT on all rows", baseline=False),
+        Kind("sub", "a DTM sub-model: one cluster of an assignment", "cluster", False),
+        Kind("soup", "K members on all rows with seeds S..S+K-1, merged uniformly"),
+        Kind("l2", "SFT plus an L2 penalty on the LoRA delta", penalty="l2"),
+        Kind(
+            "ewc",
+            "SFT plus EWC with the base's Fisher on a corpus",
+            needs_reference=True,
+            penalty="ewc",
+        ),
+        Kind("replay", "SFT with the reference corpus mixed in 1:1", needs_reference=True),
+    )
+}
+BASELINES = tuple(k for k, v in KINDS.items() if v.baseline)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first bad value."""
+    if cfg.kind not in KINDS:
+        raise ConfigError(f"kind {cfg.kind!r}: choose one of {', '.join(KINDS)}.")
+    positive = ["lora_r", "lora_alpha", "batch_size", "micro_batch_size", "max_length"]
+    positive += ["log_every", "probe_size", "keep_checkpoints"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, not {getattr(cfg, name)}.")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
+            f"{cfg.micro_batch_size}."
+        )
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ConfigError(f"steps must be at least 1, not {cfg.steps}.")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ConfigError(f"lr must be a positive number, not {cfg.lr}.")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}.")
+    kind = KINDS[cfg.kind]
+    if cfg.kind == "soup" and cfg.members < 2:
+        raise ConfigError(f"soup needs at least 2 members, not {cfg.members}.")
+    if kind.data == "cluster" and (cfg.assignments is None or cfg.cluster is None):
+        raise ConfigError(f"kind {cfg.kind!r} needs --assignments and --cluster.")
+    if kind.needs_reference:
+        from dtm.baselines import default_reference
+
+        if not (cfg.reference or default_reference(cfg.base)):
+            raise ConfigError(
+                f"kind {cfg.kind!r} needs a reference corpus (--reference FILE); only a lab "
+                "base model has a default one."
+            )
+
+
+def run_id(cfg: TrainConfig) -> str:
+    """A stable id for a configuration (its run folder does not count)."""
+    from dtm.store import input_key
+
+    # allow_pickle is a permission, not a parameter of the run: it does not change the id
+    values = {k: v for k, v in asdict(cfg).items() if k not in ("out", "allow_pickle")}
+    return input_key("run", values)
+
+
+def from_mapping(values: dict[str, Any], where: str) -> TrainConfig:
+    """A TrainConfig from plain values (a config or experiment file, a job row); unknown
+    keys are an error naming ``where``."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}.")
+    values = dict(values)
+    if isinstance(values.get("target_modules"), str):
+        values["target_modules"] = tuple(values["target_modules"].split(","))
+    elif values.get("target_modules") is not None:
+        values["target_modules"] = tuple(values["target_modules"])
+    missing = [n for n in ("base", "data", "out") if not values.get(n)]
+    if missing:
+        raise ConfigError(f"{where} needs {', '.join('--' + m for m in missing)}.")
+    return TrainConfig(**values)
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with its help; every default is None (unset), so
+    a ``--config`` file's value stands unless the flag is given."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in fields(TrainConfig):
+        help_text = f.metadata.get("help", "")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if f.name == "kind":
+            kw["choices"] = list(KINDS)
+        if f.type in ("bool",):
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = {"int": int, "float": float}.get(f.type.split(" | ")[0].strip(), str)
+        target = parser
+        if "exclusive" in f.metadata:
+            g = f.metadata["exclusive"]
+            if g not in groups:
+                groups[g] = parser.add_mutually_exclusive_group()
+            target = groups[g]
+        target.add_argument(_flag(f), **kw)
+
+
+def config_from_args(
+    args: argparse.Namespace, file_values: dict[str, Any] | None = None, file_name: str = ""
+) -> TrainConfig:
+    """``--config`` values overridden by the flags that were given."""
+    values = dict(file_values or {})
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"--config {file_name}: unknown keys {', '.join(unknown)}.")
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and v is not False:
+            values[f.name] = v
+    return from_mapping(values, "train")
+
+
+def read_config(cfg_dict: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a job's stored config (JSON lists back to tuples)."""
+    values = dict(cfg_dict)
+    if values.get("target_modules") is not None:
+        values["target_modules"] = tuple(values["target_modules"])
+    return TrainConfig(**values)
