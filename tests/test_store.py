@@ -74,3 +74,39 @@ def test_safe_names_stay_inside_their_folder(cache):
     assert p.resolve().is_relative_to((cache / "uploads").resolve())
     with pytest.raises(RegistryError, match="over the upload limit"):
         save_upload("big.jsonl", b"x" * 100, max_bytes=10)
+
+
+def test_a_schema_3_registry_gains_the_kind_and_clustering_columns_in_place(tmp_path):
+    import sqlite3
+
+    import pandas as pd
+
+    from dtm.score import ModelRef, record, scores
+
+    db = tmp_path / "registry.sqlite"
+    con = sqlite3.connect(db)  # the schema 3 tables, as an older dtm wrote them
+    con.executescript(
+        "CREATE TABLE results (id INTEGER PRIMARY KEY AUTOINCREMENT, model_key TEXT NOT NULL,"
+        " model TEXT NOT NULL, label TEXT, grp TEXT, task TEXT NOT NULL, metric TEXT NOT NULL,"
+        " value REAL, stderr REAL, n INTEGER, seed INTEGER, engine TEXT NOT NULL, lim INTEGER,"
+        " created REAL NOT NULL);"
+        "INSERT INTO results (model_key, model, label, grp, task, metric, value, engine, created)"
+        " VALUES ('k', '{\"base\": \"b\"}', 'old', 'g', 't', 'acc', 0.5, 'quick', 1.0);"
+        "PRAGMA user_version = 3;"
+    )
+    con.close()
+    reg = Registry(tmp_path)
+    with reg._connect() as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 4
+        cols = {r[1] for r in c.execute("PRAGMA table_info(results)")}
+        job_cols = {r[1] for r in c.execute("PRAGMA table_info(jobs)")}
+    assert {"kind", "clustering"} <= cols and "clustering" in job_cols
+    record(
+        ModelRef(base="b", label="new", group="g", kind="merge", clustering="kmeans"),
+        {"t": {"acc": 0.75}},
+        engine="quick",
+        registry=reg,
+    )
+    table = scores(group="g", registry=reg).set_index("label")
+    assert table.loc["old", "value"] == 0.5 and pd.isna(table.loc["old", "kind"])
+    assert (table.loc["new", "kind"], table.loc["new", "clustering"]) == ("merge", "kmeans")
