@@ -17,3 +17,12 @@ TINYLLAMA_1B = {
     "num_key_value_heads": 4,
     "vocab_size": 32000,
 }
+LLAMA_SMALL = {  # the merge benchmark's default: a few seconds per method on a 2-core CPU
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 2048,
+    "max_position_embeddings": 512,
+}
