@@ -14,6 +14,8 @@
       engine_concat  ``dtm.merge.lora.linear_concat(adapters, w, out)`` (the exact merged
                      adapter, read from and written to disk), then loaded with peft
       peft_svd/_cat  peft ``add_weighted_adapter(..., combination_type="svd"|"cat")``
+                     (svd: ``svd_full_matrices=False``, the faster baseline; peft's
+                     default ``True`` with ``--svd-full``)
       dense          mergekit-style: each sub-model materialised, averaged
     Check, independent of the engine: the reference is computed here from the files,
     W_ref = W0 + sum_k w_k s_k B_k A_k (s_k = lora_alpha/r, or lora_alpha/sqrt(r) with
