@@ -304,6 +304,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merger = Merger(
         args.base,
         args.adapters,
+        method=args.method,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
     )

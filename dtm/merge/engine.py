@@ -11,9 +11,14 @@ merge.
 
 Export: ``export(out)`` writes one peft adapter folder (linear: the concatenated factors,
 exact, rank sum(r_k); factor methods: rank r; dense methods: the exact SVD of each delta
-at full rank) or, with ``full=True``, the merged weights as a ``transformers`` model
-folder (safetensors), plus ``recipe.json`` (method, weights, parameters and the source
-adapters' hashes).
+at full rank, min(out, in), which differs between layers of different shapes and is
+written as a per-layer ``rank_pattern``/``alpha_pattern`` with scale 1) or, with
+``full=True``, the merged weights as a ``transformers`` model folder (safetensors),
+plus ``recipe.json`` (method, weights, parameters and the source adapters' hashes).
+
+The adapters may have different ranks, lora_alpha and rslora: linear and dense methods
+merge the exact deltas s_k B_k A_k. Factor methods combine A and B entry by entry and need
+one rank; ``check_method`` refuses them otherwise.
 """
 
 from __future__ import annotations
@@ -29,10 +34,35 @@ from dtm.merge.lora import (
     check_compatible,
     check_fits_base,
     linear_concat,
+    rank_config,
     read_adapter,
 )
 from dtm.merge.methods import METHODS, check_weights
 from dtm.store import file_digest, write_json_atomic
+
+
+def check_method(method: str, sets) -> None:
+    """ConfigError unless ``method`` can merge the adapters ``sets`` (``AdapterSet``s):
+    a factor method needs the same rank in every adapter, layer by layer."""
+    m = METHODS.get(method)
+    if m is None:
+        raise ConfigError(f"merge method {method!r}: choose one of {', '.join(METHODS)}.")
+    if m.kind != "factor":
+        return
+    per_adapter = [s.ranks() for s in sets]
+    if all(r == per_adapter[0] for r in per_adapter[1:]):
+        return
+    found = sorted({r for ranks in per_adapter for r in ranks.values()})
+    each = ", ".join(
+        f"{s.path.name}: r={'/'.join(map(str, sorted(set(r.values()))))}"
+        for s, r in zip(sets, per_adapter, strict=True)
+    )
+    others = ", ".join(n for n, x in METHODS.items() if x.kind != "factor")
+    raise ConfigError(
+        f"{method} combines the LoRA factors A and B themselves, which needs one rank in all "
+        f"adapters, but these have ranks {', '.join(map(str, found))} ({each}). Use "
+        f"{others} instead (average, ties or dare merge the exact deltas of any rank)."
+    )
 
 
 class Merger:
@@ -46,7 +76,10 @@ class Merger:
         *,
         trust_remote_code=False,
         allow_pickle: bool = False,
+        method: str | None = None,
     ):
+        """``method``, when given, is checked against the adapters (``check_method``)
+        before the base model loads; ``apply`` and ``export`` check theirs in any case."""
         import torch
         from peft import PeftModel
 
@@ -57,6 +90,8 @@ class Merger:
         self.base = base
         self.sets = [read_adapter(a) for a in adapters]
         check_compatible(self.sets)
+        if method is not None:
+            check_method(method, self.sets)
         # A merge needs no tokenizer: it is loaded only when a caller asks for it.
         self._trust = trust_remote_code
         self._tokenizer = None
@@ -178,8 +213,7 @@ class Merger:
         """Make ``self.model`` the merged model and return it."""
         import torch
 
-        if method not in METHODS:
-            raise ConfigError(f"merge method {method!r}: choose one of {', '.join(METHODS)}.")
+        check_method(method, self.sets)
         m = METHODS[method]
         check_weights(list(weights), len(self.sets), normalise=False)
         if m.kind == "linear":
@@ -217,9 +251,8 @@ class Merger:
         from dtm.store import publish_dir
 
         out = Path(out)
-        m = METHODS.get(method)
-        if m is None:
-            raise ConfigError(f"merge method {method!r}: choose one of {', '.join(METHODS)}.")
+        check_method(method, self.sets)
+        m = METHODS[method]
         check_weights(list(weights), len(self.sets), normalise=False)
         recipe = self.recipe(method, weights, params)
 
@@ -232,7 +265,7 @@ class Merger:
             elif m.kind == "linear":
                 linear_concat([s.path for s in self.sets], m.fn(list(weights), params), tmp)
             else:
-                tensors, rank = {}, 0
+                tensors, ranks = {}, {}
                 with torch.no_grad():
                     if m.kind == "factor":
                         pairs = (
@@ -248,9 +281,10 @@ class Merger:
                         key = self._key(n)
                         tensors[f"{key}.lora_A.weight"] = a.contiguous().cpu()
                         tensors[f"{key}.lora_B.weight"] = b.contiguous().cpu()
-                        rank = a.shape[0]
+                        ranks[key] = int(a.shape[0])
                 save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-                cfg = dict(self.sets[0].config, r=rank, lora_alpha=rank, use_rslora=False)
+                # per-layer ranks (a k_proj of GQA has a smaller full rank than q_proj)
+                cfg = rank_config(self.sets[0].config, ranks)
                 (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             write_json_atomic(tmp / "recipe.json", recipe)
 

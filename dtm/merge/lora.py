@@ -3,13 +3,22 @@
 A LoRA layer adds delta W = s * B @ A (A: r x in, B: out x r, s = alpha / r). A weighted
 sum of K such deltas is itself a LoRA delta of rank sum(r_k): A' = [A_1; ...; A_K] and
 B' = [w_1 s_1 B_1, ..., w_K s_K B_K] with s' = 1. So a linear merge is exact and never
-builds a dense matrix; only the K weights differ between two merges.
+builds a dense matrix; only the K weights differ between two merges. The ranks r_k (and
+lora_alpha, rslora) may differ between adapters and between layers (``rank_pattern``):
+the concatenated rank of each layer is written as a per-layer ``rank_pattern`` with an
+``alpha_pattern`` that makes every layer's scale 1.
+
+Adapter features whose delta is not s * B @ A of a linear layer (DoRA, ``modules_to_save``,
+a LoRA bias, embedding LoRA, ``fan_in_fan_out``) are refused by ``check_mergeable``
+rather than merged inexactly.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtm.errors import ConfigError
@@ -25,6 +34,26 @@ class AdapterSet:
     path: Path
     config: dict
     layers: dict  # layer prefix -> (A (r, in), B (out, r), s)
+    other_keys: tuple = field(default=())  # tensors that are not lora_A / lora_B
+
+    def ranks(self) -> dict:
+        """Layer prefix -> its LoRA rank."""
+        return {n: int(a.shape[0]) for n, (a, _, _) in self.layers.items()}
+
+
+PREFIX = "base_model.model."
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """The value peft uses for ``module`` (its ``get_pattern_key`` rule)."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return pattern[key]
+    return default
+
+
+def _positive(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 def read_adapter(path: str | Path) -> AdapterSet:
@@ -41,32 +70,103 @@ def read_adapter(path: str | Path) -> AdapterSet:
         raise ConfigError(f"{p / CONFIG}: expected a JSON object (a peft adapter config).")
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"{p}: a {config.get('peft_type')} adapter; only LoRA can be merged.")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ConfigError(f"{p}: per-layer ranks (rank_pattern) are not supported.")
     r, alpha = config.get("r"), config.get("lora_alpha")
     for key, value in (("r", r), ("lora_alpha", alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if not _positive(value):
             raise ConfigError(f"{p / CONFIG}: {key} is {value!r}, not a positive number.")
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = config.get(key) or {}
+        if not isinstance(pat, dict) or not all(_positive(v) for v in pat.values()):
+            raise ConfigError(f"{p / CONFIG}: {key} must map module names to positive numbers.")
+        patterns[key] = pat
     try:
         tensors = load_file(p / WEIGHTS)
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise ConfigError(f"{p / WEIGHTS}: not a readable safetensors file ({e}).") from e
-    s = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
-    layers = {}
+    layers, other = {}, []
     for key, a in tensors.items():
         if ".lora_A." in key:
             prefix = key.split(".lora_A.")[0]
             b = tensors.get(key.replace(".lora_A.", ".lora_B."))
             if b is None:
                 raise ConfigError(f"{p}: {prefix} has lora_A but no lora_B.")
+            module = prefix.removeprefix(PREFIX)
+            r_l = _pattern_value(patterns["rank_pattern"], module, r)
+            alpha_l = _pattern_value(patterns["alpha_pattern"], module, alpha)
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r_l or b.shape[1] != r_l:
+                raise ConfigError(
+                    f"{p}: {prefix} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                    f"but its config gives it rank {r_l}."
+                )
+            s = alpha_l / (r_l**0.5) if config.get("use_rslora") else alpha_l / r_l
             layers[prefix] = (a, b, s)
+        elif ".lora_B." not in key:
+            other.append(key)
     if not layers:
+        if any("lora_embedding_" in k for k in other):
+            raise ConfigError(
+                f"{p}: embedding LoRA (lora_embedding_A/B) only, and no LoRA of a linear layer."
+            )
         raise ConfigError(f"{p}: no LoRA layers in {WEIGHTS}.")
-    return AdapterSet(p, config, layers)
+    return AdapterSet(p, config, layers, tuple(other))
+
+
+UNSUPPORTED_HINT = (
+    "the merge refuses it rather than merge it inexactly; retrain the adapter without it, "
+    "or merge it into the base with peft (merge_and_unload) first"
+)
+
+
+def check_mergeable(adapter: AdapterSet) -> None:
+    """ConfigError naming the feature and the folder unless ``adapter``'s delta is exactly
+    sum of s * B @ A over linear layers (what every merge method assumes)."""
+    c, p = adapter.config, adapter.path
+    found = []
+    if c.get("use_dora"):
+        found.append("DoRA (use_dora: true)")
+    if c.get("modules_to_save"):
+        found.append(f"modules_to_save {c['modules_to_save']} (fully trained modules)")
+    if c.get("bias") not in (None, "none"):
+        found.append(f"a LoRA bias (bias: {c['bias']!r})")
+    if c.get("fan_in_fan_out"):
+        found.append("fan_in_fan_out: true (Conv1D-style transposed weights)")
+    if c.get("trainable_token_indices"):
+        found.append("trainable_token_indices (trained token embeddings)")
+    emb = sorted({k.split(".lora_embedding_")[0] for k in adapter.other_keys if "_embedding_" in k})
+    if emb:
+        found.append(f"embedding LoRA (an nn.Embedding target: {', '.join(emb[:3])})")
+    magnitude = [k for k in adapter.other_keys if "lora_magnitude_vector" in k]
+    if magnitude and not c.get("use_dora"):
+        found.append("DoRA (lora_magnitude_vector weights)")
+    if found:
+        raise ConfigError(
+            f"{p}: this adapter uses {'; '.join(found)}, which the merge does not support: "
+            f"{UNSUPPORTED_HINT}."
+        )
+
+
+def rank_config(config: dict, ranks: dict) -> dict:
+    """``config`` for an adapter whose layer ``prefix`` has rank ``ranks[prefix]`` and
+    scale 1: ``r`` is the commonest rank, the others go in ``rank_pattern`` and
+    ``alpha_pattern`` (alpha = rank, so every layer's scale alpha / r is 1)."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {n.removeprefix(PREFIX): k for n, k in ranks.items() if k != r}
+    return dict(
+        config,
+        r=r,
+        lora_alpha=r,
+        use_rslora=False,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+    )
 
 
 def check_compatible(adapters: list[AdapterSet]) -> None:
-    """Same base model, same adapted layers with the same shapes; else a ConfigError."""
+    """Same base model, same adapted layers with the same shapes (ranks may differ), and
+    only mergeable features (``check_mergeable``); else a ConfigError."""
+    for a in adapters:
+        check_mergeable(a)
     first = adapters[0]
     for other in adapters[1:]:
         if other.config.get("base_model_name_or_path") != first.config.get(
@@ -132,8 +232,8 @@ def linear_concat(adapters: list[str | Path], weights: list[float], out: str | P
         )
         merged[f"{name}.lora_A.weight"] = a.contiguous()
         merged[f"{name}.lora_B.weight"] = b.contiguous()
-    rank = sum(s.config["r"] for s in sets)
-    config = dict(sets[0].config, r=rank, lora_alpha=rank, use_rslora=False)
+    ranks = {n: int(merged[f"{n}.lora_A.weight"].shape[0]) for n in sets[0].layers}
+    config = rank_config(sets[0].config, ranks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, out / WEIGHTS, metadata={"format": "pt"})
