@@ -51,11 +51,9 @@ def params_panel(method: str) -> dict:
     c = st.columns(4)
     for i, p in enumerate(widget_spec(method)):
         col, key = c[i % 4], f"m_{p.name}"
-        if p.choices:
-            on = col.checkbox(p.help, key=key)
-            params[p.name] = next(x for x in p.choices if x is not None) if on else None
-            if params[p.name] is None:
-                del params[p.name]
+        if p.choices:  # an on/off choice (dare's TIES-style consensus)
+            if col.checkbox(p.help, key=key):
+                params[p.name] = next(x for x in p.choices if x is not None)
         elif p.type is int:
             params[p.name] = int(col.number_input(p.name, int(p.low), 10**6, p.default, key=key))
         else:
