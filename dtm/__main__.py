@@ -389,13 +389,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dtm.store import write_json_atomic
 
     if args.list_tasks:
-        print("\n".join(known_tasks()))
+        print("\n".join(known_tasks(args.tasks_dir)))
         return 0
-    if not args.model or not args.tasks or not args.out:
-        raise ConfigError("give --model, --tasks and --out (or --list-tasks).")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.model or not (args.tasks or args.heldout) or not args.out:
+        raise ConfigError("give --model, --tasks (or --heldout) and --out (or --list-tasks).")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.engine == "quick":
-        unknown = [t for t in tasks if t not in known_tasks()]
+        unknown = [t for t in tasks if t not in known_tasks(args.tasks_dir)]
         if unknown:
             raise ConfigError(
                 f"unknown task(s) {', '.join(unknown)}; `python -m dtm eval --list-tasks` "
@@ -427,6 +427,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks,
         engine=args.engine,
         lab=lab,
+        tasks_dir=args.tasks_dir,
+        heldout=list(args.heldout or []),
         limit=args.limit,
         batch_size=args.batch_size,
         allow_code=args.allow_code_execution,
@@ -438,7 +440,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shown = {
             k: round(v, 4)
             for k, v in metrics.items()
-            if k.startswith("acc") and not k.endswith("_stderr")
+            if k.startswith(("acc", "exact_match", "loss", "bits_per_byte"))
+            and not k.endswith("_stderr")
         }
         print(f"{task}: {json.dumps(shown)} (n={metrics.get('n')})")
     print(f"wrote {out}; the scores are in the registry too")
@@ -601,6 +604,20 @@ def _eval_parser(sub) -> None:
         help="peft adapter folder; give it several times to score their average merge",
     )
     ev.add_argument("--tasks", default=None, help="comma-separated task names")
+    ev.add_argument(
+        "--tasks-dir",
+        dest="tasks_dir",
+        default=None,
+        help="a folder of lm-evaluation-harness task YAMLs (dataset_path: json, local files)",
+    )
+    ev.add_argument(
+        "--heldout",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="instruction data (or a .txt corpus) whose mean response-token loss is added "
+        "as heldout:<file stem>; give it several times",
+    )
     ev.add_argument("--engine", choices=["quick", "full"], default="quick")
     ev.add_argument("--limit", type=int, default=None, help="first N items of each task")
     ev.add_argument("--lab", default=None, help="the lab folder whose tasks lab_* are")

@@ -58,9 +58,106 @@ def mc_predictions(model, tokenizer, items: list[dict], batch_size: int = 256) -
 
 
 def _continuation_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[float]:
+    return [lp for lp, _ in continuation_scores(model, pairs, pad_id, batch_size)]
+
+
+def _pad_left(seqs: list[list[int]], pad_id: int):
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s)
+        mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def continuation_scores(
+    model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 256
+) -> list[tuple[float, bool]]:
+    """``(sum of log p(continuation | context), continuation is the greedy one)`` of each
+    ``(context ids, continuation ids)`` pair (lm-evaluation-harness's loglikelihood).
+
+    Each distinct context is encoded once: the contexts of a batch run left-padded (with
+    position ids counted from each row's first real token), and every continuation of a
+    context then runs on a copy of that context's key/value cache. A multiple-choice item
+    costs one pass over its context instead of one per option. Continuations of a single
+    token need no second pass at all. Models without a key/value cache are scored one
+    full sequence per pair."""
+    if not pairs:
+        return []
+    dev = _device(model)
+    contexts: dict[tuple[int, ...], list[int]] = {}
+    for k, (ctx, _) in enumerate(pairs):
+        contexts.setdefault(tuple(ctx), []).append(k)
+    order = sorted(contexts, key=lambda c: -len(c))
+    result: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    start = 0
+    while start < len(order):
+        # a batch of contexts holds at most ``batch_size`` continuations
+        chunk, n_rows = [], 0
+        while start < len(order) and (
+            not chunk or n_rows + len(contexts[order[start]]) <= batch_size
+        ):
+            chunk.append(order[start])
+            n_rows += len(contexts[order[start]])
+            start += 1
+        ids, mask = _pad_left([list(c) for c in chunk], pad_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            use_cache=True,
+        )
+        if getattr(out, "past_key_values", None) is None or not hasattr(
+            out.past_key_values, "reorder_cache"
+        ):
+            return _full_sequence_scores(model, pairs, pad_id, batch_size)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # the next-token law
+        rows = [(b, k) for b, c in enumerate(chunk) for k in contexts[c]]
+        conts = [pairs[k][1] for _, k in rows]
+        owner = torch.tensor([b for b, _ in rows], device=dev)
+        lp0 = first[owner, torch.tensor([c[0] for c in conts], device=dev)]
+        greedy0 = first.argmax(-1)[owner] == torch.tensor([c[0] for c in conts], device=dev)
+        sums, greedy = lp0.cpu().tolist(), greedy0.cpu().tolist()
+        longest = max(map(len, conts))
+        if longest > 1:
+            cache = out.past_key_values
+            cache.reorder_cache(owner)
+            width = longest - 1  # feed tokens 0..n-2, read the law of tokens 1..n-1
+            cids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            cmask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, c in enumerate(conts):
+                cids[r, : len(c) - 1] = torch.tensor(c[:-1])
+                cmask[r, : len(c) - 1] = 1
+            ctx_len = mask.sum(-1)[owner.cpu()]
+            cpos = ctx_len[:, None] + torch.arange(width)[None, :]
+            full_mask = torch.cat([mask[owner.cpu()], cmask], dim=1)
+            logits = model(
+                input_ids=cids.to(dev),
+                attention_mask=full_mask.to(dev),
+                position_ids=cpos.to(dev),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits.float()
+            logp = torch.log_softmax(logits, -1)
+            for r, c in enumerate(conts):
+                if len(c) < 2:
+                    continue
+                tgt = torch.tensor(c[1:], device=dev)
+                lp = logp[r, : len(c) - 1]
+                sums[r] += float(lp.gather(-1, tgt[:, None]).sum())
+                greedy[r] = bool(greedy[r]) and bool((lp.argmax(-1) == tgt).all())
+        for r, (_, k) in enumerate(rows):
+            result[k] = (float(sums[r]), bool(greedy[r]))
+    return result
+
+
+def _full_sequence_scores(model, pairs, pad_id: int, batch_size: int) -> list[tuple[float, bool]]:
     dev = _device(model)
     order = sorted(range(len(pairs)), key=lambda k: -len(pairs[k][0]) - len(pairs[k][1]))
-    result = [0.0] * len(pairs)
+    result: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         seqs = [pairs[k][0] + pairs[k][1] for k in idx]
@@ -71,11 +168,15 @@ def _continuation_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[f
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1)
-        tok_lp = logp.gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
+        logp = torch.log_softmax(logits[:, :-1], -1).cpu()
         for r, k in enumerate(idx):
             n_ctx, n_cont = len(pairs[k][0]), len(pairs[k][1])
-            result[k] = float(tok_lp[r, n_ctx - 1 : n_ctx - 1 + n_cont].sum())
+            lp = logp[r, n_ctx - 1 : n_ctx - 1 + n_cont]
+            tgt = torch.tensor(pairs[k][1])
+            result[k] = (
+                float(lp.gather(-1, tgt[:, None]).sum()),
+                bool((lp.argmax(-1) == tgt).all()),
+            )
     return result
 
 
@@ -213,11 +314,19 @@ def evaluate_lab(
 ENGINES = ("quick", "full")
 
 
-def known_tasks() -> list[str]:
-    """The task names this tool knows: the lab's first, then the paper's benchmarks."""
+def known_tasks(tasks_dir: str | Path | None = None) -> list[str]:
+    """The task names this tool knows: the lab's first, then a ``tasks_dir``'s, then the
+    paper's benchmarks (any other lm-evaluation-harness task works with the full engine)."""
     from dtm.harness import PAPER_TASKS
 
-    return [*TASKS, *PROBES, *PAPER_TASKS]
+    user = list(folder_tasks(tasks_dir)) if tasks_dir else []
+    return [*TASKS, *PROBES, *user, *[t for t in PAPER_TASKS if t not in user]]
+
+
+def folder_tasks(tasks_dir):
+    from dtm.usertasks import folder_tasks as ft
+
+    return ft(tasks_dir)
 
 
 def evaluate(
@@ -227,6 +336,8 @@ def evaluate(
     *,
     engine: str = "quick",
     lab: str | Path | None = None,
+    tasks_dir: str | Path | None = None,
+    heldout: list[str | Path] | tuple = (),
     limit: int | None = None,
     batch_size: int = 64,
     allow_code: bool = False,
@@ -234,18 +345,26 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` on ``tasks``: ``{task: {metric: value, ..., "n": items}}``.
 
-    ``lab`` is the lab folder whose benchmarks the ``lab_*`` tasks read. The quick engine
-    scores the lab's tasks; ``full`` runs every task through lm-evaluation-harness but the
-    ``lab_bias`` probe, which has no harness config and is always scored here."""
+    - ``lab``: the lab folder whose benchmarks the ``lab_*`` tasks read.
+    - ``tasks_dir``: a folder of lm-evaluation-harness task YAMLs (``dtm.usertasks``); its
+      task names win over the lab's and the harness's.
+    - ``heldout``: files whose mean response-token loss is added under
+      ``heldout:<stem>`` as ``{"loss", "tokens"}`` (``dtm.heldout``).
+
+    The quick engine scores the lab's tasks and a ``tasks_dir``'s in process; ``full``
+    runs every task through lm-evaluation-harness but the ``lab_bias`` probe, which has no
+    harness config and is always scored here."""
     from dtm.errors import ConfigError
-    from dtm.harness import check_code_opt_in, run_harness
+    from dtm.harness import check_code_opt_in, flatten_user, run_harness
 
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: choose quick or full.")
-    if not tasks:
+    if not tasks and not heldout:
         raise ConfigError("no tasks given.")
-    lab_tasks = [t for t in tasks if t in TASKS + PROBES]
-    other = [t for t in tasks if t not in lab_tasks]
+    user = folder_tasks(tasks_dir) if tasks_dir else {}
+    lab_tasks = [t for t in tasks if t in TASKS + PROBES and t not in user]
+    mine = [t for t in tasks if t in user]
+    other = [t for t in tasks if t not in lab_tasks and t not in mine]
     check_code_opt_in(other, allow_code)
     bench = None
     if lab_tasks:
@@ -257,10 +376,17 @@ def evaluate(
             )
         bench = Path(lab) / "benchmarks"
     if engine == "quick" and other:
+        where = f" (not in --tasks-dir {tasks_dir})" if tasks_dir else ""
         raise ConfigError(
-            f"the quick engine scores the lab's tasks only; run {', '.join(other)} with "
-            "--engine full (lm-evaluation-harness)."
+            f"the quick engine scores the lab's tasks and a --tasks-dir's only; "
+            f"{', '.join(other)}{where}: run with --engine full (lm-evaluation-harness) or "
+            "add a task file for it to --tasks-dir."
         )
+    prepared = {}
+    if mine:
+        from dtm.usertasks import build_task
+
+        prepared = {t: build_task(user[t]) for t in mine}
     results: dict[str, dict[str, float]] = {}
     via_harness = [t for t in tasks if t not in PROBES] if engine == "full" else []
     here = [t for t in lab_tasks if t not in via_harness]
@@ -275,8 +401,32 @@ def evaluate(
                 batch_size=batch_size,
                 allow_code=allow_code,
                 seed=seed,
+                prepared={t: prepared[t] for t in via_harness if t in prepared},
             )
         )
     if here:
         results.update(evaluate_lab(model, tokenizer, bench, tuple(here), limit=limit))
-    return {t: results[t] for t in tasks}
+    if engine == "quick" and mine:
+        from dtm.usertasks import quick_evaluate
+
+        was_training = model.training
+        model.eval()
+        try:
+            raw = quick_evaluate(model, tokenizer, prepared, limit=limit, batch_size=batch_size)
+        finally:
+            model.train(was_training)
+        for t in mine:
+            flat = flatten_user(raw[t], prepared[t].OUTPUT_TYPE)
+            flat["n"] = raw[t]["_n"]
+            results[t] = flat
+    out = {t: results[t] for t in tasks}
+    if heldout:
+        from dtm.heldout import heldout_loss, result_key
+
+        for path in heldout:
+            key = result_key(path)
+            if key in out:
+                raise ConfigError(f"--heldout {path}: two held-out files share the name {key}.")
+            res = heldout_loss(model, tokenizer, path, limit=limit)
+            out[key] = {"loss": res["loss"], "tokens": res["tokens"]}
+    return out

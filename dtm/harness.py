@@ -113,6 +113,29 @@ def _flatten(raw: dict, headline: str | None) -> dict:
     return out
 
 
+def user_headline(raw: dict, output_type: str) -> str | None:
+    """The harness key of a folder task's headline: ``acc`` for multiple choice and
+    log-likelihood tasks, ``exact_match`` (unfiltered, else under the first filter) for
+    ``generate_until``; a rolling log-likelihood task has none (its metrics are
+    perplexities and bits per byte)."""
+    want = "exact_match" if output_type == "generate_until" else "acc"
+    keys = [k for k in raw if isinstance(k, str) and k.split(",", 1)[0] == want]
+    if f"{want},none" in keys:
+        return f"{want},none"
+    return keys[0] if keys else None
+
+
+def flatten_user(raw: dict, output_type: str) -> dict:
+    """A folder task's results: every metric flattened as ``_flatten`` does, its headline
+    also under ``acc`` (and under ``exact_match`` for ``generate_until``)."""
+    head = user_headline(raw, output_type)
+    out = _flatten(raw, head)
+    if head and output_type == "generate_until":
+        out["exact_match"] = float(raw[head])
+        out["acc"] = float(raw[head])
+    return out
+
+
 def run_harness(
     model,
     tokenizer,
@@ -124,7 +147,12 @@ def run_harness(
     allow_code: bool = False,
     seed: int = 0,
     tm=None,
+    prepared: dict | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Run ``tasks`` through ``lm_eval.simple_evaluate``. ``prepared`` maps task names to
+    harness task objects built here (a ``--tasks-dir``'s tasks, ``dtm.usertasks``); the
+    other names are found through the task manager (``include_path`` and the harness's
+    own tasks)."""
     check_code_opt_in(tasks, allow_code)
     # The opt-in holds for this call only: a long-lived process (the dashboard) must not
     # keep code execution switched on for the next evaluation.
@@ -133,7 +161,16 @@ def run_harness(
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"
     try:
         return _simple_evaluate(
-            model, tokenizer, tasks, include_path, limit, batch_size, allow_code, seed, tm
+            model,
+            tokenizer,
+            tasks,
+            include_path,
+            limit,
+            batch_size,
+            allow_code,
+            seed,
+            tm,
+            prepared or {},
         )
     finally:
         if before is None:
@@ -143,20 +180,28 @@ def run_harness(
 
 
 def _simple_evaluate(
-    model, tokenizer, tasks, include_path, limit, batch_size, allow_code, seed, tm
+    model, tokenizer, tasks, include_path, limit, batch_size, allow_code, seed, tm, prepared
 ):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
-    tm = tm or task_manager(include_path)
-    load_tasks(tasks, tm)  # each dataset present, or a message naming it
+    named = [t for t in tasks if t not in prepared]
+    if tm is None:
+        tm = (
+            task_manager(include_path)
+            if named
+            else TaskManager(include_defaults=False, include_path=None)
+        )
+    if named:
+        load_tasks(named, tm)  # each dataset present, or a message naming it
     was_training = model.training
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         res = lm_eval.simple_evaluate(
             model=lm,
-            tasks=tasks,
+            tasks=[prepared.get(t, t) for t in tasks],
             task_manager=tm,
             limit=limit,
             random_seed=seed,
@@ -172,7 +217,10 @@ def _simple_evaluate(
     out = {}
     for task in tasks:
         raw = res["results"].get(task) or res.get("groups", {}).get(task) or {}
-        flat = _flatten(raw, PAPER_TASKS.get(task, "acc,none"))
+        if task in prepared:
+            flat = flatten_user(raw, prepared[task].OUTPUT_TYPE)
+        else:
+            flat = _flatten(raw, PAPER_TASKS.get(task, "acc,none"))
         n = res.get("n-samples", {}).get(task, {})
         if n:
             flat["n"] = int(n.get("effective", n.get("original", 0)))

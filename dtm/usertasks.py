@@ -1,0 +1,263 @@
+"""A user's evaluation sets: lm-evaluation-harness task YAMLs in a folder.
+
+A task file is a harness task config (``task``, ``dataset_path: json`` with local
+``dataset_kwargs.data_files``, ``output_type``, ``doc_to_text`` / ``doc_to_target`` /
+``doc_to_choice``, ``metric_list``, ``filter_list``, ``include``, ``!function`` ...).
+Relative ``data_files`` are read from the task file's own folder (the harness would read
+them from the working directory).
+
+- ``folder_tasks(dir)`` -> ``{name: path}``, each file checked first
+  (``TaskFileError`` names the file and the field).
+- ``build_task(dir, name)`` -> the harness's own ``ConfigurableTask`` for it.
+- The quick engine, ``quick_evaluate(model, tokenizer, [task objects])``, builds the
+  harness's requests and filters and runs its ``process_results`` and aggregations, so it
+  follows the harness's conventions by construction. Only the model calls are its own:
+  ``QuickLM`` is the harness's ``HFLM`` with a log-likelihood that encodes each distinct
+  context once (``dtm.evaluate.continuation_scores``).
+- The full engine passes the same task objects to ``lm_eval.simple_evaluate``
+  (``dtm.harness.run_harness(..., extra_tasks=...)``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from pathlib import Path
+
+from dtm.errors import ConfigError
+
+OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
+# The fields each output type reads to make its requests.
+_NEEDS = {
+    "multiple_choice": ("doc_to_text", "doc_to_choice", "doc_to_target"),
+    "loglikelihood": ("doc_to_text", "doc_to_target"),
+    "loglikelihood_rolling": ("doc_to_target",),
+    "generate_until": ("doc_to_text", "doc_to_target"),
+}
+_SPLITS = ("test_split", "validation_split", "train_split")
+
+
+class TaskFileError(ConfigError):
+    """A task file that cannot be used; the message names the file and the field."""
+
+
+def _files(tasks_dir: Path) -> list[Path]:
+    return sorted(p for ext in ("*.yaml", "*.yml") for p in tasks_dir.rglob(ext))
+
+
+def read_task_file(path: Path) -> dict:
+    """The task config of ``path`` (includes merged, ``!function`` resolved), checked, with
+    relative ``data_files`` made absolute from the file's folder."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        cfg = load_yaml(path, resolve_func=True)
+    except Exception as e:  # yaml, include and !function errors come in many types
+        raise TaskFileError(
+            f"{path}: cannot read it as a task file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]})."
+        ) from None
+
+    def bad(field: str, why: str):
+        return TaskFileError(f"{path}: field {field!r}: {why}")
+
+    if "group" in cfg and "task" in cfg and isinstance(cfg["task"], list):
+        raise bad("task", "a group of tasks is not supported here; give each task its own file.")
+    name = cfg.get("task")
+    if not isinstance(name, str) or not name.strip():
+        raise bad("task", "missing or not a name (every task file names its task).")
+    out = cfg.get("output_type", "generate_until")
+    if out not in OUTPUT_TYPES:
+        raise bad("output_type", f"{out!r} is not one of {', '.join(OUTPUT_TYPES)}.")
+    for field in _NEEDS[out]:
+        if cfg.get(field) is None:
+            raise bad(field, f"missing (a {out} task needs {', '.join(_NEEDS[out])}).")
+    if not cfg.get("dataset_path"):
+        raise bad("dataset_path", "missing (use `dataset_path: json` with local data_files).")
+    if not any(cfg.get(s) for s in _SPLITS):
+        raise bad("test_split", "missing: name the split to score (test_split: test).")
+    if cfg["dataset_path"] == "json":
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+        if not files:
+            raise bad("dataset_kwargs.data_files", "missing: a json task names its files.")
+        if isinstance(files, str):
+            files = {"train": files}
+        if not isinstance(files, dict):
+            raise bad(
+                "dataset_kwargs.data_files", "give a mapping split: file (test: items.jsonl)."
+            )
+        resolved = {}
+        for split, f in files.items():
+            many = f if isinstance(f, list) else [f]
+            paths = [Path(x) if Path(x).is_absolute() else path.parent / x for x in many]
+            for p in paths:
+                if not p.is_file():
+                    raise bad(f"dataset_kwargs.data_files.{split}", f"{p} does not exist.")
+            resolved[split] = (
+                [str(p.resolve()) for p in paths]
+                if isinstance(f, list)
+                else str(paths[0].resolve())
+            )
+        for s in _SPLITS:
+            if cfg.get(s) and cfg[s] not in resolved:
+                raise bad(s, f"split {cfg[s]!r} is not among data_files ({', '.join(resolved)}).")
+        cfg = {**cfg, "dataset_kwargs": {**cfg["dataset_kwargs"], "data_files": resolved}}
+    for i, m in enumerate(cfg.get("metric_list") or []):
+        if not isinstance(m, dict) or "metric" not in m:
+            raise bad(f"metric_list[{i}]", "each entry needs `metric:`.")
+    for i, f in enumerate(cfg.get("filter_list") or []):
+        if not isinstance(f, dict) or "name" not in f or not isinstance(f.get("filter"), list):
+            raise bad(f"filter_list[{i}]", "each entry needs `name:` and a `filter:` list.")
+    return cfg
+
+
+def folder_tasks(tasks_dir: str | Path) -> dict[str, Path]:
+    """``{task name: file}`` of every task file under ``tasks_dir``, each one checked."""
+    tasks_dir = Path(tasks_dir)
+    if not tasks_dir.is_dir():
+        raise ConfigError(f"--tasks-dir {tasks_dir}: not a folder.")
+    out: dict[str, Path] = {}
+    for path in _files(tasks_dir):
+        cfg = read_task_file(path)
+        if cfg.get("task") in out:
+            raise TaskFileError(
+                f"{path}: field 'task': {cfg['task']!r} is also the task of {out[cfg['task']]}."
+            )
+        out[cfg["task"]] = path
+    return out
+
+
+_BUILT: dict[tuple, object] = {}
+
+
+def build_task(path: Path):
+    """The harness's ``ConfigurableTask`` of a task file (its dataset loaded), cached by
+    the file and its data files' modification times."""
+    import logging
+
+    from lm_eval.api.task import ConfigurableTask
+
+    cfg = read_task_file(path)
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+    stamp = tuple(
+        (f, Path(f).stat().st_mtime_ns)
+        for v in files.values()
+        for f in (v if isinstance(v, list) else [v])
+    )
+    key = (str(path.resolve()), path.stat().st_mtime_ns, stamp)
+    if key not in _BUILT:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        try:
+            _BUILT[key] = ConfigurableTask(config=copy.deepcopy(cfg))
+        except Exception as e:
+            raise TaskFileError(
+                f"{path}: the harness cannot build this task ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300]})."
+            ) from None
+    return _BUILT[key]
+
+
+def output_type(task) -> str:
+    return task.OUTPUT_TYPE
+
+
+class _Quick:
+    """Made on first use: ``QuickLM`` subclasses the harness's HFLM (a heavy import)."""
+
+    cls = None
+
+    @classmethod
+    def get(cls):
+        if cls.cls is None:
+            from lm_eval.models.huggingface import HFLM
+
+            from dtm.evaluate import continuation_scores
+
+            class QuickLM(HFLM):
+                """HFLM, with each distinct context encoded once for all its
+                continuations (multiple-choice options, rolling windows)."""
+
+                def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+                    limit = self.max_length + 1
+                    short = [i for i, (_, c, k) in enumerate(requests) if len(c) + len(k) <= limit]
+                    res: list = [None] * len(requests)
+                    if len(short) < len(requests):  # the harness's truncation, as it does it
+                        rest = [i for i in range(len(requests)) if i not in set(short)]
+                        for i, r in zip(
+                            rest,
+                            super()._loglikelihood_tokens([requests[i] for i in rest]),
+                            strict=True,
+                        ):
+                            res[i] = r
+                    pad = self.tokenizer.pad_token_id
+                    if pad is None:
+                        pad = self.tokenizer.eos_token_id or 0
+                    scores = continuation_scores(
+                        self.model,
+                        [(requests[i][1], requests[i][2]) for i in short],
+                        pad,
+                        batch_size=max(int(self.batch_size), 1),
+                    )
+                    for i, s in zip(short, scores, strict=True):
+                        res[i] = s
+                    return res
+
+            cls.cls = QuickLM
+        return cls.cls
+
+
+def quick_lm(model, tokenizer, batch_size: int = 64):
+    return _Quick.get()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def quick_evaluate(
+    model,
+    tokenizer,
+    tasks: dict,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    bootstrap_iters: int = 100000,
+) -> dict[str, dict]:
+    """``{name: {"metric,filter": value, "metric_stderr,filter": se}}`` of each harness task
+    object in ``tasks``, with the evaluation loop of ``lm_eval.evaluator.evaluate``: the
+    task's requests, this engine's model calls, the task's filters, ``process_results`` and
+    aggregations."""
+    from lm_eval.api.metrics import mean, stderr_for_metric
+
+    lm = quick_lm(model, tokenizer, batch_size)
+    raw_by_task: dict[str, dict] = {}
+    for name, task in tasks.items():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        by_type: dict[str, list] = defaultdict(list)
+        for inst in task.instances:
+            inst.resps = []
+            by_type[inst.request_type].append(inst)
+        for reqtype, reqs in by_type.items():
+            cloned = [r for r in reqs for _ in range(r.repeats)]
+            for x, r in zip(getattr(lm, reqtype)(cloned), cloned, strict=True):
+                r.resps.append(x)
+        task.apply_filters()
+        by_doc = defaultdict(list)
+        for inst in task.instances:
+            by_doc[inst.doc_id].append(inst)
+        for insts in by_doc.values():
+            insts.sort(key=lambda x: x.idx)
+        values: dict[tuple[str, str], list] = defaultdict(list)
+        for key in task.instances[0].filtered_resps:
+            for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1):
+                metrics = task.process_results(doc, [r.filtered_resps[key] for r in by_doc[doc_id]])
+                for metric, v in metrics.items():
+                    values[(metric, key)].append(v)
+        raw: dict = {}
+        n = 0
+        agg = task.aggregation()
+        for (metric, key), items in values.items():
+            fn = agg.get(metric, mean)
+            raw[f"{metric},{key}"] = fn(items)
+            se = stderr_for_metric(metric=fn, bootstrap_iters=bootstrap_iters)
+            raw[f"{metric}_stderr,{key}"] = se(items) if se and len(items) > 1 else "N/A"
+            n = max(n, len(items))
+        raw["_n"] = n
+        raw_by_task[name] = raw
+    return raw_by_task
