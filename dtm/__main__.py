@@ -299,6 +299,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
             check_weights(weights, len(args.adapters), normalise=False)
         except ConfigError as e:
             raise ConfigError(f"--weights {args.weights}: {e}") from None
+    finding = args.search or args.cocktail
+    if finding and weights is not None:
+        raise ConfigError("--weights with --search/--cocktail: they find the weights; give one.")
+    if args.search and args.cocktail:
+        raise ConfigError("--search and --cocktail: choose one way to find the weights.")
+    if Path(args.out).exists():
+        raise ConfigError(f"--out {args.out}: exists; the merge writes a new folder.")
+    objective = _merge_objective(args) if finding else None
     weights = weights or [1.0 / len(args.adapters)] * len(args.adapters)
     params = merge_params_from_args(args.method, args)
     merger = Merger(
@@ -308,11 +316,112 @@ def cmd_merge(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
     )
+    found = None
+    if args.search:
+        found = _search(merger, args, objective, params)
+        weights = found["best"]["weights"]
+    elif args.cocktail:
+        found = _cocktail(merger, args, objective)
+        weights = found["best"]["weights"]
     out = merger.export(args.out, args.method, weights, full=args.full, **params)
+    if found is not None:
+        from dtm.store import write_json_atomic
+
+        name = "search.json" if args.search else "cocktail.json"
+        write_json_atomic(Path(out) / name, found)
+        print(f"wrote {out}/{name}")
     kind = "full merged weights" if args.full else "a peft adapter"
-    print(f"merged {len(args.adapters)} adapters ({args.method}, weights {weights}) into {kind}")
+    shown = [round(w, 4) for w in weights]
+    print(f"merged {len(args.adapters)} adapters ({args.method}, weights {shown}) into {kind}")
     print(f"wrote {out} and {out}/recipe.json")
     return 0
+
+
+def _merge_objective(args):
+    """The objective of ``dtm merge --search/--cocktail`` from --tasks, --tasks-dir,
+    --heldout and --lab; checked before any model loads."""
+    from dtm.merge.objective import Objective
+    from dtm.tasks import PROBES, TASKS
+
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.cocktail:
+        if not args.heldout or tasks:
+            raise ConfigError(
+                "--cocktail weighs each adapter by its held-out loss: give --heldout FILE "
+                "(and no --tasks)."
+            )
+    elif not tasks and not args.heldout:
+        raise ConfigError("--search: give --tasks (and --tasks-dir) and/or --heldout FILE.")
+    user = {}
+    if args.tasks_dir:
+        from dtm.usertasks import folder_tasks
+
+        user = folder_tasks(args.tasks_dir)
+    mine = [t for t in tasks if t in user]
+    lab_tasks = [t for t in tasks if t not in user and t in TASKS + PROBES]
+    unknown = [t for t in tasks if t not in user and t not in lab_tasks]
+    if unknown:
+        raise ConfigError(
+            f"--tasks {', '.join(unknown)}: the search scores with the quick engine: a lab "
+            f"task or a task of --tasks-dir{f' {args.tasks_dir}' if args.tasks_dir else ''}."
+        )
+    _, lab = _model_and_lab(args.base, args.lab) if lab_tasks else (None, None)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1.")
+    k = len(args.adapters)
+    if args.search and args.budget < k + 1:
+        raise ConfigError(
+            f"--budget {args.budget}: needs at least {k + 1} evaluations (the uniform point "
+            f"and the {k} vertices come first)."
+        )
+    return Objective(
+        lab=lab,
+        lab_tasks=tuple(lab_tasks),
+        tasks_dir=args.tasks_dir,
+        tasks=tuple(mine),
+        heldout=tuple(args.heldout or ()),
+        limit=args.limit,
+    )
+
+
+def _search(merger, args, objective, params) -> dict:
+    from dtm.merge.landscape import merge_score_fn
+    from dtm.merge.search import search_weights
+
+    fn = merge_score_fn(merger, args.method, objective, **params)
+    bar = _progress_bar()
+    found = search_weights(
+        fn, len(args.adapters), args.budget, seed=args.param_seed, progress=bar
+    )
+    uniform = found["points"][0]
+    best = found["best"]
+    print(
+        f"searched {len(found['points'])} points: best {best['score']:.4f} at "
+        f"{[round(w, 3) for w in best['weights']]} (uniform {uniform['score']:.4f})"
+    )
+    return found
+
+
+def _cocktail(merger, args, objective) -> dict:
+    from dtm.merge.search import cocktail_weights
+
+    k = len(args.adapters)
+    losses = []
+    for i in range(k):
+        one = [1.0 if j == i else 0.0 for j in range(k)]
+        scores = objective.score(merger.apply("linear", one), merger.tokenizer)
+        losses.append(sum(scores.values()) / len(scores))  # mean held-out loss
+    weights = cocktail_weights(losses, args.temperature)
+    print(
+        f"held-out losses {[round(x, 4) for x in losses]} -> weights "
+        f"{[round(w, 4) for w in weights]} (T={args.temperature})"
+    )
+    return {
+        "method": "lm-cocktail",
+        "temperature": args.temperature,
+        "losses": losses,
+        "best": {"weights": weights},
+    }
 
 
 def _model_and_lab(model: str, lab: str | None) -> tuple[str, str | None]:
@@ -578,6 +687,31 @@ def _merge_parser(sub) -> None:
     mg.add_argument("--method", default="average", choices=list(MERGE_METHODS))
     add_merge_arguments(mg)
     mg.add_argument("--full", action="store_true", help="write full merged weights (HF format)")
+    find = mg.add_argument_group("finding the weights")
+    find.add_argument(
+        "--search",
+        action="store_true",
+        help="maximise the mean headline of --tasks (held-out losses as -loss) over the "
+        "weight simplex (Optuna CMA-ES); writes OUTDIR/search.json and exports the best",
+    )
+    find.add_argument(
+        "--cocktail",
+        action="store_true",
+        help="LM-Cocktail's weights: softmax(-loss/T) of each adapter's --heldout loss",
+    )
+    find.add_argument("--tasks", default=None, help="comma-separated: lab or --tasks-dir tasks")
+    find.add_argument("--tasks-dir", dest="tasks_dir", default=None, help="task YAML folder")
+    find.add_argument(
+        "--heldout",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="instruction data (or a .txt corpus) whose loss enters as -loss",
+    )
+    find.add_argument("--budget", type=int, default=40, help="evaluations, starts included")
+    find.add_argument("--limit", type=int, default=40, help="items per task / held-out rows")
+    find.add_argument("--temperature", type=float, default=5.0, help="LM-Cocktail's T")
+    find.add_argument("--lab", default=None, help="the lab whose tasks lab_* are")
     _model_permissions(mg)
     mg.add_argument("--out", required=True, help="a new folder")
     mg.set_defaults(func=cmd_merge)

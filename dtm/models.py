@@ -144,3 +144,59 @@ def apply_adapter(model, adapter: str | Path, base: str, lora=None):
         raise ConfigError(
             f"{adapter}: cannot be applied to the base model {base}: {str(e)[:300]}"
         ) from e
+
+
+# The LoRA targets of ``dtm train`` when the user names none: the paper's FFN projections
+# where the model has them, else the FFN of the architectures that name it otherwise.
+PAPER_TARGETS = ("gate_proj", "up_proj", "down_proj")
+FFN_TARGETS = (
+    ("gate_proj", "up_proj", "down_proj"),  # Llama, Mistral, Qwen2, Gemma, ...
+    ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX (Pythia), Falcon
+    ("fc1", "fc2"),  # Phi, OPT
+    ("w1", "w2", "w3"),  # Mixtral-style experts
+)
+
+
+def linear_names(model) -> set[str]:
+    import torch
+
+    return {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+
+
+def default_targets(model) -> tuple[str, ...]:
+    """The first ``FFN_TARGETS`` set whose every name is a linear layer of ``model``."""
+    from dtm.errors import ConfigError
+
+    have = linear_names(model)
+    for names in FFN_TARGETS:
+        if set(names) <= have:
+            return names
+    raise ConfigError(
+        "no default LoRA targets for this architecture (it has none of "
+        f"{', '.join('/'.join(t) for t in FFN_TARGETS)}); name them with --target-modules "
+        f"(its linear layers: {', '.join(sorted(have - {'lm_head'}))})."
+    )
+
+
+def resolve_targets(model, asked: tuple[str, ...]) -> tuple[str, ...]:
+    """``asked`` when they are layers of ``model``; the architecture's default when the
+    paper's default was left as it is and the model has no such layers; else an error."""
+    from dtm.errors import ConfigError
+
+    have = linear_names(model)
+    if set(asked) & have:
+        missing = set(asked) - have
+        if missing:
+            raise ConfigError(
+                f"--target-modules: {', '.join(sorted(missing))} are not layers of this model "
+                f"(its linear layers: {', '.join(sorted(have - {'lm_head'}))})."
+            )
+        return tuple(asked)
+    if tuple(asked) == PAPER_TARGETS:
+        return default_targets(model)
+    raise ConfigError(
+        f"--target-modules {','.join(asked)}: none is a layer of this model "
+        f"(its linear layers: {', '.join(sorted(have - {'lm_head'}))})."
+    )

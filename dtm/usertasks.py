@@ -255,7 +255,11 @@ def quick_evaluate(
         for (metric, key), items in values.items():
             fn = agg.get(metric, mean)
             raw[f"{metric},{key}"] = fn(items)
-            se = stderr_for_metric(metric=fn, bootstrap_iters=bootstrap_iters)
+            se = (
+                stderr_for_metric(metric=fn, bootstrap_iters=bootstrap_iters)
+                if (bootstrap_iters)
+                else None
+            )
             raw[f"{metric}_stderr,{key}"] = se(items) if se and len(items) > 1 else "N/A"
             n = max(n, len(items))
         raw["_n"] = n

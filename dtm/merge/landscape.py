@@ -68,26 +68,43 @@ def landscape(
     merger,
     method: str,
     points: np.ndarray,
-    bench,
+    objective,
     *,
-    limit: int = 40,
-    tasks: dict | None = None,
     progress=None,
     **params,
 ) -> pd.DataFrame:
-    """One row per weight vector: ``w0..w{K-1}`` and the quick scores."""
+    """One row per weight vector: ``w0..w{K-1}``, the objective's scores (``dtm.merge.
+    objective``) and their scalar ``objective``."""
     rows = []
     for i, w in enumerate(points):
         model = merger.apply(method, list(map(float, w)), **params)
+        scores = objective.score(model, merger.tokenizer)
         rows.append(
             {
                 **{f"w{k}": float(v) for k, v in enumerate(w)},
-                **quick_score(model, merger.tokenizer, bench, limit, tasks),
+                **scores,
+                "objective": objective.value(scores),
             }
         )
         if progress:
             progress("merge landscape", (i + 1) / len(points))
     return pd.DataFrame(rows)
+
+
+def merge_score_fn(merger, method: str, objective, pareto: tuple[str, str] | None = None, **params):
+    """``weights -> (value, scores)`` for ``dtm.merge.search.search_weights``: the merge at
+    those weights, scored by ``objective`` (with ``pareto``: the two labels' signed
+    values)."""
+    from dtm.merge.objective import lower_is_better
+
+    def fn(weights):
+        scores = objective.score(merger.apply(method, weights, **params), merger.tokenizer)
+        if pareto:
+            signed = tuple(-scores[x] if lower_is_better(x) else scores[x] for x in pareto)
+            return signed, scores
+        return objective.value(scores), scores
+
+    return fn
 
 
 class _Out:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dtm.errors import Stopped, TrainingError
-from dtm.models import load_base
+from dtm.models import load_base, resolve_targets
 from dtm.store import is_io_error, publish_dir, read_metrics
 from dtm.train.checkpoints import checkpoint_step, drop_checkpoints, last_checkpoint
 from dtm.train.config import TrainConfig
@@ -80,8 +80,8 @@ def setup(cfg: TrainConfig, progress) -> Run:
     train_table, val_table = split_rows(cfg)
     if len(train_table) == 0:
         raise TrainingError(f"no training rows in {cfg.data} for this run.")
-    train_rows = encode_rows(train_table, tok, cfg.max_length)
-    val_rows = encode_rows(val_table, tok, cfg.max_length)
+    train_rows = _with_response(encode_rows(train_table, tok, cfg.max_length), "training", cfg)
+    val_rows = _with_response(encode_rows(val_table, tok, cfg.max_length), "validation", cfg)
     probe_idx = np.random.default_rng(cfg.seed).choice(
         len(train_rows), min(cfg.probe_size, len(train_rows)), replace=False
     )
@@ -95,19 +95,43 @@ def setup(cfg: TrainConfig, progress) -> Run:
     elif cfg.kind == "ewc":
         docs = baselines.read_reference(reference, limit=cfg.reference_size, seed=cfg.seed)
         docs = baselines.encode_documents(docs, tok, cfg.max_length)
-        fisher = baselines.base_fisher(model, docs, cfg.target_modules, collate_fn, progress)
+        fisher = baselines.base_fisher(
+            model, docs, resolve_targets(model, cfg.target_modules), collate_fn, progress
+        )
         penalty = lambda m: cfg.ewc_weight / 2 * baselines.ewc_penalty(m, fisher)
     elif cfg.kind == "l2":
         penalty = lambda m: cfg.l2_weight / 2 * baselines.l2_penalty(m)
+    targets = resolve_targets(model, cfg.target_modules)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=list(targets),
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     return Run(model, tok, train_rows, val_rows, probe_rows, collate_fn, reference, penalty)
+
+
+def _with_response(rows: list[dict], what: str, cfg: TrainConfig) -> list[dict]:
+    """The rows that keep at least one response token within ``max_length`` (a row whose
+    prompt fills it has no loss to learn from, and a batch of them would make the loss
+    0/0); the others are dropped with a note on stderr."""
+    import sys
+
+    kept = [r for r in rows if any(x != -100 for x in r["labels"])]
+    if rows and not kept:
+        raise TrainingError(
+            f"no {what} row keeps a response token within --max-length {cfg.max_length} "
+            "(every prompt fills it): raise --max-length."
+        )
+    if len(kept) < len(rows):
+        print(
+            f"note: {len(rows) - len(kept)} of {len(rows)} {what} rows dropped: their prompt "
+            f"fills --max-length {cfg.max_length}, leaving no response token.",
+            file=sys.stderr,
+        )
+    return kept
 
 
 def training_arguments(cfg: TrainConfig, steps: int, save_every: int, ckpt_dir: Path):

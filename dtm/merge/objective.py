@@ -1,0 +1,171 @@
+"""What a merge is scored on, for the live score, the landscape and the weight search:
+lab tasks, a tasks folder's tasks and held-out losses, in any mix, on any model.
+
+``Objective(...).score(model, tokenizer)`` -> ``{label: value}``:
+- a lab task: its short label (``knowledge``) and its ``acc``;
+- a folder task: its name and its headline (``acc``; ``exact_match`` for
+  ``generate_until``); a rolling log-likelihood task: ``<name>:bits_per_byte``;
+- a held-out source: ``heldout:<name>`` and its mean response-token loss.
+
+``Objective.value(scores)`` is the scalar the search maximises: the (weighted) mean of the
+labels' values, where a loss or bits per byte enters with its sign flipped (lower is
+better). Each source is read and tokenised once, on first use, and kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dtm.errors import ConfigError
+from dtm.tasks import BY_NAME, PROBES, SHORT, TASKS
+
+
+def lower_is_better(label: str) -> bool:
+    return label.startswith("heldout:") or label.endswith(":bits_per_byte")
+
+
+@dataclass
+class Objective:
+    lab: str | None = None  # the lab folder whose benchmarks lab tasks read
+    lab_tasks: tuple[str, ...] = ()  # lab task names (lab_knowledge, ...)
+    tasks_dir: str | None = None
+    tasks: tuple[str, ...] = ()  # task names of tasks_dir
+    heldout: tuple = ()  # files, or (name, data table) pairs
+    limit: int | None = 40  # items per task, rows per held-out source
+    weights: dict[str, float] | None = None  # a weighted sum; None: the plain mean
+    _rows: dict = field(default_factory=dict, repr=False)
+    _built: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.lab_tasks = tuple(self.lab_tasks)
+        self.tasks = tuple(self.tasks)
+        self.heldout = tuple(self.heldout)
+        bad = [t for t in self.lab_tasks if t not in TASKS + PROBES]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: not lab tasks.")
+        if self.lab_tasks and not (self.lab and (Path(self.lab) / "benchmarks").is_dir()):
+            raise ConfigError(
+                f"{', '.join(self.lab_tasks)} are the lab's tasks, and these models have no "
+                "lab (a lab task is offered only for a lab model)."
+            )
+        if self.tasks:
+            if not self.tasks_dir:
+                raise ConfigError(f"{', '.join(self.tasks)}: give the --tasks-dir they are in.")
+            from dtm.usertasks import folder_tasks
+
+            found = folder_tasks(self.tasks_dir)
+            missing = [t for t in self.tasks if t not in found]
+            if missing:
+                raise ConfigError(
+                    f"{', '.join(missing)}: no such task in {self.tasks_dir} "
+                    f"(it has {', '.join(found) or 'none'})."
+                )
+            self._files = found
+        if not (self.lab_tasks or self.tasks or self.heldout):
+            raise ConfigError("nothing to score: choose tasks or held-out data.")
+        if self.weights:
+            unknown = set(self.weights) - set(self.labels())
+            if unknown:
+                raise ConfigError(
+                    f"objective weights name {', '.join(sorted(unknown))}, which are not "
+                    f"scored (the labels are {', '.join(self.labels())})."
+                )
+
+    # -- labels
+
+    def _heldout_items(self) -> list[tuple[str, object]]:
+        from dtm.heldout import result_key
+
+        out = []
+        for h in self.heldout:
+            if isinstance(h, tuple):
+                out.append((f"heldout:{h[0]}", h[1]))
+            else:
+                out.append((result_key(h), h))
+        return out
+
+    def _user_label(self, name: str) -> str:
+        task = self._task(name)
+        return f"{name}:bits_per_byte" if task.OUTPUT_TYPE == "loglikelihood_rolling" else name
+
+    def labels(self) -> list[str]:
+        return (
+            [SHORT[t] for t in self.lab_tasks]
+            + [self._user_label(t) for t in self.tasks]
+            + [k for k, _ in self._heldout_items()]
+        )
+
+    def _task(self, name: str):
+        if name not in self._built:
+            from dtm.usertasks import build_task
+
+            self._built[name] = build_task(self._files[name])
+        return self._built[name]
+
+    # -- scoring
+
+    def score(self, model, tokenizer) -> dict[str, float]:
+        from dtm.evaluate import evaluate_lab
+        from dtm.harness import flatten_user
+        from dtm.heldout import encode_source, rows_loss
+        from dtm.usertasks import quick_evaluate
+
+        out: dict[str, float] = {}
+        was_training = getattr(model, "training", False)
+        model.eval()
+        try:
+            if self.lab_tasks:
+                res = evaluate_lab(
+                    model,
+                    tokenizer,
+                    Path(self.lab) / "benchmarks",
+                    self.lab_tasks,
+                    limit=self.limit,
+                )
+                for t in self.lab_tasks:
+                    metric = BY_NAME[t].headline[0][0]
+                    out[SHORT[t]] = float(res[t][metric])
+            if self.tasks:
+                built = {t: self._task(t) for t in self.tasks}
+                raw = quick_evaluate(model, tokenizer, built, limit=self.limit, bootstrap_iters=0)
+                for t in self.tasks:
+                    flat = flatten_user(raw[t], built[t].OUTPUT_TYPE)
+                    label = self._user_label(t)
+                    value = flat.get("bits_per_byte") if label != t else flat.get("acc")
+                    if value is None:
+                        raise ConfigError(f"task {t}: it reports no headline metric to score.")
+                    out[label] = float(value)
+            pad = tokenizer.pad_token_id
+            pad = tokenizer.eos_token_id if pad is None else pad
+            for label, src in self._heldout_items():
+                key = (label, id(tokenizer))
+                if key not in self._rows:
+                    self._rows[key] = encode_source(src, tokenizer, limit=self.limit)
+                out[label] = rows_loss(model, self._rows[key], pad)["loss"]
+        finally:
+            model.train(was_training)
+        return out
+
+    def value(self, scores: dict[str, float]) -> float:
+        """The scalar to maximise: the mean (or the weighted sum, when ``weights`` are
+        given) of the scores, a loss or bits per byte counted as its negative."""
+        signed = {k: (-v if lower_is_better(k) else v) for k, v in scores.items()}
+        if self.weights:
+            return float(sum(w * signed[k] for k, w in self.weights.items()))
+        return float(sum(signed.values()) / len(signed))
+
+
+def lab_objective(lab: str | None, tasks: dict[str, str], limit: int = 40) -> Objective:
+    """The Merge page's default on the lab: ``tasks`` as ``{short: task name}``."""
+    return Objective(lab=lab, lab_tasks=tuple(tasks.values()), limit=limit)
+
+
+def heldout_tables(runs: list[tuple[str, Path]]) -> list[tuple[str, pd.DataFrame]]:
+    """``(name, validation rows)`` of each training run folder: a sub-model's run holds
+    its own cluster's held-out rows."""
+    from dtm.heldout import run_heldout_rows
+
+    return [(name, run_heldout_rows(run)) for name, run in runs]

@@ -1,0 +1,114 @@
+"""Finding merge weights: a search over the weight simplex, and LM-Cocktail's one-shot
+weighting.
+
+``search_weights(score_fn, k, budget)`` maximises ``score_fn(weights)`` over the simplex
+with Optuna's CMA-ES sampler. Why CMA-ES through Optuna: the objective is a noisy,
+non-differentiable function of a few continuous weights, which is what CMA-ES is for;
+Optuna keeps it well maintained (its ``cmaes`` backend), seeds it, takes the starting
+points we must try first (``enqueue_trial``), repairs bounds, and gives a multi-objective
+sampler (NSGA-II) for a Pareto front of two scores with the same interface.
+
+- Weights are ``x / sum(x)`` for ``x`` in ``[0, 1]^K``, so the vertices are reachable.
+- The first evaluations are the uniform point and the K vertices, then CMA-ES from the
+  uniform point; ``budget`` counts every evaluation, the starts included.
+- Every evaluated point is returned: ``{"points": [{"weights", "score", "scores"}...],
+  "best": {...}}`` (with ``"front"``, the non-dominated points, for two objectives).
+
+``cocktail_weights(losses, temperature=5.0)`` is LM-Cocktail's ``softmax(-loss / T)``
+(Xiao et al. 2023; 5.0 is their code's default temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from dtm.errors import ConfigError
+
+
+def cocktail_weights(losses: list[float], temperature: float = 5.0) -> list[float]:
+    if temperature <= 0:
+        raise ConfigError(f"temperature {temperature}: must be above 0.")
+    if not losses or any(not math.isfinite(x) for x in losses):
+        raise ConfigError(f"held-out losses {losses}: need a finite loss for every model.")
+    z = [-x / temperature for x in losses]
+    top = max(z)
+    e = [math.exp(v - top) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _weights(x: list[float]) -> list[float]:
+    total = sum(x)
+    if total <= 0:
+        return [1.0 / len(x)] * len(x)
+    return [v / total for v in x]
+
+
+def starts(k: int) -> list[list[float]]:
+    """The uniform point, then the K vertices."""
+    return [[1.0] * k] + [[1.0 if j == i else 0.0 for j in range(k)] for i in range(k)]
+
+
+def search_weights(
+    score_fn: Callable[[list[float]], tuple[float, dict] | tuple[tuple[float, float], dict]],
+    k: int,
+    budget: int = 40,
+    *,
+    seed: int = 0,
+    pareto: bool = False,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict:
+    """``score_fn(weights) -> (score, scores)``, or ``((a, b), scores)`` with ``pareto``."""
+    import logging
+
+    import optuna
+
+    if k < 2:
+        raise ConfigError(f"{k} model(s): the weight search needs at least two.")
+    if budget < k + 1:
+        raise ConfigError(
+            f"--budget {budget}: needs at least {k + 1} evaluations (the uniform point and "
+            f"the {k} vertices come first)."
+        )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    names = [f"x{i}" for i in range(k)]
+    if pareto:
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, 2 * k))
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    else:
+        sampler = optuna.samplers.CmaEsSampler(
+            x0={n: 1.0 / k for n in names}, sigma0=0.3, seed=seed, n_startup_trials=0
+        )
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+    for x in starts(k):
+        study.enqueue_trial(dict(zip(names, x, strict=True)))
+    points: list[dict] = []
+
+    def objective(trial):
+        x = [trial.suggest_float(n, 0.0, 1.0) for n in names]
+        w = _weights(x)
+        value, scores = score_fn(w)
+        points.append({"weights": w, "score": value, "scores": scores})
+        if progress:
+            progress("weight search", len(points) / budget)
+        return tuple(value) if pareto else value
+
+    study.optimize(objective, n_trials=budget)
+    if pareto:
+        front = _front([p["score"] for p in points])
+        best = max((points[i] for i in front), key=lambda p: sum(p["score"]))
+        return {"points": points, "best": best, "front": [points[i] for i in front]}
+    best = max(points, key=lambda p: p["score"])
+    return {"points": points, "best": best}
+
+
+def _front(values: list[tuple[float, float]]) -> list[int]:
+    out = []
+    for i, (a, b) in enumerate(values):
+        dominated = any(
+            (c >= a and d >= b) and (c > a or d > b) for j, (c, d) in enumerate(values) if j != i
+        )
+        if not dominated:
+            out.append(i)
+    return out
