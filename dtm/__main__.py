@@ -390,9 +390,7 @@ def _search(merger, args, objective, params) -> dict:
 
     fn = merge_score_fn(merger, args.method, objective, **params)
     bar = _progress_bar()
-    found = search_weights(
-        fn, len(args.adapters), args.budget, seed=args.param_seed, progress=bar
-    )
+    found = search_weights(fn, len(args.adapters), args.budget, seed=args.param_seed, progress=bar)
     uniform = found["points"][0]
     best = found["best"]
     print(

@@ -22,17 +22,47 @@ def _data(root):
     # three unequal clusters: 12, 8 and 4 rows
     sizes = [0] * 12 + [1] * 8 + [2] * 4
     asg = root / "assignments.csv"
-    asg.write_text("id,cluster\n" + "".join(f"{r['id']},{c}\n" for r, c in zip(rows, sizes)))
+    asg.write_text(
+        "id,cluster\n" + "".join(f"{r['id']},{c}\n" for r, c in zip(rows, sizes, strict=True))
+    )
     held = write_jsonl(root / "held.jsonl", instruction_rows(30)[24:])
     return data, asg, held
 
 
 def _train_sub(base, data, asg, cluster, out, cache, r="4", alpha="12", max_length="256"):
     res = dtm_cli(
-        "train", "--kind", "sub", "--base", base, "--data", data, "--assignments", asg,
-        "--cluster", cluster, "--steps", "2", "--log-every", "1", "--batch-size", "4",
-        "--micro-batch-size", "4", "--max-length", max_length, "--lora-r", r, "--lora-alpha", alpha,
-        "--val-fraction", "0.25", "--lr", "1e-2", "--out", out, cache=cache,
+        "train",
+        "--kind",
+        "sub",
+        "--base",
+        base,
+        "--data",
+        data,
+        "--assignments",
+        asg,
+        "--cluster",
+        cluster,
+        "--steps",
+        "2",
+        "--log-every",
+        "1",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--max-length",
+        max_length,
+        "--lora-r",
+        r,
+        "--lora-alpha",
+        alpha,
+        "--val-fraction",
+        "0.25",
+        "--lr",
+        "1e-2",
+        "--out",
+        out,
+        cache=cache,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return out / "adapter"
@@ -43,8 +73,20 @@ def test_rows_whose_prompt_fills_max_length_are_refused_by_name(tmp_path):
     base = make_model("llama", tmp_path / "base")
     data, asg, _ = _data(tmp_path)
     r = dtm_cli(
-        "train", "--kind", "sft", "--base", base, "--data", data, "--steps", "1",
-        "--max-length", "8", "--out", tmp_path / "run", cache=tmp_path / "cache",
+        "train",
+        "--kind",
+        "sft",
+        "--base",
+        base,
+        "--data",
+        data,
+        "--steps",
+        "1",
+        "--max-length",
+        "8",
+        "--out",
+        tmp_path / "run",
+        cache=tmp_path / "cache",
     )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "--max-length 8" in r.stderr and "nan" not in r.stderr.lower()
@@ -64,22 +106,44 @@ def test_train_merge_eval_on_a_model_folder(arch, tmp_path):
     assert set(cfg["target_modules"]) == EXPECTED_TARGETS[arch]
     merged = tmp_path / "merged"
     r = dtm_cli(
-        "merge", "--base", base, "--adapters", a0, a1, "--weights", "0.25,0.75",
-        "--out", merged, cache=cache,
+        "merge",
+        "--base",
+        base,
+        "--adapters",
+        a0,
+        a1,
+        "--weights",
+        "0.25,0.75",
+        "--out",
+        merged,
+        cache=cache,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "results.json"
     r = dtm_cli(
-        "eval", "--model", base, "--adapter", merged, "--tasks", "my_mc,my_gen",
-        "--tasks-dir", tasks, "--heldout", held, "--out", out, cache=cache,
+        "eval",
+        "--model",
+        base,
+        "--adapter",
+        merged,
+        "--tasks",
+        "my_mc,my_gen",
+        "--tasks-dir",
+        tasks,
+        "--heldout",
+        held,
+        "--out",
+        out,
+        cache=cache,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["my_mc"]["n"] == 12 and 0 <= res["my_mc"]["acc"] <= 1
     assert math.isfinite(res["heldout:held"]["loss"]) and res["heldout:held"]["tokens"] > 0
     # the merged adapter is scored, not the base: its held-out loss differs
-    r = dtm_cli("eval", "--model", base, "--heldout", held, "--out", tmp_path / "b.json",
-                cache=cache)
+    r = dtm_cli(
+        "eval", "--model", base, "--heldout", held, "--out", tmp_path / "b.json", cache=cache
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     base_loss = json.loads((tmp_path / "b.json").read_text())["heldout:held"]["loss"]
     assert base_loss != pytest.approx(res["heldout:held"]["loss"], abs=1e-6)
@@ -109,8 +173,23 @@ def test_merge_search_writes_every_point_and_exports_the_best(three_subs, tmp_pa
     root, base, adapters, tasks, held, cache = three_subs
     out = tmp_path / "found"
     r = dtm_cli(
-        "merge", "--base", base, "--adapters", *adapters, "--search", "--tasks", "my_mc",
-        "--tasks-dir", tasks, "--heldout", held, "--budget", "8", "--out", out, cache=cache,
+        "merge",
+        "--base",
+        base,
+        "--adapters",
+        *adapters,
+        "--search",
+        "--tasks",
+        "my_mc",
+        "--tasks-dir",
+        tasks,
+        "--heldout",
+        held,
+        "--budget",
+        "8",
+        "--out",
+        out,
+        cache=cache,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     found = json.loads((out / "search.json").read_text())
@@ -125,8 +204,18 @@ def test_merge_search_writes_every_point_and_exports_the_best(three_subs, tmp_pa
     assert recipe["weights"] == pytest.approx(found["best"]["weights"])
     # the uniform point's score, recomputed by `dtm eval` of the average merge: the mean
     # of my_mc's accuracy and the held-out loss counted as -loss
-    res = _eval(base, adapters, tmp_path / "u.json", cache, "--tasks", "my_mc",
-                "--tasks-dir", tasks, "--heldout", held)
+    res = _eval(
+        base,
+        adapters,
+        tmp_path / "u.json",
+        cache,
+        "--tasks",
+        "my_mc",
+        "--tasks-dir",
+        tasks,
+        "--heldout",
+        held,
+    )
     expect = (res["my_mc"]["acc"] - res["heldout:held"]["loss"]) / 2
     assert pts[0]["score"] == pytest.approx(expect, abs=1e-5)
 
@@ -141,8 +230,19 @@ def test_cocktail_weights_are_softmax_of_minus_loss_over_t(three_subs, tmp_path)
     expect = [v / sum(e) for v in e]
     out = tmp_path / "cocktail"
     r = dtm_cli(
-        "merge", "--base", base, "--adapters", *adapters, "--cocktail", "--heldout", held,
-        "--temperature", "2", "--out", out, cache=cache,
+        "merge",
+        "--base",
+        base,
+        "--adapters",
+        *adapters,
+        "--cocktail",
+        "--heldout",
+        held,
+        "--temperature",
+        "2",
+        "--out",
+        out,
+        cache=cache,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     recipe = json.loads((out / "recipe.json").read_text())
@@ -155,8 +255,7 @@ def test_cocktail_weights_are_softmax_of_minus_loss_over_t(three_subs, tmp_path)
     [
         (["--search"], "give --tasks"),
         (["--search", "--tasks", "nope", "--tasks-dir", "TASKS"], "--tasks nope"),
-        (["--search", "--tasks", "my_mc", "--tasks-dir", "TASKS", "--budget", "2"],
-         "--budget 2"),
+        (["--search", "--tasks", "my_mc", "--tasks-dir", "TASKS", "--budget", "2"], "--budget 2"),
         (["--cocktail", "--tasks", "my_mc"], "--cocktail"),
         (["--search", "--weights", "0.5,0.25,0.25", "--tasks", "my_mc"], "--weights"),
     ],
@@ -164,8 +263,17 @@ def test_cocktail_weights_are_softmax_of_minus_loss_over_t(three_subs, tmp_path)
 def test_bad_search_inputs_exit_2(three_subs, tmp_path, extra, message):
     root, base, adapters, tasks, held, cache = three_subs
     extra = [str(tasks) if x == "TASKS" else x for x in extra]
-    r = dtm_cli("merge", "--base", base, "--adapters", *adapters, *extra,
-                "--out", tmp_path / "o", cache=cache)
+    r = dtm_cli(
+        "merge",
+        "--base",
+        base,
+        "--adapters",
+        *adapters,
+        *extra,
+        "--out",
+        tmp_path / "o",
+        cache=cache,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr
     assert not (tmp_path / "o").exists()
