@@ -29,7 +29,7 @@ def _data(root):
     return data, asg, held
 
 
-def _train_sub(base, data, asg, cluster, out, cache, r="4", alpha="12", max_length="256"):
+def _train_sub(base, data, asg, cluster, out, cache, r="4", alpha="12", max_length="256", extra=()):
     res = dtm_cli(
         "train",
         "--kind",
@@ -60,6 +60,7 @@ def _train_sub(base, data, asg, cluster, out, cache, r="4", alpha="12", max_leng
         "0.25",
         "--lr",
         "1e-2",
+        *extra,
         "--out",
         out,
         cache=cache,
@@ -100,7 +101,24 @@ def test_train_merge_eval_on_a_model_folder(arch, tmp_path):
     data, asg, held = _data(tmp_path)
     tasks = write_tasks(tmp_path / "tasks")
     cache = tmp_path / "cache"
-    a0 = _train_sub(base, data, asg, 0, tmp_path / "s0", cache)
+    # scored on a user task every step: the alignment-tax curve of a model not the lab's
+    a0 = _train_sub(
+        base,
+        data,
+        asg,
+        0,
+        tmp_path / "s0",
+        cache,
+        extra=("--eval-tasks", "my_mc,my_roll", "--tasks-dir", tasks, "--eval-every", "1"),
+    )
+    from dtm.analysis import alignment_tax_curve
+    from dtm.store import read_metrics
+
+    tax = alignment_tax_curve(read_metrics(tmp_path / "s0" / "metrics.jsonl"))
+    assert sorted(tax["step"].unique()) == [0, 1, 2]  # step 0: the base, before training
+    assert set(tax["task"]) == {"my_mc"}  # my_roll has no acc: it is in the records
+    recs = [x for x in read_metrics(tmp_path / "s0" / "metrics.jsonl") if x.get("bench")]
+    assert all("bits_per_byte" in x["bench"]["my_roll"] for x in recs)
     a1 = _train_sub(base, data, asg, 1, tmp_path / "s1", cache, r="2", alpha="3")  # mixed ranks
     cfg = json.loads((a0 / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == EXPECTED_TARGETS[arch]

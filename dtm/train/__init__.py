@@ -47,6 +47,7 @@ __all__ = [
     "collate",
     "encode_rows",
     "lab_eval_hook",
+    "tasks_eval_hook",
     "read_metrics",
     "request_stop",
     "run_id",
@@ -74,7 +75,9 @@ def train(
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
-    if cfg.eval_lab and eval_hook is None:
+    if cfg.eval_tasks and eval_hook is None:
+        eval_hook = tasks_eval_hook(cfg)
+    elif cfg.eval_lab and eval_hook is None:
         eval_hook = lab_eval_hook(cfg.eval_lab)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -134,6 +137,16 @@ def lab_eval_hook(lab: str | Path) -> Callable[[Any, Any, int], dict]:
     if not bench.is_dir():
         raise ConfigError(f"eval_lab {lab}: no benchmarks/ folder (not a lab).")
     return lambda model, tok, step: evaluate_lab(model, tok, bench)
+
+
+def tasks_eval_hook(cfg: TrainConfig) -> Callable[[Any, Any, int], dict]:
+    """Scores ``cfg.eval_tasks`` (lab tasks and ``cfg.tasks_dir``'s) with the quick engine."""
+    from dtm.evaluate import evaluate
+
+    tasks = list(cfg.eval_tasks)
+    return lambda model, tok, step: evaluate(
+        model, tok, tasks, engine="quick", lab=cfg.eval_lab, tasks_dir=cfg.tasks_dir
+    )
 
 
 def _write_config(cfg: TrainConfig, out: Path, extra: dict) -> None:

@@ -70,6 +70,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are removed)")
     eval_lab: str | None = _f(None, "a lab folder: score its benchmarks during training")
     eval_every: int | None = _f(None, "steps between benchmark scores (default: log_every)")
+    eval_tasks: tuple[str, ...] = _f(
+        (),
+        "comma-separated tasks scored every eval_every steps, the alignment-tax curve: lab "
+        "tasks (with --eval-lab) or tasks of --tasks-dir; default with --eval-lab: the lab's",
+    )
+    tasks_dir: str | None = _f(None, "a folder of lm-evaluation-harness task YAMLs")
     trust_remote_code: bool = _f(
         False, "run the Python code a model folder ships (its auto_map); off by default"
     )
@@ -141,6 +147,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"soup needs at least 2 members, not {cfg.members}.")
     if kind.data == "cluster" and (cfg.assignments is None or cfg.cluster is None):
         raise ConfigError(f"kind {cfg.kind!r} needs --assignments and --cluster.")
+    if cfg.eval_tasks:
+        check_eval_tasks(cfg)
     if kind.needs_reference:
         from dtm.baselines import default_reference
 
@@ -151,12 +159,38 @@ def check_config(cfg: TrainConfig) -> None:
             )
 
 
+def check_eval_tasks(cfg: TrainConfig) -> None:
+    """Every --eval-tasks name is a lab task (with --eval-lab) or a --tasks-dir task."""
+    from dtm.tasks import PROBES, TASKS
+
+    user: dict = {}
+    if cfg.tasks_dir:
+        from dtm.usertasks import folder_tasks
+
+        user = folder_tasks(cfg.tasks_dir)
+    for t in cfg.eval_tasks:
+        if t in user:
+            continue
+        if t in TASKS + PROBES:
+            if not cfg.eval_lab:
+                raise ConfigError(f"--eval-tasks {t}: a lab task needs --eval-lab LAB.")
+            continue
+        where = f" nor a task of --tasks-dir {cfg.tasks_dir}" if cfg.tasks_dir else ""
+        raise ConfigError(
+            f"--eval-tasks {t}: not a lab task{where} (name the folder of its task YAML "
+            "with --tasks-dir)."
+        )
+
+
 def run_id(cfg: TrainConfig) -> str:
     """A stable id for a configuration (its run folder does not count)."""
     from dtm.store import input_key
 
     # allow_pickle is a permission, not a parameter of the run: it does not change the id
     values = {k: v for k, v in asdict(cfg).items() if k not in ("out", "allow_pickle")}
+    for later in ("eval_tasks", "tasks_dir"):  # added later: unset, the id stays as it was
+        if not values.get(later):
+            values.pop(later, None)
     return input_key("run", values)
 
 
@@ -168,10 +202,11 @@ def from_mapping(values: dict[str, Any], where: str) -> TrainConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}.")
     values = dict(values)
-    if isinstance(values.get("target_modules"), str):
-        values["target_modules"] = tuple(values["target_modules"].split(","))
-    elif values.get("target_modules") is not None:
-        values["target_modules"] = tuple(values["target_modules"])
+    for name in ("target_modules", "eval_tasks"):
+        if isinstance(values.get(name), str):
+            values[name] = tuple(x.strip() for x in values[name].split(",") if x.strip())
+        elif values.get(name) is not None:
+            values[name] = tuple(values[name])
     missing = [n for n in ("base", "data", "out") if not values.get(n)]
     if missing:
         raise ConfigError(f"{where} needs {', '.join('--' + m for m in missing)}.")
@@ -222,6 +257,7 @@ def config_from_args(
 def read_config(cfg_dict: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a job's stored config (JSON lists back to tuples)."""
     values = dict(cfg_dict)
-    if values.get("target_modules") is not None:
-        values["target_modules"] = tuple(values["target_modules"])
+    for name in ("target_modules", "eval_tasks"):
+        if values.get(name) is not None:
+            values[name] = tuple(values[name])
     return TrainConfig(**values)
