@@ -324,6 +324,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
         found = _cocktail(merger, args, objective)
         weights = found["best"]["weights"]
     out = merger.export(args.out, args.method, weights, full=args.full, **params)
+    from dtm.merge.saved import save_merge
+
+    source = "search" if args.search else "cocktail" if args.cocktail else "exported"
+    saved = save_merge(
+        args.base,
+        [str(a) for a in args.adapters],
+        {"method": args.method, "weights": weights, "params": params},
+        source=source,
+        path=str(out),
+    )
     if found is not None:
         from dtm.store import write_json_atomic
 
@@ -333,7 +343,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     kind = "full merged weights" if args.full else "a peft adapter"
     shown = [round(w, 4) for w in weights]
     print(f"merged {len(args.adapters)} adapters ({args.method}, weights {shown}) into {kind}")
-    print(f"wrote {out} and {out}/recipe.json")
+    print(f"wrote {out} and {out}/recipe.json; Compare lists it as {saved['label']!r}")
     return 0
 
 

@@ -122,9 +122,15 @@ def run_heldout_rows(run_dir: str | Path) -> pd.DataFrame:
     from dtm.train.config import read_config
     from dtm.train.rows import split_rows
 
+    from dataclasses import fields
+
+    from dtm.train.config import TrainConfig
+
     path = Path(run_dir) / "config.json"
-    try:
-        cfg = read_config(json.loads(path.read_text()))
+    known = {f.name for f in fields(TrainConfig)}
+    try:  # a run's config.json also holds what the run resolved (steps, run id, ...)
+        saved = json.loads(path.read_text())
+        cfg = read_config({k: v for k, v in saved.items() if k in known})
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{path}: not a training run's config ({e}).") from None
     return split_rows(cfg)[1]

@@ -200,3 +200,15 @@ def resolve_targets(model, asked: tuple[str, ...]) -> tuple[str, ...]:
         f"--target-modules {','.join(asked)}: none is a layer of this model "
         f"(its linear layers: {', '.join(sorted(have - {'lm_head'}))})."
     )
+
+
+def lab_of(base: str | Path | None) -> str | None:
+    """The lab folder a base model belongs to (``LAB/model`` beside ``LAB/lab.json`` and
+    ``LAB/benchmarks``), else None: only a lab model is offered the lab's tasks."""
+    if not base:
+        return None
+    here = Path(str(base)).expanduser()
+    lab = here.parent
+    if here.name == "model" and (lab / "lab.json").exists() and (lab / "benchmarks").is_dir():
+        return str(lab)
+    return None

@@ -178,6 +178,8 @@ def score_models(
     allow_code: bool = False,
     controls_dir: Path,
     progress=None,
+    tasks_dir: str | None = None,
+    heldout: list[str] | tuple = (),
 ) -> dict[str, float]:
     """Score each model (``dtm.experiment.report``'s dicts) on ``tasks`` and record the scores under
     ``group``; a model already scored on every task (same engine and limit) is skipped.
@@ -210,13 +212,23 @@ def score_models(
         if progress:
             seed = f" s{m['seed']}" if m["seed"] is not None else ""
             progress(f"scoring {m['label']}{seed}", i / len(models))
-        if set(tasks) <= done:
+        from dtm.heldout import result_key
+
+        if set(tasks) | {result_key(h) for h in heldout} <= done:
             continue
         t0 = time.perf_counter()
         model, tok = load_model(ref)
         t1 = time.perf_counter()
         res = evaluate(
-            model, tok, tasks, engine=engine, lab=lab, limit=limit, allow_code=allow_code
+            model,
+            tok,
+            tasks,
+            engine=engine,
+            lab=lab,
+            tasks_dir=tasks_dir,
+            heldout=list(heldout),
+            limit=limit,
+            allow_code=allow_code,
         )
         timings["load_and_merge"] += t1 - t0
         timings["evaluate"] += time.perf_counter() - t1

@@ -29,7 +29,8 @@ from typing import Any
 
 from dtm.errors import RegistryError, StorageError
 
-SCHEMA_VERSION = 4  # 2: jobs and metrics tables; 3: results; 4: kinds and clusterings
+SCHEMA_VERSION = 5  # 2: jobs and metrics tables; 3: results; 4: kinds and clusterings;
+# 5: merges (the merges a user tuned or exported, by recipe)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
     kind    TEXT NOT NULL,
@@ -91,6 +92,17 @@ CREATE TABLE IF NOT EXISTS results (
     created   REAL NOT NULL,
     kind      TEXT,
     clustering TEXT
+);
+CREATE TABLE IF NOT EXISTS merges (
+    key      TEXT PRIMARY KEY,
+    grp      TEXT,
+    label    TEXT NOT NULL,
+    base     TEXT NOT NULL,
+    adapters TEXT NOT NULL,
+    recipe   TEXT NOT NULL,
+    source   TEXT NOT NULL,
+    path     TEXT,
+    created  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS results_model ON results (model_key);
 CREATE INDEX IF NOT EXISTS results_grp ON results (grp);

@@ -295,3 +295,98 @@ def test_merge_page_scores_live_maps_the_landscape_and_exports(cache, lab0):
     assert not at.exception and "recipe.json" in at.success[0].value
     [out] = list((cache / "merged").iterdir())
     assert (out / "adapter_model.safetensors").exists() and (out / "recipe.json").exists()
+
+
+def _folder_subs(root):
+    """Two sub-models of a Qwen2 folder (not the lab's) trained in process: unequal
+    clusters (14 and 6 rows), lora_alpha != r."""
+    from archs import instruction_rows, make_model
+
+    from dtm.train import TrainConfig, train
+
+    base = make_model("qwen2", root / "base")
+    rows = instruction_rows(20)
+    data = write_jsonl(root / "data.jsonl", rows)
+    asg = root / "asg.csv"
+    asg.write_text(
+        "id,cluster\n" + "".join(f"{r['id']},{int(i >= 14)}\n" for i, r in enumerate(rows))
+    )
+    adapters = []
+    for c in (0, 1):
+        cfg = TrainConfig(
+            base=str(base),
+            data=str(data),
+            out=str(root / f"s{c}"),
+            kind="sub",
+            assignments=str(asg),
+            cluster=c,
+            steps=2,
+            log_every=1,
+            lr=1e-2,
+            batch_size=2,
+            micro_batch_size=2,
+            max_length=128,
+            lora_r=4,
+            lora_alpha=8,
+            val_fraction=0.3,
+            probe_size=4,
+            fisher_size=4,
+        )
+        train(cfg)
+        adapters.append(root / f"s{c}" / "adapter")
+    return base, adapters
+
+
+def test_merge_page_on_adapter_folders_with_a_tasks_folder_and_held_out_losses(cache, tmp_path):
+    import math
+
+    from archs import write_tasks
+
+    from dtm.merge.saved import saved_merges
+    from dtm.store import Registry
+
+    base, adapters = _folder_subs(tmp_path)
+    tasks = write_tasks(tmp_path / "tasks")
+    at = AppTest.from_file(str(PAGES / "merge.py"), default_timeout=300).run()
+    at.radio(key="m_from").set_value("adapter folders").run()
+    at.text_input(key="m_base").set_value(str(base))
+    at.text_area(key="m_paths").set_value(f"{adapters[0]}\n{tmp_path / 'nope'}").run()
+    assert not at.exception and "adapter 2" in at.error[0].value  # named, not a traceback
+    at.text_area(key="m_paths").set_value("\n".join(map(str, adapters))).run()
+    assert not at.exception
+    assert "m_tasks" not in [m.key for m in at.multiselect]  # no lab task for this model
+    at.text_input(key="m_tasks_dir").set_value(str(tasks)).run()
+    at.multiselect(key="m_user_tasks").set_value(["my_mc"])
+    at.multiselect(key="m_heldout").set_value(["each sub-model's held-out rows"]).run()
+    assert not at.exception
+    labels = [m.label for m in at.metric]
+    assert labels == ["my_mc", "heldout:s0", "heldout:s1", "merge + score"]
+    [table] = [d.value for d in at.dataframe if "model" in d.value.columns]
+    rows = table.set_index("model")
+    assert {"merged", "base", "s0", "s1"} <= set(rows.index)
+    # each sub-model fits its own held-out rows better than the base does
+    assert rows.loc["s0", "heldout:s0"] < rows.loc["base", "heldout:s0"]
+    # LM-Cocktail: softmax(-loss / T) of each sub-model's mean held-out loss
+    at.number_input(key="m_temp").set_value(0.5)
+    at.button(key="m_cocktail").click().run()
+    assert not at.exception
+    losses = [(rows.loc[n, "heldout:s0"] + rows.loc[n, "heldout:s1"]) / 2 for n in ("s0", "s1")]
+    e = [math.exp(-x / 0.5) for x in losses]
+    want = [v / sum(e) for v in e]
+    got = [at.slider(key=f"w_{i}").value for i in range(2)]
+    assert got == pytest.approx(want, abs=0.011)
+    # the search: every point evaluated, the sliders set to the best one
+    at.number_input(key="m_budget").set_value(5)
+    at.button(key="m_find").click().run()
+    assert not at.exception
+    found = at.session_state["m_search"][2]
+    assert len(found["points"]) == 5
+    best = found["best"]["weights"]
+    assert [at.slider(key=f"w_{i}").value for i in range(2)] == pytest.approx(best, abs=0.006)
+    assert len(at.get("plotly_chart")) == 1  # the search's points are on the landscape
+    at.button(key="m_keep").click().run()
+    at.button(key="m_export").click().run()
+    assert not at.exception and "recipe.json" in at.success[0].value
+    saved = saved_merges(Registry(cache))
+    assert len(saved) == 1 and saved[0]["source"] == "exported" and saved[0]["path"]
+    assert saved[0]["label"].startswith("average ")

@@ -1,12 +1,15 @@
-"""Page 3 - Merge: merge the sub-models with sliders and a live score, explore the merge
-landscape, compare with the logit ensemble, export."""
+"""Page 3 - Merge: merge sub-models (a launch's, or adapter folders named by path) with
+sliders and a live score on any chosen tasks and held-out losses; find weights (CMA-ES
+search, LM-Cocktail); explore the merge landscape; compare with the logit ensemble;
+export, or keep the merge for Compare."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from dtm import charts, jobs
@@ -15,20 +18,24 @@ from dtm.merge.engine import Merger
 from dtm.merge.landscape import (
     LogitEnsemble,
     landscape,
+    merge_score_fn,
     pareto_front,
-    quick_score,
     simplex_grid,
     simplex_sample,
     slice_points,
 )
 from dtm.merge.methods import METHODS, widget_spec
-from dtm.merge.sources import merge_sources
+from dtm.merge.objective import Objective, expand_heldout, heldout_options, lower_is_better
+from dtm.merge.saved import recipe_label, save_merge
+from dtm.merge.search import cocktail_weights, search_weights
+from dtm.merge.sources import folder_source, merge_sources
 from dtm.score import ModelRef, load_model
 from dtm.store import cache_dir, safe_name
 from dtm.tasks import QUICK_TASKS, SHORT, TASKS
 from views.common import registry
 
-PICKED = "m_picked_weights"  # a landscape point's weights, applied on the next run
+PICKED = "m_picked_weights"  # weights to apply on the next run (landscape, search, cocktail)
+STORE, FOLDERS = "a launch of the job store", "adapter folders"
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the base model and the sub-models…")
@@ -36,13 +43,28 @@ def merger_for(base: str, adapters: tuple[str, ...]) -> Merger:
     return Merger(base, list(adapters))
 
 
+@st.cache_resource(max_entries=4, show_spinner="Reading the evaluation sets…")
+def objective_for(spec: tuple) -> Objective:
+    """One objective per settings (it keeps its tokenised held-out rows)."""
+    lab, lab_tasks, tasks_dir, tasks, heldout, limit = spec
+    entries = []
+    for h in heldout:
+        entries += expand_heldout(h)
+    return Objective(
+        lab=lab,
+        lab_tasks=lab_tasks,
+        tasks_dir=tasks_dir,
+        tasks=tasks,
+        heldout=tuple(entries),
+        limit=limit,
+    )
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
-def reference_score(
-    base: str, adapter: str | None, bench: str, limit: int, tasks: tuple[tuple[str, str], ...]
-) -> dict:
-    """The quick score of the base model, or of the base with one adapter."""
-    model, tok = load_model(ModelRef(base=base, adapters=[adapter] if adapter else []))
-    return quick_score(model, tok, bench, limit, dict(tasks))
+def reference_score(base: str, adapter: str, spec: tuple) -> dict:
+    """The score of the base with one other adapter (SFT, a baseline)."""
+    model, tok = load_model(ModelRef(base=base, adapters=[adapter]))
+    return objective_for(spec).score(model, tok)
 
 
 def params_panel(method: str) -> dict:
@@ -67,8 +89,8 @@ def params_panel(method: str) -> dict:
 
 def sliders(names: list[str]) -> list[float]:
     k = len(names)
-    # Weights picked on the landscape: set here, before the sliders exist in this run
-    # (a widget's value cannot be changed once it is drawn).
+    # Weights picked on the landscape or found: set here, before the sliders exist in
+    # this run (a widget's value cannot be changed once it is drawn).
     picked = st.session_state.pop(PICKED, None)
     if picked is not None and len(picked) == k:
         for i, v in enumerate(picked):
@@ -80,83 +102,277 @@ def sliders(names: list[str]) -> list[float]:
     return [float(st.session_state[f"w_{i}"]) for i in range(k)]
 
 
-def page() -> None:
-    st.title("Merge")
-    store = jobs.JobStore(registry())
-    sources = merge_sources(store)
-    if not sources:
-        st.info(
-            "Nothing to merge yet: on the Train page, launch the DTM set and wait until at "
-            "least two sub-models are done."
-        )
-        return
-    labels = {s.group: f"{s.group} · {len(s.subs)} sub-models" for s in sources}
-    group = st.selectbox("Sub-models of", list(labels), format_func=labels.get, key="m_group")
-    src = next(s for s in sources if s.group == group)
-    names = [n for n, _ in src.subs]
+def choose_source():
+    """A launch's finished sub-models, or adapter folders named by path."""
+    sources = merge_sources(jobs.JobStore(registry()))
+    kind = st.radio("Sub-models from", [STORE, FOLDERS], horizontal=True, key="m_from")
+    if kind == STORE:
+        if not sources:
+            st.info(
+                "Nothing to merge yet: on the Train page, launch the DTM set and wait until at "
+                "least two sub-models are done, or name adapter folders."
+            )
+            return None
+        labels = {s.group: f"{s.group} · {len(s.subs)} sub-models" for s in sources}
+        group = st.selectbox("Sub-models of", list(labels), format_func=labels.get, key="m_group")
+        return next(s for s in sources if s.group == group)
+    c1, c2 = st.columns([1, 2])
+    base = c1.text_input("Base model folder or hub id", key="m_base")
+    paths = c2.text_area(
+        "Adapter folders, one per line", key="m_paths", help="peft LoRA adapters of that base"
+    )
+    if not base.strip() or not paths.strip():
+        st.caption("Name the base model and at least two adapter folders trained on it.")
+        return None
     try:
-        merger = merger_for(src.base, tuple(str(p) for _, p in src.subs))
+        return folder_source(base, paths.splitlines())
     except DTMError as e:
         st.error(str(e))
+        return None
+
+
+def choose_objective(src, limit: int) -> tuple | None:
+    """The live score's tasks and held-out losses, as ``objective_for``'s settings."""
+    lab_tasks: tuple = ()
+    c = st.columns([1, 1])
+    if src.lab:
+        choices = {SHORT[t]: t for t in TASKS}
+        picked = c[0].multiselect(
+            "Lab tasks",
+            list(choices),
+            default=list(QUICK_TASKS),
+            key="m_tasks",
+            help="the first N items of each chosen lab task",
+        )
+        lab_tasks = tuple(choices[k] for k in picked)
+    else:
+        c[0].caption("Not a lab model: lab tasks are not offered.")
+    tasks_dir = (
+        c[1].text_input("Tasks folder (lm-evaluation-harness YAMLs)", key="m_tasks_dir").strip()
+        or None
+    )
+    user: tuple = ()
+    if tasks_dir:
+        from dtm.usertasks import folder_tasks
+
+        try:
+            found = list(folder_tasks(tasks_dir))
+        except DTMError as e:
+            st.error(str(e))
+            found = []
+        user = tuple(c[1].multiselect("Its tasks", found, default=found[:2], key="m_user_tasks"))
+    options = heldout_options(src)
+    c = st.columns([1, 1])
+    held = c[0].multiselect(
+        "Held-out losses",
+        list(options),
+        key="m_heldout",
+        help="the mean response-token loss (lower is better), no benchmark needed",
+    )
+    extra = c[1].text_input("Held-out file (instruction data or .txt)", key="m_held_file").strip()
+    heldout = tuple(_hashable(options[h]) for h in held) + ((extra,) if extra else ())
+    if not (lab_tasks or user or heldout):
+        st.info("Choose what the merge is scored on: tasks or held-out losses.")
+        return None
+    return (src.lab, lab_tasks, tasks_dir, user, heldout, limit)
+
+
+def _hashable(v):
+    if isinstance(v, tuple):  # the clusters' held-out rows: (name, run folder) pairs
+        return (v[0], tuple((n, str(r)) for n, r in v[1]))
+    return v
+
+
+def page() -> None:
+    st.title("Merge")
+    src = choose_source()
+    if src is None:
         return
+    names = [n for n, _ in src.subs]
     c1, c2, c3 = st.columns([1.4, 1, 1])
     method = c1.selectbox(
         "Method", list(METHODS), key="m_method", format_func=lambda m: f"{m}: {METHODS[m].help}"
     )
     normalise = c2.checkbox("normalise weights to sum 1", True, key="m_norm")
     limit = int(c3.number_input("items per task", 10, 500, 40, 10, key="m_limit"))
-    choices = {SHORT[t]: t for t in TASKS}
-    picked = st.multiselect(
-        "Quick evaluation set",
-        list(choices),
-        default=list(QUICK_TASKS),
-        key="m_tasks",
-        help="the first N items of each chosen lab task",
-    )
-    tasks = tuple((k, choices[k]) for k in picked) or tuple(QUICK_TASKS.items())
+    spec = choose_objective(src, limit)
+    if spec is None:
+        return
     params = params_panel(method)
     weights = sliders(names)
     if normalise and sum(weights) > 0:
         weights = [w / sum(weights) for w in weights]
-    if src.lab is None:
-        st.warning("These sub-models were not trained on the lab: no quick evaluation set.")
-        return
-    bench = str(Path(src.lab) / "benchmarks")
     try:
+        objective = objective_for(spec)
+        merger = merger_for(src.base, tuple(str(p) for _, p in src.subs))
         t0 = time.perf_counter()
-        model = merger.apply(method, weights, **params)
-        score = quick_score(model, merger.tokenizer, bench, limit, dict(tasks))
+        score = objective.score(merger.apply(method, weights, **params), merger.tokenizer)
         ms = (time.perf_counter() - t0) * 1000
     except DTMError as e:
         st.error(str(e))
         return
+    refs = reference_rows(merger, src, spec, objective, names)
     st.subheader("Live score")
+    sft = next((refs[n] for n, (kind, _) in src.baselines.items() if kind == "sft"), None)
     cols = st.columns(len(score) + 1)
-    refs = {"base": reference_score(src.base, None, bench, limit, tasks)}
-    sft = None
-    for name, (kind, path) in src.baselines.items():
-        refs[name] = reference_score(src.base, str(path), bench, limit, tasks)
-        sft = refs[name] if kind == "sft" and sft is None else sft
-    for col, (task, value) in zip(cols, score.items(), strict=False):
-        delta = None if sft is None else f"{value - sft[task]:+.3f} vs SFT"
-        col.metric(task, f"{value:.3f}", delta)
+    for col, (label, value) in zip(cols, score.items(), strict=False):
+        delta = None if sft is None else f"{value - sft[label]:+.3f} vs SFT"
+        col.metric(
+            label,
+            f"{value:.3f}",
+            delta,
+            delta_color="inverse" if lower_is_better(label) else "normal",
+        )
     cols[-1].metric("merge + score", f"{ms:.0f} ms")
     table = {"merged": score, **refs}
-    for name, path in src.subs:
-        table[name] = reference_score(src.base, str(path), bench, limit, tasks)
     if st.toggle("Logit ensemble of the sub-models (the reference)", key="m_ensemble"):
-        table["ensemble"] = quick_score(
-            LogitEnsemble(merger, weights), merger.tokenizer, bench, limit, dict(tasks)
-        )
+        ens = dataclasses.replace(objective, tasks=()) if objective.tasks else objective
+        if ens.lab_tasks or ens.heldout:
+            table["ensemble"] = ens.score(LogitEnsemble(merger, weights), merger.tokenizer)
+        if objective.tasks:
+            st.caption("The ensemble is scored on lab tasks and held-out losses only.")
     st.dataframe(
         [{"model": k, **{t: round(v, 3) for t, v in s.items()}} for k, s in table.items()],
         hide_index=True,
     )
-    landscape_panel(merger, method, params, names, bench, limit, tasks)
-    export_panel(merger, method, weights, params, group)
+    find_panel(merger, method, params, names, objective, spec)
+    landscape_panel(merger, method, params, names, objective, spec)
+    export_panel(merger, src, method, weights, params)
 
 
-def landscape_panel(merger, method, params, names, bench, limit, tasks) -> None:
+def reference_rows(merger, src, spec, objective, names) -> dict:
+    """Base and each sub-model from the loaded merger (no load), SFT and the other
+    baselines loaded once each and cached."""
+    key = ("m_refs", src.group, spec)
+    if st.session_state.get("m_refs_key") != key:
+        k = len(names)
+        with merger.base_only() as base:
+            rows = {"base": objective.score(base, merger.tokenizer)}
+        for i, name in enumerate(names):
+            one = [1.0 if j == i else 0.0 for j in range(k)]
+            rows[name] = objective.score(merger.apply("linear", one), merger.tokenizer)
+        st.session_state["m_refs"], st.session_state["m_refs_key"] = rows, key
+    refs = dict(st.session_state["m_refs"])
+    for name, (_, path) in src.baselines.items():
+        refs[name] = reference_score(src.base, str(path), spec)
+    return {
+        "base": refs.pop("base"),
+        **{n: refs[n] for n in src.baselines},
+        **{n: refs[n] for n in names},
+    }
+
+
+def find_panel(merger, method, params, names, objective, spec) -> None:
+    st.subheader("Find weights")
+    labels = list(objective.labels())
+    c = st.columns([1.3, 1, 1])
+    mode = c[0].radio(
+        "Maximise",
+        ["the mean of the scores", "a weighted sum", "a Pareto front of two"],
+        key="m_find_mode",
+        help="a loss counts as its negative (lower is better)",
+    )
+    budget = int(c[1].number_input("evaluations", len(names) + 1, 500, 30, key="m_budget"))
+    seed = int(c[2].number_input("seed", 0, 10**6, 0, key="m_find_seed"))
+    obj, pareto = objective, None
+    if mode == "a weighted sum":
+        wc = st.columns(min(len(labels), 4))
+        w = {
+            lab: float(
+                wc[i % len(wc)].number_input(
+                    f"weight of {lab}", -10.0, 10.0, 1.0, 0.5, key=f"m_ow_{lab}"
+                )
+            )
+            for i, lab in enumerate(labels)
+        }
+        obj = dataclasses.replace(objective, weights=w)
+    elif mode == "a Pareto front of two":
+        if len(labels) < 2:
+            st.caption("A Pareto front needs two scores: choose more tasks or losses.")
+            return
+        pc = st.columns(2)
+        a = pc[0].selectbox("first", labels, key="m_par_a")
+        b = pc[1].selectbox("second", [x for x in labels if x != a], key="m_par_b")
+        pareto = (a, b)
+    b1, b2, b3 = st.columns([1, 1, 2])
+    if b1.button("Find weights", key="m_find", type="primary"):
+        bar = st.progress(0.0, text="weight search")
+        fn = merge_score_fn(merger, method, obj, pareto, **params)
+        try:
+            found = search_weights(
+                fn,
+                len(names),
+                budget,
+                seed=seed,
+                pareto=pareto is not None,
+                progress=lambda s, f: bar.progress(min(f, 1.0), text=f"{s}: {f:.0%}"),
+            )
+        except DTMError as e:
+            st.error(str(e))
+            return
+        bar.empty()
+        st.session_state["m_search"] = (spec, method, found)
+        st.session_state[PICKED] = found["best"]["weights"]
+        st.rerun()
+    held = [x for x in labels if x.startswith("heldout:")]
+    temp = float(b3.number_input("LM-Cocktail temperature T", 0.1, 100.0, 5.0, key="m_temp"))
+    if b2.button(
+        "LM-Cocktail weights",
+        key="m_cocktail",
+        disabled=not held,
+        help="softmax(-loss/T) of each sub-model's held-out loss (choose one above)",
+    ):
+        k = len(names)
+        losses = []
+        for i in range(k):
+            one = [1.0 if j == i else 0.0 for j in range(k)]
+            s = objective.score(merger.apply("linear", one), merger.tokenizer)
+            losses.append(float(np.mean([s[x] for x in held])))
+        w = cocktail_weights(losses, temp)
+        st.session_state["m_cocktail_result"] = (losses, w)
+        st.session_state[PICKED] = w
+        st.rerun()
+    if "m_cocktail_result" in st.session_state:
+        losses, w = st.session_state["m_cocktail_result"]
+        st.caption(
+            "LM-Cocktail: held-out losses "
+            + ", ".join(f"{n} {x:.3f}" for n, x in zip(names, losses, strict=False))
+            + " → weights "
+            + ", ".join(f"{v:.3f}" for v in w)
+        )
+    saved = st.session_state.get("m_search")
+    if saved and saved[0] == spec and saved[1] == method:
+        found = saved[2]
+        best = found["best"]
+        uniform = found["points"][0]
+        st.caption(
+            f"{len(found['points'])} points evaluated; best {_fmt(best['score'])} at "
+            f"{', '.join(f'{v:.2f}' for v in best['weights'])} (uniform {_fmt(uniform['score'])}). "
+            "The sliders are set to it; every point is on the landscape."
+        )
+
+
+def _fmt(score) -> str:
+    if isinstance(score, (list, tuple)):
+        return "(" + ", ".join(f"{x:.3f}" for x in score) + ")"
+    return f"{score:.4f}"
+
+
+def _search_frame(found: dict, objective) -> pd.DataFrame:
+    rows = []
+    for p in found["points"]:
+        rows.append(
+            {
+                **{f"w{i}": v for i, v in enumerate(p["weights"])},
+                **p["scores"],
+                "objective": objective.value(p["scores"]),
+                "from": "search",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def landscape_panel(merger, method, params, names, objective, spec) -> None:
     st.subheader("Merge landscape")
     k = len(names)
     views = ["simplex"] + (["2-D slice"] if k >= 4 else [])
@@ -168,6 +384,7 @@ def landscape_panel(merger, method, params, names, bench, limit, tasks) -> None:
         a = c2.selectbox("x: weight of", range(k), format_func=names.__getitem__, key="m_si")
         b = c2.selectbox("y: weight of", range(k), 1, format_func=names.__getitem__, key="m_sj")
         pair = (a, b)
+    settings = (method, tuple(sorted(params.items())), spec)
     if c3.button("Compute the landscape", key="m_land"):
         if view == "2-D slice":
             current = [st.session_state[f"w_{i}"] for i in range(k)]
@@ -175,30 +392,32 @@ def landscape_panel(merger, method, params, names, bench, limit, tasks) -> None:
         else:
             pts = simplex_grid(3, 0.1) if k == 3 else simplex_sample(k, n, seed=0)
         bar = st.progress(0.0)
-        st.session_state["m_landscape"] = (
-            (method, tuple(sorted(params.items())), limit, view, pair),
-            landscape(
-                merger,
-                method,
-                pts,
-                bench,
-                limit=limit,
-                tasks=dict(tasks),
-                progress=lambda s, f: bar.progress(f),
-                **params,
-            ),
+        frame = landscape(
+            merger, method, pts, objective, progress=lambda s, f: bar.progress(f), **params
         )
+        frame["from"] = "grid"
+        st.session_state["m_landscape"] = ((*settings, view, pair), frame)
         bar.empty()
     saved = st.session_state.get("m_landscape")
-    if saved is None:
+    search = st.session_state.get("m_search")
+    frames, key = [], None
+    if saved is not None:
+        key, frame = saved
+        if key[:3] != settings:
+            st.caption("Computed for other settings; compute it again to refresh.")
+        frames.append(frame)
+    if search and search[0] == spec and search[1] == method:
+        frames.append(_search_frame(search[2], objective))
+    if not frames:
         st.caption("Scores a grid over the weight simplex; click a point to set the sliders.")
         return
-    key, frame = saved
-    if key[:3] != (method, tuple(sorted(params.items())), limit):
-        st.caption("Computed for other settings; compute it again to refresh.")
-    scored = [c for c in frame.columns if not (c.startswith("w") and c[1:].isdigit())]
+    frame = pd.concat(frames, ignore_index=True)
+    skip = {"from"}
+    scored = [
+        c for c in frame.columns if not (c.startswith("w") and c[1:].isdigit()) and c not in skip
+    ]
     metric = st.selectbox("Colour by", scored, key="m_colour")
-    if key[3] == "2-D slice":
+    if key is not None and key[3] == "2-D slice" and len(frames) == 1:
         fig = charts.weight_slice(frame, *key[4], names, metric)
     elif k == 3:
         fig = charts.ternary(frame, names, metric)
@@ -213,16 +432,18 @@ def landscape_panel(merger, method, params, names, bench, limit, tasks) -> None:
         idx = points[0].get("customdata")
         idx = idx[0] if isinstance(idx, list) else idx
         if idx is not None:
-            w = frame.iloc[int(idx)][[f"w{i}" for i in range(k)]].to_numpy()
+            w = frame.iloc[int(idx)][[f"w{i}" for i in range(k)]].to_numpy(dtype=float)
             if not np.allclose(w, [st.session_state[f"w_{i}"] for i in range(k)], atol=0.006):
                 st.session_state[PICKED] = w.tolist()
                 st.rerun()
 
 
-def export_panel(merger, method, weights, params, group) -> None:
+def export_panel(merger, src, method, weights, params) -> None:
     st.subheader("Export")
-    c1, c2, c3 = st.columns([1.2, 1, 1])
-    default = f"{safe_name(group)}-{method}"
+    recipe = {"method": method, "weights": weights, "params": params}
+    adapters = [str(p) for _, p in src.subs]
+    c1, c2, c3, c4 = st.columns([1.2, 1, 1, 1])
+    default = f"{safe_name(src.group)}-{method}"
     name = safe_name(c1.text_input("Name", default, key="m_export_name"))
     full = c2.checkbox("full merged weights", key="m_full")
     if c3.button("Export", key="m_export"):
@@ -233,7 +454,21 @@ def export_panel(merger, method, weights, params, group) -> None:
         except DTMError as e:
             st.error(str(e))
             return
-        st.success(f"Wrote {out} with recipe.json")
+        save_merge(
+            src.base,
+            adapters,
+            recipe,
+            source="exported",
+            group=src.group,
+            path=str(out),
+            registry=registry(),
+        )
+        st.success(f"Wrote {out} with recipe.json; Compare lists it as {recipe_label(recipe)!r}")
+    if c4.button("Keep for Compare", key="m_keep", help="score this merge as a row on Compare"):
+        saved = save_merge(
+            src.base, adapters, recipe, source="tuned", group=src.group, registry=registry()
+        )
+        st.success(f"Compare lists it as {saved['label']!r}")
 
 
 page()

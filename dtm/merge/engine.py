@@ -23,6 +23,7 @@ one rank; ``check_method`` refuses them otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -229,6 +230,14 @@ class Merger:
                 w.copy_(self.w0[n] + delta.to(self.w0[n].dtype))
                 del delta
         return self.model
+
+    @contextlib.contextmanager
+    def base_only(self):
+        """The base model itself (every adapter off, no merged delta written), without
+        loading it again."""
+        self._restore_base()
+        with self.model.disable_adapter():
+            yield self.model
 
     def recipe(self, method: str, weights: list[float], params: dict) -> dict:
         return {

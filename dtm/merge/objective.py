@@ -169,3 +169,42 @@ def heldout_tables(runs: list[tuple[str, Path]]) -> list[tuple[str, pd.DataFrame
     from dtm.heldout import run_heldout_rows
 
     return [(name, run_heldout_rows(run)) for name, run in runs]
+
+
+def heldout_options(source) -> dict[str, object]:
+    """The held-out sources a merge source offers, ``{label: file or data table}``:
+    each sub-model's own held-out rows (its run's validation split), the validation file
+    the runs were given, and the reference corpus (the lab's pretraining text, or the
+    runs' ``reference``), as far as the runs' folders tell."""
+    import json
+
+    from dtm.baselines import default_reference
+    from dtm.merge.sources import run_dir_of
+
+    out: dict[str, object] = {}
+    runs = [(name, run_dir_of(p)) for name, p in source.subs]
+    configs = []
+    for _, run in runs:
+        if run is not None:
+            try:
+                configs.append(json.loads((run / "config.json").read_text()))
+            except (OSError, ValueError):
+                pass
+    if runs and all(r is not None for _, r in runs):
+        out["each sub-model's held-out rows"] = ("clusters", [(n, r) for n, r in runs])
+    vals = {c.get("val_data") for c in configs if c.get("val_data")}
+    if len(vals) == 1:
+        out["validation split"] = vals.pop()
+    refs = {c.get("reference") for c in configs if c.get("reference")}
+    ref = refs.pop() if len(refs) == 1 else default_reference(source.base)
+    if ref:
+        out["reference corpus"] = ref
+    return out
+
+
+def expand_heldout(choice) -> list:
+    """Objective ``heldout`` entries of one ``heldout_options`` value: a file, or one
+    ``(name, rows)`` pair per sub-model for the clusters' held-out rows."""
+    if isinstance(choice, tuple) and choice and choice[0] == "clusters":
+        return heldout_tables([(n, Path(r)) for n, r in choice[1]])
+    return [choice]

@@ -42,3 +42,57 @@ def merge_sources(store) -> list[MergeSource]:
         )
     out.sort(key=lambda s: -max(p.stat().st_mtime for _, p in s.subs))
     return out
+
+
+def folder_source(base: str, adapters: list[str]) -> MergeSource:
+    """Adapter folders the user names by path, checked against each other before the
+    base loads (``Merger`` then checks them against the base): at least two, distinct,
+    each a LoRA adapter, all of one shape."""
+    from dtm.errors import ConfigError
+    from dtm.merge.lora import check_compatible, read_adapter
+    from dtm.models import check_base_path, lab_of
+
+    base = (base or "").strip()
+    if not base:
+        raise ConfigError("name the base model folder (or hub id) the adapters were trained on.")
+    check_base_path(base)
+    paths = [a.strip() for a in adapters if a and a.strip()]
+    if len(paths) < 2:
+        raise ConfigError(f"{len(paths)} adapter folder(s): name at least two to merge.")
+    seen: dict[str, int] = {}
+    for i, p in enumerate(paths, 1):
+        real = str(Path(p).expanduser().resolve())
+        if real in seen:
+            raise ConfigError(f"adapter {i} ({p}) is adapter {seen[real]} again.")
+        seen[real] = i
+    sets = []
+    for i, p in enumerate(paths, 1):
+        try:
+            sets.append(read_adapter(Path(p).expanduser()))
+        except ConfigError as e:
+            raise ConfigError(f"adapter {i} ({p}): {e}") from None
+    check_compatible(sets)
+    names = []
+    for p in paths:
+        q = Path(p).expanduser()
+        names.append(q.parent.name if q.name == "adapter" else q.name)
+    if len(set(names)) < len(names):
+        names = [f"{n} ({i})" for i, n in enumerate(names, 1)]
+    from dtm.store import input_key
+
+    group = "folders-" + input_key("folders", {"base": base, "adapters": paths})[:8]
+    return MergeSource(
+        group,
+        base,
+        [(n, Path(p).expanduser()) for n, p in zip(names, paths, strict=True)],
+        {},
+        lab_of(base),
+    )
+
+
+def run_dir_of(adapter: Path) -> Path | None:
+    """The training run an adapter folder came from (``RUN/adapter`` beside
+    ``RUN/config.json``), else None."""
+    adapter = Path(adapter)
+    run = adapter.parent
+    return run if adapter.name == "adapter" and (run / "config.json").exists() else None

@@ -1,0 +1,103 @@
+"""The merges a user tuned (the Merge page's "add to Compare") or exported (``dtm merge``,
+the Merge page's Export), kept in the registry's ``merges`` table by recipe, so the
+Compare page scores each one as a row named by its recipe.
+
+``save_merge(base, adapters, recipe, source=...)`` records one (the same base, adapters
+and recipe are the same model: saving it again updates its source and keeps its export
+folder); ``saved_merges()`` lists them newest first as Compare's model dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from dtm.store import Registry, canonical_json
+
+SOURCES = ("tuned", "exported", "search", "cocktail")
+
+
+def recipe_label(recipe: dict) -> str:
+    """``ties 0.20/0.30/0.50 k=0.2``: the method, the weights and any parameters."""
+    w = "/".join(f"{x:.2f}" for x in recipe.get("weights") or [])
+    params = " ".join(f"{k}={v}" for k, v in sorted((recipe.get("params") or {}).items()))
+    return " ".join(x for x in (recipe.get("method", "average"), w, params) if x)
+
+
+def _ref(base: str, adapters: list[str], recipe: dict):
+    from dtm.score import ModelRef
+
+    clean = {
+        "method": recipe.get("method", "average"),
+        "weights": [float(x) for x in recipe.get("weights") or []],
+        "params": dict(recipe.get("params") or {}),
+    }
+    return ModelRef(base=str(base), adapters=[str(a) for a in adapters], recipe=clean)
+
+
+def save_merge(
+    base: str,
+    adapters: list[str],
+    recipe: dict,
+    *,
+    source: str,
+    group: str | None = None,
+    path: str | None = None,
+    label: str | None = None,
+    registry: Registry | None = None,
+) -> dict:
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r}: one of {', '.join(SOURCES)}")
+    ref = _ref(base, adapters, recipe)
+    label = label or recipe_label(ref.recipe)
+    reg = registry or Registry()
+    with reg.transaction() as con:
+        con.execute(
+            "INSERT INTO merges (key, grp, label, base, adapters, recipe, source, path, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET"
+            " source = excluded.source, path = COALESCE(excluded.path, merges.path),"
+            " grp = COALESCE(excluded.grp, merges.grp), created = excluded.created",
+            (
+                ref.key,
+                group,
+                label,
+                ref.base,
+                json.dumps(ref.adapters),
+                canonical_json(ref.recipe),
+                source,
+                path,
+                time.time(),
+            ),
+        )
+    return {"key": ref.key, "label": label}
+
+
+def saved_merges(registry: Registry | None = None, adapters: list[str] | None = None) -> list[dict]:
+    """Every saved merge (only those over exactly ``adapters``, when given), newest first,
+    as ``{"label", "kind": "merge", "base", "adapters", "recipe", "seed", "source",
+    "path", "group"}``."""
+    reg = registry or Registry()
+    with reg._connect() as con:
+        rows = con.execute(
+            "SELECT label, base, adapters, recipe, source, path, grp FROM merges "
+            "ORDER BY created DESC"
+        ).fetchall()
+    out = []
+    for label, base, ads, recipe, source, path, grp in rows:
+        ads = json.loads(ads)
+        if adapters is not None and sorted(ads) != sorted(map(str, adapters)):
+            continue
+        out.append(
+            {
+                "label": label,
+                "kind": "merge",
+                "seed": None,
+                "base": base,
+                "adapters": ads,
+                "recipe": json.loads(recipe),
+                "source": source,
+                "path": path,
+                "group": grp,
+            }
+        )
+    return out
