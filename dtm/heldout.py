@@ -118,13 +118,10 @@ def heldout_loss(
 def run_heldout_rows(run_dir: str | Path) -> pd.DataFrame:
     """A training run's validation rows, split again from its ``config.json``."""
     import json
-
-    from dtm.train.config import read_config
-    from dtm.train.rows import split_rows
-
     from dataclasses import fields
 
-    from dtm.train.config import TrainConfig
+    from dtm.train.config import TrainConfig, read_config
+    from dtm.train.rows import split_rows
 
     path = Path(run_dir) / "config.json"
     known = {f.name for f in fields(TrainConfig)}
