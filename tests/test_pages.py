@@ -390,3 +390,35 @@ def test_merge_page_on_adapter_folders_with_a_tasks_folder_and_held_out_losses(c
     saved = saved_merges(Registry(cache))
     assert len(saved) == 1 and saved[0]["source"] == "exported" and saved[0]["path"]
     assert saved[0]["label"].startswith("average ")
+
+
+def test_compare_page_scores_saved_merges_of_a_model_that_is_not_the_labs(cache, tmp_path):
+    from archs import instruction_rows, write_tasks
+
+    from dtm.merge.saved import save_merge
+    from dtm.score import scores
+    from dtm.store import Registry
+
+    base, adapters = _folder_subs(tmp_path)
+    tasks = write_tasks(tmp_path / "tasks")
+    held = write_jsonl(tmp_path / "held.jsonl", instruction_rows(26)[20:])
+    reg = Registry(cache)
+    recipe = {"method": "ties", "weights": [0.7, 0.3], "params": {"density": 0.5}}
+    save_merge(str(base), [str(a) for a in adapters], recipe, source="tuned", registry=reg)
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=300).run()
+    at.radio(key="c_kind").set_value("saved merges").run()
+    assert not at.exception
+    at.text_input(key="c_tasks_dir").set_value(str(tasks)).run()
+    options = at.multiselect(key="c_tasks_quick").options
+    assert set(options) == {"my_mc", "my_ll", "my_roll", "my_gen"}  # no lab task offered
+    at.multiselect(key="c_tasks_quick").set_value(["my_mc", "my_roll"])
+    at.text_input(key="c_heldout").set_value(str(held)).run()
+    at.button(key="c_go").click().run()
+    assert not at.exception, at.exception
+    table = scores(group="merges", registry=reg)
+    label = "ties 0.70/0.30 density=0.5"
+    assert set(table["label"]) == {"base", label}
+    got = table.set_index(["label", "task", "metric"])["value"]
+    assert 0 <= got[(label, "my_mc", "acc")] <= 1
+    assert got[(label, "heldout:held", "loss")] != got[("base", "heldout:held", "loss")]
+    assert ("base", "my_roll", "bits_per_byte") in got.index

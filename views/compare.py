@@ -20,7 +20,7 @@ from dtm.analysis import (
     with_deltas,
 )
 from dtm.errors import DTMError
-from dtm.evaluate import known_tasks
+from dtm.evaluate import folder_tasks, known_tasks
 from dtm.experiment import experiment_dir, group_models
 from dtm.harness import CODE_TASKS, PAPER_TASKS
 from dtm.merge.sources import merge_sources
@@ -84,31 +84,123 @@ def _jobs_of(group: str, table: pd.DataFrame, store) -> list:
     ]
 
 
-def score_panel(store, lab_dir: str | None) -> None:
-    sources = merge_sources(store)
-    with st.expander("Score models", expanded=not groups(registry())):
+LAUNCH, SAVED, FOLDER = "a launch", "saved merges", "a model folder"
+
+
+def _models_to_score(store) -> tuple[list[dict], str, str | None] | None:
+    """The models to score, the group their scores go under, and their lab (when every
+    one of them is a lab model)."""
+    from dtm.merge.saved import saved_merges
+    from dtm.models import lab_of
+
+    kind = st.radio("Score", [LAUNCH, SAVED, FOLDER], horizontal=True, key="c_kind")
+    if kind == LAUNCH:
+        sources = merge_sources(store)
         if not sources:
             st.caption(
-                "Nothing to score yet: train SFT and the sub-models on the Train page, or run "
-                "`python -m dtm run experiments/lab.yaml` (or the Home page's button)."
+                "No launch to score yet: train SFT and the sub-models on the Train page, or "
+                "run `python -m dtm run experiments/lab.yaml` (or the Home page's button)."
             )
-            return
+            return None
         labels = {
             s.group: f"{s.group} · {len(s.subs)} sub-models, {len(s.baselines)} others"
             for s in sources
         }
         group = st.selectbox("Launch", list(labels), format_func=labels.get, key="c_src")
         src = next(s for s in sources if s.group == group)
+        models = group_models(src)
+        # every merge of these sub-models that was tuned or exported, named by its recipe
+        kept = saved_merges(registry(), adapters=[str(p) for _, p in src.subs])
+        models += [m for m in kept if m["base"] == src.base]
+        return models, group, src.lab or lab_of(src.base)
+    if kind == SAVED:
+        kept = saved_merges(registry())
+        if not kept:
+            st.caption(
+                "No saved merge yet: export one, or press **Keep for Compare**, on the Merge "
+                "page (or `python -m dtm merge ... --out DIR`)."
+            )
+            return None
+        names = {f"{m['label']} · {m['source']} · {m['base']}": m for m in kept}
+        picked = st.multiselect("Merges", list(names), default=list(names)[:4], key="c_saved")
+        group = st.text_input("Scores go under", "merges", key="c_saved_group").strip()
+        models = [names[p] for p in picked]
+        bases = list(dict.fromkeys(m["base"] for m in models))
+        models = [
+            {
+                "label": "base" if len(bases) == 1 else f"base {b}",
+                "kind": "base",
+                "seed": None,
+                "base": b,
+                "adapters": [],
+            }
+            for b in bases
+        ] + models
+    else:
+        c = st.columns([2, 2, 1])
+        base = c[0].text_input("Model folder or hub id", key="c_base").strip()
+        adapter = c[1].text_input("Adapter folder (optional)", key="c_adapter").strip()
+        label = c[2].text_input("Label", "model", key="c_label").strip() or "model"
+        group = st.text_input("Scores go under", "my-models", key="c_folder_group").strip()
+        if not base:
+            return None
+        models = [{"label": "base", "kind": "base", "seed": None, "base": base, "adapters": []}]
+        if adapter:
+            models.append(
+                {
+                    "label": label,
+                    "kind": "baseline",
+                    "seed": None,
+                    "base": base,
+                    "adapters": [adapter],
+                }
+            )
+    if not group or not models:
+        return None
+    labs = {lab_of(m["base"]) for m in models}
+    return models, group, labs.pop() if len(labs) == 1 else None
+
+
+def score_panel(store) -> None:
+    with st.expander("Score models", expanded=not groups(registry())):
+        chosen = _models_to_score(store)
+        if chosen is None:
+            return
+        models, group, lab = chosen
         c = st.columns([1, 3, 1])
         engine = c[0].radio("Engine", ["quick", "full"], key="c_engine", horizontal=True)
-        options = list(TASKS + PROBES) if engine == "quick" else known_tasks()
+        tasks_dir = (
+            st.text_input("Tasks folder (lm-evaluation-harness YAMLs)", key="c_tasks_dir").strip()
+            or None
+        )
+        user: list[str] = []
+        if tasks_dir:
+            try:
+                user = list(folder_tasks(tasks_dir))
+            except DTMError as e:
+                st.error(str(e))
+        lab_tasks = list(TASKS + PROBES) if lab else []  # a lab task only for a lab model
+        if engine == "quick":
+            options = lab_tasks + user
+        else:
+            options = lab_tasks + [
+                t for t in known_tasks(tasks_dir if user else None) if t not in TASKS + PROBES
+            ]
         tasks = c[1].multiselect(
             "Tasks",
             options,
-            default=list(TASKS + PROBES) if src.lab else [],
+            default=lab_tasks or user[:4],
             key=f"c_tasks_{engine}",
+            help=None
+            if lab
+            else "not lab models: their tasks come from a tasks folder or "
+            "lm-evaluation-harness (the full engine)",
         )
         limit = c[2].number_input("items per task (0: all)", 0, 100000, 0, 50, key="c_limit")
+        held = st.text_input(
+            "Held-out files (comma-separated; instruction data or .txt)", key="c_heldout"
+        ).strip()
+        heldout = [h.strip() for h in held.split(",") if h.strip()]
         allow = False
         if any(t in CODE_TASKS for t in tasks):
             allow = st.checkbox(
@@ -116,12 +208,11 @@ def score_panel(store, lab_dir: str | None) -> None:
                 key="c_code",
             )
         if st.button(
-            "Score base, SFT, DTM, baselines and sub-models",
+            f"Score {len(models)} models",
             type="primary",
-            disabled=not tasks,
+            disabled=not (tasks or heldout),
             key="c_go",
         ):
-            models = group_models(src)
             with st.status(f"Scoring {len(models)} models…", expanded=True) as box:
                 bar = st.progress(0.0)
                 try:
@@ -129,12 +220,14 @@ def score_panel(store, lab_dir: str | None) -> None:
                         models,
                         tasks,
                         group=group,
-                        lab=src.lab or lab_dir,
+                        lab=lab,
                         engine=engine,
                         limit=int(limit) or None,
                         allow_code=allow,
                         controls_dir=experiment_dir(group) / "controls",
                         progress=lambda what, f: bar.progress(min(f, 1.0), text=what),
+                        tasks_dir=tasks_dir,
+                        heldout=heldout,
                     )
                 except DTMError as e:
                     box.update(label="Scoring stopped", state="error")
@@ -148,7 +241,12 @@ def benchmark_section(table: pd.DataFrame, group: str) -> None:
     summary = summarise(table)
     labels = model_order(summary)
     tasks = [t for t in dict.fromkeys(summary["task"]) if t != "lab_bias"]
-    measures = [(t, "acc") for t in tasks] + [
+    have = set(zip(summary["task"], summary["metric"], strict=True))
+    headline = {
+        t: next((m for m in ("acc", "loss", "bits_per_byte") if (t, m) in have), None)
+        for t in tasks
+    }
+    measures = [(t, m) for t, m in headline.items() if m] + [
         (t, m) for t, m in [("lab_bias", "chat_acc")] if (summary["task"] == t).any()
     ]
     c = st.columns([3, 2])
@@ -234,14 +332,25 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
     downloads(fig, ratio, f"{group}-loss-ratio")
 
     st.subheader("Alignment-tax curve")
-    sfts = [j for j in job_list if j.kind == "sft"]
-    if not sfts:
+    scored = [
+        j
+        for j in job_list
+        if any(r.get("bench") for r in read_metrics(j.run_dir / "metrics.jsonl"))
+    ]
+    if not scored:
+        st.caption(
+            "No run of this group scored tasks while training: give `--eval-tasks` (lab or "
+            "`--tasks-dir` tasks) to `dtm train`, or tick **Score tasks during training** "
+            "on the Train page."
+        )
         return
-    pick = st.selectbox("SFT run", [j.name for j in sfts], key="c_sft")
-    job = next(j for j in sfts if j.name == pick)
+    names = [j.name for j in scored]
+    first = next((j.name for j in scored if j.kind == "sft"), names[0])
+    pick = st.selectbox("Run", names, index=names.index(first), key="c_sft")
+    job = next(j for j in scored if j.name == pick)
     tax = alignment_tax_curve(read_metrics(job.run_dir / "metrics.jsonl"))
     if tax.empty:
-        st.caption("This run scored no benchmarks while training (set eval_every).")
+        st.caption("This run's scores have no accuracy to draw (only losses or perplexities).")
         return
     x = st.radio("x axis", ["step", "fraction"], horizontal=True, key="c_tax_x")
     base = base_scores[(base_scores["metric"] == "acc")].groupby("task")["value"].mean()
@@ -326,10 +435,7 @@ def page() -> None:
     st.title("Compare")
     reg = registry()
     store = jobs.JobStore(reg)
-    from dtm.lab import default_lab_dir
-
-    lab_dir = str(default_lab_dir()) if (default_lab_dir() / "benchmarks").is_dir() else None
-    score_panel(store, lab_dir)
+    score_panel(store)
     have = groups(reg)
     if not have:
         st.info(

@@ -114,7 +114,52 @@ def hyperparameters(lab: bool) -> dict:
     }
     if steps:
         values["steps"] = int(steps)
+    values.update(eval_settings(lab, int(log_every)))
     return {"values": values, "budget": budget}
+
+
+def eval_settings(lab: bool, log_every: int) -> dict:
+    """Tasks scored during training (the alignment-tax curve): the lab's by default on
+    the lab; a tasks folder's (lm-evaluation-harness YAMLs) on any model."""
+    with st.expander("Score tasks during training", expanded=False):
+        c = st.columns([2, 2, 1])
+        tasks_dir = (
+            c[0]
+            .text_input("Tasks folder (lm-evaluation-harness YAMLs)", key="hp_tasks_dir")
+            .strip()
+        )
+        names: list[str] = []
+        if tasks_dir:
+            from dtm.usertasks import folder_tasks
+
+            try:
+                names = list(folder_tasks(tasks_dir))
+            except DTMError as e:
+                st.error(str(e))
+        picked = c[1].multiselect(
+            "Its tasks",
+            names,
+            default=names[:2],
+            key="hp_eval_tasks",
+            help="scored with the quick engine every N steps"
+            + ("; the lab's benchmarks are scored as well" if lab else ""),
+        )
+        every = c[2].number_input(
+            "every N steps",
+            1,
+            10**6,
+            max(log_every, 100 if lab else log_every),
+            key="hp_eval_every",
+        )
+    if not picked:
+        return {}
+    from dtm.tasks import TASKS
+
+    return {
+        "eval_tasks": (*(TASKS if lab else ()), *picked),
+        "tasks_dir": tasks_dir,
+        "eval_every": int(every),
+    }
 
 
 def launch(configs: list[tuple], group: str, backend: str) -> None:
@@ -161,7 +206,7 @@ def launch_panel() -> None:
     }
     if inputs["lab"]:
         common["eval_lab"] = inputs["lab"]
-        common["eval_every"] = max(common["log_every"], 100)
+        common.setdefault("eval_every", max(common["log_every"], 100))
     group = f"{st.session_state.train_assignment[:8]}-seed{common['seed']}"
     c = st.columns([2] + [1] * len(BASELINES))
     if c[0].button("Launch DTM set + SFT", type="primary", key="launch_dtm"):
