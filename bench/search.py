@@ -1,0 +1,122 @@
+"""The merge-weight search (``dtm merge --search``'s ``search_weights``) against a grid, on
+the lab at K=3, in one run.
+
+K=3 sub-models of the lab (round-robin clusters, trained here for ``--steps`` steps each
+with the lab's SFT settings), merged by ``average``. The objective is the mean of the
+Merge page's default live score (knowledge, reasoning, instruct; the first ``--limit``
+items of each). Every point of the 0.05 grid over the simplex is scored (231 points);
+then the search runs from ``--seeds`` seeds with ``--budget`` evaluations each, and for
+each seed the number of evaluations it took to reach the grid's best score is reported
+(its own best, when it never does). Scores are exact (no noise between calls), so a
+point scored twice scores the same.
+
+    .venv/bin/python bench/search.py [--lab DIR] [--steps 40] [--limit 40] [--budget 60]
+                                     [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+K = 3
+
+
+def main() -> int:
+    from dtm.lab import default_lab_dir
+    from dtm.lab.measure import LAB_SFT
+    from dtm.merge.engine import Merger
+    from dtm.merge.landscape import merge_score_fn, simplex_grid
+    from dtm.merge.objective import lab_objective
+    from dtm.merge.search import search_weights
+    from dtm.tasks import QUICK_TASKS
+    from dtm.train import TrainConfig, train
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--lab", default=str(default_lab_dir()))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--budget", type=int, default=60)
+    p.add_argument("--seeds", type=int, default=5)
+    args = p.parse_args()
+    lab = Path(args.lab)
+    if not (lab / "lab.json").exists():
+        print(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
+        asg = Path(tmp) / "asg.csv"
+        asg.write_text("id,cluster\n" + "".join(f"{i},{n % K}\n" for n, i in enumerate(ids)))
+        adapters = []
+        for c in range(K):
+            out = Path(tmp) / f"s{c}"
+            train(
+                TrainConfig(
+                    base=str(lab / "model"),
+                    data=str(lab / "data" / "train.jsonl"),
+                    val_data=str(lab / "data" / "val.jsonl"),
+                    out=str(out),
+                    kind="sub",
+                    assignments=str(asg),
+                    cluster=c,
+                    steps=args.steps,
+                    log_every=args.steps,
+                    fisher_size=8,
+                    **LAB_SFT,
+                )
+            )
+            adapters.append(out / "adapter")
+        merger = Merger(str(lab / "model"), adapters)
+        objective = lab_objective(str(lab), QUICK_TASKS, args.limit)
+        fn = merge_score_fn(merger, "average", objective)
+        t0 = time.perf_counter()
+        grid = simplex_grid(K, 0.05)
+        grid_scores = [fn(list(map(float, w)))[0] for w in grid]
+        grid_s = time.perf_counter() - t0
+        best_i = max(range(len(grid)), key=grid_scores.__getitem__)
+        best = grid_scores[best_i]
+        uniform = fn([1 / K] * K)[0]
+        print(
+            f"lab {lab}; K={K} sub-models ({args.steps} steps each), average merge; objective: "
+            f"mean of {', '.join(QUICK_TASKS)} on {args.limit} items each"
+        )
+        print(
+            f"grid 0.05: {len(grid)} points, best {best:.4f} at "
+            f"{[round(float(x), 2) for x in grid[best_i]]} ({grid_s:.0f} s); uniform {uniform:.4f}"
+        )
+        reached = []
+        print(f"{'seed':>4}  {'evals to reach grid best':>25}  {'search best':>11}  at")
+        for seed in range(args.seeds):
+            found = search_weights(fn, K, args.budget, seed=seed)
+            hit = next(
+                (i + 1 for i, pt in enumerate(found["points"]) if pt["score"] >= best - 1e-12),
+                None,
+            )
+            reached.append(hit)
+            b = found["best"]
+            print(
+                f"{seed:>4}  {hit if hit else f'not in {args.budget}':>25}  {b['score']:>11.4f}  "
+                f"{[round(x, 2) for x in b['weights']]}"
+            )
+        hits = [h for h in reached if h]
+        if hits:
+            print(
+                f"reached the grid's best in {len(hits)}/{args.seeds} seeds; median "
+                f"{statistics.median(hits):.0f} evaluations against the grid's {len(grid)} "
+                f"({len(grid) / statistics.median(hits):.1f}x fewer)"
+            )
+        else:
+            print(f"never reached the grid's best within {args.budget} evaluations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
