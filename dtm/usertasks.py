@@ -20,7 +20,9 @@ them from the working directory).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +37,7 @@ _NEEDS = {
     "generate_until": ("doc_to_text", "doc_to_target"),
 }
 _SPLITS = ("test_split", "validation_split", "train_split")
+QUICK_BATCH = 256  # rows per batch of the quick engine (the harness default here: 64)
 
 
 class TaskFileError(ConfigError):
@@ -161,6 +164,45 @@ def output_type(task) -> str:
     return task.OUTPUT_TYPE
 
 
+@contextlib.contextmanager
+def _compiled_templates():
+    """The harness compiles a task's Jinja template anew for every document; within the
+    quick engine each template string is compiled once (the same string, the same
+    template: the rendered text is unchanged)."""
+    from lm_eval import utils
+
+    plain = utils.apply_template
+    compiled: dict[str, object] = {}
+
+    def apply_template(template: str, doc: dict) -> str:
+        t = compiled.get(template)
+        if t is None:
+            t = compiled[template] = utils.env.from_string(template)
+        return t.render(**doc)
+
+    utils.apply_template = apply_template
+    try:
+        yield
+    finally:
+        utils.apply_template = plain
+
+
+# Requests depend on the task and the limit only, and token ids on the tokenizer only:
+# both are kept between calls (the live score, the landscape and the search score one
+# task many times).
+_REQUESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENCODED: dict[tuple, tuple] = {}
+_MAX_ENCODED = 500_000
+
+
+def _requests(task, limit):
+    built = _REQUESTS.setdefault(task, {})
+    if limit not in built:
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        built[limit] = list(task.instances)
+    return built[limit]
+
+
 class _Quick:
     """Made on first use: ``QuickLM`` subclasses the harness's HFLM (a heavy import)."""
 
@@ -176,6 +218,15 @@ class _Quick:
             class QuickLM(HFLM):
                 """HFLM, with each distinct context encoded once for all its
                 continuations (multiple-choice options, rolling windows)."""
+
+                def _encode_pair(self, context, continuation):
+                    key = (id(self.tokenizer), context, continuation)
+                    got = _ENCODED.get(key)
+                    if got is None:
+                        if len(_ENCODED) > _MAX_ENCODED:
+                            _ENCODED.clear()
+                        got = _ENCODED[key] = super()._encode_pair(context, continuation)
+                    return got
 
                 def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
                     limit = self.max_length + 1
@@ -196,11 +247,20 @@ class _Quick:
                         self.model,
                         [(requests[i][1], requests[i][2]) for i in short],
                         pad,
-                        batch_size=max(int(self.batch_size), 1),
+                        batch_size=max(int(self.batch_size), QUICK_BATCH),
                     )
                     for i, s in zip(short, scores, strict=True):
                         res[i] = s
                     return res
+
+                def generate_until(self, requests, disable_tqdm=False):
+                    # the harness's own generation, in batches of QUICK_BATCH rows
+                    before = self.batch_size_per_gpu
+                    self.batch_size_per_gpu = max(int(before), QUICK_BATCH)
+                    try:
+                        return super().generate_until(requests, disable_tqdm=True)
+                    finally:
+                        self.batch_size_per_gpu = before
 
             cls.cls = QuickLM
         return cls.cls
@@ -226,42 +286,49 @@ def quick_evaluate(
     from lm_eval.api.metrics import mean, stderr_for_metric
 
     lm = quick_lm(model, tokenizer, batch_size)
-    raw_by_task: dict[str, dict] = {}
-    for name, task in tasks.items():
-        task.build_all_requests(limit=limit, rank=0, world_size=1)
-        by_type: dict[str, list] = defaultdict(list)
-        for inst in task.instances:
-            inst.resps = []
-            by_type[inst.request_type].append(inst)
-        for reqtype, reqs in by_type.items():
-            cloned = [r for r in reqs for _ in range(r.repeats)]
-            for x, r in zip(getattr(lm, reqtype)(cloned), cloned, strict=True):
-                r.resps.append(x)
-        task.apply_filters()
-        by_doc = defaultdict(list)
-        for inst in task.instances:
-            by_doc[inst.doc_id].append(inst)
-        for insts in by_doc.values():
-            insts.sort(key=lambda x: x.idx)
-        values: dict[tuple[str, str], list] = defaultdict(list)
-        for key in task.instances[0].filtered_resps:
-            for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1):
-                metrics = task.process_results(doc, [r.filtered_resps[key] for r in by_doc[doc_id]])
-                for metric, v in metrics.items():
-                    values[(metric, key)].append(v)
-        raw: dict = {}
-        n = 0
-        agg = task.aggregation()
-        for (metric, key), items in values.items():
-            fn = agg.get(metric, mean)
-            raw[f"{metric},{key}"] = fn(items)
-            se = (
-                stderr_for_metric(metric=fn, bootstrap_iters=bootstrap_iters)
-                if (bootstrap_iters)
-                else None
-            )
-            raw[f"{metric}_stderr,{key}"] = se(items) if se and len(items) > 1 else "N/A"
-            n = max(n, len(items))
-        raw["_n"] = n
-        raw_by_task[name] = raw
-    return raw_by_task
+    with _compiled_templates():
+        return {
+            name: _quick_one(lm, task, limit, bootstrap_iters, mean, stderr_for_metric)
+            for name, task in tasks.items()
+        }
+
+
+def _quick_one(lm, task, limit, bootstrap_iters, mean, stderr_for_metric) -> dict:
+    instances = _requests(task, limit)
+    task._instances = instances
+    by_type: dict[str, list] = defaultdict(list)
+    for inst in instances:
+        inst.resps = []
+        inst.filtered_resps = {}
+        by_type[inst.request_type].append(inst)
+    for reqtype, reqs in by_type.items():
+        cloned = [r for r in reqs for _ in range(r.repeats)]
+        for x, r in zip(getattr(lm, reqtype)(cloned), cloned, strict=True):
+            r.resps.append(x)
+    task.apply_filters()
+    by_doc = defaultdict(list)
+    for inst in task.instances:
+        by_doc[inst.doc_id].append(inst)
+    for insts in by_doc.values():
+        insts.sort(key=lambda x: x.idx)
+    values: dict[tuple[str, str], list] = defaultdict(list)
+    for key in task.instances[0].filtered_resps:
+        for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1):
+            metrics = task.process_results(doc, [r.filtered_resps[key] for r in by_doc[doc_id]])
+            for metric, v in metrics.items():
+                values[(metric, key)].append(v)
+    raw: dict = {}
+    n = 0
+    agg = task.aggregation()
+    for (metric, key), items in values.items():
+        fn = agg.get(metric, mean)
+        raw[f"{metric},{key}"] = fn(items)
+        se = (
+            stderr_for_metric(metric=fn, bootstrap_iters=bootstrap_iters)
+            if (bootstrap_iters)
+            else None
+        )
+        raw[f"{metric}_stderr,{key}"] = se(items) if se and len(items) > 1 else "N/A"
+        n = max(n, len(items))
+    raw["_n"] = n
+    return raw

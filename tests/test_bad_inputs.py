@@ -659,7 +659,8 @@ CASES = [
          absent=("r.json",)),
     Case("eval-paper-task-on-quick-engine", "eval",
          "eval --model {lab}/model --tasks gsm8k --out {tmp}/r.json",
-         ("the quick engine scores the lab's tasks only; run gsm8k with --engine full",),
+         ("the quick engine scores the lab's tasks and a --tasks-dir's only; gsm8k: run "
+          "with --engine full",),
          absent=("r.json",)),
     Case("eval-task-dataset-not-downloaded", "eval",
          "eval --model {lab}/model --tasks arc_challenge --engine full --limit 2 "

@@ -220,6 +220,14 @@ def test_merge_search_writes_every_point_and_exports_the_best(three_subs, tmp_pa
     assert found["best"]["score"] == max(p["score"] for p in pts)
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["weights"] == pytest.approx(found["best"]["weights"])
+    # kept for Compare, named by its recipe
+    from dtm.merge.saved import saved_merges
+    from dtm.store import Registry
+
+    [kept] = [m for m in saved_merges(Registry(cache)) if m["path"] == str(out)]
+    assert kept["source"] == "search" and kept["recipe"]["weights"] == pytest.approx(
+        found["best"]["weights"]
+    )
     # the uniform point's score, recomputed by `dtm eval` of the average merge: the mean
     # of my_mc's accuracy and the held-out loss counted as -loss
     res = _eval(
