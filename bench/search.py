@@ -1,8 +1,9 @@
 """The merge-weight search (``dtm merge --search``'s ``search_weights``) against a grid, on
 the lab at K=3, in one run.
 
-K=3 sub-models of the lab (round-robin clusters, trained here for ``--steps`` steps each
-with the lab's SFT settings), merged by ``average``. The objective is the mean of the
+K=3 sub-models of the lab, one per instruction family (``flan``, ``cot``, ``chat``; so the
+sub-models differ), trained here for ``--steps`` steps each with the lab's SFT settings,
+merged by ``average``. The objective is the mean of the
 Merge page's default live score (knowledge, reasoning, instruct; the first ``--limit``
 items of each). Every point of the 0.05 grid over the simplex is scored (231 points);
 then the search runs from ``--seeds`` seeds with ``--budget`` evaluations each, and for
@@ -42,7 +43,7 @@ def main() -> int:
 
     p = argparse.ArgumentParser()
     p.add_argument("--lab", default=str(default_lab_dir()))
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--limit", type=int, default=40)
     p.add_argument("--budget", type=int, default=60)
     p.add_argument("--seeds", type=int, default=5)
@@ -52,9 +53,15 @@ def main() -> int:
         print(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
+        families = {"flan": 0, "cot": 1, "chat": 2}
         asg = Path(tmp) / "asg.csv"
-        asg.write_text("id,cluster\n" + "".join(f"{i},{n % K}\n" for n, i in enumerate(ids)))
+        asg.write_text(
+            "id,cluster\n"
+            + "".join(
+                f"{r['id']},{families[r['source']]}\n" for r in rows if r["source"] in families
+            )
+        )
         adapters = []
         for c in range(K):
             out = Path(tmp) / f"s{c}"
@@ -92,6 +99,10 @@ def main() -> int:
             f"grid 0.05: {len(grid)} points, best {best:.4f} at "
             f"{[round(float(x), 2) for x in grid[best_i]]} ({grid_s:.0f} s); uniform {uniform:.4f}"
         )
+        distinct = len({round(x, 9) for x in grid_scores})
+        print(f"the grid's scores take {distinct} distinct values")
+        if uniform >= best - 1e-12:
+            print("the uniform point is already the grid's best: the search starts there")
         reached = []
         print(f"{'seed':>4}  {'evals to reach grid best':>25}  {'search best':>11}  at")
         for seed in range(args.seeds):
