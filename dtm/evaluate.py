@@ -198,19 +198,58 @@ def generate(
         for r, s in enumerate(chunk):  # left padding, so every row ends where it continues
             ids[r, width - len(s) :] = torch.tensor(s)
             mask[r, width - len(s) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(dev),
-            attention_mask=mask.to(dev),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
-        for r, row in enumerate(gen[:, width:].tolist()):
+        new = _greedy(model, ids.to(dev), mask.to(dev), max_new_tokens, eos, pad)
+        if new is None:  # a model without a key/value cache (the logit ensemble)
+            new = model.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )[:, width:]
+        for r, row in enumerate(new.tolist()):
             if eos in row:
                 row = row[: row.index(eos)]
             out[start + r] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return out
+
+
+def _greedy(model, ids, mask, max_new_tokens: int, eos: int, pad: int):
+    """Greedy decoding of left-padded rows on the model's key/value cache: each step runs
+    only the rows still writing (a finished row leaves the batch and its cache). The
+    argmax of the same logits as ``generate(do_sample=False)``, without its per-step
+    machinery. None when the model returns no cache."""
+    n = ids.shape[0]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return None
+    tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=ids.device)
+    active = torch.arange(n, device=ids.device)  # rows still writing, in cache order
+    nxt = out.logits[:, -1].argmax(-1)
+    last = pos[:, -1]
+    for step in range(max_new_tokens):
+        tokens[active, step] = nxt
+        live = nxt != eos
+        if step == max_new_tokens - 1 or not live.any():
+            break
+        if not live.all():
+            keep = live.nonzero().squeeze(-1)
+            cache.reorder_cache(keep)
+            active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        last = last + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=last[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        nxt = out.logits[:, -1].argmax(-1)
+    return tokens
 
 
 def _stderr(values: list[float]) -> float:

@@ -253,6 +253,32 @@ class _Quick:
                         res[i] = s
                     return res
 
+                def _model_generate(self, context, max_length, stop, **generation_kwargs):
+                    # greedy requests: the same argmax decoding on the key/value cache,
+                    # without generate()'s per-step machinery; anything else: the harness's
+                    import torch
+
+                    from dtm.evaluate import _greedy
+
+                    kw = dict(generation_kwargs)
+                    mask = kw.pop("attention_mask", None)
+                    kw.pop("temperature", None)
+                    greedy = kw.pop("do_sample", False) is False and not kw
+                    tok = self.tokenizer
+                    if greedy and mask is not None and tok.eos_token_id is not None:
+                        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+                        new = _greedy(
+                            self.model,
+                            context,
+                            mask,
+                            max_length - context.shape[1],
+                            tok.eos_token_id,
+                            pad,
+                        )
+                        if new is not None:
+                            return torch.cat([context, new], dim=1)
+                    return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
                 def generate_until(self, requests, disable_tqdm=False):
                     # the harness's own generation, in batches of QUICK_BATCH rows
                     before = self.batch_size_per_gpu
