@@ -378,6 +378,11 @@ def _merge_objective(args):
     _, lab = _model_and_lab(args.base, args.lab) if lab_tasks else (None, None)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be at least 1.")
+    if args.cocktail and not args.temperature > 0:
+        raise ConfigError(f"--temperature {args.temperature}: must be above 0.")
+    from dtm.evaluate import check_heldout
+
+    check_heldout(args.heldout or [])
     k = len(args.adapters)
     if args.search and args.budget < k + 1:
         raise ConfigError(
@@ -525,6 +530,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: is a folder; give a file name such as results.json.")
     _check_results_file(out)
     check_code_opt_in(tasks, args.allow_code_execution)
+    from dtm.evaluate import check_heldout
+
+    check_heldout(args.heldout or [])
+    if args.tasks_dir:
+        from dtm.usertasks import folder_tasks
+
+        folder_tasks(args.tasks_dir)  # a malformed task file: exit 2 before any model loads
     base, lab = _model_and_lab(args.model, args.lab)
     ref = ModelRef(
         base=base,
@@ -763,7 +775,13 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--engine", choices=["quick", "full"], default="quick")
     ev.add_argument("--limit", type=int, default=None, help="first N items of each task")
     ev.add_argument("--lab", default=None, help="the lab folder whose tasks lab_* are")
-    ev.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    ev.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=None,
+        help="rows per batch (default: 64 for the full engine, 256 for the quick one)",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--label", default=None, help="a name for the model in the registry")
     ev.add_argument("--group", default=None, help="the experiment or launch it belongs to")

@@ -104,17 +104,14 @@ def continuation_scores(
             start += 1
         ids, mask = _pad_left([list(c) for c in chunk], pad_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=ids.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=pos.to(dev),
-            use_cache=True,
-        )
+        out = _last_logits(model, ids.to(dev), mask.to(dev), pos.to(dev))
         if getattr(out, "past_key_values", None) is None or not hasattr(
             out.past_key_values, "reorder_cache"
         ):
             return _full_sequence_scores(model, pairs, pad_id, batch_size)
         first = torch.log_softmax(out.logits[:, -1].float(), -1)  # the next-token law
+        cache = out.past_key_values
+        del out  # the context pass's logits are not needed past their last position
         rows = [(b, k) for b, c in enumerate(chunk) for k in contexts[c]]
         conts = [pairs[k][1] for _, k in rows]
         owner = torch.tensor([b for b, _ in rows], device=dev)
@@ -123,7 +120,6 @@ def continuation_scores(
         sums, greedy = lp0.cpu().tolist(), greedy0.cpu().tolist()
         longest = max(map(len, conts))
         if longest > 1:
-            cache = out.past_key_values
             cache.reorder_cache(owner)
             width = longest - 1  # feed tokens 0..n-2, read the law of tokens 1..n-1
             cids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -152,6 +148,16 @@ def continuation_scores(
         for r, (_, k) in enumerate(rows):
             result[k] = (float(sums[r]), bool(greedy[r]))
     return result
+
+
+def _last_logits(model, ids, mask, pos):
+    """The forward pass of a context batch, keeping only the last position's logits
+    (``logits_to_keep=1``) where the model takes it."""
+    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": True}
+    try:
+        return model(**kw, logits_to_keep=1)
+    except TypeError:
+        return model(**kw)
 
 
 def _full_sequence_scores(model, pairs, pad_id: int, batch_size: int) -> list[tuple[float, bool]]:
@@ -222,7 +228,7 @@ def _greedy(model, ids, mask, max_new_tokens: int, eos: int, pad: int):
     machinery. None when the model returns no cache."""
     n = ids.shape[0]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    out = _last_logits(model, ids, mask, pos)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "reorder_cache"):
         return None
@@ -362,6 +368,26 @@ def known_tasks(tasks_dir: str | Path | None = None) -> list[str]:
     return [*TASKS, *PROBES, *user, *[t for t in PAPER_TASKS if t not in user]]
 
 
+def check_heldout(paths) -> None:
+    """Held-out files that exist and whose result names (``heldout:<stem>``) differ,
+    checked before any model loads."""
+    from dtm.errors import ConfigError
+    from dtm.heldout import result_key
+
+    seen: dict[str, str] = {}
+    for p in paths:
+        if not isinstance(p, (str, Path)):
+            continue
+        if not Path(p).expanduser().is_file():
+            raise ConfigError(f"--heldout {p}: no such file.")
+        key = result_key(p)
+        if key in seen:
+            raise ConfigError(
+                f"--heldout {p}: its result name {key} is also that of {seen[key]}; rename one."
+            )
+        seen[key] = str(p)
+
+
 def folder_tasks(tasks_dir):
     from dtm.usertasks import folder_tasks as ft
 
@@ -378,7 +404,7 @@ def evaluate(
     tasks_dir: str | Path | None = None,
     heldout: list[str | Path] | tuple = (),
     limit: int | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     allow_code: bool = False,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
@@ -388,7 +414,10 @@ def evaluate(
     - ``tasks_dir``: a folder of lm-evaluation-harness task YAMLs (``dtm.usertasks``); its
       task names win over the lab's and the harness's.
     - ``heldout``: files whose mean response-token loss is added under
-      ``heldout:<stem>`` as ``{"loss", "tokens"}`` (``dtm.heldout``).
+      ``heldout:<stem>`` as ``{"loss", "tokens"}`` (``dtm.heldout``), over every row of
+      each file (``limit`` is items per task).
+    - ``batch_size``: the full engine's (default 64, the harness's) and the quick
+      engine's on a tasks folder (default 256).
 
     The quick engine scores the lab's tasks and a ``tasks_dir``'s in process; ``full``
     runs every task through lm-evaluation-harness but the ``lab_bias`` probe, which has no
@@ -400,6 +429,7 @@ def evaluate(
         raise ConfigError(f"engine {engine!r}: choose quick or full.")
     if not tasks and not heldout:
         raise ConfigError("no tasks given.")
+    check_heldout(heldout)
     user = folder_tasks(tasks_dir) if tasks_dir else {}
     lab_tasks = [t for t in tasks if t in TASKS + PROBES and t not in user]
     mine = [t for t in tasks if t in user]
@@ -427,7 +457,7 @@ def evaluate(
 
         prepared = {t: build_task(user[t]) for t in mine}
     results: dict[str, dict[str, float]] = {}
-    via_harness = [t for t in tasks if t not in PROBES] if engine == "full" else []
+    via_harness = [t for t in tasks if t in mine or t not in PROBES] if engine == "full" else []
     here = [t for t in lab_tasks if t not in via_harness]
     if via_harness:
         results.update(
@@ -437,7 +467,7 @@ def evaluate(
                 via_harness,
                 include_path=bench,
                 limit=limit,
-                batch_size=batch_size,
+                batch_size=batch_size or 64,
                 allow_code=allow_code,
                 seed=seed,
                 prepared={t: prepared[t] for t in via_harness if t in prepared},
@@ -451,7 +481,14 @@ def evaluate(
         was_training = model.training
         model.eval()
         try:
-            raw = quick_evaluate(model, tokenizer, prepared, limit=limit, batch_size=batch_size)
+            raw = quick_evaluate(
+                model,
+                tokenizer,
+                prepared,
+                limit=limit,
+                seed=seed,
+                **({"batch_size": batch_size} if batch_size else {}),
+            )
         finally:
             model.train(was_training)
         for t in mine:
@@ -464,8 +501,6 @@ def evaluate(
 
         for path in heldout:
             key = result_key(path)
-            if key in out:
-                raise ConfigError(f"--heldout {path}: two held-out files share the name {key}.")
-            res = heldout_loss(model, tokenizer, path, limit=limit)
+            res = heldout_loss(model, tokenizer, path)
             out[key] = {"loss": res["loss"], "tokens": res["tokens"]}
     return out

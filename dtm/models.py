@@ -154,15 +154,17 @@ FFN_TARGETS = (
     ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX (Pythia), Falcon
     ("fc1", "fc2"),  # Phi, OPT
     ("w1", "w2", "w3"),  # Mixtral-style experts
+    ("c_fc", "c_proj"),  # GPT-2 (Conv1D: such adapters train; the merge refuses them)
 )
 
 
 def linear_names(model) -> set[str]:
+    """The names of the layers LoRA can adapt: linear layers, and GPT-2's ``Conv1D``."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return {
-        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-    }
+    kinds = (torch.nn.Linear, Conv1D)
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def default_targets(model) -> tuple[str, ...]:

@@ -214,7 +214,9 @@ def score_models(
             progress(f"scoring {m['label']}{seed}", i / len(models))
         from dtm.heldout import result_key
 
-        if set(tasks) | {result_key(h) for h in heldout} <= done:
+        # a folder's task or a held-out file can change under the same name: scored anew
+        fresh = not tasks_dir and not heldout
+        if fresh and set(tasks) | {result_key(h) for h in heldout} <= done:
             continue
         t0 = time.perf_counter()
         model, tok = load_model(ref)

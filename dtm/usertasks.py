@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import weakref
 from collections import defaultdict
 from pathlib import Path
@@ -37,6 +38,7 @@ _NEEDS = {
     "generate_until": ("doc_to_text", "doc_to_target"),
 }
 _SPLITS = ("test_split", "validation_split", "train_split")
+_CAPPED = ("bleu", "chrf", "chrf++", "ter")  # the harness bootstraps these 100 times at most
 QUICK_BATCH = 256  # rows per batch of the quick engine (the harness default here: 64)
 
 
@@ -48,13 +50,15 @@ def _files(tasks_dir: Path) -> list[Path]:
     return sorted(p for ext in ("*.yaml", "*.yml") for p in tasks_dir.rglob(ext))
 
 
-def read_task_file(path: Path) -> dict:
-    """The task config of ``path`` (includes merged, ``!function`` resolved), checked, with
-    relative ``data_files`` made absolute from the file's folder."""
+def read_task_file(path: Path, resolve_functions: bool = False) -> dict:
+    """The task config of ``path`` (includes merged), checked, with relative
+    ``data_files`` made absolute from the file's folder. ``!function`` entries are
+    imported only with ``resolve_functions`` (when the task is built to be scored):
+    listing and checking a folder runs none of its code."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     try:
-        cfg = load_yaml(path, resolve_func=True)
+        cfg = load_yaml(path, resolve_func=resolve_functions)
     except Exception as e:  # yaml, include and !function errors come in many types
         raise TaskFileError(
             f"{path}: cannot read it as a task file ({type(e).__name__}: "
@@ -140,7 +144,7 @@ def build_task(path: Path):
 
     from lm_eval.api.task import ConfigurableTask
 
-    cfg = read_task_file(path)
+    cfg = read_task_file(path, resolve_functions=True)
     files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
     stamp = tuple(
         (f, Path(f).stat().st_mtime_ns)
@@ -191,16 +195,20 @@ def _compiled_templates():
 # both are kept between calls (the live score, the landscape and the search score one
 # task many times).
 _REQUESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ENCODED: dict[tuple, tuple] = {}
+_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> pairs
 _MAX_ENCODED = 500_000
 
 
-def _requests(task, limit):
+_LOCK = threading.Lock()  # task objects and their requests are shared by the threads
+
+
+def _requests(task, limit, seed):
     built = _REQUESTS.setdefault(task, {})
-    if limit not in built:
+    if (limit, seed) not in built:
+        task.set_fewshot_seed(seed)  # as simple_evaluate does before building
         task.build_all_requests(limit=limit, rank=0, world_size=1)
-        built[limit] = list(task.instances)
-    return built[limit]
+        built[(limit, seed)] = list(task.instances)
+    return built[(limit, seed)]
 
 
 class _Quick:
@@ -220,12 +228,13 @@ class _Quick:
                 continuations (multiple-choice options, rolling windows)."""
 
                 def _encode_pair(self, context, continuation):
-                    key = (id(self.tokenizer), context, continuation)
-                    got = _ENCODED.get(key)
+                    mine = _ENCODED.setdefault(self.tokenizer, {})
+                    got = mine.get((context, continuation))
                     if got is None:
-                        if len(_ENCODED) > _MAX_ENCODED:
-                            _ENCODED.clear()
-                        got = _ENCODED[key] = super()._encode_pair(context, continuation)
+                        if len(mine) > _MAX_ENCODED:
+                            mine.clear()
+                        got = super()._encode_pair(context, continuation)
+                        mine[(context, continuation)] = got
                     return got
 
                 def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
@@ -233,7 +242,8 @@ class _Quick:
                     short = [i for i, (_, c, k) in enumerate(requests) if len(c) + len(k) <= limit]
                     res: list = [None] * len(requests)
                     if len(short) < len(requests):  # the harness's truncation, as it does it
-                        rest = [i for i in range(len(requests)) if i not in set(short)]
+                        kept = set(short)
+                        rest = [i for i in range(len(requests)) if i not in kept]
                         for i, r in zip(
                             rest,
                             super()._loglikelihood_tokens([requests[i] for i in rest]),
@@ -247,7 +257,7 @@ class _Quick:
                         self.model,
                         [(requests[i][1], requests[i][2]) for i in short],
                         pad,
-                        batch_size=max(int(self.batch_size), QUICK_BATCH),
+                        batch_size=int(self.batch_size),
                     )
                     for i, s in zip(short, scores, strict=True):
                         res[i] = s
@@ -281,18 +291,13 @@ class _Quick:
 
                 def generate_until(self, requests, disable_tqdm=False):
                     # the harness's own generation, in batches of QUICK_BATCH rows
-                    before = self.batch_size_per_gpu
-                    self.batch_size_per_gpu = max(int(before), QUICK_BATCH)
-                    try:
-                        return super().generate_until(requests, disable_tqdm=True)
-                    finally:
-                        self.batch_size_per_gpu = before
+                    return super().generate_until(requests, disable_tqdm=True)
 
             cls.cls = QuickLM
         return cls.cls
 
 
-def quick_lm(model, tokenizer, batch_size: int = 64):
+def quick_lm(model, tokenizer, batch_size: int = QUICK_BATCH):
     return _Quick.get()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
@@ -302,8 +307,9 @@ def quick_evaluate(
     tasks: dict,
     *,
     limit: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = QUICK_BATCH,
     bootstrap_iters: int = 100000,
+    seed: int = 0,
 ) -> dict[str, dict]:
     """``{name: {"metric,filter": value, "metric_stderr,filter": se}}`` of each harness task
     object in ``tasks``, with the evaluation loop of ``lm_eval.evaluator.evaluate``: the
@@ -312,15 +318,15 @@ def quick_evaluate(
     from lm_eval.api.metrics import mean, stderr_for_metric
 
     lm = quick_lm(model, tokenizer, batch_size)
-    with _compiled_templates():
+    with _LOCK, _compiled_templates():
         return {
-            name: _quick_one(lm, task, limit, bootstrap_iters, mean, stderr_for_metric)
+            name: _quick_one(lm, task, limit, bootstrap_iters, seed, mean, stderr_for_metric)
             for name, task in tasks.items()
         }
 
 
-def _quick_one(lm, task, limit, bootstrap_iters, mean, stderr_for_metric) -> dict:
-    instances = _requests(task, limit)
+def _quick_one(lm, task, limit, bootstrap_iters, seed, mean, stderr_for_metric) -> dict:
+    instances = _requests(task, limit, seed)
     task._instances = instances
     by_type: dict[str, list] = defaultdict(list)
     for inst in instances:
@@ -349,11 +355,10 @@ def _quick_one(lm, task, limit, bootstrap_iters, mean, stderr_for_metric) -> dic
     for (metric, key), items in values.items():
         fn = agg.get(metric, mean)
         raw[f"{metric},{key}"] = fn(items)
-        se = (
-            stderr_for_metric(metric=fn, bootstrap_iters=bootstrap_iters)
-            if (bootstrap_iters)
-            else None
-        )
+        se = None
+        if isinstance(bootstrap_iters, int) and bootstrap_iters > 0:  # as evaluator_utils
+            iters = min(bootstrap_iters, 100) if metric in _CAPPED else bootstrap_iters
+            se = stderr_for_metric(metric=fn, bootstrap_iters=iters)
         raw[f"{metric}_stderr,{key}"] = se(items) if se and len(items) > 1 else "N/A"
         n = max(n, len(items))
     raw["_n"] = n

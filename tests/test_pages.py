@@ -379,7 +379,7 @@ def test_merge_page_on_adapter_folders_with_a_tasks_folder_and_held_out_losses(c
     at.number_input(key="m_budget").set_value(5)
     at.button(key="m_find").click().run()
     assert not at.exception
-    found = at.session_state["m_search"][2]
+    found = at.session_state["m_search"][3]
     assert len(found["points"]) == 5
     best = found["best"]["weights"]
     assert [at.slider(key=f"w_{i}").value for i in range(2)] == pytest.approx(best, abs=0.006)

@@ -111,7 +111,7 @@ def _models_to_score(store) -> tuple[list[dict], str, str | None] | None:
         models = group_models(src)
         # every merge of these sub-models that was tuned or exported, named by its recipe
         kept = saved_merges(registry(), adapters=[str(p) for _, p in src.subs])
-        models += [m for m in kept if m["base"] == src.base]
+        models += _unique_labels([m for m in kept if _same_path(m["base"], src.base)], models)
         return models, group, src.lab or lab_of(src.base)
     if kind == SAVED:
         kept = saved_merges(registry())
@@ -121,10 +121,18 @@ def _models_to_score(store) -> tuple[list[dict], str, str | None] | None:
                 "page (or `python -m dtm merge ... --out DIR`)."
             )
             return None
-        names = {f"{m['label']} · {m['source']} · {m['base']}": m for m in kept}
-        picked = st.multiselect("Merges", list(names), default=list(names)[:4], key="c_saved")
+        by_key = {m["key"]: m for m in kept}
+        picked = st.multiselect(
+            "Merges",
+            list(by_key),
+            default=list(by_key)[:4],
+            key="c_saved",
+            format_func=lambda k: (
+                f"{by_key[k]['label']} · {by_key[k]['source']} · {by_key[k]['base']}"
+            ),
+        )
         group = st.text_input("Scores go under", "merges", key="c_saved_group").strip()
-        models = [names[p] for p in picked]
+        models = _unique_labels([by_key[k] for k in picked], [])
         bases = list(dict.fromkeys(m["base"] for m in models))
         models = [
             {
@@ -140,7 +148,9 @@ def _models_to_score(store) -> tuple[list[dict], str, str | None] | None:
         c = st.columns([2, 2, 1])
         base = c[0].text_input("Model folder or hub id", key="c_base").strip()
         adapter = c[1].text_input("Adapter folder (optional)", key="c_adapter").strip()
-        label = c[2].text_input("Label", "model", key="c_label").strip() or "model"
+        label = c[2].text_input(
+            "Label", key="c_label", help="default: the adapter's folder name"
+        ).strip() or _folder_label(adapter)
         group = st.text_input("Scores go under", "my-models", key="c_folder_group").strip()
         if not base:
             return None
@@ -159,6 +169,34 @@ def _models_to_score(store) -> tuple[list[dict], str, str | None] | None:
         return None
     labs = {lab_of(m["base"]) for m in models}
     return models, group, labs.pop() if len(labs) == 1 else None
+
+
+def _same_path(a: str, b: str) -> bool:
+    import os
+
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def _folder_label(adapter: str) -> str:
+    from pathlib import Path
+
+    p = Path(adapter) if adapter else None
+    if p is None:
+        return "model"
+    return p.parent.name if p.name == "adapter" and p.parent.name else p.name or "model"
+
+
+def _unique_labels(merges: list[dict], others: list[dict]) -> list[dict]:
+    """Merges whose labels repeat one another's (or another row's) get their key's first
+    characters: rows of one label are averaged as seeds of one model."""
+    taken = [m["label"] for m in others]
+    labels = [m["label"] for m in merges]
+    out = []
+    for m in merges:
+        if labels.count(m["label"]) > 1 or m["label"] in taken:
+            m = {**m, "label": f"{m['label']} #{m['key'][:6]}"}
+        out.append(m)
+    return out
 
 
 def score_panel(store) -> None:

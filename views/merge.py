@@ -46,7 +46,7 @@ def merger_for(base: str, adapters: tuple[str, ...]) -> Merger:
 @st.cache_resource(max_entries=4, show_spinner="Reading the evaluation sets…")
 def objective_for(spec: tuple) -> Objective:
     """One objective per settings (it keeps its tokenised held-out rows)."""
-    lab, lab_tasks, tasks_dir, tasks, heldout, limit = spec
+    lab, lab_tasks, tasks_dir, tasks, heldout, limit, _ = spec
     entries = []
     for h in heldout:
         entries += expand_heldout(h)
@@ -174,7 +174,12 @@ def choose_objective(src, limit: int) -> tuple | None:
     if not (lab_tasks or user or heldout):
         st.info("Choose what the merge is scored on: tasks or held-out losses.")
         return None
-    return (src.lab, lab_tasks, tasks_dir, user, heldout, limit)
+    return (src.lab, lab_tasks, tasks_dir, user, heldout, limit, _identity(src))
+
+
+def _identity(src) -> tuple:
+    """What a score, a search or a landscape was computed on."""
+    return (src.base, tuple(str(p) for _, p in src.subs))
 
 
 def _hashable(v):
@@ -226,8 +231,8 @@ def page() -> None:
     cols[-1].metric("merge + score", f"{ms:.0f} ms")
     table = {"merged": score, **refs}
     if st.toggle("Logit ensemble of the sub-models (the reference)", key="m_ensemble"):
-        ens = dataclasses.replace(objective, tasks=()) if objective.tasks else objective
-        if ens.lab_tasks or ens.heldout:
+        if objective.lab_tasks or objective.heldout:
+            ens = dataclasses.replace(objective, tasks=()) if objective.tasks else objective
             table["ensemble"] = ens.score(LogitEnsemble(merger, weights), merger.tokenizer)
         if objective.tasks:
             st.caption("The ensemble is scored on lab tasks and held-out losses only.")
@@ -311,7 +316,7 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
             st.error(str(e))
             return
         bar.empty()
-        st.session_state["m_search"] = (spec, method, found)
+        st.session_state["m_search"] = (spec, method, tuple(sorted(params.items())), found)
         st.session_state[PICKED] = found["best"]["weights"]
         st.rerun()
     held = [x for x in labels if x.startswith("heldout:")]
@@ -329,11 +334,12 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
             s = objective.score(merger.apply("linear", one), merger.tokenizer)
             losses.append(float(np.mean([s[x] for x in held])))
         w = cocktail_weights(losses, temp)
-        st.session_state["m_cocktail_result"] = (losses, w)
+        st.session_state["m_cocktail_result"] = (spec, losses, w)
         st.session_state[PICKED] = w
         st.rerun()
-    if "m_cocktail_result" in st.session_state:
-        losses, w = st.session_state["m_cocktail_result"]
+    kept = st.session_state.get("m_cocktail_result")
+    if kept and kept[0] == spec:
+        _, losses, w = kept
         st.caption(
             "LM-Cocktail: held-out losses "
             + ", ".join(f"{n} {x:.3f}" for n, x in zip(names, losses, strict=False))
@@ -341,8 +347,8 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
             + ", ".join(f"{v:.3f}" for v in w)
         )
     saved = st.session_state.get("m_search")
-    if saved and saved[0] == spec and saved[1] == method:
-        found = saved[2]
+    if saved and saved[:3] == (spec, method, tuple(sorted(params.items()))):
+        found = saved[3]
         best = found["best"]
         uniform = found["points"][0]
         st.caption(
@@ -401,13 +407,13 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
     saved = st.session_state.get("m_landscape")
     search = st.session_state.get("m_search")
     frames, key = [], None
-    if saved is not None:
+    if saved is not None and saved[0][2] == spec:  # this source and objective
         key, frame = saved
         if key[:3] != settings:
             st.caption("Computed for other settings; compute it again to refresh.")
         frames.append(frame)
-    if search and search[0] == spec and search[1] == method:
-        frames.append(_search_frame(search[2], objective))
+    if search and search[:3] == (spec, method, tuple(sorted(params.items()))):
+        frames.append(_search_frame(search[3], objective))
     if not frames:
         st.caption("Scores a grid over the weight simplex; click a point to set the sliders.")
         return

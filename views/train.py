@@ -153,11 +153,13 @@ def eval_settings(lab: bool, log_every: int) -> dict:
         )
     if not picked:
         return {}
-    from dtm.tasks import TASKS
+    from pathlib import Path
 
-    return {
-        "eval_tasks": (*(TASKS if lab else ()), *picked),
-        "tasks_dir": tasks_dir,
+    from dtm.tasks import PROBES, TASKS
+
+    return {  # with the lab's own tasks, as the default hook scores them
+        "eval_tasks": (*(TASKS + PROBES if lab else ()), *picked),
+        "tasks_dir": str(Path(tasks_dir).expanduser().resolve()),
         "eval_every": int(every),
     }
 

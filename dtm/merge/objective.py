@@ -14,6 +14,7 @@ better). Each source is read and tokenised once, on first use, and kept.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,9 @@ class Objective:
     heldout: tuple = ()  # files, or (name, data table) pairs
     limit: int | None = 40  # items per task, rows per held-out source
     weights: dict[str, float] | None = None  # a weighted sum; None: the plain mean
-    _rows: dict = field(default_factory=dict, repr=False)
-    _built: dict = field(default_factory=dict, repr=False)
+    _rows: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )  # tokenizer -> {(label, file stamp): encoded rows}
 
     def __post_init__(self) -> None:
         self.lab_tasks = tuple(self.lab_tasks)
@@ -66,6 +68,13 @@ class Objective:
             self._files = found
         if not (self.lab_tasks or self.tasks or self.heldout):
             raise ConfigError("nothing to score: choose tasks or held-out data.")
+        labels = self.labels()
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ConfigError(
+                f"{', '.join(twice)}: two of the chosen scores share this name (a folder task "
+                "named like a lab task's label, or two held-out files with one stem)."
+            )
         if self.weights:
             unknown = set(self.weights) - set(self.labels())
             if unknown:
@@ -99,11 +108,9 @@ class Objective:
         )
 
     def _task(self, name: str):
-        if name not in self._built:
-            from dtm.usertasks import build_task
+        from dtm.usertasks import build_task
 
-            self._built[name] = build_task(self._files[name])
-        return self._built[name]
+        return build_task(self._files[name])  # cached by the files' modification times
 
     # -- scoring
 
@@ -140,11 +147,13 @@ class Objective:
                     out[label] = float(value)
             pad = tokenizer.pad_token_id
             pad = tokenizer.eos_token_id if pad is None else pad
+            mine = self._rows.setdefault(tokenizer, {})
             for label, src in self._heldout_items():
-                key = (label, id(tokenizer))
-                if key not in self._rows:
-                    self._rows[key] = encode_source(src, tokenizer, limit=self.limit)
-                out[label] = rows_loss(model, self._rows[key], pad)["loss"]
+                stamp = Path(src).stat().st_mtime_ns if isinstance(src, (str, Path)) else None
+                key = (label, stamp)
+                if key not in mine:
+                    mine[key] = encode_source(src, tokenizer, limit=self.limit)
+                out[label] = rows_loss(model, mine[key], pad)["loss"]
         finally:
             model.train(was_training)
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from dtm.store import Registry, canonical_json
 
@@ -24,6 +25,13 @@ def recipe_label(recipe: dict) -> str:
     return " ".join(x for x in (recipe.get("method", "average"), w, params) if x)
 
 
+def _resolved(path: str) -> str:
+    """A local folder as an absolute path (a hub id stays as it is), so a merge saved from
+    one working directory loads from any other."""
+    p = Path(str(path)).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
 def _ref(base: str, adapters: list[str], recipe: dict):
     from dtm.score import ModelRef
 
@@ -32,7 +40,7 @@ def _ref(base: str, adapters: list[str], recipe: dict):
         "weights": [float(x) for x in recipe.get("weights") or []],
         "params": dict(recipe.get("params") or {}),
     }
-    return ModelRef(base=str(base), adapters=[str(a) for a in adapters], recipe=clean)
+    return ModelRef(base=_resolved(base), adapters=[_resolved(a) for a in adapters], recipe=clean)
 
 
 def save_merge(
@@ -79,16 +87,17 @@ def saved_merges(registry: Registry | None = None, adapters: list[str] | None = 
     reg = registry or Registry()
     with reg._connect() as con:
         rows = con.execute(
-            "SELECT label, base, adapters, recipe, source, path, grp FROM merges "
+            "SELECT key, label, base, adapters, recipe, source, path, grp FROM merges "
             "ORDER BY created DESC"
         ).fetchall()
     out = []
-    for label, base, ads, recipe, source, path, grp in rows:
+    for key, label, base, ads, recipe, source, path, grp in rows:
         ads = json.loads(ads)
-        if adapters is not None and sorted(ads) != sorted(map(str, adapters)):
+        if adapters is not None and sorted(ads) != sorted(_resolved(a) for a in adapters):
             continue
         out.append(
             {
+                "key": key,
                 "label": label,
                 "kind": "merge",
                 "seed": None,

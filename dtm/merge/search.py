@@ -89,6 +89,13 @@ def search_weights(
         x = [trial.suggest_float(n, 0.0, 1.0) for n in names]
         w = _weights(x)
         value, scores = score_fn(w)
+        values = value if pareto else (value,)
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(
+                f"the objective is not a finite number at weights "
+                f"{[round(x, 4) for x in w]} ({scores}): a loss overflowed or a task scored "
+                "nothing; the search stopped."
+            )
         points.append({"weights": w, "score": value, "scores": scores})
         if progress:
             progress("weight search", len(points) / budget)
