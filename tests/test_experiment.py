@@ -289,6 +289,15 @@ def jobs_in_registry(cache: Path) -> int:
         pytest.param(
             "unknown-train-key", "TRAIN_UNKNOWN", ["train", "learning_rate"], id="train-key"
         ),
+        pytest.param(
+            "task-not-in-tasks-dir", "TASKS_DIR", ["evaluate.tasks", "my_nope"], id="tasks-dir"
+        ),
+        pytest.param(
+            "heldout-missing",
+            "HELDOUT_MISSING",
+            ["evaluate.heldout", "nope.jsonl"],
+            id="heldout",
+        ),
     ],
 )
 def test_a_bad_experiment_file_exits_2_before_any_work(case, body, keys, cache, lab0, tmp_path):
@@ -296,7 +305,15 @@ def test_a_bad_experiment_file_exits_2_before_any_work(case, body, keys, cache, 
     base = tmp_path / "no-such-model" if body == "BASE_MISSING" else lab0 / "model"
     train_values = "{steps: 1, learning_rate: 0.1}" if body == "TRAIN_UNKNOWN" else "{steps: 1}"
     tasks = "" if case == "no-tasks-without-lab" else "evaluate: {tasks: [lab_knowledge]}\n"
-    extra = "" if body in ("BASE_MISSING", "TRAIN_UNKNOWN") else body
+    if body == "TASKS_DIR":  # a real tasks folder, and a task name it does not have
+        from archs import write_tasks
+
+        folder = write_tasks(tmp_path / "tasks")
+        tasks = f"evaluate: {{tasks: [my_mc, my_nope], tasks_dir: {json.dumps(str(folder))}}}\n"
+    if body == "HELDOUT_MISSING":
+        tasks = f"evaluate: {{heldout: [{json.dumps(str(tmp_path / 'nope.jsonl'))}]}}\n"
+    special = ("BASE_MISSING", "TRAIN_UNKNOWN", "TASKS_DIR", "HELDOUT_MISSING")
+    extra = "" if body in special else body
     exp_file = write(
         tmp_path / f"{case}.yaml",
         f"name: {case}\n"
@@ -390,3 +407,30 @@ def test_merge_cli_with_a_base_folder_without_tokenizer(lab0, tmp_path):
         torch.testing.assert_close(w1[k].double(), w0[k].double() + d, rtol=1e-4, atol=1e-5, msg=k)
     untouched = [k for k in w0 if k not in average and k in w1]
     assert untouched and all(torch.equal(w0[k], w1[k]) for k in untouched)
+
+
+def test_results_table_shows_folder_tasks_and_held_out_losses_beside_the_labs():
+    import pandas as pd
+
+    from dtm.experiment.report import table_columns
+
+    table = pd.DataFrame(
+        [
+            ("lab_knowledge", "acc"),
+            ("lab_knowledge", "acc_unseen"),
+            ("my_mc", "acc"),
+            ("my_mc", "acc_norm"),
+            ("my_roll", "bits_per_byte"),
+            ("my_roll", "word_perplexity"),
+            ("heldout:val", "loss"),
+            ("heldout:val", "tokens"),
+        ],
+        columns=["task", "metric"],
+    )
+    assert table_columns(table) == [
+        ("lab_knowledge", "acc", "knowledge"),
+        ("lab_knowledge", "acc_unseen", "knowledge (unseen)"),
+        ("my_mc", "acc", "my_mc"),
+        ("my_roll", "bits_per_byte", "my_roll bits_per_byte"),
+        ("heldout:val", "loss", "heldout:val loss"),
+    ]

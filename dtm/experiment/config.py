@@ -146,13 +146,40 @@ def _check_train(exp: Experiment, path) -> None:
 
 def _check_evaluate(exp: Experiment, path) -> None:
     ev = exp.evaluate
-    unknown = sorted(set(ev) - {"tasks", "engine", "limit"})
+    unknown = sorted(set(ev) - {"tasks", "engine", "limit", "tasks_dir", "heldout"})
     if unknown:
         raise ConfigError(f"{path}: evaluate: unknown keys {', '.join(unknown)}.")
     if ev.get("engine", "quick") not in ("quick", "full"):
         raise ConfigError(f"{path}: evaluate.engine must be quick or full.")
     if not isinstance(ev.get("tasks", []), list):
         raise ConfigError(f"{path}: evaluate.tasks is a list of task names.")
+    if not isinstance(ev.get("heldout", []), list):
+        raise ConfigError(f"{path}: evaluate.heldout is a list of files.")
+    if ev.get("tasks_dir"):  # a user's task YAMLs: each file checked now
+        from dtm.usertasks import folder_tasks
+
+        try:
+            found = folder_tasks(ev["tasks_dir"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: evaluate.tasks_dir: {e}") from None
+        ev["tasks_dir"] = str(Path(ev["tasks_dir"]).expanduser().resolve())
+        if ev.get("engine", "quick") == "quick":
+            from dtm.tasks import PROBES, TASKS
+
+            bad = [t for t in ev.get("tasks", []) if t not in found and t not in TASKS + PROBES]
+            if bad:
+                raise ConfigError(
+                    f"{path}: evaluate.tasks {bad}: not in evaluate.tasks_dir {ev['tasks_dir']} "
+                    "(the quick engine scores the lab's tasks and a tasks folder's)."
+                )
+    if ev.get("heldout"):
+        from dtm.evaluate import check_heldout
+
+        try:
+            check_heldout(ev["heldout"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: evaluate.heldout: {e}") from None
+        ev["heldout"] = [str(Path(h).expanduser().resolve()) for h in ev["heldout"]]
 
 
 def _check_merge(exp: Experiment, path) -> None:
@@ -193,8 +220,11 @@ def _check_inputs(exp: Experiment, path) -> None:
         value = getattr(exp, key)
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_file():
             raise ConfigError(f"{path}: {key}: {value}: no such file.")
-    if not exp.evaluate.get("tasks"):
-        raise ConfigError(f"{path}: evaluate.tasks is needed when the experiment has no lab.")
+    if not (exp.evaluate.get("tasks") or exp.evaluate.get("heldout")):
+        raise ConfigError(
+            f"{path}: evaluate.tasks (or evaluate.heldout) is needed when the experiment has "
+            "no lab."
+        )
 
 
 def resolve_inputs(exp: Experiment) -> dict[str, str | None]:

@@ -156,6 +156,23 @@ def _mean_std(values: list[float], digits: int = 3) -> str:
     return f"{s.mean():.{digits}f} ± {s.std(ddof=1):.{digits}f}"
 
 
+def table_columns(table: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """``(task, metric, heading)`` of a results table: the lab's columns that are there,
+    then every other task's headline (``acc``; else a held-out ``loss`` or a rolling
+    task's ``bits_per_byte``, headed with the metric)."""
+    have = set(zip(table["task"], table["metric"], strict=True))
+    cols = [c for c in columns() if (c[0], c[1]) in have]
+    lab = {c[0] for c in columns()}
+    for task in dict.fromkeys(table["task"]):
+        if task in lab:
+            continue
+        for metric in ("acc", "loss", "bits_per_byte"):
+            if (task, metric) in have:
+                cols.append((task, metric, task if metric == "acc" else f"{task} {metric}"))
+                break
+    return cols
+
+
 def results_markdown(
     exp, table: pd.DataFrame, jobs, command: str, seconds: float, timings: dict | None = None
 ) -> str:
@@ -171,7 +188,7 @@ def results_markdown(
         "delta scaled by 1/K.",
         "",
     ]
-    cols = [c for c in columns() if ((table["task"] == c[0]) & (table["metric"] == c[1])).any()]
+    cols = table_columns(table)
     lines.append("| model | " + " | ".join(c[2] for c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
     for label in model_order(table):

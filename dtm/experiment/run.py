@@ -340,7 +340,8 @@ def evaluate_experiment(exp, jobs, *, progress=None):
     ev = exp.evaluate or {}
     tasks = list(ev.get("tasks") or (TASKS + PROBES if inputs["lab"] else []))
     engine, limit = ev.get("engine", "quick"), ev.get("limit")
-    if not tasks:  # load_experiment refuses this; kept for an Experiment made in code
+    heldout = list(ev.get("heldout") or [])
+    if not tasks and not heldout:  # load_experiment refuses this; kept for code-made ones
         raise ConfigError(f"{exp.source}: evaluate.tasks is needed when the experiment has no lab.")
     out_dir = experiment_dir(exp.name)
     timings = score_models(
@@ -352,6 +353,8 @@ def evaluate_experiment(exp, jobs, *, progress=None):
         limit=limit,
         controls_dir=out_dir / "controls",
         progress=progress,
+        tasks_dir=ev.get("tasks_dir"),
+        heldout=heldout,
     )
     table = scores(group=exp.name)
     table = table[table["engine"] == engine]
