@@ -304,8 +304,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError("--weights with --search/--cocktail: they find the weights; give one.")
     if args.search and args.cocktail:
         raise ConfigError("--search and --cocktail: choose one way to find the weights.")
-    if Path(args.out).exists():
-        raise ConfigError(f"--out {args.out}: exists; the merge writes a new folder.")
+    out_dir = Path(args.out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # checked before a search spends its budget (the export checks it again)
+        raise ConfigError(f"--out {args.out}: not empty; choose a new folder.")
     objective = _merge_objective(args) if finding else None
     weights = weights or [1.0 / len(args.adapters)] * len(args.adapters)
     params = merge_params_from_args(args.method, args)
