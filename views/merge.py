@@ -430,7 +430,10 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
     else:
         x = "knowledge" if "knowledge" in scored else scored[0]
         y = "instruct" if "instruct" in scored else scored[-1]
-        front = pareto_front(frame[x].to_numpy(), frame[y].to_numpy())
+        def signed(c):  # the front is of "better", and a loss is better lower
+            return -frame[c].to_numpy() if lower_is_better(c) else frame[c].to_numpy()
+
+        front = pareto_front(signed(x), signed(y))
         fig = charts.pareto(frame, front, metric, x, y)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points",), key="m_land_chart")
     points = (event or {}).get("selection", {}).get("points", []) if event else []
