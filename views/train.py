@@ -15,6 +15,7 @@ from dtm.errors import DTMError
 from dtm.experiment import dtm_set
 from dtm.lab import lab_status
 from dtm.lab.measure import LAB_SFT
+from dtm.models import lab_of
 from dtm.train.config import BASELINES, TrainConfig
 from views.common import registry
 
@@ -46,16 +47,19 @@ def choose_inputs() -> dict | None:
     except DTMError as e:
         st.error(str(e))
         return None
-    lab_data = lab["state"] == "ready" and inputs["data"].startswith(lab["path"])
-    bases = (["Lab base model"] if lab["state"] == "ready" else []) + ["Model folder or hub id"]
+    # the lab the data belongs to, of any size or seed, else the default lab when ready
+    data_lab = lab_of(os.path.join(os.path.dirname(os.path.dirname(inputs["data"])), "model"))
+    lab_path = data_lab or (lab["path"] if lab["state"] == "ready" else None)
+    lab_data = data_lab is not None
+    bases = (["Lab base model"] if lab_path else []) + ["Model folder or hub id"]
     kind = st.radio("Base model", bases, horizontal=True, key="train_base_kind")
     if kind == "Lab base model":
-        base = os.path.join(lab["path"], "model")
+        base = os.path.join(lab_path, "model")
     else:
         base = st.text_input("Model folder or hub id", key="train_base_path").strip()
         if not base:
             return None
-    val = os.path.join(lab["path"], "data", "val.jsonl") if lab_data else None
+    val = os.path.join(lab_path, "data", "val.jsonl") if lab_data else None
     st.caption(
         f"Data `{inputs['data']}` · validation: "
         f"{'the lab validation split' if val else '5% held out of the data'}"
@@ -64,7 +68,7 @@ def choose_inputs() -> dict | None:
         **inputs,
         "base": base,
         "val_data": val,
-        "lab": lab["path"] if lab_data else None,
+        "lab": lab_path if lab_data else None,
         "clustering": asg.meta["method"],
     }
 
