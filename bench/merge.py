@@ -62,35 +62,14 @@ SAMPLE_LAYERS = 12
 
 def latency(lab: Path, trials: int, limit: int) -> dict:
     import numpy as np
+    from labsubs import train_lab_subs
 
-    from dtm.lab.measure import LAB_SFT
     from dtm.merge.engine import Merger
     from dtm.merge.landscape import quick_score
-    from dtm.train import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
-        asg = Path(tmp) / "asg.csv"
-        asg.write_text("id,cluster\n" + "".join(f"{i},{n % K}\n" for n, i in enumerate(ids)))
-        adapters = []
-        for c in range(K):
-            out = Path(tmp) / f"s{c}"
-            train(
-                TrainConfig(
-                    base=str(lab / "model"),
-                    data=str(lab / "data" / "train.jsonl"),
-                    val_data=str(lab / "data" / "val.jsonl"),
-                    out=str(out),
-                    kind="sub",
-                    assignments=str(asg),
-                    cluster=c,
-                    steps=40,
-                    log_every=40,
-                    fisher_size=8,
-                    **LAB_SFT,
-                )
-            )
-            adapters.append(out / "adapter")
+        adapters = train_lab_subs(lab, {i: n % K for n, i in enumerate(ids)}, 40, Path(tmp))
         merger = Merger(str(lab / "model"), adapters)
         bench = lab / "benchmarks"
         rng = np.random.default_rng(0)

@@ -32,14 +32,14 @@ K = 3
 
 
 def main() -> int:
+    from labsubs import train_lab_subs
+
     from dtm.lab import default_lab_dir
-    from dtm.lab.measure import LAB_SFT
     from dtm.merge.engine import Merger
     from dtm.merge.landscape import merge_score_fn, simplex_grid
     from dtm.merge.objective import lab_objective
     from dtm.merge.search import search_weights
     from dtm.tasks import QUICK_TASKS
-    from dtm.train import TrainConfig, train
 
     p = argparse.ArgumentParser()
     p.add_argument("--lab", default=str(default_lab_dir()))
@@ -55,32 +55,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [json.loads(x) for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
         families = {"flan": 0, "cot": 1, "chat": 2}
-        asg = Path(tmp) / "asg.csv"
-        asg.write_text(
-            "id,cluster\n"
-            + "".join(
-                f"{r['id']},{families[r['source']]}\n" for r in rows if r["source"] in families
-            )
-        )
-        adapters = []
-        for c in range(K):
-            out = Path(tmp) / f"s{c}"
-            train(
-                TrainConfig(
-                    base=str(lab / "model"),
-                    data=str(lab / "data" / "train.jsonl"),
-                    val_data=str(lab / "data" / "val.jsonl"),
-                    out=str(out),
-                    kind="sub",
-                    assignments=str(asg),
-                    cluster=c,
-                    steps=args.steps,
-                    log_every=args.steps,
-                    fisher_size=8,
-                    **LAB_SFT,
-                )
-            )
-            adapters.append(out / "adapter")
+        clusters = {r["id"]: families[r["source"]] for r in rows if r["source"] in families}
+        adapters = train_lab_subs(lab, clusters, args.steps, Path(tmp))
         merger = Merger(str(lab / "model"), adapters)
         objective = lab_objective(str(lab), QUICK_TASKS, args.limit)
         fn = merge_score_fn(merger, "average", objective)
