@@ -184,11 +184,16 @@ def _compiled_templates():
             t = compiled[template] = utils.env.from_string(template)
         return t.render(**doc)
 
+    from lm_eval.api import task as task_module
+
+    bar = task_module.tqdm
     utils.apply_template = apply_template
+    task_module.tqdm = lambda iterable=None, *a, **k: iterable  # no bar per request build
     try:
         yield
     finally:
         utils.apply_template = plain
+        task_module.tqdm = bar
 
 
 # Requests depend on the task and the limit only, and token ids on the tokenizer only:
@@ -290,7 +295,7 @@ class _Quick:
                     return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
                 def generate_until(self, requests, disable_tqdm=False):
-                    # the harness's own generation, in batches of QUICK_BATCH rows
+                    # the harness's own generation, without its progress bar
                     return super().generate_until(requests, disable_tqdm=True)
 
             cls.cls = QuickLM
@@ -335,7 +340,7 @@ def _quick_one(lm, task, limit, bootstrap_iters, seed, mean, stderr_for_metric) 
         by_type[inst.request_type].append(inst)
     for reqtype, reqs in by_type.items():
         cloned = [r for r in reqs for _ in range(r.repeats)]
-        for x, r in zip(getattr(lm, reqtype)(cloned), cloned, strict=True):
+        for x, r in zip(getattr(lm, reqtype)(cloned, disable_tqdm=True), cloned, strict=True):
             r.resps.append(x)
     task.apply_filters()
     by_doc = defaultdict(list)
