@@ -363,6 +363,7 @@ def known_tasks(tasks_dir: str | Path | None = None) -> list[str]:
     """The task names this tool knows: the lab's first, then a ``tasks_dir``'s, then the
     paper's benchmarks (any other lm-evaluation-harness task works with the full engine)."""
     from dtm.harness import PAPER_TASKS
+    from dtm.usertasks import folder_tasks
 
     user = list(folder_tasks(tasks_dir)) if tasks_dir else []
     return [*TASKS, *PROBES, *user, *[t for t in PAPER_TASKS if t not in user]]
@@ -386,12 +387,6 @@ def check_heldout(paths) -> None:
                 f"--heldout {p}: its result name {key} is also that of {seen[key]}; rename one."
             )
         seen[key] = str(p)
-
-
-def folder_tasks(tasks_dir):
-    from dtm.usertasks import folder_tasks as ft
-
-    return ft(tasks_dir)
 
 
 def evaluate(
@@ -429,6 +424,8 @@ def evaluate(
         raise ConfigError(f"engine {engine!r}: choose quick or full.")
     if not tasks and not heldout:
         raise ConfigError("no tasks given.")
+    from dtm.usertasks import folder_tasks
+
     check_heldout(heldout)
     user = folder_tasks(tasks_dir) if tasks_dir else {}
     lab_tasks = [t for t in tasks if t in TASKS + PROBES and t not in user]

@@ -134,38 +134,42 @@ def folder_tasks(tasks_dir: str | Path) -> dict[str, Path]:
     return out
 
 
-_BUILT: dict[tuple, object] = {}
+_BUILT: dict[str, tuple] = {}  # task file -> (its mtime, its data files' stamps, task)
+
+
+def _stamps(files: list[str]) -> tuple:
+    return tuple(Path(f).stat().st_mtime_ns for f in files)
 
 
 def build_task(path: Path):
-    """The harness's ``ConfigurableTask`` of a task file (its dataset loaded), cached by
-    the file and its data files' modification times."""
+    """The harness's ``ConfigurableTask`` of a task file (its dataset loaded), kept while
+    neither the file nor its data files change (a repeat call only stats them)."""
     import logging
 
     from lm_eval.api.task import ConfigurableTask
 
-    cfg = read_task_file(path, resolve_functions=True)
-    files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
-    stamp = tuple(
-        (f, Path(f).stat().st_mtime_ns)
-        for v in files.values()
-        for f in (v if isinstance(v, list) else [v])
-    )
-    key = (str(path.resolve()), path.stat().st_mtime_ns, stamp)
-    if key not in _BUILT:
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    where = str(path.resolve())
+    kept = _BUILT.get(where)
+    if kept is not None:
+        mtime, files, stamps, task = kept
         try:
-            _BUILT[key] = ConfigurableTask(config=copy.deepcopy(cfg))
-        except Exception as e:
-            raise TaskFileError(
-                f"{path}: the harness cannot build this task ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300]})."
-            ) from None
-    return _BUILT[key]
-
-
-def output_type(task) -> str:
-    return task.OUTPUT_TYPE
+            if mtime == path.stat().st_mtime_ns and stamps == _stamps(files):
+                return task
+        except OSError:
+            pass  # a data file went away: read the task file again, which says so
+    cfg = read_task_file(path, resolve_functions=True)
+    data = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+    files = [f for v in data.values() for f in (v if isinstance(v, list) else [v])]
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    try:
+        task = ConfigurableTask(config=copy.deepcopy(cfg))
+    except Exception as e:
+        raise TaskFileError(
+            f"{path}: the harness cannot build this task ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]})."
+        ) from None
+    _BUILT[where] = (path.stat().st_mtime_ns, files, _stamps(files), task)
+    return task
 
 
 @contextlib.contextmanager
@@ -293,10 +297,6 @@ class _Quick:
                         if new is not None:
                             return torch.cat([context, new], dim=1)
                     return super()._model_generate(context, max_length, stop, **generation_kwargs)
-
-                def generate_until(self, requests, disable_tqdm=False):
-                    # the harness's own generation, without its progress bar
-                    return super().generate_until(requests, disable_tqdm=True)
 
             cls.cls = QuickLM
         return cls.cls

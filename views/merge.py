@@ -430,6 +430,7 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
     else:
         x = "knowledge" if "knowledge" in scored else scored[0]
         y = "instruct" if "instruct" in scored else scored[-1]
+
         def signed(c):  # the front is of "better", and a loss is better lower
             return -frame[c].to_numpy() if lower_is_better(c) else frame[c].to_numpy()
 
