@@ -75,12 +75,12 @@ def train(
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
-    if cfg.eval_tasks and eval_hook is None:
-        eval_hook = tasks_eval_hook(cfg)
-    elif cfg.eval_lab and eval_hook is None:
-        eval_hook = lab_eval_hook(cfg.eval_lab)
+    if eval_hook is None:
+        eval_hook = hook_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if cfg.kind == "subs":
+        return train_subs(cfg, progress, resume=resume)
     if cfg.kind != "soup":
         res = run_one(cfg, out, eval_hook, progress, resume, on_record, on_step)
         _write_config(cfg, out, res["resolved"])
@@ -128,6 +128,61 @@ def train(
         "model": PeftModel.from_pretrained(model, out / "adapter"),
         "tokenizer": tok,
     }
+
+
+def hook_for(cfg: TrainConfig) -> Callable[[Any, Any, int], dict] | None:
+    """The eval hook ``cfg`` asks for: its ``eval_tasks``, else its lab's benchmarks."""
+    if cfg.eval_tasks:
+        return tasks_eval_hook(cfg)
+    if cfg.eval_lab:
+        return lab_eval_hook(cfg.eval_lab)
+    return None
+
+
+def group_members(cfg: TrainConfig) -> list[TrainConfig]:
+    """The members of a ``subs`` run: one ``sub`` config per chosen cluster, in
+    ``out/cluster-<k>``, then (``with_sft``) vanilla SFT on all rows in ``out/sft``."""
+    from dtm.train.rows import assignment_clusters
+
+    k = assignment_clusters(cfg)
+    if cfg.clusters.strip() == "all":
+        chosen = list(range(k))
+    else:
+        chosen = []
+        for part in cfg.clusters.split(","):
+            if not part.strip().isdigit() or not 0 <= int(part) < k:
+                raise ConfigError(
+                    f"--clusters {cfg.clusters}: {part.strip()!r} is not a cluster of "
+                    f"{cfg.assignments} (0..{k - 1}); give all or numbers like 0,2."
+                )
+            if int(part) not in chosen:
+                chosen.append(int(part))
+    out = Path(cfg.out)
+    plain = {"clusters": "all", "with_sft": False}
+    members = [
+        replace(cfg, kind="sub", cluster=c, out=str(out / f"cluster-{c}"), **plain) for c in chosen
+    ]
+    if cfg.with_sft:
+        members.append(
+            replace(cfg, kind="sft", cluster=None, assignments=None, out=str(out / "sft"), **plain)
+        )
+    return members
+
+
+def train_subs(cfg: TrainConfig, progress=None, *, resume: bool = False) -> dict:
+    """A ``subs`` run: its members (``group_members``) trained together over one base
+    (``dtm.train.group``); ``out/group.json`` lists their folders."""
+    from dtm.train.group import train_group
+
+    members = group_members(cfg)
+    for m in members:
+        check_config(m)
+    write_text_atomic(
+        Path(cfg.out) / "group.json",
+        json.dumps({"run_id": run_id(cfg), "members": [m.out for m in members]}, indent=2) + "\n",
+    )
+    res = train_group(members, progress=progress, resume=resume)
+    return {**res, "members": [m.out for m in members]}
 
 
 def lab_eval_hook(lab: str | Path) -> Callable[[Any, Any, int], dict]:

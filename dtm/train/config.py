@@ -38,6 +38,8 @@ class TrainConfig:
     val_fraction: float = _f(0.05, "share of the rows held out when no --val-data is given")
     assignments: str | None = _f(None, "assignments.csv of a disperse run (kind sub)")
     cluster: int | None = _f(None, "the cluster to train on (kind sub)")
+    clusters: str = _f("all", "kind subs: the clusters trained together, all or e.g. 0,2")
+    with_sft: bool = _f(False, "kind subs: add vanilla SFT on all rows as one more member")
     steps: int | None = _f(None, "optimizer steps; overrides --epochs", exclusive="budget")
     epochs: float = _f(1.0, "passes over the training rows", exclusive="budget")
     lora_r: int = _f(16, "LoRA rank r")
@@ -108,6 +110,13 @@ KINDS: dict[str, Kind] = {
     for k in (
         Kind("sft", "vanilla SFT on all rows", baseline=False),
         Kind("sub", "a DTM sub-model: one cluster of an assignment", "cluster", False),
+        Kind(
+            "subs",
+            "DTM's sub-models of the chosen clusters (and SFT, with --with-sft) trained "
+            "together in one process over one shared base",
+            "cluster",
+            False,
+        ),
         Kind("soup", "K members on all rows with seeds S..S+K-1, merged uniformly"),
         Kind("l2", "SFT plus an L2 penalty on the LoRA delta", penalty="l2"),
         Kind(
@@ -145,8 +154,15 @@ def check_config(cfg: TrainConfig) -> None:
     kind = KINDS[cfg.kind]
     if cfg.kind == "soup" and cfg.members < 2:
         raise ConfigError(f"soup needs at least 2 members, not {cfg.members}.")
-    if kind.data == "cluster" and (cfg.assignments is None or cfg.cluster is None):
+    if cfg.kind == "subs":
+        if cfg.assignments is None:
+            raise ConfigError("kind 'subs' needs --assignments.")
+        if cfg.cluster is not None:
+            raise ConfigError("kind 'subs' takes --clusters (all or 0,2,...), not --cluster.")
+    elif kind.data == "cluster" and (cfg.assignments is None or cfg.cluster is None):
         raise ConfigError(f"kind {cfg.kind!r} needs --assignments and --cluster.")
+    elif cfg.clusters != "all" or cfg.with_sft:
+        raise ConfigError(f"--clusters and --with-sft are for kind 'subs', not {cfg.kind!r}.")
     if cfg.eval_tasks:
         check_eval_tasks(cfg)
     if kind.needs_reference:
@@ -188,9 +204,11 @@ def run_id(cfg: TrainConfig) -> str:
 
     # allow_pickle is a permission, not a parameter of the run: it does not change the id
     values = {k: v for k, v in asdict(cfg).items() if k not in ("out", "allow_pickle")}
-    for later in ("eval_tasks", "tasks_dir"):  # added later: unset, the id stays as it was
-        if not values.get(later):
+    for later in ("eval_tasks", "tasks_dir", "with_sft"):  # added later: unset, the id
+        if not values.get(later):  # stays as it was
             values.pop(later, None)
+    if values.get("clusters") == "all":
+        values.pop("clusters")
     return input_key("run", values)
 
 

@@ -70,22 +70,14 @@ def setup(cfg: TrainConfig, progress) -> Run:
     """Load the base, encode the rows and add the baseline's pieces, then wrap the model
     in a fresh LoRA adapter. The order is that of every run before (the EWC Fisher on the
     base model, then the LoRA init), so a seed gives the same numbers."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from dtm import baselines
 
     model, tok = load_base(
         cfg.base, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
     )
-    train_table, val_table = split_rows(cfg)
-    if len(train_table) == 0:
-        raise TrainingError(f"no training rows in {cfg.data} for this run.")
-    train_rows = _with_response(encode_rows(train_table, tok, cfg.max_length), "training", cfg)
-    val_rows = _with_response(encode_rows(val_table, tok, cfg.max_length), "validation", cfg)
-    probe_idx = np.random.default_rng(cfg.seed).choice(
-        len(train_rows), min(cfg.probe_size, len(train_rows)), replace=False
-    )
-    probe_rows = [train_rows[i] for i in sorted(probe_idx)]
+    train_rows, val_rows, probe_rows = encode_run_rows(cfg, tok)
     collate_fn = collate(tok.pad_token_id)
     reference = cfg.reference or baselines.default_reference(cfg.base)
     penalty = None
@@ -101,16 +93,35 @@ def setup(cfg: TrainConfig, progress) -> Run:
         penalty = lambda m: cfg.ewc_weight / 2 * baselines.ewc_penalty(m, fisher)
     elif cfg.kind == "l2":
         penalty = lambda m: cfg.l2_weight / 2 * baselines.l2_penalty(m)
-    targets = resolve_targets(model, cfg.target_modules)
-    lora = LoraConfig(
+    model = get_peft_model(model, lora_config(cfg, model))
+    return Run(model, tok, train_rows, val_rows, probe_rows, collate_fn, reference, penalty)
+
+
+def encode_run_rows(cfg: TrainConfig, tok) -> tuple[list[dict], list[dict], list[dict]]:
+    """A run's (training, validation, probe) rows, encoded: the split of ``split_rows``,
+    rows without a response token dropped, the probe a seeded sample of the training rows."""
+    train_table, val_table = split_rows(cfg)
+    if len(train_table) == 0:
+        raise TrainingError(f"no training rows in {cfg.data} for this run.")
+    train_rows = _with_response(encode_rows(train_table, tok, cfg.max_length), "training", cfg)
+    val_rows = _with_response(encode_rows(val_table, tok, cfg.max_length), "validation", cfg)
+    probe_idx = np.random.default_rng(cfg.seed).choice(
+        len(train_rows), min(cfg.probe_size, len(train_rows)), replace=False
+    )
+    return train_rows, val_rows, [train_rows[i] for i in sorted(probe_idx)]
+
+
+def lora_config(cfg: TrainConfig, model):
+    """The peft ``LoraConfig`` of ``cfg`` on ``model`` (its targets resolved)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(targets),
+        target_modules=list(resolve_targets(model, cfg.target_modules)),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    return Run(model, tok, train_rows, val_rows, probe_rows, collate_fn, reference, penalty)
 
 
 def _with_response(rows: list[dict], what: str, cfg: TrainConfig) -> list[dict]:

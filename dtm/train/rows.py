@@ -80,29 +80,7 @@ def split_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     table = load_instructions(cfg.data, count_tokens=False).table
     if KINDS[cfg.kind].data == "cluster":
-        try:
-            asg = pd.read_csv(cfg.assignments, dtype={"id": str})
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--assignments {cfg.assignments}: cannot read it ({e}).") from e
-        if not {"id", "cluster"} <= set(asg.columns):
-            raise ConfigError(
-                f"{cfg.assignments}: needs the columns id and cluster "
-                "(the assignments.csv of `dtm disperse`)."
-            )
-        if asg.empty:
-            raise ConfigError(f"{cfg.assignments}: no rows under its header.")
-        if not set(table["id"]) >= set(asg["id"]):
-            raise ConfigError(
-                f"{cfg.assignments}: its ids are not rows of {cfg.data} "
-                "(an assignment of another dataset?)."
-            )
-        clusters = pd.to_numeric(asg["cluster"], errors="coerce")
-        bad = asg.index[clusters.isna() | (clusters % 1 != 0) | (clusters < 0)]
-        if len(bad):
-            raise ConfigError(
-                f"{cfg.assignments}: line {int(bad[0]) + 2}: cluster "
-                f"{asg['cluster'].iloc[bad[0]]!r} is not a cluster number (0, 1, ...)."
-            )
+        asg, clusters = read_assignment(cfg, table)
         k = int(clusters.max()) + 1
         if not 0 <= cfg.cluster < k:
             raise ConfigError(
@@ -117,3 +95,37 @@ def split_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     is_val = np.zeros(len(table), bool)
     is_val[val_idx] = True
     return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
+
+
+def read_assignment(cfg: TrainConfig, table: pd.DataFrame | None = None):
+    """``(assignments table, its cluster column as numbers)`` of ``cfg.assignments``,
+    checked (against the ids of ``table``, the data, when given)."""
+    try:
+        asg = pd.read_csv(cfg.assignments, dtype={"id": str})
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--assignments {cfg.assignments}: cannot read it ({e}).") from e
+    if not {"id", "cluster"} <= set(asg.columns):
+        raise ConfigError(
+            f"{cfg.assignments}: needs the columns id and cluster "
+            "(the assignments.csv of `dtm disperse`)."
+        )
+    if asg.empty:
+        raise ConfigError(f"{cfg.assignments}: no rows under its header.")
+    if table is not None and not set(table["id"]) >= set(asg["id"]):
+        raise ConfigError(
+            f"{cfg.assignments}: its ids are not rows of {cfg.data} "
+            "(an assignment of another dataset?)."
+        )
+    clusters = pd.to_numeric(asg["cluster"], errors="coerce")
+    bad = asg.index[clusters.isna() | (clusters % 1 != 0) | (clusters < 0)]
+    if len(bad):
+        raise ConfigError(
+            f"{cfg.assignments}: line {int(bad[0]) + 2}: cluster "
+            f"{asg['cluster'].iloc[bad[0]]!r} is not a cluster number (0, 1, ...)."
+        )
+    return asg, clusters
+
+
+def assignment_clusters(cfg: TrainConfig) -> int:
+    """How many clusters ``cfg.assignments`` has (its largest cluster number + 1)."""
+    return int(read_assignment(cfg)[1].max()) + 1
