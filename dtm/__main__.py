@@ -191,6 +191,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _train_config(args)
         res = train(cfg, progress=_progress_bar(), resume=args.resume)
         out, rid = cfg.out, run_id(cfg)
+    if res["metrics"] and isinstance(res["metrics"][0], list):  # a group: one line each
+        for recs, folder in zip(res["metrics"], res.get("members") or [None] * 99, strict=False):
+            last = recs[-1]
+            print(
+                f"{folder or 'member'}: {len(recs)} logged steps; final train "
+                f"{last['train_loss']}, val {last['val_loss']:.4f}, loss ratio "
+                f"{last['loss_ratio']}"
+            )
+        print(f"group {rid}: {len(res['metrics'])} members in {res['seconds']} s; wrote {out}")
+        return 0
     last = res["metrics"][-1]
     print(
         f"run {rid}: {len(res['metrics'])} logged steps in {res['seconds']} s; final train "

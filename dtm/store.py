@@ -29,8 +29,9 @@ from typing import Any
 
 from dtm.errors import RegistryError, StorageError
 
-SCHEMA_VERSION = 5  # 2: jobs and metrics tables; 3: results; 4: kinds and clusterings;
-# 5: merges (the merges a user tuned or exported, by recipe)
+SCHEMA_VERSION = 6  # 2: jobs and metrics tables; 3: results; 4: kinds and clusterings;
+# 5: merges (the merges a user tuned or exported, by recipe); 6: jobs.parent (the members
+# of a group run)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
     kind    TEXT NOT NULL,
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started     REAL,
     updated     REAL NOT NULL,
     ended       REAL,
-    clustering  TEXT
+    clustering  TEXT,
+    parent      TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     job    TEXT NOT NULL,
@@ -108,7 +110,12 @@ CREATE INDEX IF NOT EXISTS results_model ON results (model_key);
 CREATE INDEX IF NOT EXISTS results_grp ON results (grp);
 """
 # Schema 4's columns, added in place to an older registry (their rows read NULL).
-_ADDED_COLUMNS = (("jobs", "clustering"), ("results", "kind"), ("results", "clustering"))
+_ADDED_COLUMNS = (
+    ("jobs", "clustering"),
+    ("results", "kind"),
+    ("results", "clustering"),
+    ("jobs", "parent"),
+)
 _DONE = "_complete.json"  # written last inside an artifact folder
 
 

@@ -232,11 +232,12 @@ def test_ray_backend_runs_cancels_and_logs_on_a_real_head(lab0, cache, ray_head)
 def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     r = dtm_cli("run", "experiments/paper-llama2-7b.yaml", "--dry-run", cache=cache)
     assert r.returncode == 0, r.stderr
-    assert "9 training jobs" in r.stdout and "GPU-hours" in r.stdout
+    assert "9 training runs" in r.stdout and "GPU-hours" in r.stdout
+    assert "train together: one group job" in r.stdout
     assert "kmeans sub 3 s0" in r.stdout and "meta-llama/Llama-2-7b-hf" in r.stdout
     assert not (cache / "runs").exists()
     r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
-    assert r.returncode == 0 and "26 training jobs" in r.stdout, r.stderr
+    assert r.returncode == 0 and "26 training runs" in r.stdout, r.stderr
     assert not (cache / "lab").exists()
 
 
@@ -249,7 +250,7 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     )
     r = dtm_cli("run", exp, cache=cache, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "4 training jobs" in r.stdout
+    assert "4 training runs" in r.stdout
     out = cache / "experiments" / "tiny"
     assert (out / "jobs.md").read_text().count("| done |") == 4
     results = (out / "results.md").read_text()
@@ -273,15 +274,19 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     store = jobs.JobStore(Registry(cache))
     listed = store.list(group="tiny")
     assert sorted(j.name for j in listed) == [
+        "dtm s0",  # the group job: SFT and the sub-models in one process
         "l2 s0",
         "random sub 0 s0",
         "random sub 1 s0",
         "sft s0",
     ]
+    grp = next(j for j in listed if j.kind == "group")
+    assert {j.parent for j in listed if j.kind in ("sft", "sub")} == {grp.id}
     sub = next(j for j in listed if j.name == "random sub 0 s0")
     assert sub.config["steps"] == 2  # same epochs: half the rows, half the steps
     sft = next(j for j in listed if j.kind == "sft")
     assert "bench" in store.metrics(sft.id)[-1]  # the lab's benchmarks on the curve
     again = dtm_cli("run", exp, cache=cache, timeout=300)
-    assert again.returncode == 0 and len(store.list()) == 4  # nothing trained twice
-    assert json.loads((sub.run_dir / "job.json").read_text())["kind"] == "sub"
+    assert again.returncode == 0 and len(store.list()) == 5  # nothing trained twice
+    assert json.loads((sub.run_dir / "config.json").read_text())["kind"] == "sub"
+    assert sub.run_dir == grp.run_dir / "random" / "cluster-0"

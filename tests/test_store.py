@@ -97,11 +97,12 @@ def test_a_schema_3_registry_gains_the_kind_and_clustering_columns_in_place(tmp_
     con.close()
     reg = Registry(tmp_path)
     with reg._connect() as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 6
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         cols = {r[1] for r in c.execute("PRAGMA table_info(results)")}
         job_cols = {r[1] for r in c.execute("PRAGMA table_info(jobs)")}
-    assert {"kind", "clustering"} <= cols and "clustering" in job_cols and "merges" in tables
+    assert {"kind", "clustering"} <= cols and {"clustering", "parent"} <= job_cols
+    assert "merges" in tables
     record(
         ModelRef(base="b", label="new", group="g", kind="merge", clustering="kmeans"),
         {"t": {"acc": 0.75}},

@@ -12,7 +12,7 @@ import streamlit as st
 from dtm import charts, jobs
 from dtm.disperse import saved_assignments, training_inputs
 from dtm.errors import DTMError
-from dtm.experiment import dtm_set
+from dtm.experiment import dtm_set, together_members
 from dtm.lab import lab_status
 from dtm.lab.measure import LAB_SFT
 from dtm.models import lab_of
@@ -191,6 +191,21 @@ def launch(configs: list[tuple], group: str, backend: str) -> None:
     st.toast(msg)
 
 
+def launch_group(configs: list[tuple], group: str, backend: str) -> None:
+    """Submit ``dtm_set`` tuples as one group job."""
+    try:
+        job, members, created = jobs.submit_group(
+            together_members(configs), name="dtm set", group=group, backend=backend, store=store()
+        )
+    except DTMError as e:
+        st.error(str(e))
+        return
+    if created:
+        st.toast(f"Queued one group job ({job.id[:12]}) of {len(members)} runs.")
+    else:
+        st.toast(f"This set already has a group job ({job.id[:12]}, {job.state}).")
+
+
 def launch_panel() -> None:
     inputs = choose_inputs()
     if inputs is None:
@@ -214,6 +229,14 @@ def launch_panel() -> None:
         common["eval_lab"] = inputs["lab"]
         common.setdefault("eval_every", max(common["log_every"], 100))
     group = f"{st.session_state.train_assignment[:8]}-seed{common['seed']}"
+    together = st.checkbox(
+        "Train SFT and the sub-models together",
+        value=True,
+        key="train_together",
+        help="one job, one process over one shared base: each micro-step runs every "
+        "member's batch in one forward, each row through its own adapter (the same "
+        "numbers as separate runs at dropout 0). Off: one job per run.",
+    )
     c = st.columns([2] + [1] * len(BASELINES))
     if c[0].button("Launch DTM set + SFT", type="primary", key="launch_dtm"):
         counts = pd.read_csv(inputs["assignments"])["cluster"].value_counts()
@@ -221,7 +244,10 @@ def launch_panel() -> None:
         configs = dtm_set(
             common, inputs["assignments"], sizes, hp["budget"], clustering=inputs["clustering"]
         )
-        launch(configs, group, backend)
+        if together:
+            launch_group(configs, group, backend)
+        else:
+            launch(configs, group, backend)
     for col, kind in zip(c[1:], BASELINES, strict=True):
         if col.button(f"Launch {kind}", key=f"launch_{kind}"):
             launch([(kind, TrainConfig(**common, kind=kind))], group, backend)
@@ -243,6 +269,7 @@ def jobs_panel() -> None:
             {
                 "id": j.id[:12],
                 "job": j.name,
+                "in job": (j.parent or "")[:12],
                 "group": j.group,
                 "state": j.state,
                 "progress": j.fraction,
@@ -265,7 +292,11 @@ def jobs_panel() -> None:
         key=lambda g: -max(j.created for j in rows if (j.group or "") == g),
     )
     group = st.selectbox("Curves of", groups, key="curves_group")
-    curves = {j.name: store().metrics(j.id) for j in rows if (j.group or "") == group}
+    curves = {
+        j.name: store().metrics(j.id)
+        for j in rows
+        if (j.group or "") == group and j.kind != "group"  # a group's members have them
+    }
     c1, c2 = st.columns(2)
     c1.plotly_chart(charts.loss_curves(curves, "train_loss"), key="curve_train")
     c2.plotly_chart(charts.loss_curves(curves, "val_loss"), key="curve_val")
@@ -282,9 +313,15 @@ def jobs_panel() -> None:
             jobs.restart(job.id, resume=False, store=store())
     except DTMError as e:
         st.error(str(e))
+    if job.parent:
+        st.caption(
+            f"Trained in the group job {job.parent[:12]}: Cancel, Resume and Retry act on "
+            "the whole group; the log is the group's."
+        )
     if job.error:
         st.warning(job.error)
-    st.code(jobs.backend_for(job.backend).logs(job, 3000) or "(no log yet)", language=None)
+    log_job = store().get(job.parent) if job.parent else job
+    st.code(jobs.backend_for(log_job.backend).logs(log_job, 3000) or "(no log yet)", language=None)
 
 
 st.title("Train")

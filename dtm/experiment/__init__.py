@@ -16,6 +16,7 @@ from dtm.experiment.plan import (
     estimate,
     plan,
     sub_model_steps,
+    together_members,
 )
 from dtm.experiment.report import experiment_models, group_models, results_markdown
 from dtm.experiment.run import STAGES, Progress, launch, read_status, run_experiment
@@ -40,4 +41,5 @@ __all__ = [
     "results_markdown",
     "run_experiment",
     "sub_model_steps",
+    "together_members",
 ]

@@ -48,6 +48,7 @@ class Experiment:
     embed_model: str | None = None
     share: str | None = None  # use the dispersal (and so the trained jobs) of this experiment
     train: dict[str, Any] = field(default_factory=dict)
+    together: bool = True  # train.together: SFT and the sub-models of a seed in one group job
     sub_budget: str = "epochs"
     baselines: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -104,7 +105,12 @@ def load_experiment(path: str | Path) -> Experiment:
     if unknown:
         raise ConfigError(f"{path}: disperse: unknown keys {', '.join(unknown)}.")
     exp.train = dict(raw.get("train") or {})
+    together = exp.train.pop("together", True)
+    if not isinstance(together, bool):
+        raise ConfigError(f"{path}: train.together must be true or false, not {together!r}.")
+    exp.together = together
     known = {f.name for f in fields(TrainConfig)} - {"base", "data", "out", "kind", "cluster"}
+    known -= {"clusters", "with_sft"}
     unknown = sorted(set(exp.train) - known)
     if unknown:
         raise ConfigError(f"{path}: train: unknown keys {', '.join(unknown)}.")

@@ -59,6 +59,22 @@ def dtm_set(
     return out
 
 
+def together_members(configs, *, by_clustering: bool = False) -> list[tuple]:
+    """``dtm_set`` tuples (or planned jobs) as the members of one group job
+    (``dtm.jobs.submit_group``): ``(name, config, clustering, folder)``, the folder
+    ``sft`` or ``cluster-<k>`` (``<clustering>/cluster-<k>`` with ``by_clustering``)."""
+    out = []
+    for name, cfg, clustering in configs:
+        if cfg.kind == "sft":
+            folder = "sft"
+        else:
+            folder = f"cluster-{cfg.cluster}"
+            if by_clustering:
+                folder = f"{clustering}/{folder}"
+        out.append((name, cfg, clustering, folder))
+    return out
+
+
 @dataclass
 class PlannedJob:
     name: str
@@ -179,8 +195,14 @@ def describe(exp: Experiment, jobs: list[PlannedJob]) -> str:
         f"  data {inputs['data']}" + (f" (val {inputs['val_data']})" if inputs["val_data"] else ""),
         f"  disperse K={exp.k} with {', '.join(exp.methods)} on the {exp.embed_field}",
         f"  backend {exp.backend}; seeds {exp.seeds}; sub-model budget: same {exp.sub_budget}",
-        f"  {len(jobs)} training jobs, in order:",
+        f"  {len(jobs)} training runs, in order:",
     ]
+    if exp.together:
+        lines.insert(
+            -1,
+            "  SFT and the sub-models of each seed train together: one group job, one process"
+            " over one base (train.together: false runs one process each)",
+        )
     for i, (j, e) in enumerate(zip(jobs, est["per_job"], strict=True), 1):
         c = j.config
         budget = f"{c.steps} steps" if c.steps else f"{c.epochs:g} epochs"

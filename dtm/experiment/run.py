@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dtm.errors import ConfigError, DTMError
 from dtm.experiment.config import Experiment, experiment_dir, resolve_inputs
-from dtm.experiment.plan import plan
+from dtm.experiment.plan import plan, together_members
 from dtm.experiment.report import experiment_models, results_markdown, summary_table
 from dtm.store import ProgressFile, pid_alive, write_json_atomic, write_text_atomic
 
@@ -243,7 +243,19 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
     planned = plan(exp, disperse_all(exp, progress))
     progress.stage("train")
     submitted = []
+    grouped = {pj.seed for pj in planned if exp.together and pj.config.kind in ("sft", "sub")}
+    for seed in sorted(grouped):  # SFT and every sub-model of the seed: one process
+        together = [pj for pj in planned if pj.seed == seed and pj.config.kind in ("sft", "sub")]
+        members = together_members(
+            [(pj.name, pj.config, pj.clustering) for pj in together], by_clustering=True
+        )
+        job, _, _ = jobs_api.submit_group(
+            members, name=f"dtm s{seed}", group=exp.name, backend=exp.backend
+        )
+        submitted.append(job.id)
     for pj in planned:
+        if pj.seed in grouped and pj.config.kind in ("sft", "sub"):
+            continue
         job, _ = jobs_api.submit(
             pj.config,
             name=pj.name,
@@ -260,7 +272,10 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
         if all(j.state in jobs_api.FINAL for j in mine):
             break
         time.sleep(poll)
-    final = [store.get(i) for i in submitted]
+    final = []
+    for i in submitted:  # a group's members stand for it in the results
+        job = store.get(i)
+        final += store.list(parent=i) if job.kind == "group" else [job]
     return {"jobs": final, "planned": planned, "seconds": round(time.time() - t0, 1)}
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "restart",
     "run_job",
     "submit",
+    "submit_group",
 ]
 
 
@@ -77,13 +78,26 @@ def submit(
     jid = run_id(cfg)
     run_dir = store.registry.root / "runs" / jid
     cfg = TrainConfig(**{**asdict(cfg), "out": str(run_dir)})
+    name = name or (f"sub {cfg.cluster}" if cfg.kind == "sub" else cfg.kind)
+    job = _new_job(jid, cfg.kind, name, group, asdict(cfg), backend, run_dir, clustering)
+    job, created = store.add(job)
+    if not created and clustering and not job.clustering:
+        store.update(job.id, clustering=clustering)
+    if created:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "job.json", job.config)
+        pump(store)
+    return store.get(job.id), created
+
+
+def _new_job(jid, kind, name, group, config, backend, run_dir, clustering=None, parent=None):
     now = time.time()
-    job = Job(
+    return Job(
         id=jid,
-        kind=cfg.kind,
-        name=name or (f"sub {cfg.cluster}" if cfg.kind == "sub" else cfg.kind),
+        kind=kind,
+        name=name,
         group=group,
-        config=asdict(cfg),
+        config=config,
         state="queued",
         backend=backend,
         ref=None,
@@ -102,15 +116,55 @@ def submit(
         updated=now,
         ended=None,
         clustering=clustering,
+        parent=parent,
     )
+
+
+def submit_group(
+    members: list[tuple[str, TrainConfig, str | None, str]],
+    *,
+    name: str = "group",
+    group: str | None = None,
+    backend: str | None = None,
+    store: JobStore | None = None,
+) -> tuple[Job, list[Job], bool]:
+    """Queue several runs as one group job (``dtm.train.group``: one process, one base).
+    ``members``: ``(name, config, clustering, folder)`` each, ``folder`` its run folder
+    inside the group's (``cluster-0``, ``kmeans/cluster-0``, ``sft``). Returns (the group
+    job, its member rows, created); the same members submitted again find the first
+    group."""
+    from dtm.store import input_key
+    from dtm.train.group import check_members
+
+    store = store or JobStore()
+    backend = backend or default_backend()
+    backend_for(backend)
+    for _, cfg, _, _ in members:
+        check_config(cfg)
+    if not backend.startswith("ray"):
+        check_base_path(members[0][1].base, allow_pickle=members[0][1].allow_pickle)
+    gid = input_key("group", {"members": [run_id(cfg) for _, cfg, _, _ in members]})
+    run_dir = store.registry.root / "runs" / gid
+    rows, configs = [], []
+    for mname, cfg, clustering, folder in members:
+        cfg = TrainConfig(**{**asdict(cfg), "out": str(run_dir / folder)})
+        mid = input_key("member", {"group": gid, "run": run_id(cfg)})
+        configs.append(asdict(cfg))
+        rows.append(
+            _new_job(
+                mid, cfg.kind, mname, group, asdict(cfg), backend, Path(cfg.out), clustering, gid
+            )
+        )
+    check_members([read_config(c) for c in configs])
+    job = _new_job(gid, "group", name, group, {"members": configs}, backend, run_dir)
     job, created = store.add(job)
-    if not created and clustering and not job.clustering:
-        store.update(job.id, clustering=clustering)
     if created:
+        for r in rows:
+            store.add(r)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "job.json", job.config)
         pump(store)
-    return store.get(job.id), created
+    return store.get(job.id), store.list(parent=job.id), created
 
 
 def pump(store: JobStore | None = None) -> list[Job]:
@@ -122,7 +176,7 @@ def pump(store: JobStore | None = None) -> list[Job]:
     claimed: list[Job] = []
     with store.registry.transaction() as con:
         rows = con.execute(
-            "SELECT id, backend, state, gpu FROM jobs WHERE state IN "
+            "SELECT id, backend, state, gpu FROM jobs WHERE parent IS NULL AND state IN "
             "('queued', 'starting', 'running', 'stopping') ORDER BY created, id"
         ).fetchall()
         local_active = [r for r in rows if r[1] == "local" and r[2] != "queued"]
@@ -160,7 +214,7 @@ def refresh(store: JobStore | None = None) -> list[Job]:
     """Reconcile every unfinished job with its backend (dead processes become
     ``interrupted``), start queued jobs where slots are free, and return all jobs."""
     store = store or JobStore()
-    open_jobs = store.list(states=("queued", *ACTIVE))
+    open_jobs = [j for j in store.list(states=("queued", *ACTIVE)) if j.parent is None]
     by_backend: dict[str, list[Job]] = {}
     for j in open_jobs:
         by_backend.setdefault(j.backend, []).append(j)
@@ -170,19 +224,42 @@ def refresh(store: JobStore | None = None) -> list[Job]:
         except Exception as e:  # an unreachable cluster must not hide the other jobs
             for j in jobs:
                 store.update(j.id, error=f"cannot reach {spec}: {e}")
+    _settle_members(store)
     pump(store)
     return store.list()
+
+
+def _settle_members(store: JobStore) -> None:
+    """A member row still open whose group ended (a killed process) takes the group's
+    end state and error."""
+    groups = {j.id: j for j in store.list() if j.kind == "group"}
+    for m in store.list(states=("queued", *ACTIVE)):
+        g = groups.get(m.parent) if m.parent else None
+        if g is not None and g.state in FINAL:
+            state = g.state if g.state != "done" else "failed"
+            store.update(
+                m.id,
+                only_if=(m.state,),
+                state=state,
+                error=g.error or f"its group {g.id[:12]} ended",
+                ended=g.ended or time.time(),
+            )
 
 
 def cancel(job_id: str, store: JobStore | None = None) -> Job:
     """Stop a job: a queued one at once; a running one saves a checkpoint first."""
     store = store or JobStore()
     job = store.get(job_id)
+    if job.parent:  # a member stops with its group (one process trains them all)
+        cancel(job.parent, store)
+        return store.get(job.id)
     if job.state in FINAL:
         raise ConfigError(f"job {job.id} is already {job.state}.")
     if job.state == "queued" and store.update(
         job.id, only_if=("queued",), state="cancelled", ended=time.time()
     ):
+        for m in store.list(parent=job.id, states=("queued",)):
+            store.update(m.id, only_if=("queued",), state="cancelled", ended=time.time())
         return store.get(job.id)
     backend_for(job.backend).cancel(store, job)
     return store.get(job.id)
@@ -193,6 +270,9 @@ def restart(job_id: str, *, resume: bool, store: JobStore | None = None) -> Job:
     last checkpoint, otherwise it starts from scratch (its old log is kept)."""
     store = store or JobStore()
     job = store.get(job_id)
+    if job.parent:  # a member is resumed or retried with its group
+        restart(job.parent, resume=resume, store=store)
+        return store.get(job.id)
     if job.state not in RESTARTABLE:
         raise ConfigError(
             f"job {job.id} is {job.state}; only {', '.join(RESTARTABLE)} jobs can be "
@@ -208,6 +288,9 @@ def restart(job_id: str, *, resume: bool, store: JobStore | None = None) -> Job:
         ended=None,
         pid=None,
     )
+    for m in store.list(parent=job.id):
+        if m.state != "done" or not resume:  # a retry trains every member afresh
+            store.update(m.id, state="queued", error=None, ended=None)
     pump(store)
     return store.get(job.id)
 
@@ -220,6 +303,10 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
 
     store = JobStore()
     job = store.get(job_id)
+    if job.kind == "group":
+        from dtm.jobs.group import run_group
+
+        return run_group(store, job, resume=resume)
     cfg = read_config(job.config)
     signal.signal(signal.SIGTERM, lambda *_: request_stop())
     first = _checkpoint_step(job.run_dir) if resume else 0

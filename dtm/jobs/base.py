@@ -6,6 +6,11 @@ died without saying how it ended (``kill -9``, a reboot). ``cancelled``, ``inter
 and ``failed`` jobs can be resumed (from their last checkpoint) or retried (from scratch).
 A job's id is the hash of its training configuration, so submitting the same
 configuration twice finds the first job instead of starting a second.
+
+A group run (kind ``group``: several runs over one base in one process, see
+``dtm.train.group``) is one job in the queue; each of its members also has a row (its
+``parent`` is the group's id), with its own state, progress, metrics and run folder, which
+the group's process keeps up to date. The queue starts only rows without a parent.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ RESTARTABLE = ("failed", "cancelled", "interrupted")
 FINAL = ("done", *RESTARTABLE)
 _COLUMNS = (
     "id, kind, name, grp, config, state, backend, ref, pid, proc_start, gpu, run_dir, resume, "
-    "step, first_step, total_steps, attempts, error, created, started, updated, ended, clustering"
+    "step, first_step, total_steps, attempts, error, created, started, updated, ended, clustering, "
+    "parent"
 )
 
 
@@ -54,6 +60,7 @@ class Job:
     updated: float
     ended: float | None
     clustering: str | None = None  # a sub-model's clustering (e.g. "kmeans"), set at submit
+    parent: str | None = None  # the group job a member row belongs to
 
     @property
     def log_path(self) -> Path:
@@ -96,7 +103,7 @@ class JobStore:
             if row is not None:
                 return self._job(row), False
             con.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 23)})",
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 24)})",
                 (
                     job.id,
                     job.kind,
@@ -121,6 +128,7 @@ class JobStore:
                     job.updated,
                     job.ended,
                     job.clustering,
+                    job.parent,
                 ),
             )
         return job, True
@@ -138,9 +146,17 @@ class JobStore:
             raise ConfigError(f"no job {job_id!r} in {self.registry.db_path}.")
         return self._job(row)
 
-    def list(self, group: str | None = None, states: tuple[str, ...] | None = None) -> list[Job]:
+    def list(
+        self,
+        group: str | None = None,
+        states: tuple[str, ...] | None = None,
+        parent: str | None = None,
+    ) -> list[Job]:
         sql, params = f"SELECT {_COLUMNS} FROM jobs", []
         where = []
+        if parent is not None:
+            where.append("parent = ?")
+            params.append(parent)
         if group is not None:
             where.append("grp = ?")
             params.append(group)

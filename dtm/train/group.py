@@ -170,7 +170,7 @@ def save_adapter(model, name: str, folder: Path) -> None:
     sub.rmdir()
 
 
-def _check_members(cfgs: list[TrainConfig]) -> None:
+def check_members(cfgs: list[TrainConfig]) -> None:
     if not cfgs:
         raise ConfigError("a group needs at least one member.")
     for c in cfgs:
@@ -212,7 +212,7 @@ def train_group(
     from dtm.store import read_metrics
     from dtm.train import _write_config
 
-    _check_members(cfgs)
+    check_members(cfgs)
     t0 = time.perf_counter()
     loop._STOP.clear()
     progress = progress or (lambda what, frac: None)
@@ -226,7 +226,7 @@ def train_group(
     for i, cfg in enumerate(cfgs):
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        progress(f"encoding member {i}", i / len(cfgs))
+        progress("encoding rows", i / len(cfgs))
         members.append(Member(f"m{i:03d}", cfg, out, *loop.encode_run_rows(cfg, tok)))
     loras = [loop.lora_config(m.cfg, model) for m in members]  # targets of the plain base
     for i, (m, lora) in enumerate(zip(members, loras, strict=True)):
@@ -263,16 +263,16 @@ def train_group(
         for m in active:
             if m.state == "failed":
                 failures.append(f"member {m.cfg.out}: {m.error}")
+        trained = [m for m in members if m.state == "trained"]
+        if trained:  # their adapters now (those done at the same step share the Fisher)
+            ctx.write_adapters(trained)
+            for m in trained:
+                _write_config(m.cfg, m.out, _resolved(m))
+                m.state = "done"
+                if on_done:
+                    on_done(members.index(m))
         if loop._STOP.is_set():
             ctx.stop_at_boundaries()
-    trained = [m for m in members if m.state == "trained"]
-    if trained:
-        ctx.write_adapters(trained)
-        for m in trained:
-            _write_config(m.cfg, m.out, _resolved(m))
-            m.state = "done"
-            if on_done:
-                on_done(members.index(m))
     stopped = [m for m in members if m.state == "stopped"]
     if failures:
         raise TrainingError("; ".join(failures))
