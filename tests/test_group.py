@@ -7,7 +7,7 @@ import signal
 
 import numpy as np
 import pytest
-from archs import instruction_rows, make_model
+from archs import instruction_rows, make_model, write_tasks
 from conftest import dtm_cli, round_robin_assignment, tiny_train, write_jsonl
 
 from dtm import jobs
@@ -42,13 +42,16 @@ def qwen(tmp_path_factory):
     three unequal clusters (30, 20, 10)."""
     root = tmp_path_factory.mktemp("group")
     base = make_model("qwen2", root / "base")
-    rows = instruction_rows(60)
-    data = write_jsonl(root / "data.jsonl", rows)
+    rows = instruction_rows(72)
+    data = write_jsonl(root / "data.jsonl", rows[:60])
+    write_jsonl(root / "val.jsonl", rows[60:])
+    write_tasks(root / "tasks")
     asg = root / "asg.csv"
     asg.write_text(
         "id,cluster\n"
         + "".join(
-            f"{r['id']},{0 if i % 6 < 3 else 1 if i % 6 < 5 else 2}\n" for i, r in enumerate(rows)
+            f"{r['id']},{0 if i % 6 < 3 else 1 if i % 6 < 5 else 2}\n"
+            for i, r in enumerate(rows[:60])
         )
     )
     return base, data, asg
@@ -75,7 +78,15 @@ def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_pat
 
     base, data, asg = qwen
     out = tmp_path / "group"
+    scored = {  # a shared validation file and a task scored at step 0 and at the end
+        "val_data": str(data.parent / "val.jsonl"),
+        "eval_tasks": ("my_mc",),
+        "tasks_dir": str(data.parent / "tasks"),
+        "eval_every": 1000,
+    }
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
+    flags += ["--val-data", scored["val_data"], "--eval-tasks", "my_mc"]
+    flags += ["--tasks-dir", scored["tasks_dir"], "--eval-every", "1000"]
     r = dtm_cli(
         "train", "--kind", "subs", "--base", base, "--data", data, "--assignments", asg,
         "--with-sft", *flags, "--out", out,
@@ -84,7 +95,7 @@ def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == [
         "cluster-0", "cluster-1", "cluster-2", "group.json", "sft",
     ]  # fmt: skip
-    common = {"base": str(base), "data": str(data), **FLAGS}
+    common = {"base": str(base), "data": str(data), **FLAGS, **scored}
     separate = {
         f"cluster-{c}": TrainConfig(
             **common, kind="sub", assignments=str(asg), cluster=c, out=str(tmp_path / f"s{c}")
@@ -110,6 +121,8 @@ def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_pat
             assert _close(fisher, _tensors(theirs / "adapter" / "fisher.safetensors"), 1e-3) < 1e-3
         a, b = _records(mine), _records(theirs)
         assert [x["step"] for x in a] == [x["step"] for x in b]
+        assert [x.get("bench") is not None for x in a] == [x.get("bench") is not None for x in b]
+        assert a[0]["bench"] == b[0]["bench"] and a[-1]["bench"].keys() == b[-1]["bench"].keys()
         for x, y in zip(a, b, strict=True):
             assert x["epoch"] == pytest.approx(y["epoch"]) and x["lr"] == pytest.approx(y["lr"])
             for key in ("train_loss", "val_loss", "probe_loss"):
@@ -238,3 +251,76 @@ def test_a_group_job_after_kill_9_is_interrupted_and_resume_continues_every_memb
     log = (group.run_dir / "log.txt").read_text()
     assert "=== attempt 2" in log and "stopped on request" in log
     assert long_ckpts.exists()
+
+
+@pytest.fixture
+def ray_two_nodes():
+    """A Ray cluster of two nodes on loopback, started here and stopped after the test: a
+    head with no CPUs and a worker node joined with ``ray start --address``, so a job that
+    asks for a CPU can only run on the worker. Yields (Jobs API address, worker node id)."""
+    import shutil
+    import tempfile
+
+    import requests
+    from ray.job_submission import JobSubmissionClient
+    from test_jobs import (
+        HEAD_ARGS,
+        _free_port,
+        _reachable,
+        ray_addresses,
+        start_ray_node,
+        stop_ray_node,
+        wait_for,
+    )
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    procs = []
+    try:
+        gcs = f"127.0.0.1:{_free_port()}"
+        head_args = [a for a in HEAD_ARGS if a != "--port=0"] + [f"--port={gcs.split(':')[1]}"]
+        head, lines = start_ray_node(
+            [*head_args, f"--ray-client-server-port={_free_port()}", "--num-cpus=0"], temp
+        )
+        procs.append(head)
+        api, _ = ray_addresses(lines)
+        assert api, "".join(lines)
+        worker, lines = start_ray_node([f"--address={gcs}", "--num-cpus=2"], temp, True)
+        procs.append(worker)
+        wait_for(lambda: _reachable(JobSubmissionClient, api), timeout=120, what="Ray")
+
+        def worker_id():
+            nodes = requests.get(f"{api}/api/v0/nodes", timeout=5).json()["data"]["result"]
+            alive = [n for n in nodes["result"] if n["state"] == "ALIVE"]
+            ids = [n["node_id"] for n in alive if not n["is_head_node"]]
+            return ids[0] if len(alive) == 2 and ids else None
+
+        yield api, wait_for(worker_id, timeout=120, what="the worker node to join")
+    finally:
+        for p in reversed(procs):
+            stop_ray_node(p)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_group_is_one_ray_job_and_runs_on_the_worker_node(lab0, cache, tmp_path, ray_two_nodes):
+    from ray.job_submission import JobSubmissionClient
+
+    api, worker = ray_two_nodes
+    store = jobs.JobStore(Registry(cache))
+    asg = round_robin_assignment(lab0, tmp_path / "asg.csv", k=2)
+    members = [
+        (f"sub {c}", tiny_train(lab0, "-", kind="sub", assignments=str(asg), cluster=c, steps=4),
+         "random", f"cluster-{c}")
+        for c in range(2)
+    ]  # fmt: skip
+    group, rows, _ = jobs.submit_group(members, name="dtm", backend=f"ray:{api}", store=store)
+    _wait(lambda: jobs.refresh(store) and store.get(group.id).state in jobs.FINAL, "the group")
+    assert store.get(group.id).state == "done", store.get(group.id).error
+    for r in rows:  # written by the worker node into the shared cache path
+        r = store.get(r.id)
+        assert r.state == "done" and [x["step"] for x in store.metrics(r.id)] == [0, 2, 4]
+        assert (r.run_dir / "adapter" / "fisher.safetensors").exists()
+        assert r.run_dir.parent == cache / "runs" / group.id
+    client = JobSubmissionClient(api)
+    mine = [j for j in client.list_jobs() if (j.metadata or {}).get("dtm_job") == group.id]
+    assert len(mine) == 1  # the whole group is one Ray job
+    assert client.get_job_info(store.get(group.id).ref).driver_node_id == worker

@@ -120,81 +120,127 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A real Ray head on loopback only, started here (``ray start --head --block`` in its
-    own session) and stopped after the module without touching any other Ray on the
-    machine. The temp dir is short: Ray's unix socket paths must fit in 107 bytes."""
-    import re
-    import shutil
-    import tempfile
-    import threading
-
+def ray_env(multi_node: bool = False) -> dict:
     bin_dir = os.path.dirname(sys.executable)
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {
+    return {
         **os.environ,
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else Ray rebinds 127.0.0.1 to the host IP
+        # 0: a single node, else Ray rebinds 127.0.0.1 to the host IP; a node joining a head
+        # needs 1 (its --node-ip-address keeps it on loopback)
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multi_node else "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "AUTOSCALER_METRIC_PORT": str(_free_port()),
         "DASHBOARD_METRIC_PORT": str(_free_port()),
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
     }
+
+
+def start_ray_node(
+    args: list[str], temp: str, multi_node: bool = False
+) -> tuple[subprocess.Popen, list[str]]:
+    """``ray start --block ARGS`` on loopback in its own session; returns the process
+    and its output up to "will now block" (the rest is drained in a thread).
+
+    ``multi_node``: a node joining a head with ``--address``. Ray turns a loopback
+    address to join into the host's IP (``resolve_ip_for_localhost``), where a head on
+    loopback does not listen, so that one ``ray start`` keeps the address as given."""
+    import threading
+
+    bin_dir = os.path.dirname(sys.executable)
+    ray_cli = [os.path.join(bin_dir, "ray")]
+    if multi_node:
+        ray_cli = [
+            sys.executable,
+            "-c",
+            "import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; "
+            "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()",
+        ]
     cmd = [
-        os.path.join(bin_dir, "ray"),
+        *ray_cli,
         "start",
-        "--head",
         "--block",
         "--node-ip-address=127.0.0.1",
-        "--port=0",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        "--dashboard-port=0",
-        "--dashboard-agent-listen-port=0",
-        f"--ray-client-server-port={_free_port()}",
         "--min-worker-port=0",
         "--max-worker-port=0",
         "--object-store-memory=200000000",
-        "--num-cpus=2",
         "--num-gpus=0",
         "--disable-usage-stats",
         f"--temp-dir={temp}",
         "--log-style=record",
         "--log-color=false",
+        *args,
     ]
     proc = subprocess.Popen(
         cmd,
-        env=env,
+        env=ray_env(multi_node),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    address, lines = None, []
+    lines = []
     for line in proc.stdout:
         lines.append(line)
-        m = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", line)
-        address = address or (m and m.group(1))
         if "will now block" in line:
             break
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    return proc, lines
+
+
+def stop_ray_node(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
+        proc.wait(30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # agents that outlive the node process
+        except ProcessLookupError:
+            pass
+
+
+HEAD_ARGS = [
+    "--head",
+    "--port=0",
+    "--include-dashboard=true",
+    "--dashboard-host=127.0.0.1",
+    "--dashboard-port=0",
+    "--dashboard-agent-listen-port=0",
+]
+
+
+def ray_addresses(lines: list[str]) -> tuple[str | None, None]:
+    """(the Jobs API address, None) from a head's output."""
+    import re
+
+    api = None
+    for line in lines:
+        m = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", line)
+        api = api or (m and m.group(1))
+    return api, None
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head on loopback only, started here (``ray start --head --block`` in its
+    own session) and stopped after the module without touching any other Ray on the
+    machine. The temp dir is short: Ray's unix socket paths must fit in 107 bytes."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    proc, lines = start_ray_node(
+        [*HEAD_ARGS, f"--ray-client-server-port={_free_port()}", "--num-cpus=2"], temp
+    )
+    try:
+        address, _ = ray_addresses(lines)
         assert address, "".join(lines)
         from ray.job_submission import JobSubmissionClient
 
         wait_for(lambda: _reachable(JobSubmissionClient, address), timeout=120, what="Ray")
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # agents that outlive the head process
-            except ProcessLookupError:
-                pass
-            shutil.rmtree(temp, ignore_errors=True)
+        stop_ray_node(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _reachable(client_cls, address):

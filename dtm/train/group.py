@@ -29,6 +29,7 @@ padded width and batch size, so the kernels add in another order (docs/training.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -47,6 +48,7 @@ from dtm.train.checkpoints import checkpoints, drop_checkpoints, last_checkpoint
 from dtm.train.config import TrainConfig
 from dtm.train.rows import collate
 
+STEP0: dict = {}  # the step-0 scores of this process's group (see member_hook)
 EVAL_BATCH = 64  # the Trainer's per_device_eval_batch_size in dtm.train.loop
 EVAL_ROWS = 128  # rows per shared eval forward (members' batches packed together)
 SHARED = ("base", "trust_remote_code", "allow_pickle")  # what every member must share
@@ -214,6 +216,7 @@ def train_group(
 
     check_members(cfgs)
     t0 = time.perf_counter()
+    STEP0.clear()
     loop._STOP.clear()
     progress = progress or (lambda what, frac: None)
     model, tok = load_base(
@@ -338,12 +341,20 @@ def _setup_member(m: Member, model, named, routing, tok, on_record, i, hooks=Non
     view = MemberView(model, routing, m.name)
 
     def member_hook(_view, tok_, step, hook=hook):
+        # At step 0 every adapter's B is zero, so every member is the base model: the
+        # scores of one member stand for all members that ask for the same tasks.
+        key = (cfg.eval_lab, tuple(cfg.eval_tasks), cfg.tasks_dir) if hooks is None else id(hook)
+        if step == 0 and key in STEP0:
+            return copy.deepcopy(STEP0[key])
         saved = routing.segments
         routing.only(m.name)
         try:
-            return hook(model, tok_, step)
+            res = hook(model, tok_, step)
         finally:
             routing.segments = saved
+        if step == 0:
+            STEP0[key] = copy.deepcopy(res)
+        return res
 
     run = loop.Run(view, tok, m.train_rows, m.val_rows, m.probe_rows, None, None, None)
     eval_every = cfg.eval_every or cfg.log_every
@@ -502,9 +513,16 @@ class _Group:
         if not due:
             return
         self.model.eval()
-        jobs = []  # (member, split, batch index, rows)
+        jobs = []  # (member, split, rows)
+        same_val: dict[str, str] = {}  # member -> the member whose validation loss it takes
+        first: dict[tuple, str] = {}
         for m in due:
+            if m.global_step == 0 and m.cfg.val_data:  # the base model on the same rows
+                key = (str(Path(m.cfg.val_data).resolve()), m.cfg.max_length)
+                same_val[m.name] = first.setdefault(key, m.name)
             for split, rows in (("val", m.val_rows), ("probe", m.probe_rows)):
+                if split == "val" and same_val.get(m.name, m.name) != m.name:
+                    continue
                 for j in range(0, len(rows), EVAL_BATCH):
                     jobs.append((m, split, rows[j : j + EVAL_BATCH]))
         losses: dict[tuple[str, str], list] = {}
@@ -524,7 +542,8 @@ class _Group:
         for m in due:
 
             def mean(split: str, m: Member = m) -> float:
-                vals = losses.get((m.name, split))
+                owner = same_val.get(m.name, m.name) if split == "val" else m.name
+                vals = losses.get((owner, split))
                 return float(torch.cat(vals).numpy().mean()) if vals else float("nan")
 
             steps_since = m.global_step - m.last_logged
