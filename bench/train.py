@@ -1,16 +1,26 @@
 """Training throughput: the lab model on this CPU, and a Llama-2-7b-shaped model on a GPU.
 
-CPU (always): LoRA SFT of the lab's base model with the lab's settings through the
-project's trainer; tokens/s (median over logged intervals, the first dropped) and peak
-RSS. Side by side: two jobs at once against one after another, which is why the local
-queue runs one CPU job at a time by default.
+CPU, ``--part single`` (default ``all``): LoRA SFT of the lab's base model with the lab's
+settings through the project's trainer; tokens/s (median over logged intervals, the
+first dropped) and peak RSS. Side by side: two jobs at once against one after another,
+which is why the local queue runs one CPU job at a time by default.
+
+CPU, ``--part together``: the K=4 sub-models of the lab story (experiments/lab.yaml's
+train values and step budget, a seeded random dispersal), through the job queue in a
+fresh registry: one group job (one process over one base) against four sub-model jobs
+one after another (separate processes, start-up included). Wall seconds, medians of
+``--repeats`` rounds, each round running both, alternating which goes first.
 
 GPU (only when CUDA is present; never in CI): a model of Llama-2-7b's shape with random
 weights (its config, no download), LoRA r=16 on gate/up/down_proj, bf16, sequence 1024:
-tokens/s, peak memory and model-FLOPs utilisation (6 * N * tokens/s over the GPU's peak
-bf16 FLOP/s), plus four sub-model jobs on one GPU at once against one after another.
+tokens/s, peak memory and model-FLOPs utilisation with a LoRA FLOP count (4N per token
+for the frozen base, which needs no weight gradients, plus 6 per adapter parameter, over
+the GPU's peak bf16 FLOP/s); then K=4 members trained together (one forward over the
+four micro-batches, each row through its own adapter, ``dtm.train.group.Routing``)
+against one member at a time: tokens/s and peak memory of each.
 
-    .venv/bin/python bench/train.py [--lab DIR] [--steps 60] [--gpu-steps 10]
+    .venv/bin/python bench/train.py [--lab DIR] [--part all|single|together|gpu]
+        [--steps 60] [--repeats 3] [--gpu-steps 10]
 """
 
 from __future__ import annotations
@@ -76,6 +86,88 @@ def cpu_parallel(lab: Path, steps: int, n: int, threads: int | None = None) -> f
     return time.perf_counter() - t0
 
 
+def lab_story_subs(lab: Path, seed: int = 0) -> tuple[list, Path]:
+    """The K=4 sub-model configs of experiments/lab.yaml for one seed (its train values,
+    eval settings and epochs budget) on a seeded random dispersal of the lab's rows."""
+    import numpy as np
+    import yaml
+
+    from dtm.experiment import dtm_set
+
+    exp = yaml.safe_load((ROOT / "experiments" / "lab.yaml").read_text())
+    ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
+    clusters = np.random.default_rng(seed).integers(0, 4, len(ids))
+    asg = Path(tempfile.mkdtemp(prefix="dtm-bench-")) / "assignments.csv"
+    asg.write_text(
+        "id,cluster\n" + "".join(f"{i},{c}\n" for i, c in zip(ids, clusters, strict=True))
+    )
+    common = {
+        **exp["train"],
+        "base": str(lab / "model"),
+        "data": str(lab / "data" / "train.jsonl"),
+        "val_data": str(lab / "data" / "val.jsonl"),
+        "eval_lab": str(lab),
+        "seed": seed,
+        "out": "-",
+    }
+    sizes = [int((clusters == c).sum()) for c in range(4)]
+    subs = dtm_set(common, asg, sizes, exp["sub_budget"], clustering="random")[1:]
+    return subs, asg
+
+
+def queue_wall(subs: list, together: bool) -> float:
+    """Wall seconds from submitting the sub-models to a fresh registry until every job
+    is done, as the local queue runs them."""
+    from dtm import jobs
+    from dtm.experiment import together_members
+    from dtm.store import Registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = jobs.JobStore(Registry(tmp))
+        t0 = time.perf_counter()
+        if together:
+            g, _, _ = jobs.submit_group(together_members(subs), store=store, backend="local")
+            ids = [g.id]
+        else:
+            ids = [jobs.submit(c, name=n, store=store, backend="local")[0].id for n, c, _ in subs]
+        while True:
+            rows = {j.id: j for j in jobs.refresh(store)}
+            if all(rows[i].state in jobs.FINAL for i in ids):
+                break
+            time.sleep(0.25)
+        wall = time.perf_counter() - t0
+        bad = [rows[i] for i in ids if rows[i].state != "done"]
+        assert not bad, [(j.name, j.state, j.error) for j in bad]
+    return wall
+
+
+def together_bench(lab: Path, repeats: int) -> None:
+    subs, _ = lab_story_subs(lab)
+    steps = [c.steps for _, c, _ in subs]
+    print(f"K=4 sub-models of the lab story (steps {steps}, lab benchmarks at 0 and the end):")
+    walls: dict[str, list[float]] = {"together": [], "separate": []}
+    for r in range(repeats):
+        order = ("together", "separate") if r % 2 == 0 else ("separate", "together")
+        for mode in order:
+            walls[mode].append(queue_wall(subs, mode == "together"))
+        print(
+            f"  round {r + 1}: one group job {walls['together'][-1]:.1f} s; four jobs one "
+            f"after another {walls['separate'][-1]:.1f} s",
+            flush=True,
+        )
+    t, s = statistics.median(walls["together"]), statistics.median(walls["separate"])
+    print(
+        f"  median of {repeats}: together {t:.1f} s, one after another {s:.1f} s: "
+        f"{s / t:.2f}x faster together"
+    )
+
+
+def lora_flops_per_token(n_base: int, n_lora: int) -> float:
+    """Training FLOPs per token of LoRA on a frozen base: the base's forward (2N) and its
+    backward to the activations (2N), no weight gradients; the adapters' full 6 each."""
+    return 4 * n_base + 6 * n_lora
+
+
 def gpu_peak_flops() -> float:
     import torch
 
@@ -128,13 +220,76 @@ def gpu_job(steps: int, micro_batch: int = 4, seq: int = 1024) -> dict:
     torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     tps = steps * micro_batch * seq / secs
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "params": n_params,
         "tokens_per_s": round(tps, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "mfu": round(6 * n_params * tps / gpu_peak_flops(), 4),
+        "mfu": round(lora_flops_per_token(n_params, n_lora) * tps / gpu_peak_flops(), 4),
         "gpu": torch.cuda.get_device_name(),
     }
+
+
+def gpu_group(steps: int, k: int = 4, micro_batch: int = 1, seq: int = 1024) -> dict:
+    """K LoRA members on one Llama-2-7b-shaped base: one forward over the K micro-batches
+    (each row through its own adapter) against one member at a time; tokens/s, peak
+    memory, MFU (LoRA FLOP count) of each."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dtm.train.group import Routing, route
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        base = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B))
+    torch.set_default_dtype(torch.float32)
+    n_params = sum(p.numel() for p in base.parameters())
+    lora = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.05, target_modules=["gate_proj", "up_proj", "down_proj"]
+    )
+    model = get_peft_model(base, lora, adapter_name="m000")
+    for i in range(1, k):
+        model.add_adapter(f"m{i:03d}", lora)
+    model.base_model.set_adapter([f"m{i:03d}" for i in range(k)])
+    routing = Routing()
+    route(model, routing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.98), eps=1e-6)
+    n_lora = sum(p.numel() for p in params) // k
+    out = {}
+    for mode in ("one at a time", "together"):
+        rows = k * micro_batch if mode == "together" else micro_batch
+        ids = torch.randint(0, LLAMA2_7B["vocab_size"], (rows, seq), device="cuda")
+        if mode == "together":
+            segs = [(f"m{i:03d}", i * micro_batch, (i + 1) * micro_batch) for i in range(k)]
+        else:
+            segs = [("m000", 0, micro_batch)]
+
+        def step(ids=ids, segs=segs):
+            routing.segments = segs
+            loss = model(input_ids=ids, labels=ids).loss
+            routing.segments = None
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        tps = steps * rows * seq / (time.perf_counter() - t0)
+        out[mode] = {
+            "tokens_per_s": round(tps, 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "mfu": round(lora_flops_per_token(n_params, n_lora) * tps / gpu_peak_flops(), 4),
+        }
+    return out
 
 
 def gpu_parallel(steps: int, n: int) -> float:
@@ -149,7 +304,9 @@ def gpu_parallel(steps: int, n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lab", default=None, help="a built lab (default: the dashboard's lab)")
+    ap.add_argument("--part", default="all", choices=["all", "single", "together", "gpu"])
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpu-steps", type=int, default=10)
     ap.add_argument("--cpu-worker", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--gpu-worker", type=int, help=argparse.SUPPRESS)
@@ -166,37 +323,63 @@ def main() -> None:
     from dtm.lab import default_lab_dir
 
     lab = Path(args.lab) if args.lab else default_lab_dir()
-    if not (lab / "lab.json").exists():
+    if args.part != "gpu" and not (lab / "lab.json").exists():
         sys.exit(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
+    if args.part in ("all", "single"):
+        single_bench(lab, args.steps)
+    if args.part in ("all", "together"):
+        together_bench(lab, args.repeats)
+    if args.part in ("all", "gpu"):
+        if torch.cuda.is_available():
+            gpu_bench(args.gpu_steps)
+        else:
+            print("no GPU here: the Llama-2-7b-shaped figures need one (see docs/benchmarks.md).")
+
+
+def single_bench(lab: Path, steps: int) -> None:
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
-        one = cpu_job(lab, Path(tmp) / "one", args.steps)
-    print(f"lab model, CPU ({torch.get_num_threads()} threads), {args.steps} steps:")
+        one = cpu_job(lab, Path(tmp) / "one", steps)
+    print(f"lab model, CPU ({torch.get_num_threads()} threads), {steps} steps:")
     print(f"  tokens/s (median) {one['tokens_per_s']:.0f}; peak RSS {one['peak_rss_mb']:.0f} MB;")
     print(f"  one job: {one['wall_s']} s wall including model load and evaluation")
-    seq = 2 * cpu_parallel(lab, args.steps, 1)
-    par = cpu_parallel(lab, args.steps, 2)
+    seq = 2 * cpu_parallel(lab, steps, 1)
+    par = cpu_parallel(lab, steps, 2)
     print(f"  two jobs at once: {par:.1f} s; one after another: {seq:.1f} s ({par / seq:.2f}x)")
     half = max(1, (os.cpu_count() or 2) // 2)
-    par_split = cpu_parallel(lab, args.steps, 2, threads=half)
+    par_split = cpu_parallel(lab, steps, 2, threads=half)
     print(
         f"  two jobs at once with {half} thread(s) each: {par_split:.1f} s "
         f"({par_split / seq:.2f}x one after another)"
     )
-    if torch.cuda.is_available():
-        g = gpu_job(args.gpu_steps)
-        print(f"Llama-2-7b shape, random weights, LoRA r=16, bf16, seq 1024 on {g['gpu']}:")
+
+
+def gpu_bench(steps: int) -> None:
+    g = gpu_job(steps)
+    print(f"Llama-2-7b shape, random weights, LoRA r=16, bf16, seq 1024 on {g['gpu']}:")
+    print(
+        f"  {g['params'] / 1e9:.2f}B params; tokens/s {g['tokens_per_s']:.0f}; peak memory "
+        f"{g['peak_mem_gib']} GiB; MFU {g['mfu']:.1%} (LoRA FLOP count)"
+    )
+    t1 = gpu_parallel(steps, 1)
+    t4 = gpu_parallel(steps, 4)
+    print(
+        f"  four sub-model jobs at once: {t4:.1f} s; one after another: {4 * t1:.1f} s "
+        f"({t4 / (4 * t1):.2f}x)"
+    )
+    grp = gpu_group(steps)
+    one, four = grp["one at a time"], grp["together"]
+    print("  K=4 members, micro-batch 1 each:")
+    for mode, r in grp.items():
         print(
-            f"  {g['params'] / 1e9:.2f}B params; tokens/s {g['tokens_per_s']:.0f}; peak memory "
-            f"{g['peak_mem_gib']} GiB; MFU {g['mfu']:.1%}"
+            f"    {mode}: tokens/s {r['tokens_per_s']:.0f}; peak memory {r['peak_mem_gib']} "
+            f"GiB; MFU {r['mfu']:.1%}"
         )
-        t1 = gpu_parallel(args.gpu_steps, 1)
-        t4 = gpu_parallel(args.gpu_steps, 4)
-        print(
-            f"  four sub-model jobs at once: {t4:.1f} s; one after another: {4 * t1:.1f} s "
-            f"({t4 / (4 * t1):.2f}x)"
-        )
-    else:
-        print("no GPU here: the Llama-2-7b-shaped figures need one (see docs/benchmarks.md).")
+    print(
+        f"    together: {four['tokens_per_s'] / one['tokens_per_s']:.2f}x the throughput, "
+        f"{four['peak_mem_gib'] / one['peak_mem_gib']:.2f}x the memory of one at a time"
+    )
 
 
 if __name__ == "__main__":

@@ -203,8 +203,9 @@ def test_sidebar_reports_lab_states(cache):
 
 
 def test_train_page_launches_the_dtm_set_once_and_shows_it_live(cache, lab0):
-    """A saved K=2 assignment of the lab's data: one button queues SFT + 2 sub-models;
-    pressing it again starts nothing new; the jobs finish and their curves are drawn."""
+    """A saved K=2 assignment of the lab's data: one button queues SFT + 2 sub-models as
+    one group job (the default); pressing it again starts nothing new; the members finish
+    and their curves are drawn."""
     import time
 
     from dtm import jobs
@@ -235,18 +236,24 @@ def test_train_page_launches_the_dtm_set_once_and_shows_it_live(cache, lab0):
     at.button(key="launch_dtm").click().run()
     assert not at.exception
     store = jobs.JobStore(reg)
-    assert sorted(j.name for j in store.list()) == ["sft", "sub 0", "sub 1"]
+    assert sorted(j.name for j in store.list()) == ["dtm set", "sft", "sub 0", "sub 1"]
+    [grp] = [j for j in store.list() if j.kind == "group"]
+    assert {j.parent for j in store.list() if j.kind != "group"} == {grp.id}
     at.button(key="launch_dtm").click().run()
-    assert len(store.list()) == 3
+    assert len(store.list()) == 4
     end = time.time() + 300
     while time.time() < end and not all(j.state == "done" for j in jobs.refresh(store)):
         time.sleep(1)
-    assert [j.state for j in store.list()] == ["done"] * 3
+    assert [j.state for j in store.list()] == ["done"] * 4
     at.run()
     assert not at.exception
     [table] = [d.value for d in at.dataframe if "state" in d.value.columns]
-    assert list(table["state"]) == ["done"] * 3 and list(table["progress"]) == [1.0] * 3
+    assert list(table["state"]) == ["done"] * 4 and list(table["progress"]) == [1.0] * 4
     assert len(at.get("plotly_chart")) == 2  # train and validation loss curves
+    import json
+
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert sorted(t["name"] for t in spec["data"]) == ["sft", "sub 0", "sub 1"]  # per member
     assert "step 4: train_loss" in at.code[0].value
 
 
