@@ -19,8 +19,12 @@ the GPU's peak bf16 FLOP/s); then K=4 members trained together (one forward over
 four micro-batches, each row through its own adapter, ``dtm.train.group.Routing``)
 against one member at a time: tokens/s and peak memory of each.
 
-    .venv/bin/python bench/train.py [--lab DIR] [--part all|single|together|gpu]
-        [--steps 60] [--repeats 3] [--gpu-steps 10]
+CPU, ``--part story``: the whole lab story, ``dtm run experiments/lab.yaml`` from a built
+lab in a fresh cache, with its group jobs (``--story together``) and/or one process per
+run (``apart``); wall minutes.
+
+    .venv/bin/python bench/train.py [--lab DIR] [--part all|single|together|story|gpu]
+        [--steps 60] [--repeats 3] [--story together,apart] [--gpu-steps 10]
 """
 
 from __future__ import annotations
@@ -160,6 +164,42 @@ def together_bench(lab: Path, repeats: int) -> None:
         f"  median of {repeats}: together {t:.1f} s, one after another {s:.1f} s: "
         f"{s / t:.2f}x faster together"
     )
+
+
+def story_wall(lab: Path, together: bool) -> dict:
+    """``dtm run experiments/lab.yaml`` (``train.together`` as given) in a fresh cache that
+    holds only the built lab: wall seconds of the whole story."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "lab" / lab.name
+        dest.parent.mkdir()
+        dest.symlink_to(lab.resolve(), target_is_directory=True)
+        exp = Path(tmp) / "lab.yaml"
+        text = (ROOT / "experiments" / "lab.yaml").read_text()
+        if not together:
+            text = text.replace("train:", "train:\n  together: false", 1)
+        exp.write_text(text)
+        env = {**os.environ, "DTM_CACHE": tmp}
+        t0 = time.perf_counter()
+        r = subprocess.run(
+            [sys.executable, "-m", "dtm", "run", str(exp)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - t0
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (Path(tmp) / "experiments" / "lab" / "results.md").exists()
+    return {"wall_s": wall}
+
+
+def story_bench(lab: Path, modes: list[str]) -> None:
+    for mode in modes:
+        r = story_wall(lab, mode == "together")
+        print(
+            f"the lab story (`dtm run experiments/lab.yaml`, 2 seeds, from a built lab), "
+            f"{mode}: {r['wall_s'] / 60:.1f} min"
+        )
 
 
 def lora_flops_per_token(n_base: int, n_lora: int) -> float:
@@ -304,7 +344,10 @@ def gpu_parallel(steps: int, n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lab", default=None, help="a built lab (default: the dashboard's lab)")
-    ap.add_argument("--part", default="all", choices=["all", "single", "together", "gpu"])
+    ap.add_argument("--part", default="all", choices=["all", "single", "together", "story", "gpu"])
+    ap.add_argument(
+        "--story", default="together", help="story modes, comma-separated: together,apart"
+    )
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpu-steps", type=int, default=10)
@@ -329,6 +372,8 @@ def main() -> None:
         single_bench(lab, args.steps)
     if args.part in ("all", "together"):
         together_bench(lab, args.repeats)
+    if args.part in ("all", "story"):
+        story_bench(lab, args.story.split(","))
     if args.part in ("all", "gpu"):
         if torch.cuda.is_available():
             gpu_bench(args.gpu_steps)

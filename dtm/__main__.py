@@ -226,6 +226,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(
                 f"{j.id[:12]}  {j.state:<11} {j.name:<14} {j.step}/{j.total_steps or '?'}"
                 f"{'' if eta is None else f'  eta {eta:.0f}s'}  {j.backend}  {j.run_dir}"
+                + (f"  (in group {j.parent[:12]})" if j.parent else "")
                 + (f"\n    {j.error}" if j.error and j.state in jobs.RESTARTABLE else "")
             )
         return 0

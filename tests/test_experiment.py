@@ -293,6 +293,9 @@ def jobs_in_registry(cache: Path) -> int:
             "task-not-in-tasks-dir", "TASKS_DIR", ["evaluate.tasks", "my_nope"], id="tasks-dir"
         ),
         pytest.param(
+            "together-not-a-bool", "TRAIN_TOGETHER", ["train.together", "'maybe'"], id="together"
+        ),
+        pytest.param(
             "heldout-missing",
             "HELDOUT_MISSING",
             ["evaluate.heldout", "nope.jsonl"],
@@ -303,7 +306,10 @@ def jobs_in_registry(cache: Path) -> int:
 def test_a_bad_experiment_file_exits_2_before_any_work(case, body, keys, cache, lab0, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", [alpaca(i) for i in range(12)])
     base = tmp_path / "no-such-model" if body == "BASE_MISSING" else lab0 / "model"
-    train_values = "{steps: 1, learning_rate: 0.1}" if body == "TRAIN_UNKNOWN" else "{steps: 1}"
+    train_values = {
+        "TRAIN_UNKNOWN": "{steps: 1, learning_rate: 0.1}",
+        "TRAIN_TOGETHER": "{steps: 1, together: maybe}",
+    }.get(body, "{steps: 1}")
     tasks = "" if case == "no-tasks-without-lab" else "evaluate: {tasks: [lab_knowledge]}\n"
     if body == "TASKS_DIR":  # a real tasks folder, and a task name it does not have
         from archs import write_tasks
@@ -312,7 +318,7 @@ def test_a_bad_experiment_file_exits_2_before_any_work(case, body, keys, cache, 
         tasks = f"evaluate: {{tasks: [my_mc, my_nope], tasks_dir: {json.dumps(str(folder))}}}\n"
     if body == "HELDOUT_MISSING":
         tasks = f"evaluate: {{heldout: [{json.dumps(str(tmp_path / 'nope.jsonl'))}]}}\n"
-    special = ("BASE_MISSING", "TRAIN_UNKNOWN", "TASKS_DIR", "HELDOUT_MISSING")
+    special = ("BASE_MISSING", "TRAIN_UNKNOWN", "TRAIN_TOGETHER", "TASKS_DIR", "HELDOUT_MISSING")
     extra = "" if body in special else body
     exp_file = write(
         tmp_path / f"{case}.yaml",

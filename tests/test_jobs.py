@@ -284,6 +284,13 @@ def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     assert not (cache / "runs").exists()
     r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
     assert r.returncode == 0 and "26 training runs" in r.stdout, r.stderr
+    assert "train together" in r.stdout
+    apart = cache.parent / "apart.yaml"
+    text = (ROOT / "experiments" / "lab.yaml").read_text()
+    apart.write_text(text.replace("  steps: 400\n", "  steps: 400\n  together: false\n"))
+    r = dtm_cli("run", apart, "--dry-run", cache=cache)
+    assert r.returncode == 0 and "26 training runs" in r.stdout, r.stderr
+    assert "train together" not in r.stdout
     assert not (cache / "lab").exists()
 
 
