@@ -164,6 +164,37 @@ def together_bench(lab: Path, repeats: int) -> None:
         f"  median of {repeats}: together {t:.1f} s, one after another {s:.1f} s: "
         f"{s / t:.2f}x faster together"
     )
+    from dataclasses import replace
+
+    from dtm.train.group import train_group
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = train_group([replace(c, out=f"{tmp}/{i}") for i, (_, c, _) in enumerate(subs)])
+        wall = time.perf_counter() - t0
+    steps_s = res["timings"].get("steps", 0.0)
+    print(
+        f"  the group in this process: {wall:.1f} s; "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(res["timings"].items()))
+    )
+    print(
+        f"  training steps: {1000 * steps_s / sum(steps):.1f} ms per member-step; real tokens "
+        f"{res['real_tokens']:.0%} of the shared batches' positions "
+        f"({res['real_tokens_alone']:.0%} had each member been padded alone)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        from dtm.train import train
+
+        cfg = subs[0][1]
+        t0 = time.perf_counter()
+        recs = train(replace(cfg, out=tmp))["metrics"]
+        alone = statistics.median(r["tokens_per_s"] for r in recs if r["tokens_per_s"])
+        print(
+            f"  one sub-model alone in this process: {time.perf_counter() - t0:.1f} s for "
+            f"{cfg.steps} steps; training {alone:.0f} tokens/s (the trainer's median), against "
+            f"{res['tokens'] / steps_s:.0f} tokens/s of all members' "
+            "tokens over the group's training-step time"
+        )
 
 
 def story_wall(lab: Path, together: bool) -> dict:

@@ -29,6 +29,7 @@ padded width and batch size, so the kernels add in another order (docs/training.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -49,6 +50,29 @@ from dtm.train.config import TrainConfig
 from dtm.train.rows import collate
 
 STEP0: dict = {}  # the step-0 scores of this process's group (see member_hook)
+
+
+class Timer:
+    """Seconds spent per part (exclusive: a part's time leaves out the parts inside it)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self.stack: list[float] = []
+
+    @contextlib.contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        self.stack.append(0.0)
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.total[key] = self.total.get(key, 0.0) + dt - self.stack.pop()
+            if self.stack:
+                self.stack[-1] += dt
+
+
+TIMER = Timer()  # this process's group: see train_group's "timings"
 EVAL_BATCH = 64  # the Trainer's per_device_eval_batch_size in dtm.train.loop
 EVAL_ROWS = 128  # rows per shared eval forward (members' batches packed together)
 SHARED = ("base", "trust_remote_code", "allow_pickle")  # what every member must share
@@ -205,8 +229,11 @@ def train_group(
     others continue from their last checkpoints; without, every member starts afresh.
     Raises ``Stopped`` after a stop request (every member's checkpoint saved),
     ``TrainingError`` when a member's loss became non-finite (the others finish first)
-    or a save failed. Returns
-    ``{"metrics": [records per member], "seconds"}``."""
+    or a save failed. Returns ``{"metrics": [records per member], "seconds", "timings":
+    {part: seconds} (steps, losses, scores, checkpoints, adapters, setup), "real_tokens":
+    the share of the shared batches' positions that are tokens, not padding, and
+    "real_tokens_alone": that share had each member's micro-batch been padded alone,
+    "tokens": the training tokens of every member}``."""
     import torch
     from peft import get_peft_model
     from transformers import set_seed
@@ -217,6 +244,7 @@ def train_group(
     check_members(cfgs)
     t0 = time.perf_counter()
     STEP0.clear()
+    TIMER.total.clear()
     loop._STOP.clear()
     progress = progress or (lambda what, frac: None)
     model, tok = load_base(
@@ -282,9 +310,16 @@ def train_group(
     if stopped:
         saved = ", ".join(str(last_checkpoint(m.ckpt_dir)) for m in stopped)
         raise Stopped(f"stopped on request; saved {saved}.")
+    seconds = time.perf_counter() - t0
+    timings = {k: round(v, 2) for k, v in TIMER.total.items()}
+    timings["setup"] = round(seconds - sum(TIMER.total.values()), 2)
     return {
         "metrics": [m.log.records for m in members],
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(seconds, 2),
+        "timings": timings,
+        "real_tokens": round(ctx.real / max(1, ctx.padded), 3),
+        "real_tokens_alone": round(ctx.real / max(1, ctx.alone), 3),
+        "tokens": ctx.real,
     }
 
 
@@ -349,7 +384,8 @@ def _setup_member(m: Member, model, named, routing, tok, on_record, i, hooks=Non
         saved = routing.segments
         routing.only(m.name)
         try:
-            res = hook(model, tok_, step)
+            with TIMER("scores"):
+                res = hook(model, tok_, step)
         finally:
             routing.segments = saved
         if step == 0:
@@ -400,6 +436,8 @@ class _Group:
         self.model, self.routing, self.members = model, routing, members
         self.collate, self.device, self.autocast = collate_fn, device, autocast
         self.progress, self.on_step = progress, on_step
+        # tokens, positions of the shared batches, positions were each member's padded alone
+        self.real = self.padded = self.alone = 0
         self.total = sum(m.steps for m in members)
 
     def _batch(self, parts: list[tuple[str, list[dict]]]) -> tuple[dict, list]:
@@ -435,6 +473,10 @@ class _Group:
     def micro_step(self, active: list[Member]) -> None:
         """One micro-batch of every active member in one forward and backward; a member
         whose step is complete then clips, steps its optimizer and schedule, and logs."""
+        with TIMER("steps"):
+            self._micro_step(active)
+
+    def _micro_step(self, active: list[Member]) -> None:
         for m in active:
             if not m.pending:
                 m.epoch_next, m.pending = next(m.plan)
@@ -446,6 +488,9 @@ class _Group:
                 m.log.step_begin()
         parts = [(m.name, [m.train_rows[i] for i in m.pending[0]]) for m in active]
         batch, segs = self._batch(parts)
+        self.real += int(batch["attention_mask"].sum())
+        self.padded += batch["attention_mask"].numel()
+        self.alone += sum(len(rs) * max(len(r["input_ids"]) for r in rs) for _, rs in parts)
         self.model.train()
         ce, mask, torch = self._token_losses(batch, segs)
         total = None
@@ -508,10 +553,13 @@ class _Group:
     def evaluate(self, due: list[Member]) -> None:
         """Record the probe and validation losses of each member in ``due`` at its current
         weights (eval mode): the Trainer's per-batch mean losses, averaged over rows."""
+        if due:
+            with TIMER("losses"):
+                self._evaluate(due)
+
+    def _evaluate(self, due: list[Member]) -> None:
         import torch
 
-        if not due:
-            return
         self.model.eval()
         jobs = []  # (member, split, rows)
         same_val: dict[str, str] = {}  # member -> the member whose validation loss it takes
@@ -562,6 +610,10 @@ class _Group:
         """``checkpoints/checkpoint-N`` in the Trainer's layout (adapter, optimizer,
         schedule, ``trainer_state.json`` last), the oldest beyond ``keep_checkpoints``
         removed; a failed write is a ``TrainingError`` naming what is left."""
+        with TIMER("checkpoints"):
+            self._save_checkpoint(m)
+
+    def _save_checkpoint(self, m: Member) -> None:
         import torch
 
         folder = m.ckpt_dir / f"checkpoint-{m.global_step}"
@@ -613,6 +665,10 @@ class _Group:
         ``fisher.safetensors``, the mean squared per-row gradient of their LoRA
         parameters on a seeded sample of ``fisher_size`` rows, one row of each member per
         shared pass (as ``baselines.adapter_fisher`` does one run's rows one at a time)."""
+        with TIMER("adapters"):
+            self._write_adapters(trained)
+
+    def _write_adapters(self, trained: list[Member]) -> None:
         import torch
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
