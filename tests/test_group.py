@@ -320,6 +320,10 @@ def test_a_group_is_one_ray_job_and_runs_on_the_worker_node(lab0, cache, tmp_pat
         assert r.state == "done" and [x["step"] for x in store.metrics(r.id)] == [0, 2, 4]
         assert (r.run_dir / "adapter" / "fisher.safetensors").exists()
         assert r.run_dir.parent == cache / "runs" / group.id
+    from dtm.merge.sources import merge_sources
+
+    [source] = merge_sources(store)  # the Merge page finds the members as sub-models
+    assert [p for _, p in source.subs] == [store.get(r.id).run_dir / "adapter" for r in rows]
     client = JobSubmissionClient(api)
     mine = [j for j in client.list_jobs() if (j.metadata or {}).get("dtm_job") == group.id]
     assert len(mine) == 1  # the whole group is one Ray job

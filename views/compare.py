@@ -81,7 +81,7 @@ def _jobs_of(group: str, table: pd.DataFrame, store) -> list:
     return [
         j
         for j in store.list(states=("done",))
-        if j.group == group or str(j.run_dir / "adapter") in used
+        if j.kind != "group" and (j.group == group or str(j.run_dir / "adapter") in used)
     ]
 
 

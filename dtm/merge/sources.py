@@ -22,7 +22,8 @@ def merge_sources(store) -> list[MergeSource]:
     """Groups with at least two finished ``sub`` jobs on one base model, newest first."""
     by_group: dict[tuple[str, str], list] = {}
     for j in store.list(states=("done",)):
-        by_group.setdefault((j.group or "", j.config["base"]), []).append(j)
+        if j.kind != "group":  # a group job's members have their own rows
+            by_group.setdefault((j.group or "", j.config["base"]), []).append(j)
     out = []
     for (group, base), jobs in by_group.items():
         subs = sorted((j for j in jobs if j.kind == "sub"), key=lambda j: j.config["cluster"])
