@@ -131,7 +131,8 @@ def test_the_whole_flow_in_chromium_survives_a_server_crash(dashboard, chromium,
         expect(pg.get_by_test_id("stException")).to_have_count(0)
         expect(pg.get_by_test_id("stAlertContentError")).to_have_count(0)
     store = jobs.JobStore(Registry(cache))
-    assert sorted(j.name for j in store.list()) == ["sft", "sub 0", "sub 1", "sub 2", "sub 3"]
+    names = sorted(j.name for j in store.list())  # one group job: SFT and the sub-models
+    assert names == ["dtm set", "sft", "sub 0", "sub 1", "sub 2", "sub 3"]
     pages[1].close()
 
     # The server dies with jobs running; a new one re-attaches to them.
@@ -144,7 +145,7 @@ def test_the_whole_flow_in_chromium_survives_a_server_crash(dashboard, chromium,
     end = time.time() + 600
     while time.time() < end and not all(j.state == "done" for j in store.list()):
         time.sleep(2)
-    assert [j.state for j in store.list()] == ["done"] * 5
+    assert [j.state for j in store.list()] == ["done"] * 6
     page.wait_for_timeout(3000)  # the jobs table refreshes every 2 s
     wait_idle(page)
     expect(page.locator(".st-key-curve_train .js-plotly-plot")).to_be_visible()
