@@ -249,6 +249,22 @@ def gpu_peak_flops() -> float:
     return float("nan")
 
 
+def timed_steps(step, steps: int, warmup: int) -> tuple[float, float]:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` calls, and the peak GPU
+    memory (GiB) over the timed ones."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def gpu_job(steps: int, micro_batch: int = 4, seq: int = 1024) -> dict:
     """LoRA training steps on a random Llama-2-7b-shaped model; tokens/s, memory, MFU."""
     import torch
@@ -281,21 +297,13 @@ def gpu_job(steps: int, micro_batch: int = 4, seq: int = 1024) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
+    secs, peak = timed_steps(step, steps, warmup=3)
     tps = steps * micro_batch * seq / secs
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "params": n_params,
         "tokens_per_s": round(tps, 1),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_mem_gib": peak,
         "mfu": round(lora_flops_per_token(n_params, n_lora) * tps / gpu_peak_flops(), 4),
         "gpu": torch.cuda.get_device_name(),
     }
@@ -346,18 +354,11 @@ def gpu_group(steps: int, k: int = 4, micro_batch: int = 1, seq: int = 1024) -> 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        tps = steps * rows * seq / (time.perf_counter() - t0)
+        secs, peak = timed_steps(step, steps, warmup=2)
+        tps = steps * rows * seq / secs
         out[mode] = {
             "tokens_per_s": round(tps, 1),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_mem_gib": peak,
             "mfu": round(lora_flops_per_token(n_params, n_lora) * tps / gpu_peak_flops(), 4),
         }
     return out

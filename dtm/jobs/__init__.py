@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dtm.errors import ConfigError
+from dtm.errors import ConfigError, Stopped
 from dtm.jobs.base import ACTIVE, FINAL, RESTARTABLE, Job, JobStore
 from dtm.jobs.local import LocalBackend, gpu_slots, max_parallel
 from dtm.models import check_base_path
@@ -299,7 +299,7 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
     """The body of a job process: train the job's configuration, recording state,
     progress and metrics in the registry, and one line per record in its log. SIGTERM
     asks for a checkpoint and a stop."""
-    from dtm.train import Stopped, request_stop, train
+    from dtm.train import request_stop, train
 
     store = JobStore()
     job = store.get(job_id)
@@ -308,21 +308,8 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
 
         return run_group(store, job, resume=resume)
     cfg = read_config(job.config)
-    signal.signal(signal.SIGTERM, lambda *_: request_stop())
     first = _checkpoint_step(job.run_dir) if resume else 0
-    claimed = store.update(
-        job.id,
-        only_if=("queued", "starting"),
-        state="running",
-        pid=os.getpid(),
-        proc_start=proc_start_time(os.getpid()),
-        started=time.time(),
-        step=first,
-        first_step=first,
-        error=None,
-    )
-    if not claimed:  # cancelled while it waited (a Ray job pending on resources)
-        raise Stopped(f"job {job.id} is {store.get(job.id).state}; not started.")
+    claim(store, job, step=first, first_step=first)
     last = [0.0]
 
     def on_step(step: int, total: int) -> None:
@@ -363,6 +350,27 @@ def run_job(job_id: str, *, resume: bool = False) -> dict:
         return {**res, "out": cfg.out}
     finally:
         pump(store)  # this job's slot is free: start the next one
+
+
+def claim(store: JobStore, job: Job, **fields) -> None:
+    """Mark ``job`` running in this process (SIGTERM then asks for a checkpoint and a
+    stop); ``Stopped`` when it was cancelled while it waited (a Ray job pending on
+    resources)."""
+    from dtm.train import request_stop
+
+    signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    claimed = store.update(
+        job.id,
+        only_if=("queued", "starting"),
+        state="running",
+        pid=os.getpid(),
+        proc_start=proc_start_time(os.getpid()),
+        started=time.time(),
+        error=None,
+        **fields,
+    )
+    if not claimed:
+        raise Stopped(f"job {job.id} is {store.get(job.id).state}; not started.")
 
 
 def _checkpoint_step(run_dir: Path) -> int:

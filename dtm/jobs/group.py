@@ -3,20 +3,17 @@ with each member's row in the registry kept up to date: state, progress, metrics
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 from dtm.errors import Stopped
 from dtm.jobs.base import Job, JobStore
-from dtm.store import proc_start_time
 from dtm.train.config import read_config
 
 
 def run_group(store: JobStore, job: Job, *, resume: bool = False) -> dict:
     """Train the group ``job``'s members; SIGTERM (a cancel) saves every member's
     checkpoint and stops. A resumed group skips the members that are done."""
-    from dtm.jobs import _checkpoint_step, pump
+    from dtm.jobs import _checkpoint_step, claim, pump
     from dtm.train import request_stop
     from dtm.train.group import train_group
 
@@ -24,19 +21,8 @@ def run_group(store: JobStore, job: Job, *, resume: bool = False) -> dict:
     by_out = {str(m.run_dir): m for m in members}
     cfgs = [read_config(c) for c in job.config["members"]]
     rows = [by_out[c.out] for c in cfgs]
-    signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    claim(store, job)
     now = time.time()
-    claimed = store.update(
-        job.id,
-        only_if=("queued", "starting"),
-        state="running",
-        pid=os.getpid(),
-        proc_start=proc_start_time(os.getpid()),
-        started=now,
-        error=None,
-    )
-    if not claimed:
-        raise Stopped(f"job {job.id} is {store.get(job.id).state}; not started.")
     for r in rows:
         if r.state != "done" or not resume:
             first = _checkpoint_step(r.run_dir) if resume else 0

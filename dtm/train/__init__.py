@@ -75,12 +75,12 @@ def train(
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.kind == "subs":  # each member builds its own eval hook
+        return train_subs(cfg, progress, resume=resume)
     if eval_hook is None:
         eval_hook = hook_for(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if cfg.kind == "subs":
-        return train_subs(cfg, progress, resume=resume)
     if cfg.kind != "soup":
         res = run_one(cfg, out, eval_hook, progress, resume, on_record, on_step)
         _write_config(cfg, out, res["resolved"])

@@ -163,6 +163,7 @@ class Member:
     epoch: float = 0.0
     pending: list = field(default_factory=list)  # this step's micro-batches still to run
     epoch_next: float = 0.0  # the epoch after the step in progress
+    targets: list = field(default_factory=list)  # each training row's predicted tokens
     num_items: int = 0
     tr_loss: Any = None
     last_logged: int = 0
@@ -409,6 +410,8 @@ def _start(m: Member, model, resume: bool) -> None:
 
     ckpt, records = loop.start_point(m.out, m.ckpt_dir, resume)
     m.log.records[:] = records
+    # the loss of a step is over the tokens its rows predict (the Trainer's num_items)
+    m.targets = [sum(1 for x in r["labels"][1:] if x != -100) for r in m.train_rows]
     m.plan = step_plan(
         len(m.train_rows),
         m.cfg.seed,
@@ -452,7 +455,6 @@ class _Group:
     def _token_losses(self, batch: dict, segs) -> Any:
         """(rows, width) cross-entropy per target token (0 where there is none), as the
         model's own causal-LM loss computes it before its reduction."""
-        import torch
         import torch.nn.functional as F
 
         self.routing.segments = segs
@@ -468,7 +470,7 @@ class _Group:
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
         )
-        return ce.view(labels.shape), labels.ne(-100), torch
+        return ce.view(labels.shape), labels.ne(-100)
 
     def micro_step(self, active: list[Member]) -> None:
         """One micro-batch of every active member in one forward and backward; a member
@@ -477,14 +479,12 @@ class _Group:
             self._micro_step(active)
 
     def _micro_step(self, active: list[Member]) -> None:
+        import torch
+
         for m in active:
             if not m.pending:
                 m.epoch_next, m.pending = next(m.plan)
-                m.num_items = sum(
-                    sum(1 for x in m.train_rows[i]["labels"][1:] if x != -100)
-                    for mb in m.pending
-                    for i in mb
-                )
+                m.num_items = sum(m.targets[i] for mb in m.pending for i in mb)
                 m.log.step_begin()
         parts = [(m.name, [m.train_rows[i] for i in m.pending[0]]) for m in active]
         batch, segs = self._batch(parts)
@@ -492,7 +492,7 @@ class _Group:
         self.padded += batch["attention_mask"].numel()
         self.alone += sum(len(rs) * max(len(r["input_ids"]) for r in rs) for _, rs in parts)
         self.model.train()
-        ce, mask, torch = self._token_losses(batch, segs)
+        ce, _ = self._token_losses(batch, segs)
         total = None
         for m, (_, s, e) in zip(active, segs, strict=True):
             loss = ce[s:e].sum() / m.num_items
@@ -581,7 +581,7 @@ class _Group:
                 continue
             if packed:
                 batch, segs = self._batch([(m.name, rows) for m, _, rows in packed])
-                ce, mask, _ = self._token_losses(batch, segs)
+                ce, mask = self._token_losses(batch, segs)
                 for (m, split, rows), (_, s, e) in zip(packed, segs, strict=True):
                     mean = ce[s:e].sum() / mask[s:e].sum()
                     losses.setdefault((m.name, split), []).append(mean.repeat(len(rows)))
@@ -656,7 +656,8 @@ class _Group:
         the middle of a step (gradient accumulation) stops after it."""
         for m in self.members:
             if m.state == "training" and not m.pending:
-                if not checkpoints(m.ckpt_dir) or checkpoints(m.ckpt_dir)[-1][0] != m.global_step:
+                saved = checkpoints(m.ckpt_dir)
+                if not saved or saved[-1][0] != m.global_step:
                     self.save_checkpoint(m)
                 m.state = "stopped"
 
@@ -687,7 +688,7 @@ class _Group:
         for i in range(longest):
             now = [m for m in subs if i < len(samples[m.name])]
             batch, segs = self._batch([(m.name, [samples[m.name][i]]) for m in now])
-            ce, mask, _ = self._token_losses(batch, segs)
+            ce, mask = self._token_losses(batch, segs)
             total = sum(ce[s:e].sum() / mask[s:e].sum() for _, s, e in segs)
             total.backward()
             for m in now:
