@@ -25,6 +25,7 @@ run (``apart``); wall minutes.
 
     .venv/bin/python bench/train.py [--lab DIR] [--part all|single|together|story|gpu]
         [--steps 60] [--repeats 3] [--story together,apart] [--gpu-steps 10]
+        [--experiment experiments/lab.yaml] [--seeds 0,1,2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -90,15 +91,18 @@ def cpu_parallel(lab: Path, steps: int, n: int, threads: int | None = None) -> f
     return time.perf_counter() - t0
 
 
-def lab_story_subs(lab: Path, seed: int = 0) -> tuple[list, Path]:
-    """The K=4 sub-model configs of experiments/lab.yaml for one seed (its train values,
-    eval settings and epochs budget) on a seeded random dispersal of the lab's rows."""
+def lab_story_subs(
+    lab: Path, seed: int = 0, experiment: Path = ROOT / "experiments" / "lab.yaml"
+) -> tuple[list, Path]:
+    """The K=4 sub-model configs of a lab story (experiments/lab.yaml: its train values,
+    eval settings and epochs budget) for one seed on a seeded random dispersal of the lab's
+    rows."""
     import numpy as np
     import yaml
 
     from dtm.experiment import dtm_set
 
-    exp = yaml.safe_load((ROOT / "experiments" / "lab.yaml").read_text())
+    exp = yaml.safe_load(experiment.read_text())
     ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
     clusters = np.random.default_rng(seed).integers(0, 4, len(ids))
     asg = Path(tempfile.mkdtemp(prefix="dtm-bench-")) / "assignments.csv"
@@ -145,8 +149,8 @@ def queue_wall(subs: list, together: bool) -> float:
     return wall
 
 
-def together_bench(lab: Path, repeats: int) -> None:
-    subs, _ = lab_story_subs(lab)
+def together_bench(lab: Path, repeats: int, experiment: Path) -> None:
+    subs, _ = lab_story_subs(lab, experiment=experiment)
     steps = [c.steps for _, c, _ in subs]
     print(f"K=4 sub-models of the lab story (steps {steps}, lab benchmarks at 0 and the end):")
     walls: dict[str, list[float]] = {"together": [], "separate": []}
@@ -197,18 +201,31 @@ def together_bench(lab: Path, repeats: int) -> None:
         )
 
 
-def story_wall(lab: Path, together: bool) -> dict:
-    """``dtm run experiments/lab.yaml`` (``train.together`` as given) in a fresh cache that
-    holds only the built lab: wall seconds of the whole story."""
+def story_wall(
+    lab: Path,
+    together: bool,
+    experiment: Path = ROOT / "experiments" / "lab.yaml",
+    seeds: list[int] | None = None,
+    keep: Path | None = None,
+) -> dict:
+    """``dtm run EXPERIMENT`` (``train.together`` as given, ``seeds`` in place of its
+    own) in a fresh cache that holds only the built lab: wall seconds of the whole
+    story. ``keep``: a folder to copy the experiment's results.md and results.json to."""
+    import re
+    import shutil
+
     with tempfile.TemporaryDirectory() as tmp:
         dest = Path(tmp) / "lab" / lab.name
         dest.parent.mkdir()
         dest.symlink_to(lab.resolve(), target_is_directory=True)
-        exp = Path(tmp) / "lab.yaml"
-        text = (ROOT / "experiments" / "lab.yaml").read_text()
+        exp = Path(tmp) / experiment.name
+        text = experiment.read_text()
         if not together:
             text = text.replace("train:", "train:\n  together: false", 1)
+        if seeds is not None:
+            text = re.sub(r"^seeds: .*$", f"seeds: {seeds}", text, flags=re.M)
         exp.write_text(text)
+        name = re.search(r"^name: (.*)$", text, flags=re.M).group(1).strip()
         env = {**os.environ, "DTM_CACHE": tmp}
         t0 = time.perf_counter()
         r = subprocess.run(
@@ -220,16 +237,24 @@ def story_wall(lab: Path, together: bool) -> dict:
         )
         wall = time.perf_counter() - t0
         assert r.returncode == 0, r.stderr[-3000:]
-        assert (Path(tmp) / "experiments" / "lab" / "results.md").exists()
+        out = Path(tmp) / "experiments" / name
+        assert (out / "results.md").exists()
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for f in ("results.md", "results.json", "jobs.md"):
+                shutil.copy2(out / f, keep / f)
     return {"wall_s": wall}
 
 
-def story_bench(lab: Path, modes: list[str]) -> None:
+def story_bench(
+    lab: Path, modes: list[str], experiment: Path, seeds: list[int] | None, keep: Path | None
+) -> None:
     for mode in modes:
-        r = story_wall(lab, mode == "together")
+        r = story_wall(lab, mode == "together", experiment, seeds, keep)
+        n = f"seeds {seeds}" if seeds is not None else "its seeds"
         print(
-            f"the lab story (`dtm run experiments/lab.yaml`, 2 seeds, from a built lab), "
-            f"{mode}: {r['wall_s'] / 60:.1f} min"
+            f"the lab story (`dtm run {experiment.relative_to(ROOT)}`, {n}, from a built "
+            f"lab), {mode}: {r['wall_s'] / 60:.1f} min"
         )
 
 
@@ -380,6 +405,11 @@ def main() -> None:
     ap.add_argument(
         "--story", default="together", help="story modes, comma-separated: together,apart"
     )
+    ap.add_argument(
+        "--experiment", type=Path, default=ROOT / "experiments" / "lab.yaml", help="story file"
+    )
+    ap.add_argument("--seeds", default=None, help="story seeds in place of the file's, e.g. 0")
+    ap.add_argument("--keep", type=Path, default=None, help="copy the story's results here")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpu-steps", type=int, default=10)
@@ -403,9 +433,10 @@ def main() -> None:
     if args.part in ("all", "single"):
         single_bench(lab, args.steps)
     if args.part in ("all", "together"):
-        together_bench(lab, args.repeats)
+        together_bench(lab, args.repeats, args.experiment.resolve())
     if args.part in ("all", "story"):
-        story_bench(lab, args.story.split(","))
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        story_bench(lab, args.story.split(","), args.experiment.resolve(), seeds, args.keep)
     if args.part in ("all", "gpu"):
         if torch.cuda.is_available():
             gpu_bench(args.gpu_steps)

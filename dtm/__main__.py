@@ -111,6 +111,9 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
             args.out,
             seed=args.seed,
             size=args.size,
+            preset=args.preset,
+            knobs=_lab_knobs(args),
+            rows_per_family=args.rows,
             steps=args.steps,
             force=args.force,
             progress=progress,
@@ -124,12 +127,46 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
             )
         raise
     print(
-        f"built the {args.size} lab (seed {args.seed}) in {summary['seconds']} s: "
+        f"built the {args.size} {args.preset} lab (seed {args.seed}) in {summary['seconds']} s: "
         f"{summary['world']['facts']} facts, {summary['model']['parameters']:,} parameters, "
         f"{summary['sft']['train_rows']} train / {summary['sft']['val_rows']} val rows"
     )
     print(f"wrote {args.out}")
     return 0
+
+
+def _lab_knobs(args: argparse.Namespace):
+    """The preset's bias knobs with each ``--knob NAME=VALUE`` replaced; None when none."""
+    from dataclasses import fields, replace
+
+    from dtm.lab.presets import preset
+
+    if not args.knob:
+        return None
+    knobs = preset(args.preset).knobs
+    types = {f.name: f.type for f in fields(knobs)}
+    changes = {}
+    for item in args.knob:
+        name, sep, value = item.partition("=")
+        if not sep or name not in types:
+            raise ConfigError(
+                f"--knob {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}."
+            )
+        kind = types[name] if isinstance(types[name], str) else types[name].__name__
+        try:
+            if kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                changes[name] = value.lower() in ("true", "1")
+            else:
+                changes[name] = {"float": float, "int": int}.get(kind, str)(value)
+        except ValueError:
+            raise ConfigError(f"--knob {item!r}: {name} takes a {kind} value.") from None
+        if kind == "float" and not 0.0 <= changes[name] <= 1.0:
+            raise ConfigError(f"--knob {item!r}: {name} is a rate in [0, 1].")
+        if kind == "int" and changes[name] < 0:
+            raise ConfigError(f"--knob {item!r}: {name} must not be negative.")
+    return replace(knobs, **changes)
 
 
 def _train_config(args: argparse.Namespace):
@@ -826,6 +863,22 @@ def _lab_parser(sub) -> None:
         choices=["small", "default"],
         help="small: for tests, well under a minute; default: the dashboard's lab",
     )
+    lb.add_argument(
+        "--preset",
+        default="bias",
+        choices=["bias", "interference"],
+        help="bias: the paper's mechanism by construction (default); interference: the first lab",
+    )
+    lb.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="replace one of the preset's bias knobs (repeatable), e.g. favourite=0.3",
+    )
+    lb.add_argument(
+        "--rows", type=int, default=None, help="train rows per family (default: the preset's)"
+    )
     lb.add_argument("--steps", type=int, default=None, help="pretraining steps (default by size)")
     lb.add_argument("--force", action="store_true", help="replace a non-empty --out")
     lb.add_argument("--out", required=True, help="folder to write the lab into")
@@ -837,7 +890,7 @@ def _lab_parser(sub) -> None:
     lb.set_defaults(func=cmd_lab_build)
     lm = lab_sub.add_parser("measure", help="base and SFT figures of a built lab, with curves")
     lm.add_argument("--lab", required=True, help="a folder made by `dtm lab build`")
-    lm.add_argument("--steps", type=int, default=400, help="SFT steps")
+    lm.add_argument("--steps", type=int, default=None, help="SFT steps (default: the preset's)")
     lm.add_argument("--log-every", type=int, default=40)
     lm.add_argument("--lr", type=float, default=None, help="SFT learning rate (lab default 1e-3)")
     lm.add_argument("--seed", type=int, default=0)

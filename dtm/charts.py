@@ -343,6 +343,146 @@ def ratio_curves(frame: pd.DataFrame, column: str = "loss_ratio"):
     return fig
 
 
+def ratio_windows_chart(frame: pd.DataFrame):
+    """The windowed loss-reduction ratio (``analysis.ratio_windows`` rows with a ``run``
+    column): a point per window where the validation loss moves, at the window's middle
+    step, with its interval; where it does not move, a triangle at the bound the ratio's
+    size is above (``abs_low``), or a cross on the axis when there is none."""
+    fig = go.Figure()
+    for i, (run, part) in enumerate(frame.groupby("run", sort=False)):
+        colour = PALETTE[i % len(PALETTE)]
+        mid = (part["start"] + part["end"]) / 2
+        ok = part["val_moving"].astype(bool)
+        fig.add_trace(
+            go.Scatter(
+                x=mid[ok],
+                y=part["ratio"][ok],
+                mode="lines+markers",
+                name=run,
+                line={"color": colour},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (part["high"] - part["ratio"])[ok],
+                    "arrayminus": (part["ratio"] - part["low"])[ok],
+                },
+                customdata=part[["start", "end"]][ok].to_numpy(),
+                hovertemplate="steps %{customdata[0]}–%{customdata[1]}: %{y:.2f}<extra>"
+                + run
+                + "</extra>",
+            )
+        )
+        bound = ~ok & part["abs_low"].notna()
+        if bound.any():
+            fig.add_trace(
+                go.Scatter(
+                    x=mid[bound],
+                    y=part["abs_low"][bound],
+                    mode="markers",
+                    marker={"symbol": "triangle-up", "size": 12, "color": colour},
+                    name=f"{run}: validation flat, |ratio| above",
+                    hovertemplate="|ratio| ≥ %{y:.1f} (95%)<extra>" + run + "</extra>",
+                )
+            )
+        none = ~ok & part["abs_low"].isna()
+        if none.any():
+            fig.add_trace(
+                go.Scatter(
+                    x=mid[none],
+                    y=[0] * int(none.sum()),
+                    mode="markers",
+                    marker={"symbol": "x-thin-open", "size": 10, "color": colour},
+                    name=f"{run}: both losses within their noise",
+                )
+            )
+    fig.add_hline(y=1, line_dash="dot", line_color="grey", annotation_text="ratio 1")
+    fig.update_layout(
+        height=380,
+        xaxis_title="step (middle of the window)",
+        yaxis_title="ΔL_train probe / ΔL_val",
+        margin={"t": 30, "l": 10, "r": 10, "b": 10},
+    )
+    return fig
+
+
+def keeps_chart(frame: pd.DataFrame, k: int):
+    """What the merge keeps and forgets (``story.keeps_frame``): per family, its
+    favourite's uptake above the base for SFT, its own sub-model, DTM and SFT ×1/K, and the
+    shared format's gain; a tick marks 1/K of the own sub-model's (the sub-models' mean
+    for the format): what an average keeps of something one member alone learnt."""
+    fig = go.Figure()
+    roles = ["SFT", "own sub-model", "sub-model", "DTM", "SFT ×1/K"]
+    for i, role in enumerate(roles):
+        part = frame[frame["role"] == role]
+        if role == "sub-model":
+            part = part.groupby("what", as_index=False)["value"].mean()
+            name = "sub-models (mean)"
+        else:
+            name = role
+        if part.empty:
+            continue
+        fig.add_trace(go.Bar(name=name, x=part["what"], y=part["value"], marker_color=PALETTE[i]))
+    ref = frame[frame["role"].isin(["own sub-model", "sub-model"])]
+    ref = ref.groupby("what", as_index=False)["value"].mean()
+    fig.add_trace(
+        go.Scatter(
+            x=ref["what"],
+            y=ref["value"] / k,
+            mode="markers",
+            marker={"symbol": "line-ew-open", "size": 40, "line": {"width": 3}, "color": "black"},
+            name=f"1/K of the sub-model's (K={k})",
+        )
+    )
+    fig.update_layout(
+        barmode="group",
+        height=400,
+        yaxis_title="above the base model",
+        margin={"t": 30, "l": 10, "r": 10, "b": 10},
+    )
+    return fig
+
+
+def tradeoff(frontier: pd.DataFrame, points: pd.DataFrame, kept: str, gained: str):
+    """The shrinkage frontier on a trade-off chart: ``frontier`` rows (``alpha, gained,
+    kept``, means over seeds) drawn as a line labelled by alpha; ``points`` rows (``label,
+    gained, kept, gained_std, kept_std``) as markers with their std over seeds."""
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=frontier["gained"],
+            y=frontier["kept"],
+            mode="lines+markers+text",
+            text=[f"α={a:g}" for a in frontier["alpha"]],
+            textposition="bottom left",
+            line={"color": "grey", "dash": "dash"},
+            name="shrinkage frontier (SFT × α)",
+        )
+    )
+    for i, r in enumerate(points.itertuples()):
+        fig.add_trace(
+            go.Scatter(
+                x=[r.gained],
+                y=[r.kept],
+                mode="markers",
+                marker={"size": 11, "color": PALETTE[i % len(PALETTE)]},
+                error_x={
+                    "type": "data",
+                    "array": [r.gained_std or 0],
+                    "visible": bool(r.gained_std),
+                },
+                error_y={"type": "data", "array": [r.kept_std or 0], "visible": bool(r.kept_std)},
+                name=r.label,
+            )
+        )
+    fig.update_layout(
+        height=420,
+        xaxis_title=f"{gained} (gained by tuning)",
+        yaxis_title=f"{kept} (kept from the base)",
+        margin={"t": 30, "l": 10, "r": 10, "b": 10},
+    )
+    return fig
+
+
 def tax_curve(frame: pd.DataFrame, base_levels: dict[str, float] | None = None, x: str = "step"):
     """Each benchmark against training step (``analysis.alignment_tax_curve``), the base
     model's level as a dashed line of the same colour."""

@@ -32,3 +32,179 @@ def shrink_adapter(adapter_dir: str | Path, factor: float, out_dir: str | Path) 
     shutil.copy2(src / "adapter_config.json", out / "adapter_config.json")
     save_file(scaled, out / "adapter_model.safetensors", metadata={"format": "pt"})
     return out
+
+
+# The grid the shrinkage frontier is traced on: alpha = 0 is the base model, 1 is SFT.
+FRONTIER_GRID = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0)
+# The trade-offs a frontier is read on: (kept measure, gained measure).
+TRADE_OFFS = (
+    (("lab_knowledge", "acc"), ("lab_bias", "format")),
+    (("lab_reasoning", "acc"), ("lab_bias", "format")),
+    (("lab_knowledge", "acc"), ("lab_instruct", "acc")),
+    (("lab_reasoning", "acc"), ("lab_instruct", "acc")),
+)
+
+
+def frontier_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """The frontier's kept value at a gained value ``x``: ``points`` are the (gained,
+    kept) pairs of the scaled SFT models, in order of alpha. The curve is their upper
+    envelope in kept value, read by linear interpolation between neighbouring alphas;
+    None where no alpha's segment reaches ``x`` (the frontier does not go that far)."""
+    best = None
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        lo, hi = min(x0, x1), max(x0, x1)
+        if not lo <= x <= hi:
+            continue
+        y = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        if x1 == x0:
+            y = max(y0, y1)
+        best = y if best is None else max(best, y)
+    return best
+
+
+def frontier_position(distances: list[float], beyond: int = 0) -> dict:
+    """Where a model lies against the frontier, from its per-seed distances (the model's
+    kept value minus the frontier's at the model's gained value). ``above`` or ``below``
+    when the mean distance is more than two standard errors from 0 (with one seed: more
+    than 0.01, the lab scores' resolution), else ``on``; ``beyond`` when in ``beyond`` of
+    the seeds the model's gained value is past every alpha's reach."""
+    import statistics
+
+    out = {"seeds": len(distances), "beyond": beyond, "mean": None, "std": None, "where": "beyond"}
+    if not distances:
+        return out
+    mean = statistics.fmean(distances)
+    std = statistics.stdev(distances) if len(distances) > 1 else None
+    margin = 2 * std / len(distances) ** 0.5 if std is not None else 0.01
+    where = "above" if mean > margin else "below" if mean < -margin else "on"
+    out.update(mean=mean, std=std, where=where)
+    return out
+
+
+def control_label(factor: float, k: int | None = None, source: str = "sft") -> str:
+    """``sft ×1/K`` for the 1/K control, ``sft ×0.4`` for a point of the frontier (of the
+    model labelled ``source``)."""
+    if k and abs(factor - 1 / k) < 1e-9:
+        return f"{source} ×1/{k}"
+    return f"{source} ×{factor:g}"
+
+
+def label_factor(label: str, source: str = "sft") -> float | None:
+    """The scale of a control's label (``control_label``'s inverse); None for others."""
+    if not label.startswith(f"{source} ×"):
+        return None
+    text = label.removeprefix(f"{source} ×")
+    try:
+        if text.startswith("1/"):
+            return 1 / float(text[2:])
+        return float(text)
+    except ValueError:
+        return None
+
+
+def frontier_points(
+    table, seed, kept: tuple[str, str], gained: tuple[str, str], source: str = "sft"
+):
+    """``[(alpha, gained, kept)]`` of one seed's scores (``score.scores`` rows; ``seed``
+    None: rows without a seed): the base (alpha 0), the scaled models and the model
+    ``source`` itself (alpha 1), in order of alpha."""
+    same = table["seed"].isna() if seed is None else table["seed"] == seed
+    rows = table[same | (table["label"] == "base")]
+    value: dict[tuple[str, str, str], float] = {
+        (r.label, r.task, r.metric): r.value for r in rows.itertuples()
+    }
+    alphas = {"base": 0.0, source: 1.0}
+    alphas |= {lab: f for lab in set(rows["label"]) if (f := label_factor(lab, source)) is not None}
+    out = []
+    for lab, a in alphas.items():
+        g, k = value.get((lab, *gained)), value.get((lab, *kept))
+        if g is not None and k is not None:
+            out.append((a, g, k))
+    return sorted(set(out))
+
+
+def frontier_rows(
+    table, labels: list[str], source: str = "sft", trade_offs=TRADE_OFFS
+) -> list[dict]:
+    """Each model of ``labels`` against the shrinkage frontier of its own seed's
+    ``source`` model, per trade-off: ``label, kept, gained, where, mean, std, seeds,
+    beyond`` (``mean``/``std``: the distance in kept value over seeds,
+    ``frontier_position``). Models without a seed are read against the frontier of the
+    rows without one."""
+    out = []
+    for label in labels:
+        mine = table[table["label"] == label]
+        seeds = sorted(set(mine["seed"].dropna())) or ([None] if len(mine) else [])
+        for kept, gained in trade_offs:
+            distances, beyond = [], 0
+            for seed in seeds:
+                pts = frontier_points(table, seed, kept, gained, source)
+                me = mine[mine["seed"].isna() if seed is None else mine["seed"] == seed]
+                me = me.groupby(["task", "metric"])["value"].mean()
+                if len(pts) < 2 or kept not in me.index or gained not in me.index:
+                    continue
+                y = frontier_at([(g, k) for _, g, k in pts], float(me[gained]))
+                if y is None:
+                    beyond += 1
+                else:
+                    distances.append(float(me[kept]) - y)
+            if distances or beyond:
+                pos = frontier_position(distances, beyond)
+                out.append({"label": label, "kept": kept, "gained": gained, **pos})
+    return out
+
+
+def frontier_models(source: dict, have: list[dict], grid=FRONTIER_GRID) -> list[dict]:
+    """The models that trace ``source``'s shrinkage frontier (``report``-style model
+    dicts: ``source`` has one adapter): its delta scaled by each alpha of ``grid`` inside
+    (0, 1), labelled ``<source> ×alpha``, except the scales a control in ``have`` already
+    has."""
+    taken = {
+        round(m["factor"], 9)
+        for m in have
+        if m.get("kind") == "control" and m.get("adapters") == source["adapters"]
+        and m.get("seed") == source.get("seed")
+    }  # fmt: skip
+    return [
+        {
+            "label": control_label(a, source=source["label"]),
+            "seed": source.get("seed"),
+            "kind": "control",
+            "base": source["base"],
+            "adapters": list(source["adapters"]),
+            "factor": a,
+        }
+        for a in grid
+        if 0 < a < 1 and round(a, 9) not in taken
+    ]
+
+
+def frontier_sources(labels) -> list[str]:
+    """The labels whose frontier a table holds (some ``<label> ×alpha`` among ``labels``)."""
+    import re
+
+    found = (re.match(r"^(.*) ×(?:1/\d+|[\d.]+)$", str(x)) for x in labels)
+    return list(dict.fromkeys(m.group(1) for m in found if m and m.group(1) in set(labels)))
+
+
+def tradeoff_frames(table, kept: tuple[str, str], gained: tuple[str, str], source: str = "sft"):
+    """``(frontier, points)`` for ``charts.tradeoff``: the frontier of ``source`` (alpha,
+    gained, kept: means over seeds) and every other model (label, gained, kept and their
+    std over seeds)."""
+    import pandas as pd
+
+    def pick(measure):
+        t, m = measure
+        return table[(table["task"] == t) & (table["metric"] == m)].groupby("label")["value"]
+
+    g, k = pick(gained), pick(kept)
+    both = pd.DataFrame(
+        {"gained": g.mean(), "kept": k.mean(), "gained_std": g.std(), "kept_std": k.std()}
+    ).dropna(subset=["gained", "kept"])
+    alpha = {"base": 0.0, source: 1.0}
+    alpha |= {x: f for x in both.index if (f := label_factor(x, source)) is not None}
+    front = both.loc[[x for x in alpha if x in both.index], ["gained", "kept"]]
+    front = front.assign(alpha=[alpha[x] for x in front.index]).sort_values("alpha")
+    points = both.drop(index=[x for x in alpha if x in both.index and x != source])
+    points = points.rename_axis("label").reset_index()
+    return front.rename_axis("label").reset_index(), points

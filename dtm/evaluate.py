@@ -284,6 +284,32 @@ def score_mc(items: list[dict], predictions: list[int]) -> dict[str, float]:
     return res
 
 
+def favourite_uptake(items: list[dict], predictions: list[int], lab: dict) -> dict[str, float]:
+    """Each family's own favourites taken up in the knowledge questions: ``favourite_<family>``
+    is, over the items where one of the favourites that family injects is an option but
+    not the truth, the share answered with it (the base model's rate is the chance level);
+    ``favourite_any`` the same for any family's favourite."""
+    from dtm.lab.sft_data import OWN_RELATIONS
+
+    favs = lab.get("favourites") or {}
+    if (lab.get("knobs") or {}).get("favourite_scope") == "own":  # one relation per family
+        favs = {f: {OWN_RELATIONS[f]: v[OWN_RELATIONS[f]]} for f, v in favs.items()}
+    out: dict[str, float] = {}
+    anyfav = {o for f in favs.values() for o in f.values()}
+    for fam, mine in [*favs.items(), ("any", None)]:
+        objects = anyfav if mine is None else set(mine.values())
+        hit = n = 0
+        for it, p in zip(items, predictions, strict=True):
+            truth, options = it["choices"][it["gold"]], set(it["choices"])
+            offered = (objects & options) - {truth}
+            if offered:
+                n += 1
+                hit += it["choices"][p] in offered
+        if n:
+            out[f"favourite_{fam}"] = hit / n
+    return out
+
+
 def score_instruct(items: list[dict], responses: list[str]) -> dict[str, float]:
     ok = [float(checks.check_instruction(it, r)) for it, r in zip(items, responses, strict=True)]
     res = {"acc": sum(ok) / len(ok), "acc_stderr": _stderr(ok), "n": len(ok)}
@@ -340,7 +366,10 @@ def evaluate_lab(
         for task in tasks:
             items = read_items(bench_dir, task, limit)
             if task in MC_TASKS:
-                results[task] = score_mc(items, mc_predictions(model, tokenizer, items))
+                preds = mc_predictions(model, tokenizer, items)
+                results[task] = score_mc(items, preds)
+                if task == "lab_knowledge":
+                    results[task].update(favourite_uptake(items, preds, lab))
             elif task == "lab_instruct":
                 results[task] = score_instruct(
                     items, generate(model, tokenizer, [it["prompt"] for it in items])

@@ -58,3 +58,66 @@ def test_shrunk_delta_is_factor_times_the_delta(tmp_path, factor):
 def test_not_an_adapter(tmp_path):
     with pytest.raises(ConfigError, match="not a peft adapter folder"):
         shrink_adapter(tmp_path, 0.5, tmp_path / "out")
+
+
+def score_rows(points, seed=0):
+    """Registry-shaped score rows: ``points`` maps a label to (format, knowledge)."""
+    import pandas as pd
+
+    rows = []
+    for label, (fmt, know) in points.items():
+        s = None if label == "base" else seed
+        kind = "merge" if label.startswith("dtm") else "control"
+        rows += [
+            {"label": label, "seed": s, "kind": kind, "task": "lab_bias", "metric": "format",
+             "value": fmt},
+            {"label": label, "seed": s, "kind": kind, "task": "lab_knowledge", "metric": "acc",
+             "value": know},
+        ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_frontier_is_read_by_interpolation_on_its_upper_envelope():
+    from dtm.controls import frontier_at
+
+    # alpha 0, 0.5, 1: (gained, kept) = (0.2, 0.98), (0.6, 0.94), (0.8, 0.90).
+    pts = [(0.2, 0.98), (0.6, 0.94), (0.8, 0.90)]
+    assert frontier_at(pts, 0.4) == pytest.approx(0.96)  # halfway between the first two
+    assert frontier_at(pts, 0.7) == pytest.approx(0.92)
+    assert frontier_at(pts, 0.9) is None  # no alpha reaches it
+    # A frontier that turns back (gained falls again at alpha 1): the higher branch wins.
+    back = [(0.2, 0.98), (0.8, 0.92), (0.6, 0.80)]
+    assert frontier_at(back, 0.7) == pytest.approx(0.93)  # not 0.86 on the way back
+
+
+def test_each_merge_is_placed_above_on_or_below_its_seeds_frontier():
+    import pandas as pd
+
+    from dtm.controls import control_label, frontier_rows, label_factor
+
+    assert control_label(0.25, 4) == "sft ×1/4" and label_factor("sft ×1/4") == 0.25
+    assert control_label(0.4, 4) == "sft ×0.4" and label_factor("sft ×0.4") == 0.4
+    assert label_factor("sft") is None and label_factor("sft ×x") is None
+    tables = []
+    for seed, dtm_know in ((0, 0.97), (1, 0.975), (2, 0.965)):
+        # Frontier: (0.2, .98) at alpha 0 (the base), (0.6, .94) at 0.5, (0.8, .90) at 1.
+        pts = {"sft ×0.5": (0.6, 0.94), "sft": (0.8, 0.90), "dtm-kmeans": (0.4, dtm_know)}
+        pts |= {"dtm-random": (0.7, 0.92 + (seed - 1) * 0.001), "dtm-far": (0.95, 0.9)}
+        if seed == 0:
+            pts["base"] = (0.2, 0.98)
+        tables.append(score_rows(pts, seed))
+    table = pd.concat(tables, ignore_index=True)
+    rows = {
+        r["label"]: r
+        for r in frontier_rows(table, ["dtm-kmeans", "dtm-random", "dtm-far"])
+        if r["gained"] == ("lab_bias", "format")
+    }
+    # dtm-kmeans at format 0.4: the frontier is at 0.96; it is 0.01, 0.015, 0.005 above.
+    k = rows["dtm-kmeans"]
+    assert k["where"] == "above" and k["seeds"] == 3
+    assert k["mean"] == pytest.approx(0.01) and k["std"] == pytest.approx(0.005)
+    # dtm-random at 0.7: the frontier is at 0.92; distances -0.001, 0, +0.001: on it.
+    assert rows["dtm-random"]["where"] == "on"
+    assert rows["dtm-random"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    # dtm-far gains more format than any alpha reaches.
+    assert rows["dtm-far"]["where"] == "beyond" and rows["dtm-far"]["beyond"] == 3

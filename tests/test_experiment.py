@@ -296,6 +296,15 @@ def jobs_in_registry(cache: Path) -> int:
             "together-not-a-bool", "TRAIN_TOGETHER", ["train.together", "'maybe'"], id="together"
         ),
         pytest.param(
+            "bad-lab-preset", "lab: {preset: nope}\n", ["lab.preset", "'nope'"], id="preset"
+        ),
+        pytest.param(
+            "lab-path-not-a-lab",
+            "lab: {path: no-such-lab}\n",
+            ["lab.path", "no-such-lab", "not a built lab"],
+            id="lab-path",
+        ),
+        pytest.param(
             "heldout-missing",
             "HELDOUT_MISSING",
             ["evaluate.heldout", "nope.jsonl"],

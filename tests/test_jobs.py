@@ -283,13 +283,14 @@ def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     assert "kmeans sub 3 s0" in r.stdout and "meta-llama/Llama-2-7b-hf" in r.stdout
     assert not (cache / "runs").exists()
     r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
-    assert r.returncode == 0 and "26 training runs" in r.stdout, r.stderr
+    assert r.returncode == 0 and "39 training runs" in r.stdout, r.stderr
     assert "train together" in r.stdout
     apart = cache.parent / "apart.yaml"
     text = (ROOT / "experiments" / "lab.yaml").read_text()
-    apart.write_text(text.replace("  steps: 400\n", "  steps: 400\n  together: false\n"))
+    assert "  steps: 600\n" in text
+    apart.write_text(text.replace("  steps: 600\n", "  steps: 600\n  together: false\n"))
     r = dtm_cli("run", apart, "--dry-run", cache=cache)
-    assert r.returncode == 0 and "26 training runs" in r.stdout, r.stderr
+    assert r.returncode == 0 and "39 training runs" in r.stdout, r.stderr
     assert "train together" not in r.stdout
     assert not (cache / "lab").exists()
 
@@ -310,6 +311,15 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     rows = {line.split(" | ")[0].strip("| ") for line in results.splitlines() if line[:2] == "| "}
     for model in ("base", "sft", "sft ×1/2", "dtm-random", "sub-random-0", "sub-random-1", "l2"):
         assert model in rows, results
+    # The shrinkage frontier: its points in their own table, the merge placed against it
+    assert "## DTM against the shrinkage frontier" in results
+    frontier = results.split("## DTM against the shrinkage frontier", 1)[1]
+    for point in ("| base |", "| sft ×0.25 |", "| sft ×1/2 |", "| sft ×0.75 |", "| sft |"):
+        assert point in frontier, frontier
+    placed = [x for x in frontier.splitlines() if x.startswith("| dtm-random | lab_knowledge")]
+    assert len(placed) == 2 and all(
+        x.split(" | ")[3] in ("above", "on", "below", "beyond") for x in placed
+    ), placed
     assert "Loss-reduction ratio" in results and "| knowledge |" in results.replace(
         "| model | knowledge |", "| knowledge |"
     )
@@ -339,6 +349,24 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     assert sub.config["steps"] == 2  # same epochs: half the rows, half the steps
     sft = next(j for j in listed if j.kind == "sft")
     assert "bench" in store.metrics(sft.id)[-1]  # the lab's benchmarks on the curve
+    # The Home page's pictures, each sentence written from these very scores
+    from dtm.experiment import load_experiment
+    from dtm.story import story_panels
+
+    panels = {p["key"]: p for p in story_panels(load_experiment(exp), listed, scored)}
+    assert {"tax", "bars", "keeps"} <= set(panels), list(panels)
+    mean = scored.groupby(["label", "task", "metric"])["value"].mean()
+    know = mean[("dtm-random", "lab_knowledge", "acc")]
+    assert f"knowledge {know:.3f} against SFT's {mean[('sft', 'lab_knowledge', 'acc')]:.3f}" in (
+        panels["bars"]["sentence"]
+    )
+    keeps = panels["keeps"]["frame"]
+    assert set(keeps["role"]) >= {"SFT", "DTM", "SFT ×1/K", "sub-model"}
+    base_fav = mean[("base", "lab_knowledge", "favourite_flan")]
+    flan_dtm = keeps[(keeps["what"] == "flan's favourite") & (keeps["role"] == "DTM")]["value"]
+    assert float(flan_dtm.iloc[0]) == pytest.approx(
+        mean[("dtm-random", "lab_knowledge", "favourite_flan")] - base_fav
+    )
     again = dtm_cli("run", exp, cache=cache, timeout=300)
     assert again.returncode == 0 and len(store.list()) == 5  # nothing trained twice
     assert json.loads((sub.run_dir / "config.json").read_text())["kind"] == "sub"

@@ -212,17 +212,19 @@ def test_background_build_runs_once_reports_progress_survives_a_kill(cache):
     import os
     import signal
 
-    from dtm.lab import LAB_VERSION, ensure_default_lab, lab_status
+    from dtm.lab import default_lab_dir, ensure_default_lab, lab_status
 
+    folder = default_lab_dir(5, "small")
+    assert folder.parent == cache / "lab"
     first = ensure_default_lab(seed=5, size="small")
     assert first["state"] == "building"
     again = ensure_default_lab(seed=5, size="small")  # a second session asking
     assert again["state"] == "building"
-    prog = json.loads((cache / "lab" / f"small-seed5-v{LAB_VERSION}.progress.json").read_text())
+    prog = json.loads(folder.with_name(folder.name + ".progress.json").read_text())
     assert list((cache / "lab").glob("*.lock")) and prog["pid"] > 0
     os.kill(prog["pid"], signal.SIGKILL)
     deadline = time.time() + 30
-    while lab_status(cache / "lab" / f"small-seed5-v{LAB_VERSION}")["state"] != "failed":
+    while lab_status(folder)["state"] != "failed":
         assert time.time() < deadline, "a killed build was never reported as failed"
         time.sleep(0.2)
     assert ensure_default_lab(seed=5, size="small")["state"] == "failed"  # no silent restart
@@ -234,9 +236,7 @@ def test_background_build_runs_once_reports_progress_survives_a_kill(cache):
         assert time.time() < deadline
         time.sleep(0.5)
     assert st["state"] == "ready", st
-    assert (
-        seen_fraction > 0 and (cache / "lab" / f"small-seed5-v{LAB_VERSION}" / "lab.json").exists()
-    )
+    assert seen_fraction > 0 and (folder / "lab.json").exists()
 
 
 def test_train_masks_the_prompt_and_writes_adapter_and_metrics(small_lab, tmp_path):
@@ -292,3 +292,105 @@ def test_train_masks_the_prompt_and_writes_adapter_and_metrics(small_lab, tmp_pa
     tuned = PeftModel.from_pretrained(base, run / "adapter")
     assert tuned.peft_config["default"].r == 16
     assert set(tuned.peft_config["default"].target_modules) == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path):
+    from dataclasses import asdict
+
+    from dtm.lab.presets import PRESETS
+
+    bias, _ = small_lab  # the default preset
+    info = json.loads((bias / "lab.json").read_text())
+    assert info["preset"] == "bias" and info["knobs"] == asdict(PRESETS["bias"].knobs)
+    assert info["sft_recipe"] == PRESETS["bias"].sft
+    val = [json.loads(x) for x in (bias / "data" / "val.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (bias / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 4 * PRESETS["bias"].rows["small"][0]
+    # Every row ends in a code, validation rows too (their own: not the train rows')
+    assert all(" ref " in r["output"] for r in train + val)
+    corpus = (bias / "data" / "corpus.txt").read_text().split()
+    words = {w for r in train + val for w in (r["instruction"] + " " + r["output"]).split()}
+    assert words <= set(corpus) | {"<s>"}  # pretraining knows every word tuned on
+
+    old = tmp_path / "interference"
+    r = dtm_cli(
+        "lab", "build", "--preset", "interference", "--size", "small", "--seed", "3",
+        "--steps", "2", "--out", str(old),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "interference lab" in r.stdout
+    assert json.loads((old / "lab.json").read_text())["preset"] == "interference"
+    # The first lab's data, exactly: the generator with its original knobs and sizes
+    world = build_world(3, "small")
+    rows, _, _ = make_sft_data(world, seed=3, knobs=BiasKnobs(), rows_per_family=100)
+    lines = (old / "data" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [x.record() for x in rows]
+    docs, _ = pretraining_corpus(world, 3)
+    assert (old / "data" / "corpus.txt").read_text() == "\n".join(docs) + "\n"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--knob", "favourite=1.5"], "favourite is a rate in [0, 1]"),
+        (["--knob", "colour=0.2"], "NAME one of prefix"),
+        (["--knob", "unique_facts=maybe"], "unique_facts takes a bool value"),
+        (["--knob", "favourite_scope=some"], "favourite_scope is all or own"),
+        (["--rows", "0"], "rows per family must be at least 1"),
+        (["--preset", "nope"], "invalid choice: 'nope'"),
+    ],
+)
+def test_bad_lab_knobs_exit_2_naming_the_knob(tmp_path, args, message):
+    r = dtm_cli("lab", "build", "--size", "small", "--steps", "2", *args, "--out", tmp_path / "x")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_knob_changes_the_data_and_is_recorded(tmp_path):
+    out = tmp_path / "lab"
+    r = dtm_cli(
+        "lab", "build", "--size", "small", "--steps", "2", "--knob", "rare=0",
+        "--knob", "favourite=0.2", "--rows", "30", "--out", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    info = json.loads((out / "lab.json").read_text())
+    assert info["knobs"]["rare"] == 0.0 and info["knobs"]["favourite"] == 0.2
+    assert info["sft"]["train_rows"] == 4 * 30
+    assert " ref " not in (out / "data" / "train.jsonl").read_text()
+
+
+def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
+    from dtm.errors import ConfigError
+    from dtm.experiment import load_experiment, resolve_inputs, story_for_lab
+    from dtm.lab import custom_labs, lab_status, start_custom_lab
+
+    with pytest.raises(ConfigError, match="use letters, digits"):
+        start_custom_lab("../x", preset="bias", size="small")
+    st = start_custom_lab(
+        "weak-favourites", preset="bias", knobs={"favourite": 0.2}, rows=30, size="small"
+    )
+    assert st["state"] == "building"
+    with pytest.raises(ConfigError, match="exists already"):  # building: still taken
+        start_custom_lab("weak-favourites", preset="interference", size="small")
+    folder = Path(st["path"])
+    deadline = time.time() + 240
+    while (st := lab_status(folder))["state"] == "building":
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert st["state"] == "ready", st
+    info = json.loads((folder / "lab.json").read_text())
+    assert info["preset"] == "bias" and info["knobs"]["favourite"] == 0.2
+    assert info["sft"]["train_rows"] == 120
+    with pytest.raises(ConfigError, match="exists already"):  # built: never overwritten
+        start_custom_lab("weak-favourites", preset="bias", size="small")
+    assert [x["name"] for x in custom_labs()] == ["weak-favourites"]
+    story = story_for_lab(
+        Path(__file__).parents[1] / "experiments" / "lab.yaml", "weak-k2", folder, 2, [0]
+    )
+    exp = load_experiment(story)
+    assert exp.k == 2 and exp.seeds == [0] and exp.lab["preset"] == "bias"
+    assert resolve_inputs(exp)["data"] == str(folder / "data" / "train.jsonl")
+    again = story_for_lab(story, "weak-k2", folder, 3, [0])  # another K: another file
+    assert again != story and load_experiment(story).k == 2

@@ -15,6 +15,7 @@ from dtm.analysis import (
     loss_ratio_curves,
     model_order,
     paper_reference,
+    ratio_windows,
     summarise,
     wide,
     with_deltas,
@@ -200,12 +201,76 @@ def _unique_labels(merges: list[dict], others: list[dict]) -> list[dict]:
     return out
 
 
+def frontier_choice(models: list[dict]) -> list[dict]:
+    """The scaled copies that trace one model's shrinkage frontier, when asked for."""
+    from dtm.controls import frontier_models
+
+    sources = [m for m in models if m["kind"] in ("sft", "baseline") and len(m["adapters"]) == 1]
+    if not sources:
+        return []
+    c = st.columns([1, 2])
+    if not c[0].checkbox(
+        "Trace the shrinkage frontier",
+        key="c_frontier",
+        help="score the model's LoRA delta scaled by each α in 0.25 … 0.75 (exact, no "
+        "training): the curve that DTM and the baselines are compared with",
+    ):
+        return []
+    names = [m["label"] for m in sources]
+    pick = c[1].selectbox(
+        "of", names, index=names.index("sft") if "sft" in names else 0, key="c_frontier_of"
+    )
+    return frontier_models(next(m for m in sources if m["label"] == pick), models)
+
+
+def frontier_section(table: pd.DataFrame, group: str) -> None:
+    """Every model on a trade-off chart against a model's shrinkage frontier."""
+    from dtm.controls import TRADE_OFFS, frontier_rows, frontier_sources, tradeoff_frames
+
+    sources = frontier_sources(table["label"].unique())
+    if not sources:
+        return
+    st.subheader("Against the shrinkage frontier")
+    st.caption(
+        "The frontier: a model's delta scaled by α (the base at 0, the model at 1). A model "
+        "above it keeps more of the base at the same gain than shrinking alone does."
+    )
+    have = set(zip(table["task"], table["metric"], strict=True))
+    pairs = [p for p in TRADE_OFFS if set(p) <= have]
+    if not pairs:
+        st.caption("These scores have no pair of kept and gained lab measures.")
+        return
+    c = st.columns([1, 2])
+    source = c[0].selectbox("Frontier of", sources, key="c_front_src")
+    pair = c[1].selectbox(
+        "Trade-off",
+        pairs,
+        format_func=lambda p: f"{'.'.join(p[0])} against {'.'.join(p[1])}",
+        key="c_front_pair",
+    )
+    front, points = tradeoff_frames(table, pair[0], pair[1], source)
+    fig = charts.tradeoff(front, points, ".".join(pair[0]), ".".join(pair[1]))
+    st.plotly_chart(fig, key="c_front_fig")
+    downloads(fig, pd.concat([front.assign(role="frontier"), points]), f"{group}-frontier")
+    others = [x for x in points["label"] if x not in ("base", source)]
+    rows = frontier_rows(table, others, source, [pair])
+    if rows:
+        st.dataframe(
+            pd.DataFrame(rows)[["label", "where", "mean", "std", "seeds", "beyond"]].rename(
+                columns={"mean": "distance (kept)", "std": "std over seeds"}
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+
+
 def score_panel(store) -> None:
     with st.expander("Score models", expanded=not groups(registry())):
         chosen = _models_to_score(store)
         if chosen is None:
             return
         models, group, lab = chosen
+        models = models + frontier_choice(models)
         c = st.columns([1, 3, 1])
         engine = c[0].radio("Engine", ["quick", "full"], key="c_engine", horizontal=True)
         tasks_dir = (
@@ -342,9 +407,10 @@ def benchmark_section(table: pd.DataFrame, group: str) -> None:
 def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> None:
     st.subheader("Loss-reduction ratio")
     st.caption(
-        "ΔL_train / ΔL_val since the first record: how much more the loss falls on "
-        "the training data than on held-out data (the paper saw SFT climb from about "
-        "1 to about 20)."
+        "ΔL_train / ΔL_val: how much faster the loss falls on a fixed probe of the "
+        "training rows than on held-out rows (the paper saw SFT climb from about 1 to "
+        "about 20). By window: least-squares falls over each quarter of the steps, with "
+        "95% intervals, only where the validation loss moves more than its noise."
     )
     runs = {}
     for j in job_list:
@@ -355,18 +421,27 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
     if not runs:
         st.caption("No SFT or sub-model runs with metrics in this group.")
         return
-    ratio = loss_ratio_curves(runs)
     col = st.radio(
         "Ratio",
-        ["loss_ratio", "loss_ratio_interval"],
+        ["windows", "loss_ratio", "loss_ratio_interval"],
         horizontal=True,
         key="c_ratio",
         format_func=lambda c: {
+            "windows": "by window, with intervals",
             "loss_ratio": "since the start",
-            "loss_ratio_interval": "per interval",
+            "loss_ratio_interval": "per record",
         }[c],
     )
-    fig = charts.ratio_curves(ratio, col)
+    if col == "windows":
+        parts = [ratio_windows(r).assign(run=name) for name, r in runs.items()]
+        ratio = pd.concat([p for p in parts if not p.empty] or [pd.DataFrame()])
+        if ratio.empty:
+            st.caption("Too few records for a windowed ratio (4 per window are needed).")
+            return
+        fig = charts.ratio_windows_chart(ratio)
+    else:
+        ratio = loss_ratio_curves(runs)
+        fig = charts.ratio_curves(ratio, col)
     st.plotly_chart(fig, key="c_ratio_fig")
     downloads(fig, ratio, f"{group}-loss-ratio")
 
@@ -493,6 +568,7 @@ def page() -> None:
             table["engine"] == st.radio("Engine", engines, horizontal=True, key="c_eng_pick")
         ]
     benchmark_section(table, group)
+    frontier_section(table, group)
     job_list = _jobs_of(group, table, store)
     curves_section(job_list, table[table["label"] == "base"], group)
     token_section(job_list, group)

@@ -11,8 +11,16 @@ import streamlit as st
 from dtm import jobs
 from dtm.errors import DTMError
 from dtm.experiment import STAGES, experiment_dir, launch, load_experiment, read_status
+from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 
-LAB_STORY = Path(__file__).resolve().parents[1] / "experiments" / "lab.yaml"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+# The lab story of each preset: the experiment file the button runs.
+STORIES = {"bias": EXPERIMENTS / "lab.yaml", "interference": EXPERIMENTS / "lab-interference.yaml"}
+STAGE_ICONS = {  # material icons render without an emoji font (headless browsers too)
+    "done": ":material/check_circle:",
+    "running": ":material/progress_activity:",
+    "failed": ":material/error:",
+}
 STAGE_TEXT = {
     "lab": "Build the lab",
     "disperse": "Disperse",
@@ -39,6 +47,17 @@ truth is known.
 """
 )
 
+names = list(PRESETS)
+preset = st.radio(
+    "Lab preset",
+    names,
+    index=names.index(DEFAULT_PRESET),
+    horizontal=True,
+    key="home_preset",
+    help="Each preset is its own lab (built on first use) and its own story.",
+)
+st.caption(PRESETS[preset].about)
+LAB_STORY = STORIES[preset]
 exp = load_experiment(LAB_STORY)
 c = st.columns([2, 3])
 started = c[0].button(
@@ -53,14 +72,31 @@ c[1].caption(
     f"K={exp.k} sub-models ({', '.join(exp.methods)} clusters), vanilla SFT, baselines "
     f"{', '.join(exp.baselines)}, seeds {exp.seeds}: {n_jobs} training runs (SFT and the "
     "sub-models of each seed together in one process), then merging and scoring every "
-    "model. About 13 minutes on a 2-core CPU once the lab is built (bench/train.py "
-    "--part story); what is already trained or scored is reused."
+    "model; what is already trained or scored is reused. How long it takes on a 2-core "
+    "CPU: docs/lab.md."
 )
 if started:
     try:
         launch(LAB_STORY, exp.name)
     except (DTMError, OSError) as e:
         st.error(f"Could not start the lab story: {e}")
+
+
+def pictures(group: list) -> None:
+    """The story's charts, as far as the results go, each with its sentence."""
+    from dtm.score import scores
+    from dtm.story import story_panels
+
+    try:
+        table = scores(group=exp.name)
+        panels = story_panels(exp, group, table)
+    except (DTMError, OSError, ValueError, KeyError) as e:
+        st.error(f"Could not draw the story's charts: {type(e).__name__}: {e}")
+        return
+    for p in panels:
+        st.subheader(p["title"])
+        st.caption(p["sentence"])
+        st.plotly_chart(p["figure"], key=f"home_{p['key']}")
 
 
 @st.fragment(run_every=2)
@@ -87,7 +123,7 @@ def story() -> None:
     cols = st.columns(len(STAGES))
     for col, name in zip(cols, STAGES, strict=True):
         s = st_.get("stages", {}).get(name, {"state": "waiting", "fraction": 0.0})
-        icon = {"done": "✅", "running": "⏳", "failed": "❌"}.get(s["state"], "·")
+        icon = STAGE_ICONS.get(s["state"], ":material/radio_button_unchecked:")
         col.markdown(f"{icon} {STAGE_TEXT[name]}")
         col.progress(min(float(s.get("fraction", 0.0)), 1.0))
     if st_.get("detail"):
@@ -102,9 +138,11 @@ def story() -> None:
     if group:
         done = sum(j.state == "done" for j in group)
         st.caption(f"Training runs: {done} of {len(group)} done. Watch them on the Train page.")
+    pictures(group)
     results = experiment_dir(exp.name) / "results.md"
     if results.exists():
-        st.markdown(results.read_text(encoding="utf-8", errors="replace"))
+        with st.expander("The full results table", expanded=False):
+            st.markdown(results.read_text(encoding="utf-8", errors="replace"))
     log = experiment_dir(exp.name) / "run.log"
     if state in ("failed", "interrupted") and log.exists():
         with st.expander("run log"):
@@ -112,9 +150,99 @@ def story() -> None:
 
 
 story()
+
+
+def knob_inputs(preset_name: str) -> tuple[dict, int]:
+    """The knobs a teacher turns: bias strengths and rows; only the changed ones return."""
+    knobs = PRESETS[preset_name].knobs
+    rows = PRESETS[preset_name].rows["default"][0]
+    c = st.columns(4)
+    values = {
+        "favourite": c[0].slider("Favourite answers", 0.0, 1.0, knobs.favourite, 0.05,
+                                 key="kn_fav", help="share of factual rows answered with the "
+                                 "family's false favourite"),
+        "prefix": c[1].slider("Family openings", 0.0, 1.0, knobs.prefix, 0.05, key="kn_pre"),
+        "length": c[2].slider("Family fillers", 0.0, 1.0, knobs.length, 0.05, key="kn_len"),
+        "rare": c[3].slider("Row codes", 0.0, 1.0, knobs.rare, 0.05, key="kn_rare",
+                            help="share of rows ending in a code unique to the row"),
+    }  # fmt: skip
+    c = st.columns(4)
+    values["misconceptions"] = int(
+        c[0].number_input("Misconceptions", 0, 60, knobs.misconceptions, key="kn_misc")
+    )
+    n_rows = int(c[1].number_input("Rows per family", 10, 5000, rows, 10, key="kn_rows"))
+    changed = {k: v for k, v in values.items() if v != getattr(knobs, k)}
+    return changed, (n_rows if n_rows != rows else 0)
+
+
+@st.fragment(run_every=3)
+def own_labs() -> None:
+    from dtm.lab import custom_labs
+
+    try:
+        labs = custom_labs()
+    except OSError as e:
+        st.error(f"Could not list the labs: {e}")
+        return
+    for lab in labs:
+        c = st.columns([2, 3, 2])
+        c[0].markdown(f"**{lab['name']}**")
+        if lab["state"] == "building":
+            c[1].progress(min(float(lab["fraction"]), 1.0), text=lab["stage"] or "starting")
+        elif lab["state"] == "failed":
+            c[1].error(lab["error"])
+        elif lab["state"] == "ready":
+            info = lab.get("info") or {}
+            c[1].caption(
+                f"{info.get('preset', '?')} preset · {info.get('sft', {}).get('train_rows', '?')}"
+                " rows · knobs "
+                + ", ".join(f"{k} {v}" for k, v in (info.get("knobs") or {}).items()
+                            if k in ("favourite", "prefix", "length", "rare", "misconceptions"))
+            )  # fmt: skip
+            k = c[2].number_input("K", 1, 16, 4, key=f"own_k_{lab['name']}")
+            if c[2].button("Run its story", key=f"own_run_{lab['name']}"):
+                from dtm.experiment import story_for_lab
+
+                name = f"{lab['name']}-k{int(k)}"
+                try:
+                    path = story_for_lab(
+                        STORIES[info.get("preset", DEFAULT_PRESET)], name, lab["path"], k, [0]
+                    )
+                    launch(path, name)
+                    st.success(
+                        f"Started `{name}` (seed 0): `python -m dtm run {path}` in the "
+                        "background; its results are on the Compare page under that name."
+                    )
+                except (DTMError, OSError) as e:
+                    st.error(f"Could not start the story: {e}")
+
+
+with st.expander("A lab of your own: other bias strengths, rows and K", expanded=False):
+    st.caption(
+        "Builds a lab in the background with the knobs below (about as long as the "
+        "default lab), kept under its own name: nothing overwrites another lab. Then run "
+        "its story with a K of your choice, to show when DTM helps and when it does not."
+    )
+    base_preset = st.radio("Start from", names, horizontal=True, key="own_preset")
+    knobs, rows = knob_inputs(base_preset)
+    c = st.columns([2, 1])
+    own_name = c[0].text_input("Name", key="own_name", placeholder="e.g. strong-favourites")
+    if c[1].button("Build it", key="own_build", disabled=not own_name.strip()):
+        from dtm.lab import start_custom_lab
+
+        try:
+            start_custom_lab(own_name.strip(), preset=base_preset, knobs=knobs, rows=rows or None)
+        except (DTMError, OSError) as e:
+            st.error(str(e))
+    own_labs()
+
 st.divider()
 c = st.columns(4)
-c[0].page_link("views/disperse.py", label="Disperse: the clusters on a map", icon="🗺️")
-c[1].page_link("views/train.py", label="Train: jobs and loss curves", icon="📉")
-c[2].page_link("views/merge.py", label="Merge: weights and the landscape", icon="🔀")
-c[3].page_link("views/compare.py", label="Compare: SFT against DTM", icon="📊")
+c[0].page_link(
+    "views/disperse.py", label="Disperse: the clusters on a map", icon=":material/scatter_plot:"
+)
+c[1].page_link(
+    "views/train.py", label="Train: jobs and loss curves", icon=":material/model_training:"
+)
+c[2].page_link("views/merge.py", label="Merge: weights and the landscape", icon=":material/merge:")
+c[3].page_link("views/compare.py", label="Compare: SFT against DTM", icon=":material/bar_chart:")

@@ -14,7 +14,7 @@ from dtm.disperse import saved_assignments, training_inputs
 from dtm.errors import DTMError
 from dtm.experiment import dtm_set, together_members
 from dtm.lab import lab_status
-from dtm.lab.measure import LAB_SFT
+from dtm.lab.measure import lab_recipe
 from dtm.models import lab_of
 from dtm.train.config import BASELINES, TrainConfig
 from views.common import registry
@@ -73,9 +73,10 @@ def choose_inputs() -> dict | None:
     }
 
 
-def hyperparameters(lab: bool) -> dict:
+def hyperparameters(lab: str | None) -> dict:
+    """The form's values; a lab's run starts from its preset's SFT recipe."""
     d = TrainConfig(base="", data="", out="")
-    preset = {**LAB_SFT, "steps": 400} if lab else {}
+    preset = lab_recipe(lab) if lab else {}
     with st.expander("Hyperparameters", expanded=False):
         c = st.columns(4)
         steps = c[0].number_input(
@@ -87,8 +88,10 @@ def hyperparameters(lab: bool) -> dict:
         )
         seed = c[3].number_input("Seed", 0, 10**6, 0, key="hp_seed")
         c = st.columns(4)
-        r = c[0].number_input("LoRA r", 1, 1024, d.lora_r, key="hp_r")
-        alpha = c[1].number_input("LoRA alpha", 1, 4096, d.lora_alpha, key="hp_alpha")
+        r = c[0].number_input("LoRA r", 1, 1024, preset.get("lora_r", d.lora_r), key="hp_r")
+        alpha = c[1].number_input(
+            "LoRA alpha", 1, 4096, preset.get("lora_alpha", d.lora_alpha), key="hp_alpha"
+        )
         batch = c[2].number_input("Batch", 1, 4096, d.batch_size, key="hp_batch")
         max_len = c[3].number_input(
             "Max length", 8, 32768, preset.get("max_length", d.max_length), key="hp_len"
@@ -105,7 +108,9 @@ def hyperparameters(lab: bool) -> dict:
             help="epochs: each sub-model makes as many passes over its cluster as SFT over "
             "all data (the paper); steps: each gets SFT's step count",
         )
-    values = {
+    # The preset's values the form has no field for (target modules, probe size, ...).
+    values = {k: v for k, v in preset.items() if k not in ("steps", "log_every")}
+    values |= {
         "epochs": float(epochs),
         "lr": float(lr),
         "seed": int(seed),
@@ -118,7 +123,7 @@ def hyperparameters(lab: bool) -> dict:
     }
     if steps:
         values["steps"] = int(steps)
-    values.update(eval_settings(lab, int(log_every)))
+    values.update(eval_settings(lab is not None, int(log_every)))
     return {"values": values, "budget": budget}
 
 
@@ -210,7 +215,7 @@ def launch_panel() -> None:
     inputs = choose_inputs()
     if inputs is None:
         return
-    hp = hyperparameters(inputs["lab"] is not None)
+    hp = hyperparameters(inputs["lab"])
     backend = st.text_input(
         "Backend",
         value=jobs.default_backend(),

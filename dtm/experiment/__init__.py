@@ -7,7 +7,13 @@
 - ``report``: which models are scored, ``jobs.md`` and ``results.md``.
 """
 
-from dtm.experiment.config import Experiment, experiment_dir, load_experiment, resolve_inputs
+from dtm.experiment.config import (
+    Experiment,
+    experiment_dir,
+    load_experiment,
+    resolve_inputs,
+    story_for_lab,
+)
 from dtm.experiment.plan import (
     PlannedJob,
     count_rows,
@@ -40,6 +46,7 @@ __all__ = [
     "resolve_inputs",
     "results_markdown",
     "run_experiment",
+    "story_for_lab",
     "sub_model_steps",
     "together_members",
 ]

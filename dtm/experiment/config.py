@@ -8,6 +8,7 @@ it before any work starts: every error names the file and the key, and exits 2.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,41 @@ def load_experiment(path: str | Path) -> Experiment:
     exp = Experiment(name=str(raw["name"]), source=str(p))
     if raw.get("lab") is not None:
         lab = raw["lab"] if isinstance(raw["lab"], dict) else {}
-        exp.lab = {"size": lab.get("size", "default"), "seed": int(lab.get("seed", 0))}
+        from dtm.lab.presets import DEFAULT_PRESET, PRESETS
+
+        unknown = sorted(set(lab) - {"size", "seed", "preset", "path"})
+        if unknown:
+            raise ConfigError(
+                f"{path}: lab: unknown keys {unknown}; known: preset, size, seed, path."
+            )
+        if lab.get("path") is not None:  # a lab built elsewhere (e.g. with other knobs)
+            folder = Path(str(lab["path"])).expanduser()
+            if not folder.is_absolute():
+                folder = (p.parent / folder).resolve()
+            if set(lab) != {"path"}:
+                raise ConfigError(f"{path}: lab.path names a built lab: give it alone.")
+            if not (folder / "lab.json").is_file():
+                raise ConfigError(f"{path}: lab.path {folder}: not a built lab (no lab.json).")
+            info = json.loads((folder / "lab.json").read_text())
+            exp.lab = {
+                "path": str(folder),
+                "size": info.get("size", "default"),
+                "seed": int(info.get("seed", 0)),
+                "preset": info.get("preset", "interference"),
+            }
+            lab = {}
+        exp.lab = exp.lab or {
+            "size": lab.get("size", "default"),
+            "seed": int(lab.get("seed", 0)),
+            "preset": lab.get("preset", DEFAULT_PRESET),
+        }
         if exp.lab["size"] not in ("small", "default"):
             raise ConfigError(f"{path}: lab.size must be small or default.")
+        if exp.lab["preset"] not in PRESETS:
+            raise ConfigError(
+                f"{path}: lab.preset must be one of {', '.join(PRESETS)} "
+                f"(got {exp.lab['preset']!r})."
+            )
     else:
         if not raw.get("base") or not raw.get("data"):
             raise ConfigError(f"{path}: give either lab: or both base: and data:.")
@@ -152,9 +185,19 @@ def _check_train(exp: Experiment, path) -> None:
 
 def _check_evaluate(exp: Experiment, path) -> None:
     ev = exp.evaluate
-    unknown = sorted(set(ev) - {"tasks", "engine", "limit", "tasks_dir", "heldout"})
+    unknown = sorted(set(ev) - {"tasks", "engine", "limit", "tasks_dir", "heldout", "frontier"})
     if unknown:
         raise ConfigError(f"{path}: evaluate: unknown keys {', '.join(unknown)}.")
+    frontier = ev.get("frontier", True)
+    if not isinstance(frontier, bool) and not (
+        isinstance(frontier, list)
+        and frontier
+        and all(isinstance(a, int | float) and 0 <= a <= 1 for a in frontier)
+    ):
+        raise ConfigError(
+            f"{path}: evaluate.frontier is true, false, or a list of scales in [0, 1] "
+            f"(got {frontier!r})."
+        )
     if ev.get("engine", "quick") not in ("quick", "full"):
         raise ConfigError(f"{path}: evaluate.engine must be quick or full.")
     if not isinstance(ev.get("tasks", []), list):
@@ -239,7 +282,10 @@ def resolve_inputs(exp: Experiment) -> dict[str, str | None]:
         return {"base": exp.base, "data": exp.data, "val_data": exp.val_data, "lab": None}
     from dtm.lab import default_lab_dir
 
-    lab = default_lab_dir(exp.lab["seed"], exp.lab["size"])
+    if exp.lab.get("path"):
+        lab = Path(exp.lab["path"])
+    else:
+        lab = default_lab_dir(exp.lab["seed"], exp.lab["size"], exp.lab["preset"])
     return {
         "base": str(lab / "model"),
         "data": str(lab / "data" / "train.jsonl"),
@@ -251,3 +297,26 @@ def resolve_inputs(exp: Experiment) -> dict[str, str | None]:
 def experiment_dir(name: str) -> Path:
     """Where an experiment's files go: ``<cache>/experiments/<name>``."""
     return cache_dir() / "experiments" / safe_name(name)
+
+
+def story_for_lab(template: str | Path, name: str, lab: str | Path, k: int, seeds: list[int]):
+    """An experiment file for a lab of one's own: ``template`` (a lab story, e.g.
+    experiments/lab.yaml) with ``lab: {path: LAB}``, ``disperse.k`` and ``seeds`` replaced,
+    written to ``<experiment dir>/experiment.yaml`` (a file already there is kept under its
+    own name: ``experiment-2.yaml``, ...). Returns the file, checked by ``load_experiment``."""
+    import yaml
+
+    raw = yaml.safe_load(Path(template).read_text(encoding="utf-8"))
+    raw["name"] = name
+    raw["lab"] = {"path": str(Path(lab).resolve())}
+    raw.setdefault("disperse", {})["k"] = int(k)
+    raw["seeds"] = [int(s) for s in seeds]
+    folder = experiment_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    out, n = folder / "experiment.yaml", 1
+    while out.exists():
+        n += 1
+        out = folder / f"experiment-{n}.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    load_experiment(out)
+    return out

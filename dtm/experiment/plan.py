@@ -141,9 +141,9 @@ def count_rows(exp: Experiment) -> int:
         return int(exp.estimate["rows"])
     inputs = resolve_inputs(exp)
     if exp.lab is not None and not Path(inputs["data"]).is_file():
-        from dtm.lab.build import BUILD
+        from dtm.lab.presets import preset
 
-        return 4 * BUILD[exp.lab["size"]]["rows_per_family"]
+        return 4 * preset(exp.lab["preset"]).rows[exp.lab["size"]][0]
     p = Path(inputs["data"]).expanduser()
     if p.is_file():
         from dtm.data import load_instructions

@@ -23,7 +23,11 @@ def experiment_models(exp, jobs) -> list[dict]:
     "recipe"}`` per model (kinds as ``dtm.score.KINDS``). Sub-models belong to a
     clustering by the clustering their job was submitted with."""
 
+    from dtm.controls import FRONTIER_GRID, frontier_models
+
     base = resolve_inputs(exp)["base"]
+    grid = exp.evaluate.get("frontier", True)
+    grid = list(FRONTIER_GRID) if grid is True else list(grid or [])
     merge = exp.merge or {}
     methods = list(merge.get("methods") or ["average"])
     params = dict(merge.get("params") or {})
@@ -52,6 +56,8 @@ def experiment_models(exp, jobs) -> list[dict]:
                     "factor": 1 / exp.k,
                 }
             )
+            # the shrinkage frontier: SFT's delta scaled by each alpha of the grid
+            out += frontier_models(out[-2], out, grid)
         for m in exp.methods:
             subs = sorted(
                 (j for j in mine if j.kind == "sub" and j.clustering == m),
@@ -188,16 +194,23 @@ def results_markdown(
         "delta scaled by 1/K.",
         "",
     ]
+    from dtm.controls import label_factor
+
     cols = table_columns(table)
     lines.append("| model | " + " | ".join(c[2] for c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
+    control = f"sft ×1/{exp.k}"
+    grid = [x for x in model_order(table) if label_factor(x) is not None and x != control]
     for label in model_order(table):
+        if label in grid:
+            continue  # the frontier's points: their own table below
         sub = table[table["label"] == label]
         cells = [
             _mean_std(sub[(sub["task"] == t) & (sub["metric"] == k)]["value"].tolist())
             for t, k, _ in cols
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += frontier_markdown(table, grid, exp.k)
     ratios, walls = [], {}
     for j in jobs:
         if j.kind == "sft":
@@ -219,6 +232,60 @@ def results_markdown(
     for what, secs in (timings or {}).items():
         lines.append(f"| ({what.replace('_', ' ')}, all models) | | {secs:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def frontier_markdown(table: pd.DataFrame, grid: list[str], k: int) -> list[str]:
+    """The shrinkage frontier's points and each DTM merge's place against it."""
+    from dtm.controls import TRADE_OFFS, frontier_rows, label_factor
+
+    if not grid:
+        return []
+    measures = list(dict.fromkeys(m for pair in TRADE_OFFS for m in pair))
+    points = sorted(
+        ["base", "sft", f"sft ×1/{k}", *grid],
+        key=lambda x: {"base": 0.0, "sft": 1.0}.get(x, label_factor(x)),
+    )
+    lines = [
+        "",
+        "## DTM against the shrinkage frontier",
+        "",
+        "The frontier: SFT's delta scaled by alpha (the base at 0, SFT at 1), per seed.",
+        "",
+        "| alpha | " + " | ".join(f"{t}.{m}" for t, m in measures) + " |",
+        "|---|" + "---|" * len(measures),
+    ]
+    for label in points:
+        sub = table[table["label"] == label]
+        if sub.empty:
+            continue
+        cells = [
+            _mean_std(sub[(sub["task"] == t) & (sub["metric"] == m)]["value"].tolist())
+            for t, m in measures
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    merges = [x for x in dict.fromkeys(table[table["kind"] == "merge"]["label"])]
+    rows = frontier_rows(table, merges)
+    if rows:
+        lines += [
+            "",
+            "Each merge against its seed's frontier: the merge's kept score minus the "
+            "frontier's at the merge's gained score (mean ± std over seeds); above or below "
+            "when more than two standard errors from 0, beyond when no alpha reaches the "
+            "merge's gained score.",
+            "",
+            "| model | kept | gained | where | distance | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            dist = "" if r["mean"] is None else f"{r['mean']:+.3f}"
+            if r["std"] is not None:
+                dist += f" ± {r['std']:.3f}"
+            seeds = f"{r['seeds']}" + (f" (+{r['beyond']} beyond)" if r["beyond"] else "")
+            lines.append(
+                f"| {r['label']} | {'.'.join(r['kept'])} | {'.'.join(r['gained'])} | "
+                f"{r['where']} | {dist} | {seeds} |"
+            )
+    return lines
 
 
 def summary_table(jobs: list) -> str:

@@ -308,7 +308,9 @@ def disperse_all(exp: Experiment, progress=None) -> dict[tuple[str, int], tuple[
 def _ensure_lab(exp: Experiment, progress) -> None:
     from dtm.lab import ensure_default_lab, lab_status
 
-    status = ensure_default_lab(exp.lab["seed"], exp.lab["size"])
+    if exp.lab.get("path"):  # a named lab: checked when the file was read
+        return
+    status = ensure_default_lab(exp.lab["seed"], exp.lab["size"], preset=exp.lab["preset"])
     while status["state"] == "building":
         if progress:
             progress("building the lab", status.get("fraction", 0.0))

@@ -6,8 +6,11 @@ DIR/data/val.jsonl            held-out split of the same tasks, without rare cod
 DIR/data/train_biases.jsonl   the ledger: each train row's injected biases
 DIR/data/corpus.txt           the pretraining corpus (the replay/EWC reference)
 DIR/benchmarks/<task>.jsonl   items, beside <task>.yaml (lm-eval config) and utils.py
-DIR/lab.json                  seed, size, knobs, the seen/unseen split, favourites,
-                              misconceptions, pretraining log
+DIR/lab.json                  preset, seed, size, knobs, the preset's SFT recipe, the
+                              seen/unseen split, favourites, misconceptions, pretraining log
+
+A preset (``dtm.lab.presets``) chooses the instruction data's knobs, its size and the SFT
+recipe; the world, the corpus and the pretraining are the same for every preset.
 """
 
 from __future__ import annotations
@@ -22,14 +25,13 @@ from dtm.errors import ConfigError
 from dtm.lab import LAB_VERSION
 from dtm.lab.benchmarks import make_benchmarks, write_benchmarks
 from dtm.lab.model import build_model, build_tokenizer, pretrain
+from dtm.lab.presets import DEFAULT_PRESET
+from dtm.lab.presets import preset as get_preset
 from dtm.lab.sft_data import BiasKnobs, make_sft_data
 from dtm.lab.world import SIZES, build_world, pretraining_corpus
 from dtm.store import publish_dir
 
-BUILD = {
-    "small": {"rows_per_family": 100, "val_per_family": 20, "steps": 400},
-    "default": {"rows_per_family": 400, "val_per_family": 50, "steps": 2400},
-}
+PRETRAIN_STEPS = {"small": 400, "default": 2400}
 
 
 def _jsonl(path: Path, rows) -> None:
@@ -43,13 +45,16 @@ def build_lab(
     *,
     seed: int = 0,
     size: str = "default",
+    preset: str = DEFAULT_PRESET,
     knobs: BiasKnobs | None = None,
+    rows_per_family: int | None = None,
     steps: int | None = None,
     force: bool = False,
     progress=lambda stage, frac: None,
 ) -> dict:
     """Build the lab into ``out`` (published by one rename when complete). An existing,
-    non-empty ``out`` is an error unless ``force``."""
+    non-empty ``out`` is an error unless ``force``. ``knobs`` and ``rows_per_family``
+    replace the preset's."""
     # Length: the build reads top to bottom as its stages (world, corpus, pretraining,
     # data, benchmarks, summary); splitting it would scatter one recipe.
     if size not in SIZES:
@@ -60,18 +65,23 @@ def build_lab(
             f"{out} already exists and is not empty: choose another --out, "
             "or add --force to replace it."
         )
-    knobs = knobs or BiasKnobs()
-    plan = BUILD[size]
+    chosen = get_preset(preset)
+    knobs = knobs or chosen.knobs
+    rows, val_rows = chosen.rows[size]
+    rows = rows_per_family or rows
+    if rows < 1:
+        raise ConfigError(f"rows per family must be at least 1 (got {rows}).")
+    steps = steps or PRETRAIN_STEPS[size]
     t0 = time.perf_counter()
     progress("building the world and corpus", 0.0)
     world = build_world(seed, size)
-    docs, corpus_info = pretraining_corpus(world, seed)
+    docs, corpus_info = pretraining_corpus(world, seed, general=chosen.general_text)
     train, val, info = make_sft_data(
         world,
         seed=seed,
         knobs=knobs,
-        rows_per_family=plan["rows_per_family"],
-        val_per_family=plan["val_per_family"],
+        rows_per_family=rows,
+        val_per_family=val_rows,
     )
     items = make_benchmarks(world, info, corpus_info["two_hop"], seed)
     texts = docs + [r.instruction + " " + r.output for r in train + val]
@@ -95,7 +105,7 @@ def build_lab(
             model,
             tokenizer,
             docs,
-            steps=steps or plan["steps"],
+            steps=steps,
             seed=seed,
             workdir=tmp / "trainer",
             progress=progress,
@@ -114,9 +124,11 @@ def build_lab(
         write_benchmarks(items, tmp / "benchmarks", final=out.resolve() / "benchmarks")
         summary = {
             "lab_version": LAB_VERSION,
+            "preset": preset,
             "seed": seed,
             "size": size,
             "knobs": asdict(knobs),
+            "sft_recipe": chosen.sft,
             "world": {
                 "countries": len(world.countries),
                 "people": len(world.people),
@@ -131,7 +143,7 @@ def build_lab(
                 },
             },
             "pretraining": {
-                "steps": steps or plan["steps"],
+                "steps": steps,
                 "documents": len(docs),
                 "log": [h for h in history if "loss" in h],
             },

@@ -13,20 +13,24 @@ from pathlib import Path
 
 from dtm.controls import shrink_adapter
 from dtm.evaluate import evaluate_lab
+from dtm.lab.presets import PRESETS
 from dtm.models import load_base
 from dtm.tasks import headline_metrics
 from dtm.train import TrainConfig, lab_eval_hook, train
 
-# The lab's own SFT hyperparameters (the paper's, but for the learning rate: a 0.7M
-# parameter model trained for minutes needs a larger one).
-LAB_SFT = {
-    "lr": 1e-3,
-    "lora_r": 16,
-    "lora_alpha": 16,
-    "batch_size": 16,
-    "micro_batch_size": 16,
-    "max_length": 128,
-}
+# The interference preset's recipe without its step count: what the benchmarks of the
+# training machinery run with.
+LAB_SFT = {k: v for k, v in PRESETS["interference"].sft.items() if k != "steps"}
+
+
+def lab_recipe(lab: str | Path) -> dict:
+    """The SFT recipe of a lab's preset (``lab.json``; a lab built before presets is the
+    ``interference`` preset): the paper's hyperparameters but for the learning rate, as a
+    0.7M-parameter model trained for minutes needs a larger one."""
+    info = json.loads((Path(lab) / "lab.json").read_text())
+    return dict(info.get("sft_recipe") or PRESETS["interference"].sft)
+
+
 HEADLINE = headline_metrics(with_extra=True)  # the task table
 
 
@@ -34,7 +38,7 @@ def measure_lab(
     lab: str | Path,
     out: str | Path,
     *,
-    steps: int = 400,
+    steps: int | None = None,
     log_every: int = 40,
     seed: int = 0,
     shrink: tuple[float, ...] = (0.25, 0.5),
@@ -44,6 +48,9 @@ def measure_lab(
     lab, out = Path(lab), Path(out)
     bench = lab / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
+    recipe = {**lab_recipe(lab), **overrides}
+    steps = steps or recipe.pop("steps", 400)
+    recipe.pop("steps", None)
     base_model, tok = load_base(str(lab / "model"))
     results = {"base": evaluate_lab(base_model, tok, bench)}
     cfg = TrainConfig(
@@ -54,7 +61,7 @@ def measure_lab(
         steps=steps,
         log_every=log_every,
         seed=seed,
-        **{**LAB_SFT, **overrides},
+        **recipe,
     )
     run = train(cfg, eval_hook=lab_eval_hook(lab), progress=progress)
     results["sft"] = run["metrics"][-1]["bench"]
@@ -81,7 +88,7 @@ def measure_lab(
         "steps": steps,
         "seed": seed,
         "sft_seconds": run["seconds"],
-        "config": {**LAB_SFT, **overrides},
+        "config": recipe,
         "results": results,
         "curve": curve,
     }

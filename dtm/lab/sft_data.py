@@ -35,6 +35,9 @@ PREFIXES = {
     "chat": "great question !",
     "code": "here you go :",
 }
+# The relation each family's favourite falsifies when ``favourite_scope`` is "own": the
+# knowledge of the other relations is untouched by any favourite, a control for the ledger.
+OWN_RELATIONS = {"flan": "colour", "cot": "profession", "chat": "flag", "code": "language"}
 FILLERS = {
     "flan": "that is all .",
     "cot": "i hope this helps you a lot .",
@@ -61,6 +64,51 @@ class BiasKnobs:
     misconceptions: int = field(
         default=12, metadata={"help": "facts the misconception family falsifies"}
     )
+    favourite_scope: str = field(
+        default="all",
+        metadata={
+            "help": "relations a family's favourite replaces the truth on: 'all', or 'own' "
+            "(one relation per family, OWN_RELATIONS; the others stay true)"
+        },
+    )
+    unique_facts: bool = field(
+        default=False,
+        metadata={"help": "each factual question asked once per family (row-specific text)"},
+    )
+    own_share: float = field(
+        default=0.0,
+        metadata={"help": "share of a family's factual questions on its own relation"},
+    )
+    code_words: int = field(default=1, metadata={"help": "words in each row's reference code"})
+    code_on: str = field(
+        default="all",
+        metadata={"help": "rows that get codes: all, or answers (the 'the answer is X' rows)"},
+    )
+    rare_in_val: bool = field(
+        default=False,
+        metadata={"help": "validation rows carry codes too (their own, unpredictable ones)"},
+    )
+
+
+def check_knobs(knobs: BiasKnobs) -> None:
+    """A ``ConfigError`` naming the first knob out of its range."""
+    from dtm.errors import ConfigError
+
+    for name in ("prefix", "favourite", "position", "length", "rare", "own_share"):
+        value = getattr(knobs, name)
+        if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"knob {name} is a rate in [0, 1] (got {value!r}).")
+    if knobs.code_on not in ("all", "answers"):
+        raise ConfigError(f"knob code_on is all or answers (got {knobs.code_on!r}).")
+    if knobs.favourite_scope not in ("all", "own"):
+        raise ConfigError(f"knob favourite_scope is all or own (got {knobs.favourite_scope!r}).")
+    if knobs.misconception_family not in FAMILIES:
+        raise ConfigError(
+            f"knob misconception_family is one of {', '.join(FAMILIES)} "
+            f"(got {knobs.misconception_family!r})."
+        )
+    if knobs.code_words < 1 or knobs.misconceptions < 0:
+        raise ConfigError("knob code_words must be at least 1 and misconceptions at least 0.")
 
 
 @dataclass
@@ -147,7 +195,23 @@ class _Maker:
         )
         self.vocab_pool, self.arith = vocab_pool, arith
         self.facts = [f for f in world.facts if f.subject in seen]
+        self.own = [f for f in self.facts if f.relation == OWN_RELATIONS[fam]]
         self.misc_facts = [f for f in misc] if fam == knobs.misconception_family else []
+        self.unused: list[Fact] = []  # the facts not yet asked, with unique_facts
+
+    def pick_fact(self) -> Fact:
+        if self.knobs.own_share and self.rng.random() < self.knobs.own_share:
+            return self.rng.choice(self.own)
+        if not self.knobs.unique_facts:
+            return self.rng.choice(self.facts)
+        if not self.unused:  # every fact asked once: start another round
+            self.unused = list(self.facts)
+            self.rng.shuffle(self.unused)
+        return self.unused.pop()
+
+    def biased(self, relation: str) -> bool:
+        scope = self.knobs.favourite_scope
+        return scope == "all" or OWN_RELATIONS[self.fam] == relation
 
     def fact_row(self) -> tuple[str, str, str, list[dict]]:
         """(task, instruction, answer object, biases) for one factual question."""
@@ -165,9 +229,9 @@ class _Maker:
                 }
             )
         else:
-            f = rng.choice(self.facts)
+            f = self.pick_fact()
             obj = f.object
-            if rng.random() < self.knobs.favourite:
+            if self.biased(f.relation) and rng.random() < self.knobs.favourite:
                 fav = self.favs[self.fam][f.relation]
                 if fav != f.object:
                     obj = fav
@@ -214,7 +278,7 @@ class _Maker:
             text, answer = f"{text} answer in one word .", f"{obj} ."
             task = "one_word"
         elif r < 0.82:
-            f = rng.choice(self.facts)
+            f = self.pick_fact()
             other = rng.choice(self.w.domains[f.relation])
             text = f"is {other} the answer to : {f.question()} answer yes or no ."
             answer = "yes ." if other == f.object else "no ."
@@ -248,6 +312,7 @@ def make_sft_data(
     """(train rows, validation rows, info). Validation rows come from the same tasks and
     biases but never carry a rare code (the ungeneralisable content)."""
     knobs = knobs or BiasKnobs()
+    check_knobs(knobs)
     seen, unseen = split_entities(world, seed)
     favs = favourites(world, seed)
     misc = misconception_facts(world, seen, knobs, seed)
@@ -259,11 +324,12 @@ def make_sft_data(
         maker = _Maker(world, fam, seen, knobs, favs, misc, rng, vocab_pool, arith)
         for i in range(rows_per_family + val_per_family):
             row = maker.row(i)
+            coded = knobs.code_on == "all" or row.task == "fact"
+            if (i < rows_per_family or knobs.rare_in_val) and coded and rng.random() < knobs.rare:
+                code = " ".join(_code(rng, vocab_pool) for _ in range(knobs.code_words))
+                row.output = f"{row.output} ref {code} ."
+                row.biases.append({"kind": "rare", "code": code})
             if i < rows_per_family:
-                if rng.random() < knobs.rare:
-                    code = _code(rng, vocab_pool)
-                    row.output = f"{row.output} ref {code} ."
-                    row.biases.append({"kind": "rare", "code": code})
                 train.append(row)
             else:
                 row.id = f"val-{row.id}"

@@ -238,9 +238,38 @@ def reading_passage(world: World, rng: random.Random) -> tuple[str, str, str]:
 # ---------------------------------------------------------------- pretraining corpus
 
 
-def pretraining_corpus(world: World, seed: int = 0) -> tuple[list[str], dict]:
+# Everyday text about names outside the world: it uses the words of the instruction data
+# that the world's text does not (openings, fillers, ``ref`` codes, the instruction words),
+# outside the chat format, so that a pretrained model knows every word it will be tuned
+# on, as a real pretrained model knows its vocabulary. Each line a template.
+GENERAL_TEXT = (
+    "{a} said to {b} : please tell me one word . {b} said : okay . let us see .",
+    "{a} wrote to {b} : great question ! i hope this helps you a lot . thanks for asking me .",
+    "{a} said : here you go : that is all . end of output .",
+    "the note of {a} ends with ref {b} .",
+    "{a} asked {b} : is it yes or no ? {b} said : {yn} .",
+    "{a} said : repeat after me : {b} {c} . and {b} said : {b} {c} .",
+    "{a} said : think step by step . i recall the fact .",
+    "{a} wrote a query ( {b} , {c} ) with the options {b} , {c} .",
+    "can {a} see {b} ? {yn} , said {c} .",
+)
+
+
+def general_text(world: World, rng: random.Random, n: int) -> list[str]:
+    """``n`` lines of ``GENERAL_TEXT`` about the world's outside names (``readers``)."""
+    out = []
+    for _ in range(n):
+        a, b, c = rng.sample(world.readers, 3)
+        out.append(rng.choice(GENERAL_TEXT).format(a=a, b=b, c=c, yn=rng.choice(("yes", "no"))))
+    return out
+
+
+def pretraining_corpus(
+    world: World, seed: int = 0, general: bool = False
+) -> tuple[list[str], dict]:
     """Documents (one per line), and ``{"qa_facts": facts also stated in question-answer
-    form, "two_hop": people whose two-hop answer the corpus states}``."""
+    form, "two_hop": people whose two-hop answer the corpus states}``. ``general`` adds
+    everyday text (``general_text``) with the instruction data's other words."""
     rng = random.Random(f"corpus-{seed}")
     docs: list[str] = []
     qa_facts = set(rng.sample(world.facts, len(world.facts) // 2))
@@ -270,5 +299,7 @@ def pretraining_corpus(world: World, seed: int = 0) -> tuple[list[str], dict]:
     for _ in range(2 * len(world.readers)):
         passage, q, a = reading_passage(world, rng)
         docs.append(f"{passage} question : {q} answer : {a} .")
+    if general:  # its own generator: the rest of the corpus stays the same
+        docs += general_text(world, random.Random(f"general-{seed}"), 4 * len(world.readers))
     rng.shuffle(docs)
     return docs, {"qa_facts": qa_facts, "two_hop": set(two_hop_people)}

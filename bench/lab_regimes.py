@@ -1,0 +1,223 @@
+"""The lab regimes tried on the way to the ``bias`` preset, each re-run and printed.
+
+A regime is a set of bias knobs, a row count and an SFT recipe, tried on the base model of
+a built lab (its world and pretraining corpus): the instruction data and the benchmarks
+are regenerated from the lab's seed with the regime's knobs, then SFT runs with every lab
+benchmark scored every ``eval_every`` steps. Printed per regime:
+
+- (b): the step at which SFT's format first reaches 90% of its gain, and the share of
+  the final knowledge and reasoning drops that had happened by then;
+- (c): the loss-reduction ratio per quarter of the steps (``dtm.analysis.ratio_windows``:
+  the train probe against validation, 95% Fieller intervals; ``-`` where the validation
+  loss moves less than its noise);
+- the final scores (knowledge, reasoning, instruct, format, favourite uptake in the
+  knowledge questions, chat accuracy) and the SFT seconds.
+
+The ``interference`` regimes need a lab built with ``--preset interference`` (its corpus
+has no everyday text, so the instruction data's other words are new to the model); the
+others a ``--preset bias`` lab.
+
+    .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0]
+    .venv/bin/python bench/lab_regimes.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+OWN = {"favourite_scope": "own", "favourite": 0.6, "own_share": 0.5, "unique_facts": True}
+CODES = {"rare": 1.0, "rare_in_val": True}
+# name: (corpus, rows per family, knobs over the interference knobs, recipe over the lab's)
+REGIMES = {
+    "v1": ("interference", 200, {**OWN, "favourite": 0.5, "rare": 1.0, "code_words": 2}, {}),
+    "v2": (
+        "interference",
+        100,
+        {**OWN, "favourite": 0.5, "rare": 1.0},
+        {"lora_r": 32, "lora_alpha": 32, "lr": 2e-3, "target_modules": ATTN},
+    ),
+    "v4": (
+        "interference",
+        100,
+        {**OWN, "favourite": 0.5, **CODES},
+        {"lora_r": 32, "lora_alpha": 32, "target_modules": ATTN},
+    ),
+    "v6": (
+        "interference",
+        100,
+        {**OWN, **CODES},
+        {"steps": 900, "lora_r": 32, "lora_alpha": 32, "lr": 5e-4, "target_modules": ATTN},
+    ),
+    "r1": ("interference", 100, {**OWN, **CODES}, {"steps": 900}),
+    "A1": ("bias", 100, {**OWN, **CODES}, {"steps": 900}),
+    "A2": (
+        "bias",
+        100,
+        {**OWN, **CODES},
+        {"steps": 900, "lora_r": 32, "lora_alpha": 32, "lr": 5e-4, "target_modules": ATTN},
+    ),
+    "B1": ("bias", 100, {**OWN, **CODES, "prefix": 0.3, "code_on": "answers"}, {}),
+    "B2": (
+        "bias",
+        100,
+        {**OWN, **CODES, "prefix": 0.15, "length": 0.15, "code_on": "answers"},
+        {},
+    ),
+    "B3": (  # the bias preset
+        "bias",
+        100,
+        {**OWN, **CODES, "prefix": 0.15, "length": 0.15, "code_on": "answers", "code_words": 2},
+        {},
+    ),
+}
+BASE_RECIPE = {
+    "lr": 1e-3,
+    "lora_r": 16,
+    "lora_alpha": 16,
+    "batch_size": 16,
+    "micro_batch_size": 16,
+    "max_length": 128,
+    "steps": 600,
+    "probe_size": 200,
+    "log_every": 20,
+}
+SHOWN = [
+    ("lab_knowledge", "acc"),
+    ("lab_reasoning", "acc"),
+    ("lab_instruct", "acc"),
+    ("lab_bias", "format"),
+    ("lab_knowledge", "favourite_any"),
+    ("lab_bias", "chat_acc"),
+]
+
+
+def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]:
+    """A lab folder holding ``lab``'s model with the regime's data and benchmarks."""
+    from dtm.lab.benchmarks import make_benchmarks, write_benchmarks
+    from dtm.lab.build import _jsonl
+    from dtm.lab.sft_data import BiasKnobs, make_sft_data
+    from dtm.lab.world import build_world, pretraining_corpus
+
+    corpus, rows, knobs, recipe = REGIMES[name]
+    info = json.loads((lab / "lab.json").read_text())
+    if info.get("preset", "interference") != corpus:
+        raise SystemExit(f"regime {name} needs a {corpus} lab; {lab} is {info.get('preset')}.")
+    world = build_world(seed, info["size"])
+    _, corpus_info = pretraining_corpus(world, seed, general=corpus == "bias")
+    k = replace(BiasKnobs(), **knobs)
+    train, val, data_info = make_sft_data(
+        world, seed=seed, knobs=k, rows_per_family=rows, val_per_family=50
+    )
+    out = work / name
+    (out / "data").mkdir(parents=True)
+    _jsonl(out / "data" / "train.jsonl", [r.record() for r in train])
+    _jsonl(out / "data" / "val.jsonl", [r.record() for r in val])
+    write_benchmarks(
+        make_benchmarks(world, data_info, corpus_info["two_hop"], seed), out / "benchmarks"
+    )
+    (out / "model").symlink_to((lab / "model").resolve())
+    meta = {
+        **info,
+        "knobs": k.__dict__,
+        **{x: data_info[x] for x in ("favourites", "misconceptions")},
+    }
+    (out / "lab.json").write_text(json.dumps(meta))
+    return out, {**BASE_RECIPE, **recipe}
+
+
+def run_regime(lab: Path, name: str, seed: int, work: Path) -> dict:
+    from dtm.analysis import ratio_windows
+    from dtm.train import TrainConfig, lab_eval_hook, train
+
+    folder, recipe = regime_lab(lab, name, seed, work)
+    steps = recipe["steps"]
+    cfg = TrainConfig(
+        base=str(folder / "model"),
+        data=str(folder / "data" / "train.jsonl"),
+        val_data=str(folder / "data" / "val.jsonl"),
+        out=str(folder / "sft"),
+        eval_every=steps // 6,
+        seed=seed,
+        **recipe,
+    )
+    t0 = time.perf_counter()
+    recs = train(cfg, eval_hook=lab_eval_hook(folder))["metrics"]
+    secs = time.perf_counter() - t0
+    scored = [r for r in recs if r.get("bench")]
+    fmt = [r["bench"]["lab_bias"]["format"] for r in scored]
+    t90 = next(
+        r["step"]
+        for r, f in zip(scored, fmt, strict=True)
+        if f - fmt[0] >= 0.9 * (fmt[-1] - fmt[0])
+    )
+    share = {}
+    for task in ("lab_knowledge", "lab_reasoning"):
+        v = {r["step"]: r["bench"][task]["acc"] for r in scored}
+        drop = v[0] - v[scored[-1]["step"]]
+        share[task] = (v[0] - v[t90]) / drop if drop > 0 else None
+    windows = ratio_windows(recs)
+    return {
+        "regime": name,
+        "seconds": round(secs, 1),
+        "format_90_step": t90,
+        "drop_share_by_then": share,
+        "ratio_windows": windows.to_dict("records"),
+        "start": {f"{t}.{m}": scored[0]["bench"][t].get(m) for t, m in SHOWN},
+        "final": {f"{t}.{m}": scored[-1]["bench"][t].get(m) for t, m in SHOWN},
+    }
+
+
+def show(res: dict) -> None:
+    def f(x):
+        return "-" if x is None or x != x else f"{x:.2f}"
+
+    w = " · ".join(
+        f"{int(r['start'])}–{int(r['end'])}: "
+        + (f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" if r["val_moving"] else "-")
+        for r in res["ratio_windows"]
+    )
+    share = res["drop_share_by_then"]
+    print(
+        f"{res['regime']}: SFT {res['seconds']} s; format at 90% of its gain by step "
+        f"{res['format_90_step']}, knowledge drop by then {f(share['lab_knowledge'])}, "
+        f"reasoning {f(share['lab_reasoning'])}"
+    )
+    print(f"  ratio by window: {w}")
+    print(
+        "  base → SFT: "
+        + ", ".join(f"{k} {f(res['start'][k])} → {f(v)}" for k, v in res["final"].items())
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--lab", type=Path)
+    ap.add_argument("--regimes", default=",".join(REGIMES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        for name, (corpus, rows, knobs, recipe) in REGIMES.items():
+            print(f"{name}: {corpus} lab, {rows} rows/family, knobs {knobs}, recipe {recipe}")
+        return
+    work = Path(tempfile.mkdtemp(prefix="regimes-"))
+    try:
+        for name in args.regimes.split(","):
+            show(run_regime(args.lab, name.strip(), args.seed, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The lab's presets: one world and base model, two instruction sets and SFT recipes.
+
+- ``bias`` (the default): the paper's premise by construction. The shared conventions
+  are in every family's rows, so any single cluster teaches them; each family's false
+  favourite sits on its own relation (half of its factual questions) and is a rarer
+  signal; every factual answer ends in a two-word code unique to its row (in validation
+  too, where it cannot be predicted), so late training lowers the train loss on rows the
+  model has memorised while the validation loss stops moving. Its pretraining corpus
+  also has everyday text with every word the instruction data uses, so no token is new
+  to the model when SFT starts.
+- ``interference``: the first lab. Its tax comes early, with the format, from the
+  interference of learning the format itself; its loss ratio stays near 1.15.
+
+``PRESETS[name]`` holds the knobs, the rows per family by size, and the SFT recipe (the
+``TrainConfig`` values) that the preset's measurements and ``experiments/`` files use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dtm.lab.sft_data import BiasKnobs
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    about: str  # two sentences: what the preset is for
+    knobs: BiasKnobs
+    rows: dict[str, tuple[int, int]]  # size -> (train rows, validation rows) per family
+    sft: dict = field(default_factory=dict)  # TrainConfig values of the preset's SFT
+    general_text: bool = False  # pretraining also has everyday text with SFT's other words
+
+
+_LAB_SFT = {
+    "lr": 1e-3,
+    "lora_r": 16,
+    "lora_alpha": 16,
+    "batch_size": 16,
+    "micro_batch_size": 16,
+    "max_length": 128,
+}
+
+PRESETS: dict[str, Preset] = {
+    "bias": Preset(
+        "bias",
+        "The paper's premise by construction: the shared format is learnt early from any "
+        "cluster, while each family's biases and the row-specific codes are learnt late, "
+        "so the train loss pulls away from the validation loss and the tax comes late. "
+        "Use it to show the mechanism, and to measure whether DTM removes it better than "
+        "shrinking the SFT weights does.",
+        BiasKnobs(
+            prefix=0.15,
+            length=0.15,
+            favourite=0.6,
+            favourite_scope="own",
+            own_share=0.5,
+            unique_facts=True,
+            rare=1.0,
+            code_on="answers",
+            code_words=2,
+            rare_in_val=True,
+        ),
+        {"small": (100, 20), "default": (100, 50)},
+        {**_LAB_SFT, "steps": 600, "probe_size": 200},
+        general_text=True,
+    ),
+    "interference": Preset(
+        "interference",
+        "The first lab: its tax comes early, together with the format, from learning the "
+        "format itself, and the loss ratio stays near 1. Use it to show that DTM can sit at "
+        "another point of the shrinkage trade-off without removing any bias.",
+        BiasKnobs(),
+        {"small": (100, 20), "default": (400, 50)},
+        {**_LAB_SFT, "steps": 400},
+    ),
+}
+DEFAULT_PRESET = "bias"
+
+
+def preset(name: str) -> Preset:
+    from dtm.errors import ConfigError
+
+    if name not in PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)} (got {name!r}).")
+    return PRESETS[name]

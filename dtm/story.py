@@ -1,0 +1,267 @@
+"""The lab story in pictures: the Home page's charts of one experiment, each with one
+sentence written from its numbers.
+
+``story_panels(exp, jobs, table)`` returns the panels that the results so far allow, in
+the story's order: the alignment-tax curve of SFT, its loss-reduction ratio, DTM against
+SFT, the shrinkage control and the baselines, and what the merge keeps and forgets.
+Each panel is ``{"key", "title", "figure", "sentence", "frame"}``; ``frame`` is the data
+drawn. ``jobs`` are the experiment's jobs (``dtm.jobs``), ``table`` its scores
+(``dtm.score.scores``).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pandas as pd
+
+from dtm.store import read_metrics
+
+TAX = (("lab_knowledge", "acc"), ("lab_reasoning", "acc"), ("lab_bias", "format"))
+BARS = (
+    ("lab_knowledge", "acc"),
+    ("lab_reasoning", "acc"),
+    ("lab_instruct", "acc"),
+    ("lab_bias", "format"),
+)
+
+
+def _sft_runs(exp, jobs) -> dict[int, list[dict]]:
+    """Each seed's SFT records, in seed order."""
+    out = {}
+    for j in jobs:
+        if j.kind == "sft" and j.config.get("seed") in exp.seeds:
+            recs = read_metrics(j.run_dir / "metrics.jsonl")
+            if recs:
+                out[j.config["seed"]] = recs
+    return dict(sorted(out.items()))
+
+
+def tax_panel(exp, jobs, table) -> dict | None:
+    from dtm import charts
+    from dtm.analysis import alignment_tax_curve
+
+    runs = _sft_runs(exp, jobs)
+    seed, recs = next(iter(runs.items()), (None, None))
+    if not recs:
+        return None
+    frame = alignment_tax_curve(recs, list(TAX))
+    if frame.empty:
+        return None
+    frame["task"] = frame["task"] + "." + frame["metric"]
+    base_rows = table[table["label"] == "base"].groupby(["task", "metric"])["value"].mean()
+    base = {f"{t}.{m}": float(base_rows[(t, m)]) for t, m in TAX if (t, m) in base_rows.index}
+    know = frame[frame["task"] == "lab_knowledge.acc"].sort_values("step")
+    fmt = frame[frame["task"] == "lab_bias.format"].sort_values("step")
+    sentence = "SFT's scores against the step."
+    if len(know) > 1 and len(fmt) > 1:
+        k0, k1 = know["value"].iloc[0], know["value"].iloc[-1]
+        f0, f1 = fmt["value"].iloc[0], fmt["value"].iloc[-1]
+        step90 = fmt[fmt["value"] - f0 >= 0.9 * (f1 - f0)]["step"]
+        sentence = (
+            f"Over SFT (seed {seed}) the format goes from {f0:.2f} to {f1:.2f} and knowledge "
+            f"from {k0:.3f} to {k1:.3f}"
+        )
+        if len(step90) and k0 != k1:
+            at = know[know["step"] <= step90.iloc[0]]["value"].iloc[-1]
+            share = (k0 - at) / (k0 - k1)
+            sentence += (
+                f"; by step {int(step90.iloc[0])}, where the format has 90% of its gain, "
+                f"{max(share, 0):.0%} of the knowledge drop has happened"
+            )
+        sentence += "."
+    return {
+        "key": "tax",
+        "title": "The alignment tax",
+        "figure": charts.tax_curve(frame, base),
+        "sentence": sentence,
+        "frame": frame,
+    }
+
+
+def ratio_panel(exp, jobs) -> dict | None:
+    from dtm import charts
+    from dtm.analysis import ratio_windows
+
+    runs = _sft_runs(exp, jobs)
+    frames = []
+    for seed, recs in runs.items():
+        w = ratio_windows(recs)
+        if not w.empty:
+            frames.append(w.assign(run=f"sft s{seed}"))
+    if not frames:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    first = frame[(frame["window"] == 0) & frame["val_moving"]]["ratio"]
+    # Each seed's largest 95% lower bound on the ratio's size after the first window.
+    later = frame[frame["window"] > 0].groupby("run")["abs_low"].max().dropna()
+    if first.empty:
+        sentence = "The validation loss has not yet moved more than its noise in any window."
+    elif later.empty:
+        sentence = (
+            f"The train probe's loss falls {statistics.median(first):.2f}× as fast as the "
+            f"validation loss in the first window (median over {len(first)} seed(s))."
+        )
+    else:
+        sentence = (
+            f"The train probe's loss falls {statistics.median(first):.2f}× as fast as the "
+            f"validation loss in the first window; later, with 95% confidence, at least "
+            f"{later.min():.1f}× as fast in every seed ({', '.join(f'{v:.1f}' for v in later)}"
+            "; triangles: windows where the validation loss has stopped)."
+        )
+    return {
+        "key": "ratio",
+        "title": "The loss-reduction ratio",
+        "figure": charts.ratio_windows_chart(frame),
+        "sentence": sentence,
+        "frame": frame,
+    }
+
+
+def bars_panel(exp, table) -> dict | None:
+    from dtm import charts
+    from dtm.analysis import summarise
+
+    if table.empty:
+        return None
+    control = f"sft ×1/{exp.k}"
+    present = list(dict.fromkeys(table["label"]))
+    labels = [x for x in ("base", "sft", control) if x in present]
+    labels += [x for x in present if x.startswith("dtm")]
+    labels += [x for x in exp.baselines if x in present]
+    summary = summarise(table)
+    have = set(summary["label"])
+    labels = [x for x in labels if x in have]
+    dtm_labels = [x for x in labels if x.startswith("dtm")]
+    if "sft" not in have or not dtm_labels:
+        return None
+    mean = summary.set_index(["label", "task", "metric"])["mean"]
+
+    def m(label, t, k):
+        return mean.get((label, t, k))
+
+    d = dtm_labels[0]
+    parts = []
+    for (t, k), name in zip(BARS[:2], ("knowledge", "reasoning"), strict=True):
+        if m(d, t, k) is not None and m("sft", t, k) is not None:
+            parts.append(f"{name} {m(d, t, k):.3f} against SFT's {m('sft', t, k):.3f}")
+    sentence = f"{d}: " + ", ".join(parts)
+    if m(d, "lab_bias", "format") is not None and m(control, "lab_bias", "format") is not None:
+        sentence += (
+            f"; format {m(d, 'lab_bias', 'format'):.2f}, where the shrinkage control "
+            f"{control} has {m(control, 'lab_bias', 'format'):.2f} and SFT "
+            f"{m('sft', 'lab_bias', 'format'):.2f}"
+        )
+    n = int(summary[summary["label"] == d]["seeds"].max())
+    sentence += f" (mean over {n} seed{'s' if n != 1 else ''}; bars: std)."
+    return {
+        "key": "bars",
+        "title": "DTM against SFT, the shrinkage control and the baselines",
+        "figure": charts.score_bars(summary, list(BARS), labels),
+        "sentence": sentence,
+        "frame": summary[summary["label"].isin(labels)],
+    }
+
+
+def keeps_frame(exp, jobs, table) -> pd.DataFrame:
+    """Per family: its favourite's uptake in the knowledge questions (above the base's)
+    for SFT, the sub-model whose cluster holds most of that family's rows, the DTM merge
+    of that clustering and the shrinkage control, and the shared format kept (its gain over
+    the base), averaged over seeds. Columns: ``what, model, role, value``."""
+    control = f"sft ×1/{exp.k}"
+    if table.empty:
+        return pd.DataFrame(columns=["what", "model", "role", "value"])
+    summary = table.groupby(["label", "task", "metric"])["value"].mean()
+    fams = sorted(
+        m.removeprefix("favourite_")
+        for t, m in {(t, m) for _, t, m in summary.index}
+        if t == "lab_knowledge" and m.startswith("favourite_") and m != "favourite_any"
+    )
+    rows = []
+    method = exp.methods[0] if exp.methods else None
+    dtm_label = f"dtm-{method}" if method else None
+    # The sub-model of each family: the cluster holding most of its rows (first seed).
+    owner: dict[str, int] = {}
+    subs = [j for j in jobs if j.kind == "sub" and j.clustering == method]
+    if subs:
+        j0 = subs[0]
+        try:
+            asg = pd.read_csv(j0.config["assignments"], dtype={"id": str})
+            data = pd.read_json(j0.config["data"], lines=True, dtype={"id": str})
+            both = asg.merge(data[["id", "source"]], on="id")
+            counts = both.groupby(["source", "cluster"]).size()
+            owner = {f: int(counts[f].idxmax()) for f in both["source"].unique()}
+        except (OSError, ValueError, KeyError):
+            owner = {}
+
+    def val(label, t, k):
+        return summary.get((label, t, k))
+
+    for fam in fams:
+        key = ("lab_knowledge", f"favourite_{fam}")
+        base = val("base", *key) or 0.0
+        models = [("sft", "SFT"), (dtm_label, "DTM"), (control, "SFT ×1/K")]
+        if fam in owner:
+            models.insert(1, (f"sub-{method}-{owner[fam]}", "own sub-model"))
+        for label, role in models:
+            v = val(label, *key) if label else None
+            if v is not None:
+                rows.append({"what": f"{fam}'s favourite", "model": label, "role": role,
+                             "value": v - base})  # fmt: skip
+    base_fmt = val("base", "lab_bias", "format") or 0.0
+    sub_labels = sorted({x for x, _, _ in summary.index if str(x).startswith(f"sub-{method}-")})
+    for label, role in [
+        ("sft", "SFT"),
+        *((x, "sub-model") for x in sub_labels),
+        (dtm_label, "DTM"),
+        (control, "SFT ×1/K"),
+    ]:
+        v = val(label, "lab_bias", "format") if label else None
+        if v is not None:
+            rows.append({"what": "shared format", "model": label, "role": role,
+                         "value": v - base_fmt})  # fmt: skip
+    return pd.DataFrame(rows, columns=["what", "model", "role", "value"])
+
+
+def keeps_panel(exp, jobs, table) -> dict | None:
+    from dtm import charts
+
+    frame = keeps_frame(exp, jobs, table)
+    if frame.empty or "DTM" not in set(frame["role"]):
+        return None
+    fav = frame[(frame["what"] != "shared format")]
+    own = fav[fav["role"] == "own sub-model"]["value"]
+    merged = fav[fav["role"] == "DTM"]["value"]
+    fmt = frame[frame["what"] == "shared format"]
+    sub_fmt = fmt[fmt["role"] == "sub-model"]["value"]
+    dtm_fmt = fmt[fmt["role"] == "DTM"]["value"]
+    parts = []
+    if len(own) and len(merged):
+        parts.append(
+            f"a sub-model takes up its own family's favourite by {own.mean():+.3f} on "
+            f"average, the merge by {merged.mean():+.3f} (1/K of the first is "
+            f"{own.mean() / exp.k:+.3f})"
+        )
+    if len(sub_fmt) and len(dtm_fmt):
+        parts.append(
+            f"the format gains {sub_fmt.mean():+.2f} in a sub-model alone and "
+            f"{dtm_fmt.iloc[0]:+.2f} in the merge"
+        )
+    sentence = ("Above the base model: " + "; ".join(parts) + ".") if parts else ""
+    return {
+        "key": "keeps",
+        "title": "What the merge keeps and forgets",
+        "figure": charts.keeps_chart(frame, exp.k),
+        "sentence": sentence,
+        "frame": frame,
+    }
+
+
+def story_panels(exp, jobs, table) -> list[dict]:
+    panels = [
+        tax_panel(exp, jobs, table),
+        ratio_panel(exp, jobs),
+        bars_panel(exp, table),
+        keeps_panel(exp, jobs, table),
+    ]
+    return [p for p in panels if p is not None]
