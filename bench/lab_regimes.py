@@ -141,13 +141,12 @@ def run_regime(lab: Path, name: str, seed: int, work: Path) -> dict:
     from dtm.train import TrainConfig, lab_eval_hook, train
 
     folder, recipe = regime_lab(lab, name, seed, work)
-    steps = recipe["steps"]
     cfg = TrainConfig(
         base=str(folder / "model"),
         data=str(folder / "data" / "train.jsonl"),
         val_data=str(folder / "data" / "val.jsonl"),
         out=str(folder / "sft"),
-        eval_every=steps // 6,
+        eval_every=50,
         seed=seed,
         **recipe,
     )
@@ -182,11 +181,15 @@ def show(res: dict) -> None:
     def f(x):
         return "-" if x is None or x != x else f"{x:.2f}"
 
-    w = " · ".join(
-        f"{int(r['start'])}–{int(r['end'])}: "
-        + (f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" if r["val_moving"] else "-")
-        for r in res["ratio_windows"]
-    )
+    def window(r) -> str:
+        span = f"{int(r['start'])}–{int(r['end'])}: "
+        if r["val_moving"]:
+            return span + f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+        if r["abs_low"] is not None and r["abs_low"] == r["abs_low"]:
+            return span + f"|ratio| ≥ {r['abs_low']:.1f} (validation flat)"
+        return span + "-"
+
+    w = " · ".join(window(r) for r in res["ratio_windows"])
     share = res["drop_share_by_then"]
     print(
         f"{res['regime']}: SFT {res['seconds']} s; format at 90% of its gain by step "

@@ -13,17 +13,19 @@ Printed, per seed and as mean ± std over seeds:
   of the late fall of the train probe's loss that is on the row codes
   (``dtm.analysis.code_token_drops``, from the early checkpoint to the end).
 
-    .venv/bin/python bench/lab_story.py [--cache DIR] [--experiment lab] [--moved-from OLD]
+    .venv/bin/python bench/train.py --part story --keep STORY --keep-runs   # or dtm run
+    .venv/bin/python bench/lab_story.py --runs STORY/runs --results STORY/results.json \
+        --lab cache/lab/bias-default-seed0-v3
 
-``--cache``: the story's cache (default: the project's); ``--moved-from``: the folder the
-cache was copied from, when it was (its paths are rewritten to ``--cache``).
+It also scores each seed's shrinkage frontier anew from that seed's own SFT adapter (a
+story run before that fix scaled seed 0's SFT for every seed) and places the merges and
+baselines against it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -39,10 +41,6 @@ def ms(values) -> str:
     if len(v) == 1:
         return f"{v[0]:.3f}"
     return f"{statistics.fmean(v):.3f} ± {statistics.stdev(v):.3f}"
-
-
-def moved(path: str, old: str | None, new: Path) -> Path:
-    return Path(path.replace(old, str(new))) if old else Path(path)
 
 
 def ledger(lab: Path, adapter: Path) -> dict:
@@ -85,53 +83,84 @@ def ledger(lab: Path, adapter: Path) -> dict:
     }
 
 
+def frontier_scores(lab: Path, sfts: dict[int, Path], grid, work: Path):
+    """Each seed's SFT delta scaled by each alpha of ``grid`` (0 < alpha < 1), scored on
+    the lab's tasks: rows ``label, seed, kind, task, metric, value``."""
+    import pandas as pd
+    from peft import PeftModel
+
+    from dtm.controls import control_label, shrink_adapter
+    from dtm.evaluate import evaluate_lab
+    from dtm.models import load_base
+
+    rows = []
+    for seed, adapter in sfts.items():
+        for a in grid:
+            if not 0 < a < 1:
+                continue
+            scaled = shrink_adapter(adapter, a, work / f"s{seed}-x{a:g}")
+            model, tok = load_base(str(lab / "model"))
+            res = evaluate_lab(PeftModel.from_pretrained(model, scaled), tok, lab / "benchmarks")
+            label = control_label(a, 4)
+            for task, metrics in res.items():
+                for metric, v in metrics.items():
+                    if isinstance(v, int | float):
+                        rows.append((label, seed, "control", task, metric, float(v)))
+    return pd.DataFrame(rows, columns=["label", "seed", "kind", "task", "metric", "value"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--experiment", default="lab")
-    ap.add_argument("--moved-from", default=None)
+    ap.add_argument("--runs", type=Path, required=True, help="the story's runs/ folder")
+    ap.add_argument("--results", type=Path, required=True, help="the story's results.json")
+    ap.add_argument("--lab", type=Path, required=True, help="the lab the story ran on")
     args = ap.parse_args()
-    if args.cache:
-        os.environ["DTM_CACHE"] = str(args.cache.resolve())
-    from dtm import jobs
-    from dtm.analysis import code_token_drops, encode_split, ratio_windows
-    from dtm.models import load_base
-    from dtm.score import scores
-    from dtm.store import cache_dir, read_metrics
+    import tempfile
 
-    cache = cache_dir()
-    table = scores(group=args.experiment)
-    mean = table.groupby(["label", "seed", "task", "metric"])["value"].mean()
-    listed = jobs.JobStore().list(group=args.experiment)
-    sfts = sorted((j for j in listed if j.kind == "sft"), key=lambda j: j.config["seed"])
-    a_rows, b_rows, c_rows = [], [], []
-    for j in sfts:
-        seed = j.config["seed"]
-        run = moved(str(j.run_dir), args.moved_from, cache)
-        lab = moved(
-            j.config["eval_lab"] or str(Path(j.config["base"]).parent), args.moved_from, cache
+    import pandas as pd
+
+    from dtm.analysis import code_token_drops, encode_split, ratio_windows
+    from dtm.controls import FRONTIER_GRID, TRADE_OFFS, frontier_rows, label_factor
+    from dtm.models import load_base
+    from dtm.store import read_metrics
+
+    lab = args.lab
+    table = pd.DataFrame(json.loads(args.results.read_text())["scores"])
+    # The shrinkage controls are scored anew from each seed's own SFT adapter.
+    table = table[table["label"].map(lambda x: label_factor(x) is None)]
+    sfts = {}
+    for cfg in sorted(args.runs.glob("*/sft/config.json")):
+        sfts[json.loads(cfg.read_text())["seed"]] = cfg.parent
+    sfts = dict(sorted(sfts.items()))
+    with tempfile.TemporaryDirectory() as work:
+        table = pd.concat(
+            [
+                table,
+                frontier_scores(
+                    lab, {s: r / "adapter" for s, r in sfts.items()}, FRONTIER_GRID, Path(work)
+                ),
+            ],  # fmt: skip
+            ignore_index=True,
         )
-        if not (lab / "lab.json").exists():
-            lab = Path(j.config["base"]).parent
+    mean = table.groupby(["label", "seed", "task", "metric"])["value"].mean()
+    a_rows, b_rows, c_rows = [], [], []
+    for seed, run in sfts.items():
         recs = read_metrics(run / "metrics.jsonl")
-        # (a)
-        for key in ("format", "instruct"):
-            t, m = ("lab_bias", "format") if key == "format" else ("lab_instruct", "acc")
+        for key, (t, m) in (
+            ("format", ("lab_bias", "format")),
+            ("instruct", ("lab_instruct", "acc")),
+        ):
             ref = mean.get(("sft", seed, t, m))
             subs = sorted(
-                lab_ for lab_, s, tt, mm in mean.index if s == seed and tt == t and mm == m
-                and str(lab_).startswith("sub-")
-            )  # fmt: skip
-            shares = [mean[(x, seed, t, m)] / ref if ref else None for x in subs]
-            a_rows.append((seed, key, ref, subs, shares))
-        # (b)
+                x
+                for x, s, tt, mm in mean.index
+                if s == seed and (tt, mm) == (t, m) and str(x).startswith("sub-")
+            )
+            a_rows.append((seed, key, ref, subs, [mean[(x, seed, t, m)] / ref for x in subs]))
         scored = [r for r in recs if r.get("bench")]
         fmt = [r["bench"]["lab_bias"]["format"] for r in scored]
-        t90 = next(
-            r["step"]
-            for r, f in zip(scored, fmt, strict=True)
-            if f - fmt[0] >= 0.9 * (fmt[-1] - fmt[0])
-        )
+        t90 = next(r["step"] for r, f in zip(scored, fmt, strict=True)
+                   if f - fmt[0] >= 0.9 * (fmt[-1] - fmt[0]))  # fmt: skip
         shares = {}
         for task in ("lab_knowledge", "lab_reasoning"):
             v = {r["step"]: r["bench"][task]["acc"] for r in scored}
@@ -150,40 +179,29 @@ def main() -> None:
             for r in scored
         ]
         b_rows.append((seed, t90, shares, uptake, ledger(lab, run / "adapter")))
-        # (c)
-        w = ratio_windows(recs)
+        from peft import PeftModel
+
         early = run / "early"
-        drops = None
-        if early.is_dir():
-            from peft import PeftModel
+        e_model = PeftModel.from_pretrained(load_base(str(lab / "model"))[0], early)
+        l_model, tok = load_base(str(lab / "model"))
+        l_model = PeftModel.from_pretrained(l_model, run / "adapter")
+        probe = encode_split(str(lab / "data" / "train.jsonl"), tok, n=200, seed=seed)
+        val = encode_split(str(lab / "data" / "val.jsonl"), tok, n=200, seed=seed)
+        step = json.loads((early / "early.json").read_text())["step"]
+        drops = (step, code_token_drops(e_model, l_model, tok, probe),
+                 code_token_drops(e_model, l_model, tok, val))  # fmt: skip
+        c_rows.append((seed, ratio_windows(recs), drops))
 
-            e_model = PeftModel.from_pretrained(load_base(str(lab / "model"))[0], early)
-            l_model, tok = load_base(str(lab / "model"))
-            l_model = PeftModel.from_pretrained(l_model, run / "adapter")
-            probe = encode_split(str(lab / "data" / "train.jsonl"), tok, n=200, seed=seed)
-            val = encode_split(str(lab / "data" / "val.jsonl"), tok, n=200, seed=seed)
-            step = json.loads((early / "early.json").read_text())["step"]
-            drops = (step, code_token_drops(e_model, l_model, tok, probe),
-                     code_token_drops(e_model, l_model, tok, val))  # fmt: skip
-        c_rows.append((seed, w, drops))
-
-    print("(a) each sub-model's score as a share of SFT's (per seed: min .. max over its subs)")
+    print("(a) each sub-model's score as a share of SFT's")
     for seed, key, ref, subs, shares in a_rows:
-        ok = sum(s is not None and s >= 0.9 for s in shares)
-        vals = [s for s in shares if s is not None]
-        print(
-            f"  seed {seed} {key}: SFT {ref:.3f}; sub-models {min(vals):.2f} .. {max(vals):.2f} "
-            f"of it; {ok} of {len(subs)} at 90% or more"
-        )
+        ok = sum(x >= 0.9 for x in shares)
+        print(f"  seed {seed} {key}: SFT {ref:.3f}; sub-models {min(shares):.2f} .. "
+              f"{max(shares):.2f} of it; {ok} of {len(subs)} at 90% or more")  # fmt: skip
     print("(b) when the tax comes")
     for seed, t90, shares, uptake, led in b_rows:
-        print(
-            f"  seed {seed}: format at 90% of its gain by step {t90}; by then "
-            f"{shares['lab_knowledge']:.2f} of the knowledge drop, "
-            f"{shares['lab_reasoning']:.2f} of the reasoning drop"
-            if None not in shares.values()
-            else f"  seed {seed}: format at 90% by step {t90}; drops {shares}"
-        )
+        print(f"  seed {seed}: format at 90% of its gain by step {t90}; by then "
+              f"{shares['lab_knowledge']:.2f} of the knowledge drop, "
+              f"{shares['lab_reasoning']:.2f} of the reasoning drop")  # fmt: skip
         print(
             "    step: favourite (knowledge items), prefix, code, misconception | knowledge, format"
         )
@@ -198,25 +216,49 @@ def main() -> None:
             "answered with a favourite"
         )
     print("(c) loss-reduction ratio by window (train probe / validation, 95% Fieller)")
-    for seed, w, drops in c_rows:
+    for seed, w, (step, tr, va) in c_rows:
         parts = []
         for r in w.to_dict("records"):
+            span = f"{int(r['start'])}–{int(r['end'])}"
             if r["val_moving"]:
-                parts.append(f"{int(r['start'])}–{int(r['end'])}: {r['ratio']:.2f} "
-                             f"[{r['low']:.2f}, {r['high']:.2f}]")  # fmt: skip
+                parts.append(f"{span}: {r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]")
             elif r["abs_low"] == r["abs_low"] and r["abs_low"] is not None:
-                parts.append(f"{int(r['start'])}–{int(r['end'])}: |ratio| ≥ {r['abs_low']:.1f}")
+                parts.append(f"{span}: |ratio| ≥ {r['abs_low']:.1f}")
             else:
-                parts.append(f"{int(r['start'])}–{int(r['end'])}: -")
+                parts.append(f"{span}: -")
         print(f"  seed {seed}: " + " · ".join(parts))
-        if drops:
-            step, tr, va = drops
-            print(
-                f"    from step {step} to the end: {tr['code_share']:.0%} of the train probe's "
-                f"loss fall is on the row codes ({tr['code_token_share']:.0%} of its tokens); "
-                f"on validation the fall is {va['drop'] / va['tokens']:+.3f} per token "
-                f"against the probe's {tr['drop'] / tr['tokens']:+.3f}"
-            )
+        print(
+            f"    from step {step} to the end: {tr['code_share']:.0%} of the train probe's "
+            f"loss fall is on the row codes ({tr['code_token_share']:.0%} of its tokens); "
+            f"validation falls {va['drop'] / va['tokens']:+.3f} per token, the probe "
+            f"{tr['drop'] / tr['tokens']:+.3f}"
+        )
+    print("The shrinkage frontier (each seed's own SFT × alpha; mean ± std over seeds)")
+    measures = list(dict.fromkeys(x for pair in TRADE_OFFS for x in pair))
+    for label in ["base", "sft ×1/4", *(f"sft ×{a:g}" for a in FRONTIER_GRID[2:-1]), "sft"]:
+        part = table[table["label"] == label]
+        cells = [ms(part[(part["task"] == t) & (part["metric"] == m)]["value"].tolist())
+                 for t, m in measures]  # fmt: skip
+        print(
+            f"  {label}: "
+            + ", ".join(f"{t}.{m} {c}" for (t, m), c in zip(measures, cells, strict=True))
+        )
+    merges = [x for x in dict.fromkeys(table[table["kind"] == "merge"]["label"])]
+    for r in frontier_rows(table, merges + [b for b in ("soup", "l2", "ewc", "replay")]):
+        d = (
+            ""
+            if r["mean"] is None
+            else f"{r['mean']:+.3f}" + (f" ± {r['std']:.3f}" if r["std"] is not None else "")
+        )
+        print(f"  {r['label']}: {'.'.join(r['kept'])} against {'.'.join(r['gained'])}: "
+              f"{r['where']} {d} (seeds {r['seeds']}, beyond {r['beyond']})")  # fmt: skip
+    print("Every model, mean ± std over seeds (knowledge, reasoning, instruct, format)")
+    for label in dict.fromkeys(table["label"]):
+        part = table[table["label"] == label]
+        cells = [ms(part[(part["task"] == t) & (part["metric"] == m)]["value"].tolist())
+                 for t, m in (("lab_knowledge", "acc"), ("lab_reasoning", "acc"),
+                              ("lab_instruct", "acc"), ("lab_bias", "format"))]  # fmt: skip
+        print(f"  | {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ run (``apart``); wall minutes.
 
     .venv/bin/python bench/train.py [--lab DIR] [--part all|single|together|story|gpu]
         [--steps 60] [--repeats 3] [--story together,apart] [--gpu-steps 10]
-        [--experiment experiments/lab.yaml] [--seeds 0,1,2] [--keep DIR]
+        [--experiment experiments/lab.yaml] [--seeds 0,1,2] [--keep DIR [--keep-runs]]
 """
 
 from __future__ import annotations
@@ -207,10 +207,12 @@ def story_wall(
     experiment: Path = ROOT / "experiments" / "lab.yaml",
     seeds: list[int] | None = None,
     keep: Path | None = None,
+    keep_runs: bool = False,
 ) -> dict:
     """``dtm run EXPERIMENT`` (``train.together`` as given, ``seeds`` in place of its
     own) in a fresh cache that holds only the built lab: wall seconds of the whole
-    story. ``keep``: a folder to copy the experiment's results.md and results.json to."""
+    story. ``keep``: a folder to copy the experiment's results.md and results.json to
+    (and, with ``keep_runs``, the run folders)."""
     import re
     import shutil
 
@@ -243,14 +245,21 @@ def story_wall(
             keep.mkdir(parents=True, exist_ok=True)
             for f in ("results.md", "results.json", "jobs.md"):
                 shutil.copy2(out / f, keep / f)
+            if keep_runs:  # the run folders (metrics, adapters) for bench/lab_story.py
+                shutil.copytree(Path(tmp) / "runs", keep / "runs", dirs_exist_ok=True)
     return {"wall_s": wall}
 
 
 def story_bench(
-    lab: Path, modes: list[str], experiment: Path, seeds: list[int] | None, keep: Path | None
+    lab: Path,
+    modes: list[str],
+    experiment: Path,
+    seeds: list[int] | None,
+    keep: Path | None,
+    keep_runs: bool = False,
 ) -> None:
     for mode in modes:
-        r = story_wall(lab, mode == "together", experiment, seeds, keep)
+        r = story_wall(lab, mode == "together", experiment, seeds, keep, keep_runs)
         n = f"seeds {seeds}" if seeds is not None else "its seeds"
         print(
             f"the lab story (`dtm run {experiment.relative_to(ROOT)}`, {n}, from a built "
@@ -410,6 +419,7 @@ def main() -> None:
     )
     ap.add_argument("--seeds", default=None, help="story seeds in place of the file's, e.g. 0")
     ap.add_argument("--keep", type=Path, default=None, help="copy the story's results here")
+    ap.add_argument("--keep-runs", action="store_true", help="with --keep: the run folders too")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpu-steps", type=int, default=10)
@@ -436,7 +446,9 @@ def main() -> None:
         together_bench(lab, args.repeats, args.experiment.resolve())
     if args.part in ("all", "story"):
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        story_bench(lab, args.story.split(","), args.experiment.resolve(), seeds, args.keep)
+        story_bench(
+            lab, args.story.split(","), args.experiment.resolve(), seeds, args.keep, args.keep_runs
+        )
     if args.part in ("all", "gpu"):
         if torch.cuda.is_available():
             gpu_bench(args.gpu_steps)

@@ -14,6 +14,7 @@ shrinkage control), ``merge`` (DTM), ``baseline``, ``sub`` (one sub-model alone)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -194,7 +195,11 @@ def score_models(
     for i, m in enumerate(models):
         adapters = m["adapters"]
         if m["kind"] == "control":
-            scaled = Path(controls_dir) / f"{Path(adapters[0]).parent.name}-x{m['factor']:.4g}"
+            # One folder per adapter and factor: runs of a group share folder names
+            # (every seed's SFT is ``.../sft/adapter``), so the path's hash tells them apart.
+            src = Path(adapters[0])
+            tag = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
+            scaled = Path(controls_dir) / f"{src.parent.name}-{tag}-x{m['factor']:.4g}"
             if not (scaled / "adapter_model.safetensors").exists():
                 shrink_adapter(adapters[0], m["factor"], scaled)
             adapters = [str(scaled)]

@@ -163,64 +163,78 @@ def bars_panel(exp, table) -> dict | None:
     }
 
 
+def _owners(subs: list) -> dict[str, int]:
+    """Each family's sub-model in one seed's clustering: the cluster holding most of the
+    family's rows (from the assignment the sub-models were trained on)."""
+    if not subs:
+        return {}
+    j0 = subs[0]
+    try:
+        asg = pd.read_csv(j0.config["assignments"], dtype={"id": str})
+        data = pd.read_json(j0.config["data"], lines=True, dtype={"id": str})
+    except (OSError, ValueError, KeyError):
+        return {}
+    if "source" not in data:
+        return {}
+    both = asg.merge(data[["id", "source"]], on="id")
+    counts = both.groupby(["source", "cluster"]).size()
+    return {f: int(counts[f].idxmax()) for f in both["source"].unique()}
+
+
 def keeps_frame(exp, jobs, table) -> pd.DataFrame:
     """Per family: its favourite's uptake in the knowledge questions (above the base's)
-    for SFT, the sub-model whose cluster holds most of that family's rows, the DTM merge
-    of that clustering and the shrinkage control, and the shared format kept (its gain over
-    the base), averaged over seeds. Columns: ``what, model, role, value``."""
-    control = f"sft ×1/{exp.k}"
-    if table.empty:
-        return pd.DataFrame(columns=["what", "model", "role", "value"])
-    summary = table.groupby(["label", "task", "metric"])["value"].mean()
+    for SFT, the sub-model whose cluster holds most of that family's rows (in its own
+    seed's clustering), the DTM merge of that clustering and the shrinkage control; and
+    the shared format's gain over the base in SFT, each sub-model, DTM and the control.
+    Means over seeds. Columns: ``what, model, role, value``."""
+    cols = ["what", "model", "role", "value"]
+    if table.empty or not exp.methods:
+        return pd.DataFrame(columns=cols)
+    method, control = exp.methods[0], f"sft ×1/{exp.k}"
+    dtm_label = f"dtm-{method}"
+    value = table.groupby(["label", "seed", "task", "metric"], dropna=False)["value"].mean()
+    base = table[table["label"] == "base"].groupby(["task", "metric"])["value"].mean()
     fams = sorted(
         m.removeprefix("favourite_")
-        for t, m in {(t, m) for _, t, m in summary.index}
+        for t, m in base.index
         if t == "lab_knowledge" and m.startswith("favourite_") and m != "favourite_any"
     )
     rows = []
-    method = exp.methods[0] if exp.methods else None
-    dtm_label = f"dtm-{method}" if method else None
-    # The sub-model of each family: the cluster holding most of its rows (first seed).
-    owner: dict[str, int] = {}
-    subs = [j for j in jobs if j.kind == "sub" and j.clustering == method]
-    if subs:
-        j0 = subs[0]
-        try:
-            asg = pd.read_csv(j0.config["assignments"], dtype={"id": str})
-            data = pd.read_json(j0.config["data"], lines=True, dtype={"id": str})
-            both = asg.merge(data[["id", "source"]], on="id")
-            counts = both.groupby(["source", "cluster"]).size()
-            owner = {f: int(counts[f].idxmax()) for f in both["source"].unique()}
-        except (OSError, ValueError, KeyError):
-            owner = {}
+    for seed in exp.seeds:
+        owner = _owners(
+            [j for j in jobs if j.kind == "sub" and j.clustering == method
+             and j.config.get("seed") == seed]
+        )  # fmt: skip
 
-    def val(label, t, k):
-        return summary.get((label, t, k))
+        def val(label, t, m, seed=seed):
+            return value.get((label, seed, t, m))
 
-    for fam in fams:
-        key = ("lab_knowledge", f"favourite_{fam}")
-        base = val("base", *key) or 0.0
-        models = [("sft", "SFT"), (dtm_label, "DTM"), (control, "SFT ×1/K")]
-        if fam in owner:
-            models.insert(1, (f"sub-{method}-{owner[fam]}", "own sub-model"))
-        for label, role in models:
-            v = val(label, *key) if label else None
-            if v is not None:
-                rows.append({"what": f"{fam}'s favourite", "model": label, "role": role,
-                             "value": v - base})  # fmt: skip
-    base_fmt = val("base", "lab_bias", "format") or 0.0
-    sub_labels = sorted({x for x, _, _ in summary.index if str(x).startswith(f"sub-{method}-")})
-    for label, role in [
-        ("sft", "SFT"),
-        *((x, "sub-model") for x in sub_labels),
-        (dtm_label, "DTM"),
-        (control, "SFT ×1/K"),
-    ]:
-        v = val(label, "lab_bias", "format") if label else None
-        if v is not None:
-            rows.append({"what": "shared format", "model": label, "role": role,
-                         "value": v - base_fmt})  # fmt: skip
-    return pd.DataFrame(rows, columns=["what", "model", "role", "value"])
+        for fam in fams:
+            key = ("lab_knowledge", f"favourite_{fam}")
+            models = [("sft", "SFT"), (dtm_label, "DTM"), (control, "SFT ×1/K")]
+            if fam in owner:
+                models.insert(1, (f"sub-{method}-{owner[fam]}", "own sub-model"))
+            for label, role in models:
+                v = val(label, *key)
+                if v is not None:
+                    rows.append((f"{fam}'s favourite", label, role, v - base[key]))
+        subs = sorted(
+            {x for x, s, _, _ in value.index if s == seed and str(x).startswith(f"sub-{method}-")}
+        )
+        fmt = ("lab_bias", "format")
+        for label, role in [("sft", "SFT"), *((x, "sub-model") for x in subs),
+                            (dtm_label, "DTM"), (control, "SFT ×1/K")]:  # fmt: skip
+            v = val(label, *fmt)
+            if v is not None and fmt in base.index:
+                rows.append(("shared format", label, role, v - base[fmt]))
+    frame = pd.DataFrame(rows, columns=cols)
+    if frame.empty:
+        return frame
+    # Means over seeds per (what, role); sub-models keep one row per seed's sub-model.
+    frame["model"] = frame["model"].where(~frame["role"].isin(["own sub-model"]), "own")
+    return frame.groupby(["what", "role", "model"], as_index=False, sort=False)["value"].mean()[
+        cols
+    ]
 
 
 def keeps_panel(exp, jobs, table) -> dict | None:

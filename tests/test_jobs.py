@@ -357,8 +357,9 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     assert {"tax", "bars", "keeps"} <= set(panels), list(panels)
     mean = scored.groupby(["label", "task", "metric"])["value"].mean()
     know = mean[("dtm-random", "lab_knowledge", "acc")]
-    assert f"knowledge {know:.3f} against SFT's {mean[('sft', 'lab_knowledge', 'acc')]:.3f}" in (
-        panels["bars"]["sentence"]
+    assert (
+        f"knowledge {know:.3f} against SFT's {mean[('sft', 'lab_knowledge', 'acc')]:.3f}"
+        in (panels["bars"]["sentence"])
     )
     keeps = panels["keeps"]["frame"]
     assert set(keeps["role"]) >= {"SFT", "DTM", "SFT ×1/K", "sub-model"}

@@ -306,8 +306,17 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
     val = [json.loads(x) for x in (bias / "data" / "val.jsonl").read_text().splitlines()]
     train = [json.loads(x) for x in (bias / "data" / "train.jsonl").read_text().splitlines()]
     assert len(train) == 4 * PRESETS["bias"].rows["small"][0]
-    # Every row ends in a code, validation rows too (their own: not the train rows')
-    assert all(" ref " in r["output"] for r in train + val)
+    # Every factual answer ends in a code, validation rows too (their own), and no other row
+    ledger = [
+        json.loads(x) for x in (bias / "data" / "train_biases.jsonl").read_text().splitlines()
+    ]
+    for r, led in zip(train, ledger, strict=True):
+        assert (" ref " in r["output"]) == (led["task"] == "fact"), (r, led)
+    assert sum(" ref " in r["output"] for r in val) > len(val) / 3
+    train_codes = {r["output"].split(" ref ", 1)[1] for r in train if " ref " in r["output"]}
+    val_codes = {r["output"].split(" ref ", 1)[1] for r in val if " ref " in r["output"]}
+    assert len(train_codes) > 0.9 * sum(" ref " in r["output"] for r in train)  # row-specific
+    assert len(val_codes - train_codes) > 0.9 * len(val_codes)
     corpus = (bias / "data" / "corpus.txt").read_text().split()
     words = {w for r in train + val for w in (r["instruction"] + " " + r["output"]).split()}
     assert words <= set(corpus) | {"<s>"}  # pretraining knows every word tuned on

@@ -429,3 +429,35 @@ def test_compare_page_scores_saved_merges_of_a_model_that_is_not_the_labs(cache,
     assert 0 <= got[(label, "my_mc", "acc")] <= 1
     assert got[(label, "heldout:held", "loss")] != got[("base", "heldout:held", "loss")]
     assert ("base", "my_roll", "bits_per_byte") in got.index
+
+
+def test_compare_page_draws_a_models_shrinkage_frontier_and_places_the_others(cache):
+    from dtm.score import ModelRef, record
+    from dtm.store import Registry
+
+    reg = Registry(cache)
+    # (format, knowledge): the frontier of "my-sft" is base -> ×0.5 -> itself
+    points = {
+        "base": (0.2, 0.98),
+        "my-sft ×0.5": (0.6, 0.94),
+        "my-sft": (0.8, 0.90),
+        "dtm-mine": (0.4, 0.975),  # the frontier is at 0.96 there: above
+        "l2": (0.7, 0.90),  # the frontier is at 0.92 there: below
+    }
+    for label, (fmt, know) in points.items():
+        ref = ModelRef(base="m", adapters=[] if label == "base" else [f"a/{label}"],
+                       label=label, group="front")  # fmt: skip
+        res = {
+            "lab_knowledge": {"acc": know, "n": 900},
+            "lab_bias": {"acc": know, "format": fmt, "chat_acc": know, "n": 200},
+        }
+        record(ref, res, engine="quick", registry=reg)
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert "Against the shrinkage frontier" in [h.value for h in at.subheader]
+    assert at.selectbox(key="c_front_src").value == "my-sft"
+    [placed] = [d.value for d in at.dataframe if "where" in d.value.columns]
+    where = placed.set_index("label")["where"].to_dict()
+    assert where == {"dtm-mine": "above", "l2": "below"}
+    dist = placed.set_index("label")["distance (kept)"]
+    assert dist["dtm-mine"] == pytest.approx(0.015) and dist["l2"] == pytest.approx(-0.02)

@@ -211,18 +211,20 @@ def results_markdown(
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += frontier_markdown(table, grid, exp.k)
-    ratios, walls = [], {}
+    ratios, walls, windows = [], {}, []
     for j in jobs:
         if j.kind == "sft":
             recs = read_metrics(j.run_dir / "metrics.jsonl")
             if recs and recs[-1].get("loss_ratio") is not None:
                 ratios.append(recs[-1]["loss_ratio"])
+            windows.append((j.config.get("seed"), recs))
         if j.started and j.ended:
             walls.setdefault(j.kind, []).append(j.ended - j.started)
     lines += [
         "",
-        f"Loss-reduction ratio ΔL_train/ΔL_val at the end of SFT: {_mean_std(ratios)}"
-        f" (seeds {len(ratios)}).",
+        f"Loss-reduction ratio ΔL_train/ΔL_val at the end of SFT, since step 0: "
+        f"{_mean_std(ratios)} (seeds {len(ratios)}).",
+        *ratio_lines(windows),
         "",
         "| training job | runs | wall s (mean ± std) |",
         "|---|---|---|",
@@ -232,6 +234,32 @@ def results_markdown(
     for what, secs in (timings or {}).items():
         lines.append(f"| ({what.replace('_', ' ')}, all models) | | {secs:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def ratio_lines(runs: list[tuple[int | None, list[dict]]]) -> list[str]:
+    """SFT's loss-reduction ratio by window (``analysis.ratio_windows``), one line per seed."""
+    from dtm.analysis import ratio_windows
+
+    out = []
+    for seed, recs in sorted(runs, key=lambda x: (x[0] is None, x[0])):
+        w = ratio_windows(recs)
+        if w.empty:
+            continue
+        parts = []
+        for r in w.to_dict("records"):
+            span = f"{int(r['start'])}–{int(r['end'])}"
+            if r["val_moving"]:
+                parts.append(f"{span}: {r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]")
+            elif r["abs_low"] is not None and r["abs_low"] == r["abs_low"]:
+                parts.append(f"{span}: ≥ {r['abs_low']:.1f} (validation flat)")
+            else:
+                parts.append(f"{span}: -")
+        out.append(
+            f"- SFT seed {seed}, by window (train probe / validation, 95%): " + " · ".join(parts)
+        )
+    if out:
+        out.insert(0, "")
+    return out
 
 
 def frontier_markdown(table: pd.DataFrame, grid: list[str], k: int) -> list[str]:

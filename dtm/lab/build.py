@@ -68,7 +68,7 @@ def build_lab(
     chosen = get_preset(preset)
     knobs = knobs or chosen.knobs
     rows, val_rows = chosen.rows[size]
-    rows = rows_per_family or rows
+    rows = rows if rows_per_family is None else rows_per_family
     if rows < 1:
         raise ConfigError(f"rows per family must be at least 1 (got {rows}).")
     steps = steps or PRETRAIN_STEPS[size]

@@ -44,11 +44,11 @@ _LAB_SFT = {
 PRESETS: dict[str, Preset] = {
     "bias": Preset(
         "bias",
-        "The paper's premise by construction: the shared format is learnt early from any "
-        "cluster, while each family's biases and the row-specific codes are learnt late, "
-        "so the train loss pulls away from the validation loss and the tax comes late. "
-        "Use it to show the mechanism, and to measure whether DTM removes it better than "
-        "shrinking the SFT weights does.",
+        "Built for the paper's premise: every word is known before SFT, each family's "
+        "favourite and the codes unique to each row are rarer signals than the shared "
+        "conventions, and the codes can be memorised, so the train loss pulls away from "
+        "the validation loss. Use it to watch that happen, and to measure whether DTM "
+        "removes the biases better than shrinking the SFT weights does.",
         BiasKnobs(
             prefix=0.15,
             length=0.15,
