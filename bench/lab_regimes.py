@@ -81,17 +81,15 @@ REGIMES = {
         {},
     ),
 }
-BASE_RECIPE = {
-    "lr": 1e-3,
-    "lora_r": 16,
-    "lora_alpha": 16,
-    "batch_size": 16,
-    "micro_batch_size": 16,
-    "max_length": 128,
-    "steps": 600,
-    "probe_size": 200,
-    "log_every": 20,
-}
+
+
+def base_recipe() -> dict:
+    """The bias preset's SFT recipe (the lab's LoRA values, 600 steps, probe 200)."""
+    from dtm.lab.presets import PRESETS
+
+    return {**PRESETS["bias"].sft, "log_every": 20}
+
+
 SHOWN = [
     ("lab_knowledge", "acc"),
     ("lab_reasoning", "acc"),
@@ -133,7 +131,7 @@ def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]
         **{x: data_info[x] for x in ("favourites", "misconceptions")},
     }
     (out / "lab.json").write_text(json.dumps(meta))
-    return out, {**BASE_RECIPE, **recipe}
+    return out, {**base_recipe(), **recipe}
 
 
 def run_regime(lab: Path, name: str, seed: int, work: Path) -> dict:
