@@ -300,6 +300,13 @@ def pretraining_corpus(
         passage, q, a = reading_passage(world, rng)
         docs.append(f"{passage} question : {q} answer : {a} .")
     if general:  # its own generator: the rest of the corpus stays the same
-        docs += general_text(world, random.Random(f"general-{seed}"), 4 * len(world.readers))
+        grng = random.Random(f"general-{seed}")
+        docs += general_text(world, grng, 4 * len(world.readers))
+        said = {w for d in docs for w in d.split()}
+        names = list(world.readers) + [v for dom in world.domains.values() for v in dom]
+        for name in dict.fromkeys(names):  # every name once at least: a row may use any
+            if name not in said:  # (codes are outside names, options any language)
+                b, c = grng.sample([r for r in world.readers if r != name], 2)
+                docs.append(grng.choice(GENERAL_TEXT).format(a=name, b=b, c=c, yn="yes"))
     rng.shuffle(docs)
     return docs, {"qa_facts": qa_facts, "two_hop": set(two_hop_people)}
