@@ -403,3 +403,22 @@ def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
     assert resolve_inputs(exp)["data"] == str(folder / "data" / "train.jsonl")
     again = story_for_lab(story, "weak-k2", folder, 3, [0])  # another K: another file
     assert again != story and load_experiment(story).k == 2
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 5])
+def test_the_bias_corpus_knows_every_word_of_its_rows_in_any_seed(seed):
+    # Seeds 2, 3 and 5 of the small world have a language no country speaks: it is still
+    # a multiple-choice option, so pretraining must have seen it.
+    from dtm.lab.presets import PRESETS
+
+    preset = PRESETS["bias"]
+    world = build_world(seed, "small")
+    docs, _ = pretraining_corpus(world, seed, general=True)
+    train, val, _ = make_sft_data(
+        world, seed=seed, rows_per_family=preset.rows["small"][0],
+        val_per_family=preset.rows["small"][1], knobs=preset.knobs,
+    )  # fmt: skip
+    corpus = {w for d in docs for w in d.split()}
+    for r in train + val:
+        unknown = set((r.instruction + " " + r.output).split()) - corpus - {"<s>"}
+        assert not unknown, (r.id, unknown)
