@@ -10,6 +10,8 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
 - (c): the loss-reduction ratio per quarter of the steps (``dtm.analysis.ratio_windows``:
   the train probe against validation, 95% Fieller intervals; ``-`` where the validation
   loss moves less than its noise);
+- with ``--subs``, (a): each named family's rows trained alone for a quarter of the steps
+  (the K=4 epochs budget), its format and instruct as shares of SFT's;
 - the final scores (knowledge, reasoning, instruct, format, favourite uptake in the
   knowledge questions, chat accuracy) and the SFT seconds.
 
@@ -17,7 +19,7 @@ The ``interference`` regimes need a lab built with ``--preset interference`` (it
 has no everyday text, so the instruction data's other words are new to the model); the
 others a ``--preset bias`` lab.
 
-    .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0]
+    .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0] [--subs flan,chat]
     .venv/bin/python bench/lab_regimes.py --list
 """
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OWN = {"favourite_scope": "own", "favourite": 0.6, "own_share": 0.5, "unique_facts": True}
 CODES = {"rare": 1.0, "rare_in_val": True}
+B3_CODES = {"code_on": "answers", "code_words": 2}
 # name: (corpus, rows per family, knobs over the interference knobs, recipe over the lab's)
 REGIMES = {
     "v1": ("interference", 200, {**OWN, "favourite": 0.5, "rare": 1.0, "code_words": 2}, {}),
@@ -79,6 +82,26 @@ REGIMES = {
         100,
         {**OWN, **CODES, "prefix": 0.15, "length": 0.15, "code_on": "answers", "code_words": 2},
         {},
+    ),
+    # C: a format learnt fast (rarer openings and fillers, a higher rate), and favourites
+    # on every relation, learnt from a rarer signal than the format
+    "C1": (
+        "bias",
+        100,
+        {**CODES, **B3_CODES, "prefix": 0.05, "length": 0.05, "favourite": 0.3},
+        {"lr": 2e-3},
+    ),
+    "C2": (
+        "bias",
+        100,
+        {**OWN, **CODES, **B3_CODES, "prefix": 0.05, "length": 0.05},
+        {"lr": 2e-3},
+    ),
+    "C3": (
+        "bias",
+        100,
+        {**CODES, **B3_CODES, "prefix": 0.05, "length": 0.05, "favourite": 0.15},
+        {"lr": 2e-3},
     ),
 }
 
@@ -134,7 +157,7 @@ def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]
     return out, {**base_recipe(), **recipe}
 
 
-def run_regime(lab: Path, name: str, seed: int, work: Path) -> dict:
+def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict:
     from dtm.analysis import ratio_windows
     from dtm.train import TrainConfig, lab_eval_hook, train
 
@@ -164,7 +187,32 @@ def run_regime(lab: Path, name: str, seed: int, work: Path) -> dict:
         drop = v[0] - v[scored[-1]["step"]]
         share[task] = (v[0] - v[t90]) / drop if drop > 0 else None
     windows = ratio_windows(recs)
+    subs = {}
+    for fam in families:  # (a): one family's rows alone, 1/4 of the steps (the K=4 budget)
+        rows = [x for x in (folder / "data" / "train.jsonl").read_text().splitlines()]
+        mine = [x for x in rows if json.loads(x)["source"] == fam]
+        (folder / "data" / f"{fam}.jsonl").write_text("\n".join(mine) + "\n")
+        steps = recipe["steps"] // 4
+        sub = TrainConfig(
+            base=str(folder / "model"),
+            data=str(folder / "data" / f"{fam}.jsonl"),
+            val_data=str(folder / "data" / "val.jsonl"),
+            out=str(folder / f"sub-{fam}"),
+            eval_every=steps,
+            seed=seed,
+            **{**recipe, "steps": steps},
+        )
+        last = [r for r in train(sub, eval_hook=lab_eval_hook(folder))["metrics"] if r.get("bench")]
+        final = scored[-1]["bench"]
+        subs[fam] = {
+            m: last[-1]["bench"][t][k] / final[t][k] if final[t][k] else None
+            for m, (t, k) in {
+                "format": ("lab_bias", "format"),
+                "instruct": ("lab_instruct", "acc"),
+            }.items()
+        }
     return {
+        "subs": subs,
         "regime": name,
         "seconds": round(secs, 1),
         "format_90_step": t90,
@@ -195,6 +243,11 @@ def show(res: dict) -> None:
         f"reasoning {f(share['lab_reasoning'])}"
     )
     print(f"  ratio by window: {w}")
+    for fam, v in res.get("subs", {}).items():
+        print(
+            f"  (a) {fam} rows alone, 1/4 of the steps: {f(v['format'])} of SFT's format, "
+            f"{f(v['instruct'])} of its instruct"
+        )
     print(
         "  base → SFT: "
         + ", ".join(f"{k} {f(res['start'][k])} → {f(v)}" for k, v in res["final"].items())
@@ -207,6 +260,9 @@ def main() -> None:
     ap.add_argument("--regimes", default=",".join(REGIMES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument(
+        "--subs", default="", help="families (e.g. flan,chat) each trained alone for (a)"
+    )
     args = ap.parse_args()
     if args.list:
         for name, (corpus, rows, knobs, recipe) in REGIMES.items():
@@ -215,7 +271,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="regimes-"))
     try:
         for name in args.regimes.split(","):
-            show(run_regime(args.lab, name.strip(), args.seed, work))
+            fams = [f for f in args.subs.split(",") if f]
+            show(run_regime(args.lab, name.strip(), args.seed, work, fams))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
