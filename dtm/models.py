@@ -109,6 +109,12 @@ def load_model(
     """``(model, tokenizer)``: ``base`` alone or with one peft adapter (checked before the
     base loads). Several adapters merged: ``dtm.merge.engine.Merger``, which loads its
     base through ``load_base`` too (``dtm.score.load_model`` picks between them)."""
+    from dtm import moe
+
+    if adapter and moe.is_adapter_folder(adapter):  # a LoRAMoE: its own module, unmerged
+        moe.read_config(adapter)
+        model, tok = load_base(base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return moe.load_adapter(model, adapter).eval(), tok
     lora = _check_adapter(Path(adapter)) if adapter else None
     model, tok = load_base(base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if adapter:

@@ -60,6 +60,14 @@ def read_adapter(path: str | Path) -> AdapterSet:
     from safetensors.torch import load_file
 
     p = Path(path)
+    from dtm.moe import CONFIG as MOE_CONFIG
+
+    if (p / MOE_CONFIG).is_file():
+        raise ConfigError(
+            f"{p}: a LoRAMoE adapter; it cannot be merged (its router mixes the experts per "
+            "token, so no single weight delta equals it). Score it as it is with `dtm eval "
+            "--adapter`."
+        )
     if not (p / CONFIG).is_file() or not (p / WEIGHTS).is_file():
         raise ConfigError(f"{p}: not a peft adapter folder ({CONFIG} and {WEIGHTS} expected).")
     try:

@@ -68,6 +68,28 @@ class TrainConfig:
     reference: str | None = _f(None, "ewc/replay corpus; default: the lab's pretraining text")
     reference_size: int = _f(256, "ewc: documents for the base model's Fisher")
     fisher_size: int = _f(128, "sub: rows for the adapter Fisher the fisher merge uses")
+    curate_budget: str | None = _f(
+        None, "curate: rows kept, a count (e.g. 800) or a fraction of the rows (e.g. 0.25)"
+    )
+    curate_score: str = _f(
+        "ifd",
+        "curate: the row score: ifd (the base's instruction-following difficulty), "
+        "column:NAME (a column of the data), or deita:COMPLEXITY_MODEL,QUALITY_MODEL",
+    )
+    curate_threshold: float = _f(
+        0.9, "curate: a row is kept only if its cosine similarity to every kept row is below"
+    )
+    experts: int = _f(4, "loramoe: LoRA experts per adapted layer")
+    moe_balance: float = _f(0.1, "loramoe: weight of the localized balancing constraint")
+    moe_groups: int | None = _f(
+        None, "loramoe: experts in the first (world-knowledge) group (default: half)"
+    )
+    moe_delta: float = _f(0.1, "loramoe: the constraint's group contrast delta, in [0, 1)")
+    moe_knowledge_sources: str | None = _f(
+        None,
+        "loramoe: comma-separated data sources (the rows' source) of the world-knowledge "
+        "type, as the paper's CBQA data; every other row is of the task type",
+    )
     save_every: int | None = _f(None, "checkpoint interval in steps (default: ~10 per run)")
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are removed)")
     eval_lab: str | None = _f(None, "a lab folder: score its benchmarks during training")
@@ -126,9 +148,27 @@ KINDS: dict[str, Kind] = {
             penalty="ewc",
         ),
         Kind("replay", "SFT with the reference corpus mixed in 1:1", needs_reference=True),
+        Kind(
+            "curate",
+            "SFT on a selected subset (Deita-style: score first, then diversity by "
+            "embedding cosine)",
+        ),
+        Kind(
+            "loramoe",
+            "LoRA experts with a token-level router and the localized balancing "
+            "constraint (Dou et al. 2023); cannot be merged into the base",
+        ),
     )
 }
 BASELINES = tuple(k for k, v in KINDS.items() if v.baseline)
+# The fields only one kind reads, with their defaults (any other kind refuses another value)
+KIND_FIELDS = {
+    kind: {f.name: f.default for f in fields(TrainConfig) if f.name in names}
+    for kind, names in {
+        "curate": ("curate_budget", "curate_score", "curate_threshold"),
+        "loramoe": ("experts", "moe_balance", "moe_groups", "moe_delta", "moe_knowledge_sources"),
+    }.items()
+}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -165,6 +205,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--clusters and --with-sft are for kind 'subs', not {cfg.kind!r}.")
     if cfg.eval_tasks:
         check_eval_tasks(cfg)
+    check_curate(cfg)
+    check_loramoe(cfg)
     if kind.needs_reference:
         from dtm.baselines import default_reference
 
@@ -173,6 +215,77 @@ def check_config(cfg: TrainConfig) -> None:
                 f"kind {cfg.kind!r} needs a reference corpus (--reference FILE); only a lab "
                 "base model has a default one."
             )
+
+
+def curate_budget(cfg: TrainConfig, n_rows: int | None = None) -> int | float:
+    """``--curate-budget`` as a row count (int) or a fraction in (0, 1] (float); with
+    ``n_rows``, checked against the data and returned as a count."""
+    raw = str(cfg.curate_budget).strip()
+    try:
+        value: int | float = int(raw) if raw.isdigit() else float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"--curate-budget {raw}: give a row count (e.g. 800) or a fraction (e.g. 0.25)."
+        ) from None
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ConfigError(f"--curate-budget {raw}: a fraction is in (0, 1].")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"--curate-budget {raw}: keep at least 1 row.")
+    if n_rows is None:
+        return value
+    if isinstance(value, float):
+        return max(1, round(value * n_rows))
+    if value > n_rows:
+        raise ConfigError(
+            f"--curate-budget {value} is larger than the data: {cfg.data} has {n_rows} "
+            "training rows."
+        )
+    return value
+
+
+def check_curate(cfg: TrainConfig) -> None:
+    if cfg.kind != "curate":
+        for name, default in KIND_FIELDS["curate"].items():
+            if getattr(cfg, name) != default:
+                raise ConfigError(f"--{name.replace('_', '-')} is for kind curate.")
+        return
+    if cfg.curate_budget is None:
+        raise ConfigError("kind curate needs --curate-budget N or FRACTION.")
+    curate_budget(cfg)
+    if not 0 < cfg.curate_threshold <= 1:
+        raise ConfigError(
+            f"--curate-threshold {cfg.curate_threshold}: a cosine similarity threshold is "
+            "in (0, 1]."
+        )
+    score = cfg.curate_score
+    if score == "ifd":
+        return
+    if score.startswith("column:") and score[7:].strip():
+        return
+    if score.startswith("deita:") and len([m for m in score[6:].split(",") if m.strip()]) == 2:
+        return
+    raise ConfigError(
+        f"--curate-score {score}: give ifd, column:NAME or deita:COMPLEXITY_MODEL,QUALITY_MODEL."
+    )
+
+
+def check_loramoe(cfg: TrainConfig) -> None:
+    if cfg.kind != "loramoe":
+        for name, default in KIND_FIELDS["loramoe"].items():
+            if getattr(cfg, name) != default:
+                raise ConfigError(f"--{name.replace('_', '-')} is for kind loramoe.")
+        return
+    if cfg.experts < 1:
+        raise ConfigError(f"--experts {cfg.experts}: a LoRAMoE needs at least 1 expert.")
+    if not cfg.moe_balance >= 0 or not math.isfinite(cfg.moe_balance):
+        raise ConfigError(f"--moe-balance {cfg.moe_balance}: a weight is 0 or more.")
+    if cfg.moe_groups is not None and not 0 <= cfg.moe_groups <= cfg.experts:
+        raise ConfigError(
+            f"--moe-groups {cfg.moe_groups}: the first group holds 0..{cfg.experts} of the "
+            f"{cfg.experts} experts."
+        )
+    if not 0 <= cfg.moe_delta < 1:
+        raise ConfigError(f"--moe-delta {cfg.moe_delta}: the group contrast is in [0, 1).")
 
 
 def check_eval_tasks(cfg: TrainConfig) -> None:
@@ -207,6 +320,9 @@ def run_id(cfg: TrainConfig) -> str:
     for later in ("eval_tasks", "tasks_dir", "with_sft"):  # added later: unset, the id
         if not values.get(later):  # stays as it was
             values.pop(later, None)
+    for name, default in {**KIND_FIELDS["curate"], **KIND_FIELDS["loramoe"]}.items():
+        if values.get(name) == default:  # added later: at its default the id stays as it was
+            values.pop(name, None)
     if values.get("clusters") == "all":
         values.pop("clusters")
     return input_key("run", values)

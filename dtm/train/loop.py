@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from dtm.errors import Stopped, TrainingError
+from dtm.errors import ConfigError, Stopped, TrainingError
 from dtm.models import load_base, resolve_targets
 from dtm.store import is_io_error, publish_dir, read_metrics
 from dtm.train.checkpoints import checkpoint_step, drop_checkpoints, last_checkpoint
@@ -77,7 +77,7 @@ def setup(cfg: TrainConfig, progress) -> Run:
     model, tok = load_base(
         cfg.base, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
     )
-    train_rows, val_rows, probe_rows = encode_run_rows(cfg, tok)
+    train_rows, val_rows, probe_rows = encode_run_rows(cfg, tok, model)
     collate_fn = collate(tok.pad_token_id)
     reference = cfg.reference or baselines.default_reference(cfg.base)
     penalty = None
@@ -93,18 +93,34 @@ def setup(cfg: TrainConfig, progress) -> Run:
         penalty = lambda m: cfg.ewc_weight / 2 * baselines.ewc_penalty(m, fisher)
     elif cfg.kind == "l2":
         penalty = lambda m: cfg.l2_weight / 2 * baselines.l2_penalty(m)
-    model = get_peft_model(model, lora_config(cfg, model))
+    if cfg.kind == "loramoe":
+        from dtm import moe
+
+        model = moe.inject(model, loramoe_config(cfg, model))
+        penalty = moe.balance_loss
+    else:
+        model = get_peft_model(model, lora_config(cfg, model))
     return Run(model, tok, train_rows, val_rows, probe_rows, collate_fn, reference, penalty)
 
 
-def encode_run_rows(cfg: TrainConfig, tok) -> tuple[list[dict], list[dict], list[dict]]:
-    """A run's (training, validation, probe) rows, encoded: the split of ``split_rows``,
-    rows without a response token dropped, the probe a seeded sample of the training rows."""
+def encode_run_rows(cfg: TrainConfig, tok, model=None) -> tuple[list[dict], list[dict], list[dict]]:
+    """A run's (training, validation, probe) rows, encoded: the split of ``split_rows``
+    (for ``curate``, its selection, scored with the base ``model``), rows without a
+    response token dropped, the probe a seeded sample of the training rows."""
     train_table, val_table = split_rows(cfg)
     if len(train_table) == 0:
         raise TrainingError(f"no training rows in {cfg.data} for this run.")
-    train_rows = _with_response(encode_rows(train_table, tok, cfg.max_length), "training", cfg)
-    val_rows = _with_response(encode_rows(val_table, tok, cfg.max_length), "validation", cfg)
+    if cfg.kind == "curate":  # the selected subset, its selection.csv in the run folder
+        from dtm.curate import curate_rows
+
+        train_table = curate_rows(cfg, train_table, tok, model)
+    train_rows = encode_rows(train_table, tok, cfg.max_length)
+    val_rows = encode_rows(val_table, tok, cfg.max_length)
+    if cfg.kind == "loramoe":
+        _moe_types(cfg, train_table, train_rows)
+        _moe_types(cfg, val_table, val_rows, check=False)
+    train_rows = _with_response(train_rows, "training", cfg)
+    val_rows = _with_response(val_rows, "validation", cfg)
     probe_idx = np.random.default_rng(cfg.seed).choice(
         len(train_rows), min(cfg.probe_size, len(train_rows)), replace=False
     )
@@ -122,6 +138,50 @@ def lora_config(cfg: TrainConfig, model):
         target_modules=list(resolve_targets(model, cfg.target_modules)),
         task_type="CAUSAL_LM",
     )
+
+
+def loramoe_config(cfg: TrainConfig, model):
+    """The ``dtm.moe.LoRAMoEConfig`` of ``cfg`` on ``model``: every linear layer whose name
+    ends in one of the resolved targets."""
+    from torch import nn
+
+    from dtm.moe import LoRAMoEConfig
+
+    targets = resolve_targets(model, cfg.target_modules)
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets
+    ]
+    if not names:
+        raise TrainingError(
+            f"loramoe: no linear layer named {', '.join(targets)} in {cfg.base} to adapt."
+        )
+    return LoRAMoEConfig(
+        experts=cfg.experts,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=names,
+        groups=cfg.experts // 2 if cfg.moe_groups is None else cfg.moe_groups,
+        delta=cfg.moe_delta,
+        balance=cfg.moe_balance,
+        base_model=cfg.base,
+    )
+
+
+def _moe_types(cfg: TrainConfig, table, rows: list[dict], check: bool = True) -> None:
+    """Each row's LoRAMoE type, in place: ``moe_type`` 1 for the world-knowledge sources,
+    else 0; ``check``: at least one row is of those sources."""
+    sources = {x.strip() for x in (cfg.moe_knowledge_sources or "").split(",") if x.strip()}
+    if check and sources and not sources & set(table["source"]):
+        have = ", ".join(sorted(set(table["source"]) - {""})) or "none"
+        raise ConfigError(
+            f"--moe-knowledge-sources {cfg.moe_knowledge_sources}: no row of {cfg.data} has "
+            f"such a source (its sources: {have})."
+        )
+    for r, src in zip(rows, table["source"], strict=True):
+        r["moe_type"] = int(src in sources)
 
 
 def _with_response(rows: list[dict], what: str, cfg: TrainConfig) -> list[dict]:
@@ -205,8 +265,18 @@ def _mem_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def save_adapter(model, folder: Path) -> None:
+    """The trained adapter: peft's folder, or a LoRAMoE's own (``dtm.moe``)."""
+    from dtm import moe
+
+    if moe.is_loramoe(model):
+        moe.save_adapter(model, folder)
+    else:
+        model.save_pretrained(folder)
+
+
 def _save_early(model, folder: Path, step: int) -> None:
-    model.save_pretrained(folder)
+    save_adapter(model, folder)
     (folder / "early.json").write_text(json.dumps({"step": step}) + "\n")
 
 
@@ -319,6 +389,20 @@ class CheckedLoss:
         self.metrics_log, self.loss_penalty = log, penalty
         super().__init__(*args, **kw)
 
+    def _save(self, output_dir=None, state_dict=None):
+        from dtm import moe
+
+        if not moe.is_loramoe(self.model):
+            return super()._save(output_dir, state_dict)
+        moe.save_adapter(self.model, output_dir or self.args.output_dir)  # not the base
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from dtm import moe
+
+        if not moe.is_loramoe(model or self.model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        moe.load_weights(model or self.model, resume_from_checkpoint)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch
 
@@ -366,7 +450,7 @@ def write_adapter(cfg: TrainConfig, run: Run, tmp: Path, progress) -> None:
     """The trained adapter into ``tmp``; a ``sub`` run adds ``fisher.safetensors``, the
     diagonal Fisher of its LoRA parameters (same names and shapes) on a seeded sample of
     ``fisher_size`` of its rows, which the Fisher merge weights it by."""
-    run.model.save_pretrained(tmp)
+    save_adapter(run.model, tmp)
     if cfg.kind != "sub":
         return
     from safetensors.torch import save_file

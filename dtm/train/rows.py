@@ -5,7 +5,8 @@ train/validation split of a run.
   is on response tokens only (prompt tokens get label -100, as in the paper's code).
   Prompts use the model's chat template when it has one, else an Alpaca template.
 - ``collate(pad_id)`` -> a collate function padding a list of rows to
-  ``{"input_ids", "labels", "attention_mask"}`` (batch, width) long tensors.
+  ``{"input_ids", "labels", "attention_mask"}`` (batch, width) long tensors (and a
+  LoRAMoE run's ``moe_type`` per row).
 - ``split_rows(cfg)`` -> (train table, validation table) for a run: a ``sub`` run's rows
   are its cluster's; validation is ``val_data`` or a seeded ``val_fraction`` split.
 """
@@ -70,7 +71,10 @@ def collate(pad_id: int):
             ids[r, :n] = torch.tensor(b["input_ids"])
             labels[r, :n] = torch.tensor(b["labels"])
             mask[r, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "moe_type" in batch[0]:  # a LoRAMoE run's row types (dtm.moe)
+            out["moe_type"] = torch.tensor([b["moe_type"] for b in batch], dtype=torch.long)
+        return out
 
     return fn
 
