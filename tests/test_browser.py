@@ -131,6 +131,11 @@ def test_the_whole_flow_in_chromium_survives_a_server_crash(dashboard, chromium,
         expect(pg.get_by_test_id("stException")).to_have_count(0)
         expect(pg.get_by_test_id("stAlertContentError")).to_have_count(0)
     store = jobs.JobStore(Registry(cache))
+    deadline = time.time() + 2 * 60  # on a busy machine the rerun may start after the wait
+    while not store.list() and time.time() < deadline:
+        time.sleep(1)
+    for pg in pages:
+        wait_idle(pg)
     names = sorted(j.name for j in store.list())  # one group job: SFT and the sub-models
     assert names == ["dtm set", "sft", "sub 0", "sub 1", "sub 2", "sub 3"]
     pages[1].close()

@@ -305,6 +305,30 @@ def jobs_in_registry(cache: Path) -> int:
             id="lab-path",
         ),
         pytest.param(
+            "curate-budget-over-the-data",
+            "baselines: [curate]\ncurate: {budget: 500}\n",
+            ["--curate-budget 500 is larger than the data"],
+            id="curate-budget",
+        ),
+        pytest.param(
+            "curate-threshold-out-of-range",
+            "baselines: [curate]\ncurate: {threshold: 0}\n",
+            ["train (curate)", "in (0, 1]"],
+            id="curate-threshold",
+        ),
+        pytest.param(
+            "loramoe-no-experts",
+            "baselines: [loramoe]\nloramoe: {experts: 0}\n",
+            ["train (loramoe)", "at least 1 expert"],
+            id="loramoe-experts",
+        ),
+        pytest.param(
+            "loramoe-section-not-a-baseline",
+            "baselines: [l2]\nloramoe: {experts: 3}\n",
+            ["loramoe is not in baselines"],
+            id="loramoe-section",
+        ),
+        pytest.param(
             "heldout-missing",
             "HELDOUT_MISSING",
             ["evaluate.heldout", "nope.jsonl"],
@@ -449,3 +473,25 @@ def test_results_table_shows_folder_tasks_and_held_out_losses_beside_the_labs():
         ("my_roll", "bits_per_byte", "my_roll bits_per_byte"),
         ("heldout:val", "loss", "heldout:val loss"),
     ]
+
+
+def test_curate_and_loramoe_take_their_own_sections(lab0, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [alpaca(i) for i in range(20)])
+    exp_file = write(
+        tmp_path / "own.yaml",
+        "name: own\n"
+        f"base: {json.dumps(str(lab0 / 'model'))}\n"
+        f"data: {json.dumps(str(data))}\n"
+        "disperse: {k: 5, methods: [random]}\n"
+        "train: {steps: 2}\n"
+        "baselines: [curate, loramoe, l2]\n"
+        "loramoe: {experts: 3, balance: 0.3, groups: 1, knowledge_sources: cbqa}\n"
+        "evaluate: {tasks: [lab_knowledge]}\n",
+    )
+    jobs = {j.config.kind: j.config for j in plan(load_experiment(exp_file))}
+    assert jobs["curate"].curate_budget == "0.2"  # 1/K of the rows by default
+    assert jobs["curate"].curate_score == "ifd"
+    moe = jobs["loramoe"]
+    assert (moe.experts, moe.moe_balance, moe.moe_groups) == (3, 0.3, 1)
+    assert moe.moe_knowledge_sources == "cbqa"
+    assert jobs["l2"].experts == 4 and jobs["sft"].curate_budget is None  # theirs only

@@ -218,6 +218,13 @@ def page() -> None:
         return
     refs = reference_rows(merger, src, spec, objective, names)
     st.subheader("Live score")
+    moes = [n for n, (kind, _) in src.baselines.items() if kind == "loramoe"]
+    if moes:
+        st.caption(
+            f"{', '.join(moes)}: a LoRAMoE, scored below as a reference but not offered to "
+            "merge: its router mixes the experts per token, so no single weight delta "
+            "equals it."
+        )
     sft = next((refs[n] for n, (kind, _) in src.baselines.items() if kind == "sft"), None)
     cols = st.columns(len(score) + 1)
     for col, (label, value) in zip(cols, score.items(), strict=False):

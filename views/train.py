@@ -253,9 +253,71 @@ def launch_panel() -> None:
             launch_group(configs, group, backend)
         else:
             launch(configs, group, backend)
+    own = kind_settings(inputs["k"])
     for col, kind in zip(c[1:], BASELINES, strict=True):
         if col.button(f"Launch {kind}", key=f"launch_{kind}"):
-            launch([(kind, TrainConfig(**common, kind=kind))], group, backend)
+            launch([(kind, TrainConfig(**common, kind=kind, **own.get(kind, {})))], group, backend)
+
+
+def kind_settings(k: int) -> dict[str, dict]:
+    """The values of the baselines that have their own: curate's selection and LoRAMoE's
+    experts (the ``curate:`` and ``loramoe:`` sections of an experiment file)."""
+    with st.expander("Curate and LoRAMoE settings"):
+        a, b = st.columns(2)
+        a.markdown("**curate**: score the rows, then keep them by score while diverse")
+        budget = a.text_input(
+            "Rows kept (a count, or a fraction)",
+            value=str(round(1 / k, 4)),
+            key="curate_budget",
+            help="default: 1/K, the share of the rows one DTM sub-model trains on",
+        )
+        source = a.selectbox(
+            "Score",
+            ["ifd", "column", "deita"],
+            key="curate_score_kind",
+            help="ifd: the base's loss on the response with the instruction over without "
+            "it (Li et al. 2023); column: a numeric column of the data; deita: Deita's "
+            "complexity and quality scorers",
+        )
+        score = "ifd"
+        if source == "column":
+            score = "column:" + a.text_input("Column", key="curate_column").strip()
+        elif source == "deita":
+            models = a.text_input(
+                "Complexity and quality scorers (hub ids or folders, comma-separated)",
+                key="curate_deita",
+            )
+            score = "deita:" + models.strip()
+        threshold = a.slider(
+            "Cosine threshold", 0.05, 1.0, 0.9, 0.01, key="curate_threshold",
+            help="a row is kept only if its embedding's cosine to every kept row is below",
+        )  # fmt: skip
+        b.markdown("**loramoe**: LoRA experts with a router; it is scored, never merged")
+        experts = b.number_input("Experts", 1, 64, 4, key="moe_experts")
+        groups = b.number_input(
+            "Experts in the world-knowledge group", 0, int(experts), int(experts) // 2,
+            key="moe_groups",
+        )  # fmt: skip
+        balance = b.number_input("Constraint weight", 0.0, 100.0, 0.1, key="moe_balance")
+        delta = b.number_input("Group contrast delta", 0.0, 0.99, 0.1, key="moe_delta")
+        sources = b.text_input(
+            "World-knowledge sources (comma-separated; empty: every row is a task row)",
+            key="moe_sources",
+        ).strip()
+    return {
+        "curate": {
+            "curate_budget": budget.strip(),
+            "curate_score": score,
+            "curate_threshold": float(threshold),
+        },
+        "loramoe": {
+            "experts": int(experts),
+            "moe_groups": int(groups),
+            "moe_balance": float(balance),
+            "moe_delta": float(delta),
+            "moe_knowledge_sources": sources or None,
+        },
+    }
 
 
 @st.fragment(run_every=2)

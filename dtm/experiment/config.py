@@ -28,6 +28,8 @@ _TOP = {
     "train",
     "sub_budget",
     "baselines",
+    "curate",
+    "loramoe",
     "seeds",
     "backend",
     "estimate",
@@ -52,6 +54,7 @@ class Experiment:
     together: bool = True  # train.together: SFT and the sub-models of a seed in one group job
     sub_budget: str = "epochs"
     baselines: list[str] = field(default_factory=list)
+    kind_values: dict[str, dict[str, Any]] = field(default_factory=dict)  # curate:, loramoe:
     seeds: list[int] = field(default_factory=lambda: [0])
     backend: str = "local"
     estimate: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +157,7 @@ def load_experiment(path: str | Path) -> Experiment:
     bad = [b for b in exp.baselines if b not in BASELINES]
     if bad:
         raise ConfigError(f"{path}: baselines {bad}: choose from {list(BASELINES)}.")
+    exp.kind_values = {k: _kind_section(raw, k, exp, path) for k in KIND_KEYS}
     exp.seeds = [int(s) for s in (raw.get("seeds") or [0])]
     exp.backend = str(raw.get("backend", "local"))
     exp.estimate = dict(raw.get("estimate") or {})
@@ -166,6 +170,39 @@ def load_experiment(path: str | Path) -> Experiment:
     return exp
 
 
+# The sections of the baselines with values of their own: key in the file -> TrainConfig
+KIND_KEYS = {
+    "curate": {"budget": "curate_budget", "score": "curate_score", "threshold": "curate_threshold"},
+    "loramoe": {
+        "experts": "experts",
+        "balance": "moe_balance",
+        "groups": "moe_groups",
+        "delta": "moe_delta",
+        "knowledge_sources": "moe_knowledge_sources",
+    },
+}
+
+
+def _kind_section(raw: dict, kind: str, exp: Experiment, path) -> dict[str, Any]:
+    """The TrainConfig values of a ``curate:`` or ``loramoe:`` section. ``curate.budget``
+    defaults to 1/K of the rows: the share of the data one DTM sub-model trains on."""
+    section = raw.get(kind) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: {kind}: expected a mapping of its values.")
+    keys = KIND_KEYS[kind]
+    unknown = sorted(set(section) - set(keys))
+    if unknown:
+        raise ConfigError(
+            f"{path}: {kind}: unknown keys {', '.join(unknown)} (known: {', '.join(keys)})."
+        )
+    if section and kind not in exp.baselines:
+        raise ConfigError(f"{path}: a {kind}: section, but {kind} is not in baselines.")
+    values = {keys[k]: (str(v) if k == "budget" else v) for k, v in section.items()}
+    if kind == "curate":
+        values.setdefault("curate_budget", str(round(1 / exp.k, 6)))
+    return values
+
+
 def _check_train(exp: Experiment, path) -> None:
     """The shared training values make a valid run of every planned kind."""
     from dtm.train.config import check_config
@@ -175,7 +212,7 @@ def _check_train(exp: Experiment, path) -> None:
         values["target_modules"] = tuple(values["target_modules"])
     for kind in ["sft", *exp.baselines]:
         try:
-            cfg = TrainConfig(**{**values, "kind": kind})
+            cfg = TrainConfig(**{**values, "kind": kind, **exp.kind_values.get(kind, {})})
             if kind in ("ewc", "replay") and exp.lab is not None:
                 continue  # the lab's corpus is the default reference; it may not exist yet
             check_config(cfg)

@@ -125,7 +125,14 @@ def plan(
             for (name, cfg, clustering), size in zip(subs, sizes, strict=True):
                 jobs.append(PlannedJob(name, seed, cfg, clustering, size))
         for b in exp.baselines:
-            cfg = TrainConfig(**{**mine, "kind": b})
+            cfg = TrainConfig(**{**mine, "kind": b, **exp.kind_values.get(b, {})})
+            if b == "curate":  # a budget larger than the data: said before any work
+                from dtm.train.config import curate_budget
+
+                try:
+                    curate_budget(cfg, n_rows)
+                except ConfigError as e:
+                    raise ConfigError(f"{exp.source}: curate.budget: {e}") from None
             jobs.append(PlannedJob(f"{b} s{seed}", seed, cfg, est_rows=n_rows))
     for j in jobs:
         if exp.lab is None or Path(j.config.base).exists():
