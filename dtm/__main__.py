@@ -723,6 +723,52 @@ def _train_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
+def _curate_parser(sub) -> None:
+    c = sub.add_parser(
+        "curate", help="select a Deita-style subset of the data (no training): selection.csv"
+    )
+    c.add_argument("--data", required=True, help="instruction data file (or hub dataset id)")
+    c.add_argument("--base", default=None, help="the model whose IFD scores the rows (ifd)")
+    c.add_argument("--curate-budget", dest="curate_budget", required=True,
+                   help="rows kept: a count (800) or a fraction (0.25)")  # fmt: skip
+    c.add_argument("--curate-score", dest="curate_score", default="ifd",
+                   help="ifd, column:NAME or deita:COMPLEXITY_MODEL,QUALITY_MODEL")  # fmt: skip
+    c.add_argument("--curate-threshold", dest="curate_threshold", type=float, default=0.9,
+                   help="keep a row only if its cosine to every kept row is below")  # fmt: skip
+    c.add_argument("--max-length", dest="max_length", type=int, default=1024)
+    c.add_argument("--out", required=True, help="folder for selection.csv")
+    c.set_defaults(func=cmd_curate)
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from dtm.curate import save_selection, selection
+    from dtm.data import load_instructions
+    from dtm.train.config import TrainConfig, check_curate
+
+    cfg = TrainConfig(
+        base=args.base or "", data=args.data, out=args.out, kind="curate",
+        curate_budget=args.curate_budget, curate_score=args.curate_score,
+        curate_threshold=args.curate_threshold, max_length=args.max_length,
+    )  # fmt: skip
+    check_curate(cfg)
+    if cfg.curate_score == "ifd" and not args.base:
+        raise ConfigError("--curate-score ifd needs --base MODEL (the model that scores).")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder.")
+    table = load_instructions(args.data, count_tokens=False).table
+    model = tok = None
+    if cfg.curate_score == "ifd":
+        from dtm.models import load_base
+
+        model, tok = load_base(args.base)
+    sel = selection(cfg, table, tok, model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_selection(cfg, sel, out)
+    print(f"selection: kept {int(sel['kept'].sum())} of {len(sel)} rows; wrote {out}/selection.csv")
+    return 0
+
+
 def _jobs_parser(sub) -> None:
     j = sub.add_parser("jobs", help="background training jobs")
     j_sub = j.add_subparsers(dest="jobs_command", required=True)
@@ -909,6 +955,7 @@ def build_parser() -> argparse.ArgumentParser:
         _data_parser,
         _disperse_parser,
         _train_parser,
+        _curate_parser,
         _jobs_parser,
         _merge_parser,
         _run_parser,

@@ -328,10 +328,15 @@ class LoadResult:
 
 
 def load_instructions(
-    source: str | Path, *, split: str = "train", count_tokens: bool = True
+    source: str | Path,
+    *,
+    split: str = "train",
+    count_tokens: bool = True,
+    keep: tuple[str, ...] = (),
 ) -> LoadResult:
     """Load instruction data from a file or a named hub dataset into the normalised
-    table (columns ``COLUMNS``). Raises ``DataError`` when nothing is usable."""
+    table (columns ``COLUMNS``, then each field named in ``keep`` as it is in the row,
+    None where a row lacks it). Raises ``DataError`` when nothing is usable."""
     src = str(source)
     path = Path(src).expanduser()
     if path.is_dir():
@@ -373,6 +378,9 @@ def load_instructions(
             report.dropped.append(DroppedRow(n, str(e)))
             continue
         report.shapes[shape] += 1
+        for name in keep:
+            if name not in COLUMNS:
+                fields_[name] = rec.get(name)
         rows.append(fields_)
         lines.append(n)
     if not rows:
@@ -386,7 +394,7 @@ def load_instructions(
     table["id"] = _unique_ids(table["id"].tolist(), lines, report)
     table["n_tokens"] = token_counts(table) if count_tokens else 0
     report.n_kept = len(table)
-    return LoadResult(table[COLUMNS], report)
+    return LoadResult(table[COLUMNS + [k for k in keep if k not in COLUMNS]], report)
 
 
 def _unique_ids(ids: list[str], lines: list[int], report: LoadReport) -> list[str]:
