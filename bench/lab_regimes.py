@@ -189,7 +189,7 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict
     windows = ratio_windows(recs)
     subs = {}
     for fam in families:  # (a): one family's rows alone, 1/4 of the steps (the K=4 budget)
-        rows = [x for x in (folder / "data" / "train.jsonl").read_text().splitlines()]
+        rows = (folder / "data" / "train.jsonl").read_text().splitlines()
         mine = [x for x in rows if json.loads(x)["source"] == fam]
         (folder / "data" / f"{fam}.jsonl").write_text("\n".join(mine) + "\n")
         steps = recipe["steps"] // 4

@@ -19,13 +19,11 @@ Scores (``--curate-score``):
 The embeddings are the Disperse step's (``dtm.disperse.embedding_step``: the default
 MiniLM on the instruction field), from the registry's cache. ``curate_rows`` writes
 ``selection.csv`` (``id,score,kept``, every training row in data order) in the run folder
-and registers the same file as an artifact of kind ``selection``, which the Disperse map
-overlays.
+and registers the same file as an artifact of kind ``selection``.
 """
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -197,8 +195,7 @@ def scores_for(cfg, table: pd.DataFrame, tok=None, model=None) -> np.ndarray:
         return deita_scores(score[len("deita:") :], table, cfg.max_length)
     if model is None:
         raise ConfigError("--curate-score ifd needs the base model (--base).")
-    ifd = ifd_scores(model, tok, table, cfg.max_length)
-    return ifd
+    return ifd_scores(model, tok, table, cfg.max_length)
 
 
 def ranking_scores(cfg, scores: np.ndarray) -> np.ndarray:
@@ -266,17 +263,6 @@ def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
         }
 
     Registry().produce("selection", inputs, build)
-
-
-def read_selection(path: str | Path) -> pd.DataFrame:
-    """A ``selection.csv`` (of a run folder or an artifact), checked."""
-    try:
-        sel = pd.read_csv(io.StringIO(Path(path).read_text()), dtype={"id": str})
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read the selection ({e}).") from None
-    if list(sel.columns) != ["id", "score", "kept"]:
-        raise ConfigError(f"{path}: a selection has the columns id,score,kept.")
-    return sel
 
 
 def curate_rows(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:

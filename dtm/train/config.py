@@ -243,12 +243,16 @@ def curate_budget(cfg: TrainConfig, n_rows: int | None = None) -> int | float:
     return value
 
 
+def _only_for(cfg: TrainConfig, kind: str) -> None:
+    """A ConfigError when ``cfg`` (of another kind) sets a field only ``kind`` reads."""
+    for name, default in KIND_FIELDS[kind].items():
+        if getattr(cfg, name) != default:
+            raise ConfigError(f"--{name.replace('_', '-')} is for kind {kind}.")
+
+
 def check_curate(cfg: TrainConfig) -> None:
     if cfg.kind != "curate":
-        for name, default in KIND_FIELDS["curate"].items():
-            if getattr(cfg, name) != default:
-                raise ConfigError(f"--{name.replace('_', '-')} is for kind curate.")
-        return
+        return _only_for(cfg, "curate")
     if cfg.curate_budget is None:
         raise ConfigError("kind curate needs --curate-budget N or FRACTION.")
     curate_budget(cfg)
@@ -271,10 +275,7 @@ def check_curate(cfg: TrainConfig) -> None:
 
 def check_loramoe(cfg: TrainConfig) -> None:
     if cfg.kind != "loramoe":
-        for name, default in KIND_FIELDS["loramoe"].items():
-            if getattr(cfg, name) != default:
-                raise ConfigError(f"--{name.replace('_', '-')} is for kind loramoe.")
-        return
+        return _only_for(cfg, "loramoe")
     if cfg.experts < 1:
         raise ConfigError(f"--experts {cfg.experts}: a LoRAMoE needs at least 1 expert.")
     if not cfg.moe_balance >= 0 or not math.isfinite(cfg.moe_balance):
