@@ -21,10 +21,15 @@ def _truncate(s: pd.Series, n: int) -> pd.Series:
 
 
 def cluster_map(
-    table: pd.DataFrame, highlight: np.ndarray | None = None, height: int = 600
+    table: pd.DataFrame,
+    highlight: np.ndarray | None = None,
+    height: int = 600,
+    kept: np.ndarray | None = None,
+    kept_name: str = "curated",
 ) -> go.Figure:
     """WebGL scatter of the 2-D map, one trace per cluster; ``highlight`` (bool per row)
-    rings the matching points in a top trace."""
+    rings the matching points in a top trace; ``kept`` (bool per row) marks a curate
+    selection's kept rows with open diamonds in a trace named ``kept_name``."""
     hover = (
         "<b>"
         + table["id"].astype(str)
@@ -51,6 +56,21 @@ def cluster_map(
                 marker={"size": 5, "opacity": 0.75, "color": PALETTE[int(c) % len(PALETTE)]},
             )
         )
+    if kept is not None:
+        idx = np.flatnonzero(kept)
+        fig.add_trace(
+            go.Scattergl(
+                x=table["x"].to_numpy()[idx],
+                y=table["y"].to_numpy()[idx],
+                mode="markers",
+                name=f"{kept_name} ({len(idx)} kept)",
+                customdata=idx,
+                hovertext=hover.to_numpy()[idx],
+                hoverinfo="text",
+                marker={"size": 9, "symbol": "diamond-open", "color": "#8b0000",
+                        "line": {"width": 1.5}},
+            )
+        )  # fmt: skip
     if highlight is not None and highlight.any():
         idx = np.flatnonzero(highlight)
         fig.add_trace(

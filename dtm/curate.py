@@ -265,6 +265,30 @@ def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
     Registry().produce("selection", inputs, build)
 
 
+def selections_for(data: str | Path, registry=None) -> list:
+    """The saved selections (registry artifacts of kind ``selection``) of the data file
+    ``data``, matched by its content, newest first."""
+    from dtm.store import Registry, file_digest
+
+    if not Path(data).is_file():
+        return []
+    digest = file_digest(data)
+    registry = registry or Registry()
+    return [a for a in registry.list("selection") if a.inputs.get("data") == digest]
+
+
+def read_selection(art) -> pd.DataFrame:
+    """A saved selection's ``id, score, kept`` table (ids as strings)."""
+    return pd.read_csv(art.path / "selection.csv", dtype={"id": str})
+
+
+def kept_mask(sel: pd.DataFrame, ids: pd.Series) -> np.ndarray:
+    """Per row of ``ids``: whether the selection ``sel`` kept it (rows it did not score,
+    such as the held-out ones, are not kept)."""
+    kept = set(sel.loc[sel["kept"] == 1, "id"].astype(str))
+    return ids.astype(str).isin(kept).to_numpy()
+
+
 def curate_rows(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
     """The kept rows of ``table`` (data order); writes the selection (``save_selection``)."""
     out = Path(cfg.out)

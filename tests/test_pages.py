@@ -44,6 +44,37 @@ def test_disperse_page_search_and_new_k(disperse_page):
     assert not at.exception and [m.value for m in at.metric][2] == "3"
 
 
+def test_disperse_page_marks_a_saved_curate_selection(cache, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from dtm.curate import save_selection
+    from dtm.samples import SAMPLE_PATH
+    from dtm.train.config import TrainConfig
+
+    ids = [json.loads(line)["id"] for line in SAMPLE_PATH.read_text().splitlines()]
+    kept = set(ids[3:600:40])  # 15 rows, spread over the file
+    sel = pd.DataFrame(
+        {"id": ids, "score": range(len(ids)), "kept": [int(i in kept) for i in ids]}
+    )
+    cfg = TrainConfig(kind="curate", base="b", data=str(SAMPLE_PATH), out=str(tmp_path / "r"),
+                      curate_budget="15", curate_score="column:q")  # fmt: skip
+    save_selection(cfg, sel, tmp_path / "r")
+    at = AppTest.from_file(str(PAGES / "disperse.py"), default_timeout=300).run()
+    assert not at.exception
+    box = at.selectbox(key="curate_overlay")
+    assert box.value is None and len(box.options) == 2
+    assert "kept 15 of 600" in box.options[1]
+    box.select_index(1).run()
+    assert not at.exception
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    [trace] = [t for t in spec["data"] if "kept" in t.get("name", "")]
+    assert trace["name"] == "curated by column:q (15 kept)"
+    marked = {h.split("</b>")[0].removeprefix("<b>") for h in trace["hovertext"]}
+    assert marked == kept
+
+
 def test_disperse_page_bad_path_shows_a_clear_error(disperse_page, tmp_path):
     at = disperse_page
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"x": 1}'])

@@ -10,6 +10,7 @@ import streamlit as st
 
 from dtm import charts
 from dtm.cluster import METHODS
+from dtm.curate import kept_mask, read_selection, selections_for
 from dtm.disperse import DisperseConfig, run_disperse
 from dtm.embed import DEFAULT_MODEL, FIELDS, MODEL_CHOICES
 from dtm.errors import DTMError
@@ -22,14 +23,53 @@ SELECTED = "disperse_selected"  # list of row positions selected on the map or b
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def map_figure(_table: pd.DataFrame, keys: tuple, query: str):
+def map_figure(_table: pd.DataFrame, keys: tuple, query: str, _kept=None, kept_name=""):
     table = _table
     hit = (
         table["instruction"].str.contains(query, case=False, regex=False).to_numpy()
         if query
         else None
     )
-    return charts.cluster_map(table, hit), 0 if hit is None else int(hit.sum())
+    fig = charts.cluster_map(table, hit, kept=_kept, kept_name=kept_name)
+    return fig, 0 if hit is None else int(hit.sum())
+
+
+def curate_overlay(cfg: DisperseConfig, table: pd.DataFrame):
+    """A saved curate selection of this dataset to mark on the map: ``(key, mask, name)``,
+    or ``(None, None, "")`` when none is chosen or saved."""
+    try:
+        arts = selections_for(cfg.data, registry())
+    except DTMError as e:
+        st.warning(f"The saved curate selections could not be read: {e}")
+        return None, None, ""
+    if not arts:
+        return None, None, ""
+    labels = {
+        a.key: f"{a.meta.get('score', '?')} · kept {a.meta.get('kept', '?')} of "
+        f"{a.meta.get('rows', '?')} · {Path(str(a.meta.get('run', a.key))).name}"
+        for a in arts
+    }
+    key = st.selectbox(
+        "Mark a curate selection",
+        [None, *labels],
+        format_func=lambda k: "none" if k is None else labels[k],
+        key="curate_overlay",
+        help="The rows a curate run kept (python -m dtm curate, or train --kind curate), "
+        "as open diamonds.",
+    )
+    if key is None:
+        return None, None, ""
+    art = next(a for a in arts if a.key == key)
+    try:
+        sel = read_selection(art)
+    except (OSError, ValueError, KeyError) as e:
+        st.warning(f"The selection {art.path / 'selection.csv'} could not be read: {e}")
+        return None, None, ""
+    mask = kept_mask(sel, table["id"])
+    missing = int((sel["kept"] == 1).sum()) - int(mask.sum())
+    if missing:
+        st.caption(f"{missing} kept rows of this selection are not on the map.")
+    return key, mask, f"curated by {art.meta.get('score', '?')}"
 
 
 def data_source() -> str | None:
@@ -232,8 +272,9 @@ def page() -> None:
         key="search",
         placeholder="a word or phrase; matches are ringed on the map",
     )
-    keys = (res.artifacts["assignment"].key, res.artifacts["projection"].key)
-    fig, n_hits = map_figure(table, keys, query.strip())
+    sel_key, kept, kept_name = curate_overlay(cfg, table)
+    keys = (res.artifacts["assignment"].key, res.artifacts["projection"].key, sel_key)
+    fig, n_hits = map_figure(table, keys, query.strip(), kept, kept_name)
     if query.strip():
         st.caption(f"{n_hits} matching rows")
 
