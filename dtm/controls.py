@@ -14,24 +14,37 @@ from dtm.errors import ConfigError
 
 
 def shrink_adapter(adapter_dir: str | Path, factor: float, out_dir: str | Path) -> Path:
-    """Write a copy of a peft LoRA adapter whose delta is ``factor`` times the original."""
+    """Write a copy of a LoRA adapter whose delta is ``factor`` times the original: a peft
+    LoRA folder, or a LoRAMoE one (``dtm.moe``: every expert's B scaled, the router kept,
+    so each token's mixture of experts is the same and its delta is scaled)."""
     from safetensors.torch import load_file, save_file
 
+    from dtm import moe
+
     src, out = Path(adapter_dir), Path(out_dir)
-    weights = src / "adapter_model.safetensors"
-    if not weights.exists() or not (src / "adapter_config.json").exists():
+    config, weights, b_key = "adapter_config.json", "adapter_model.safetensors", ".lora_B."
+    if moe.is_adapter_folder(src):
+        config, weights, b_key = moe.CONFIG, moe.WEIGHTS, ".lora_B"
+    if not (src / weights).exists() or not (src / config).exists():
         raise ConfigError(
             f"{src}: not a peft adapter folder (adapter_config.json and "
-            "adapter_model.safetensors expected)."
+            "adapter_model.safetensors expected) nor a LoRAMoE one."
         )
-    tensors = load_file(weights)
-    if not any(".lora_B." in k for k in tensors):
+    tensors = load_file(src / weights)
+    if not any(b_key in k for k in tensors):
         raise ConfigError(f"{src}: no LoRA B matrices found; only LoRA adapters can be scaled.")
-    scaled = {k: (v * factor if ".lora_B." in k else v) for k, v in tensors.items()}
+    scaled = {k: (v * factor if b_key in k else v) for k, v in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / "adapter_config.json", out / "adapter_config.json")
-    save_file(scaled, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    shutil.copy2(src / config, out / config)
+    save_file(scaled, out / weights, metadata={"format": "pt"})
     return out
+
+
+def is_scaled(folder: str | Path) -> bool:
+    """Whether ``shrink_adapter`` has written ``folder`` (either kind of adapter)."""
+    from dtm import moe
+
+    return any((Path(folder) / w).exists() for w in ("adapter_model.safetensors", moe.WEIGHTS))
 
 
 # The grid the shrinkage frontier is traced on: alpha = 0 is the base model, 1 is SFT.

@@ -185,7 +185,7 @@ def score_models(
     """Score each model (``dtm.experiment.report``'s dicts) on ``tasks`` and record the scores under
     ``group``; a model already scored on every task (same engine and limit) is skipped.
     Returns the seconds spent loading or merging and evaluating."""
-    from dtm.controls import shrink_adapter
+    from dtm.controls import is_scaled, shrink_adapter
     from dtm.evaluate import evaluate
 
     have = scores(group=group)
@@ -200,7 +200,7 @@ def score_models(
             src = Path(adapters[0])
             tag = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
             scaled = Path(controls_dir) / f"{src.parent.name}-{tag}-x{m['factor']:.4g}"
-            if not (scaled / "adapter_model.safetensors").exists():
+            if not is_scaled(scaled):
                 shrink_adapter(adapters[0], m["factor"], scaled)
             adapters = [str(scaled)]
         ref = ModelRef(

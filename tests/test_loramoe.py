@@ -61,6 +61,29 @@ def test_the_forward_is_the_gated_sum_of_the_experts_computed_by_hand(qwen):
     assert torch.allclose(layer.gates[0].double().sum(-1), torch.ones(6, dtype=torch.float64))
 
 
+def test_shrinking_a_loramoe_adapter_scales_each_layers_delta_and_keeps_the_gates(qwen, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dtm.controls import is_scaled, shrink_adapter
+
+    model, names = _inject(qwen)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for _, layer in moe.layers(model):
+            layer.lora_B.normal_()
+            layer.router.weight.normal_()
+    moe.save_adapter(model, tmp_path / "a")
+    out = shrink_adapter(tmp_path / "a", 0.4, tmp_path / "a-x0.4")
+    assert is_scaled(out) and not is_scaled(tmp_path / "empty")
+    scaled = moe.load_adapter(AutoModelForCausalLM.from_pretrained(qwen).eval(), out)
+    x = torch.randn(5, model.get_submodule(names[1]).base.in_features)
+    with torch.no_grad():
+        full, small = model.get_submodule(names[1]), scaled.get_submodule(names[1])
+        base = full.base(x)
+        assert torch.allclose(small(x) - base, 0.4 * (full(x) - base), atol=1e-5)
+        assert torch.equal(small.gates, full.gates)
+
+
 def test_the_balancing_constraint_is_var_over_mean_of_the_weighted_importance():
     torch.manual_seed(0)
     gates = torch.softmax(torch.randn(2, 4, 3), -1)  # 2 rows, 4 tokens, 3 experts

@@ -55,9 +55,7 @@ def test_disperse_page_marks_a_saved_curate_selection(cache, tmp_path):
 
     ids = [json.loads(line)["id"] for line in SAMPLE_PATH.read_text().splitlines()]
     kept = set(ids[3:600:40])  # 15 rows, spread over the file
-    sel = pd.DataFrame(
-        {"id": ids, "score": range(len(ids)), "kept": [int(i in kept) for i in ids]}
-    )
+    sel = pd.DataFrame({"id": ids, "score": range(len(ids)), "kept": [int(i in kept) for i in ids]})
     cfg = TrainConfig(kind="curate", base="b", data=str(SAMPLE_PATH), out=str(tmp_path / "r"),
                       curate_budget="15", curate_score="column:q")  # fmt: skip
     save_selection(cfg, sel, tmp_path / "r")
