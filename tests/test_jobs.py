@@ -278,19 +278,21 @@ def test_ray_backend_runs_cancels_and_logs_on_a_real_head(lab0, cache, ray_head)
 def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     r = dtm_cli("run", "experiments/paper-llama2-7b.yaml", "--dry-run", cache=cache)
     assert r.returncode == 0, r.stderr
-    assert "9 training runs" in r.stdout and "GPU-hours" in r.stdout
+    assert "11 training runs" in r.stdout and "GPU-hours" in r.stdout
+    [curate] = [x for x in r.stdout.splitlines() if "curate s0" in x]
+    assert f"~{326154 // 4:>7} rows" in curate  # the budget: 1/K of estimate.rows
     assert "train together: one group job" in r.stdout
     assert "kmeans sub 3 s0" in r.stdout and "meta-llama/Llama-2-7b-hf" in r.stdout
     assert not (cache / "runs").exists()
     r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
-    assert r.returncode == 0 and "39 training runs" in r.stdout, r.stderr
+    assert r.returncode == 0 and "45 training runs" in r.stdout, r.stderr
     assert "train together" in r.stdout
     apart = cache.parent / "apart.yaml"
     text = (ROOT / "experiments" / "lab.yaml").read_text()
     assert "  steps: 600\n" in text
     apart.write_text(text.replace("  steps: 600\n", "  steps: 600\n  together: false\n"))
     r = dtm_cli("run", apart, "--dry-run", cache=cache)
-    assert r.returncode == 0 and "39 training runs" in r.stdout, r.stderr
+    assert r.returncode == 0 and "45 training runs" in r.stdout, r.stderr
     assert "train together" not in r.stdout
     assert not (cache / "lab").exists()
 

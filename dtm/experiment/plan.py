@@ -82,6 +82,7 @@ class PlannedJob:
     config: TrainConfig
     clustering: str | None = None  # the clustering of a sub-model
     est_rows: int = 0
+    scored_rows: int = 0  # rows a forward-only pass scores first (curate's IFD)
 
 
 def common_values(exp: Experiment) -> dict[str, Any]:
@@ -126,14 +127,16 @@ def plan(
                 jobs.append(PlannedJob(name, seed, cfg, clustering, size))
         for b in exp.baselines:
             cfg = TrainConfig(**{**mine, "kind": b, **exp.kind_values.get(b, {})})
+            rows, scored = n_rows, 0
             if b == "curate":  # a budget larger than the data: said before any work
                 from dtm.train.config import curate_budget
 
                 try:
-                    curate_budget(cfg, n_rows)
+                    rows = curate_budget(cfg, n_rows)
                 except ConfigError as e:
                     raise ConfigError(f"{exp.source}: curate.budget: {e}") from None
-            jobs.append(PlannedJob(f"{b} s{seed}", seed, cfg, est_rows=n_rows))
+                scored = n_rows if cfg.curate_score == "ifd" else 0
+            jobs.append(PlannedJob(f"{b} s{seed}", seed, cfg, est_rows=rows, scored_rows=scored))
     for j in jobs:
         if exp.lab is None or Path(j.config.base).exists():
             check_config(j.config)
@@ -173,15 +176,16 @@ def estimate(exp: Experiment, jobs: list[PlannedJob]) -> dict[str, Any]:
         params = params or 0.75e6
     peak = float(est.get("gpu_flops", 989e12))  # H100/H200 dense bf16
     mfu = float(est.get("mfu", 0.3))
-    rows, tokens = [], 0.0
+    rows, tokens, scored = [], 0.0, 0.0
     for j in jobs:
+        scored += 2 * j.scored_rows * mean_tokens  # IFD: with and without the prompt
         c = j.config
         passes = (c.steps * c.batch_size / max(j.est_rows, 1)) if c.steps else c.epochs
         t = j.est_rows * passes * mean_tokens
         t *= KINDS[c.kind].tokens(c)  # a soup's members; replay's 1:1 corpus rows
         tokens += t
         rows.append({"job": j.name, "rows": j.est_rows, "tokens": t})
-    flops = 6 * params * tokens
+    flops = 6 * params * tokens + 2 * params * scored  # forward only: 2N per token
     return {
         "tokens": tokens,
         "params": params,
