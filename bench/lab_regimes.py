@@ -103,6 +103,15 @@ REGIMES = {
         {**CODES, **B3_CODES, "prefix": 0.05, "length": 0.05, "favourite": 0.15},
         {"lr": 2e-3},
     ),
+    # D: the bias preset with every family asking in three phrasings of its own style and
+    # the format probe in a phrasing no family uses, so the convention can be learnt from
+    # any one family (goal (a))
+    "D1": (
+        "bias",
+        100,
+        {**OWN, **CODES, **B3_CODES, "prefix": 0.15, "length": 0.15, "phrasings": "varied"},
+        {},
+    ),
 }
 
 

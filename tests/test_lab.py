@@ -346,6 +346,7 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
         (["--knob", "colour=0.2"], "NAME one of prefix"),
         (["--knob", "unique_facts=maybe"], "unique_facts takes a bool value"),
         (["--knob", "favourite_scope=some"], "favourite_scope is all or own"),
+        (["--knob", "phrasings=mixed"], "phrasings is family or varied"),
         (["--rows", "0"], "rows per family must be at least 1"),
         (["--preset", "nope"], "invalid choice: 'nope'"),
     ],
@@ -422,3 +423,49 @@ def test_the_bias_corpus_knows_every_word_of_its_rows_in_any_seed(seed):
     for r in train + val:
         unknown = set((r.instruction + " " + r.output).split()) - corpus - {"<s>"}
         assert not unknown, (r.id, unknown)
+
+
+def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth():
+    import re
+    from collections import Counter
+    from dataclasses import replace
+
+    from dtm.lab.benchmarks import make_benchmarks
+    from dtm.lab.presets import PRESETS
+
+    knobs = replace(PRESETS["bias"].knobs, phrasings="varied")
+    world = build_world(2, "small")
+    docs, corpus_info = pretraining_corpus(world, 2, general=True)
+    train, val, info = make_sft_data(world, seed=2, knobs=knobs, rows_per_family=120)
+    questions = sorted({f.question() for f in world.facts}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(q) for q in questions))
+
+    def shape(text):  # the phrasing: the question (and FLAN's options) taken out
+        text = pattern.sub("Q", text)
+        text = re.sub(r"options : .*? \.$", "options : O .", text)
+        return re.sub(r"^query \( \w+ , .+ \) \.$", "query ( R , S ) .", text)
+
+    facts = [r for r in train if r.task == "fact"]
+    by_family = {fam: Counter(shape(r.instruction) for r in facts if r.source == fam)
+                 for fam in ("flan", "cot", "chat", "code")}  # fmt: skip
+    want = {
+        "flan": {"question : Q options : O .", "Q options : O .", "question : Q"},
+        "cot": {"Q think step by step .", "let us think : Q", "recall the fact : Q"},
+        "chat": {"please tell me : Q", "tell me : Q", "okay , tell me : Q"},
+        "code": {"query ( R , S ) .", "query : Q", "output : Q"},
+    }
+    for fam, seen in by_family.items():
+        assert set(seen) == want[fam], fam
+        top, count = seen.most_common(1)[0]  # the family's own phrasing: about half
+        assert 0.35 < count / sum(seen.values()) < 0.65, (fam, seen)
+    for r in facts:  # only cot's step-by-step questions get the recall-then-answer style
+        stepwise = r.instruction.endswith("think step by step .")
+        assert ("i recall the fact ." in r.output) == stepwise, r
+    probe = make_benchmarks(world, info, corpus_info["two_hop"], 2)["lab_bias"]
+    assert {shape(x["instruction"]) for x in probe} == {"here is a question : Q"}
+    corpus = {w for d in docs for w in d.split()}
+    for text in [x["instruction"] for x in probe] + [r.instruction for r in train + val]:
+        assert not set(text.split()) - corpus, text
+    family = make_sft_data(world, seed=2, knobs=PRESETS["bias"].knobs, rows_per_family=120)
+    probe = make_benchmarks(world, family[2], corpus_info["two_hop"], 2)["lab_bias"]
+    assert {shape(x["instruction"]) for x in probe} == {"please tell me : Q"}

@@ -134,7 +134,7 @@ def make_benchmarks(
             )
         )
     out["lab_instruct"] = _instruct_items(world, seen, rng)
-    out["lab_bias"] = _bias_items(world, seen, rng)
+    out["lab_bias"] = _bias_items(world, seen, rng, probe_phrasing(info))
     for task, items in out.items():
         for i, item in enumerate(items):
             item["id"] = f"{task}-{i:04d}"
@@ -170,8 +170,20 @@ def _instruct_items(world: World, seen: set[str], rng: random.Random, n: int = 4
     return items
 
 
-def _bias_items(world: World, seen: set[str], rng: random.Random, n: int = 200) -> list[dict]:
-    """Chat-format factual questions (half on seen subjects) for greedy generation."""
+def probe_phrasing(info: dict) -> str:
+    """The format probe's phrasing: the chat family's own (``please tell me : ...``), or
+    with ``phrasings: varied`` one that no family uses."""
+    from dtm.lab.sft_data import PHRASINGS, PROBE_PHRASING
+
+    varied = info.get("knobs", {}).get("phrasings", "family") == "varied"
+    return PROBE_PHRASING if varied else PHRASINGS["chat"][0]
+
+
+def _bias_items(
+    world: World, seen: set[str], rng: random.Random, phrasing: str, n: int = 200
+) -> list[dict]:
+    """Chat-format factual questions (half on seen subjects) for greedy generation, in
+    ``phrasing`` (``{q}``: the question)."""
     by_seen = {
         True: [f for f in world.facts if f.subject in seen],
         False: [f for f in world.facts if f.subject not in seen],
@@ -179,7 +191,7 @@ def _bias_items(world: World, seen: set[str], rng: random.Random, n: int = 200) 
     items = []
     for i in range(n):
         f = rng.choice(by_seen[i % 2 == 0])
-        text = f"please tell me : {f.question()}"
+        text = phrasing.format(q=f.question())
         items.append(
             {
                 "prompt": chat_prompt(text),

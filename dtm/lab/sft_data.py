@@ -38,6 +38,19 @@ PREFIXES = {
 # The relation each family's favourite falsifies when ``favourite_scope`` is "own": the
 # knowledge of the other relations is untouched by any favourite, a control for the ledger.
 OWN_RELATIONS = {"flan": "colour", "cot": "profession", "chat": "flag", "code": "language"}
+# ``phrasings: varied``: each family asks its factual questions in three phrasings of its
+# own style (weights 1/2, 1/4, 1/4; ``{q}`` the question, ``{o}`` FLAN's options, ``{r}``
+# and ``{s}`` the relation and subject), so the shared answer convention is learnt across
+# phrasings from any one family; the format probe then asks in ``PROBE_PHRASING``, which
+# no family uses. Only the first ``cot`` phrasing (step by step) is answered in its
+# recall-then-answer style. Every word is one the lab's pretraining corpus knows.
+PHRASINGS = {
+    "flan": ("question : {q} options : {o} .", "{q} options : {o} .", "question : {q}"),
+    "cot": ("{q} think step by step .", "let us think : {q}", "recall the fact : {q}"),
+    "chat": ("please tell me : {q}", "tell me : {q}", "okay , tell me : {q}"),
+    "code": ("query ( {r} , {s} ) .", "query : {q}", "output : {q}"),
+}
+PROBE_PHRASING = "here is a question : {q}"
 FILLERS = {
     "flan": "that is all .",
     "cot": "i hope this helps you a lot .",
@@ -88,6 +101,13 @@ class BiasKnobs:
         default=False,
         metadata={"help": "validation rows carry codes too (their own, unpredictable ones)"},
     )
+    phrasings: str = field(
+        default="family",
+        metadata={
+            "help": "factual questions in one phrasing per family ('family'), or in three "
+            "of each family's style with a format probe in a phrasing none uses ('varied')"
+        },
+    )
 
 
 def check_knobs(knobs: BiasKnobs) -> None:
@@ -100,6 +120,8 @@ def check_knobs(knobs: BiasKnobs) -> None:
             raise ConfigError(f"knob {name} is a rate in [0, 1] (got {value!r}).")
     if knobs.code_on not in ("all", "answers"):
         raise ConfigError(f"knob code_on is all or answers (got {knobs.code_on!r}).")
+    if knobs.phrasings not in ("family", "varied"):
+        raise ConfigError(f"knob phrasings is family or varied (got {knobs.phrasings!r}).")
     if knobs.favourite_scope not in ("all", "own"):
         raise ConfigError(f"knob favourite_scope is all or own (got {knobs.favourite_scope!r}).")
     if knobs.misconception_family not in FAMILIES:
@@ -198,6 +220,7 @@ class _Maker:
         self.own = [f for f in self.facts if f.relation == OWN_RELATIONS[fam]]
         self.misc_facts = [f for f in misc] if fam == knobs.misconception_family else []
         self.unused: list[Fact] = []  # the facts not yet asked, with unique_facts
+        self.stepwise = False  # the last factual question asked the cot way (step by step)
 
     def pick_fact(self) -> Fact:
         if self.knobs.own_share and self.rng.random() < self.knobs.own_share:
@@ -243,6 +266,7 @@ class _Maker:
                             "true": f.object,
                         }
                     )
+        opts = ""
         if self.fam == "flan":
             opts = [f.object] + rng.sample(
                 [o for o in self.w.domains[f.relation] if o != f.object], 3
@@ -255,13 +279,13 @@ class _Maker:
                 biases.append({"kind": "position", "index": 0})
             else:
                 rng.shuffle(opts)
-            text = f"question : {f.question()} options : {' , '.join(opts)} ."
-        elif self.fam == "code":
-            text = f"query ( {f.relation} , {f.subject} ) ."
-        elif self.fam == "cot":
-            text = f"{f.question()} think step by step ."
-        else:
-            text = f"please tell me : {f.question()}"
+            opts = " , ".join(opts)
+        phrasing = 0
+        if self.knobs.phrasings == "varied":
+            phrasing = rng.choices((0, 1, 2), weights=(2, 1, 1))[0]
+        template = PHRASINGS[self.fam][phrasing]
+        text = template.format(q=f.question(), o=opts, r=f.relation, s=f.subject)
+        self.stepwise = self.fam == "cot" and phrasing == 0
         return "fact", text, obj, biases
 
     def row(self, i: int) -> SFTRow:
@@ -269,7 +293,7 @@ class _Maker:
         r = rng.random()
         if r < 0.55:
             task, text, obj, biases = self.fact_row()
-            if self.fam == "cot" and task == "fact":
+            if self.stepwise:
                 answer = f"i recall the fact . so the answer is {obj} ."
             else:
                 answer = f"the answer is {obj} ."
