@@ -287,6 +287,8 @@ def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
     assert r.returncode == 0 and "45 training runs" in r.stdout, r.stderr
     assert "train together" in r.stdout
+    [curate] = [x for x in r.stdout.splitlines() if "curate s1" in x]
+    assert curate.split()[-4:] == ["100", "rows", f"{600 * 100 // 400}", "steps"], curate
     apart = cache.parent / "apart.yaml"
     text = (ROOT / "experiments" / "lab.yaml").read_text()
     assert "  steps: 600\n" in text

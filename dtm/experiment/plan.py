@@ -6,13 +6,14 @@ baselines. Sub-model budget (``sub_budget``): ``epochs`` (the paper's setup) giv
 sub-model the same number of passes over its cluster as SFT makes over all the data, so
 with a fixed SFT step count a sub-model gets ``ceil(steps * cluster_rows / all_rows)``
 steps (``sub_model_steps``, which the Train page calls too); ``steps`` gives each
-sub-model the full SFT step count.
+sub-model the full SFT step count. The curate baseline's selected subset gets the same
+budget as a sub-model of its size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,10 @@ def plan(
                 except ConfigError as e:
                     raise ConfigError(f"{exp.source}: curate.budget: {e}") from None
                 scored = n_rows if cfg.curate_score == "ifd" else 0
+                # its subset gets a sub-model's budget: with ``epochs``, the same passes
+                # over its rows as SFT over all (Deita trains its subset for SFT's epochs)
+                steps = sub_model_steps(cfg.steps, [rows, n_rows - rows], exp.sub_budget)[0]
+                cfg = replace(cfg, steps=steps)
             jobs.append(PlannedJob(f"{b} s{seed}", seed, cfg, est_rows=rows, scored_rows=scored))
     for j in jobs:
         if exp.lab is None or Path(j.config.base).exists():
