@@ -42,53 +42,33 @@ def cluster_map(
         + "</i>"
     )
     fig = go.Figure()
+
+    def points(idx, name, marker):  # one trace of the rows at positions idx
+        fig.add_trace(
+            go.Scattergl(
+                x=table["x"].to_numpy()[idx],
+                y=table["y"].to_numpy()[idx],
+                mode="markers",
+                name=name,
+                customdata=idx,
+                hovertext=hover.to_numpy()[idx],
+                hoverinfo="text",
+                marker=marker,
+            )
+        )
+
     for c in sorted(table["cluster"].unique()):
         idx = np.flatnonzero(table["cluster"].to_numpy() == c)
-        fig.add_trace(
-            go.Scattergl(
-                x=table["x"].to_numpy()[idx],
-                y=table["y"].to_numpy()[idx],
-                mode="markers",
-                name=f"cluster {c} ({len(idx)})",
-                customdata=idx,
-                hovertext=hover.to_numpy()[idx],
-                hoverinfo="text",
-                marker={"size": 5, "opacity": 0.75, "color": PALETTE[int(c) % len(PALETTE)]},
-            )
-        )
+        color = PALETTE[int(c) % len(PALETTE)]
+        points(idx, f"cluster {c} ({len(idx)})", {"size": 5, "opacity": 0.75, "color": color})
     if kept is not None:
         idx = np.flatnonzero(kept)
-        fig.add_trace(
-            go.Scattergl(
-                x=table["x"].to_numpy()[idx],
-                y=table["y"].to_numpy()[idx],
-                mode="markers",
-                name=f"{kept_name} ({len(idx)} kept)",
-                customdata=idx,
-                hovertext=hover.to_numpy()[idx],
-                hoverinfo="text",
-                marker={"size": 9, "symbol": "diamond-open", "color": "#8b0000",
-                        "line": {"width": 1.5}},
-            )
-        )  # fmt: skip
+        diamond = {"size": 9, "symbol": "diamond-open", "color": "#8b0000", "line": {"width": 1.5}}
+        points(idx, f"{kept_name} ({len(idx)} kept)", diamond)
     if highlight is not None and highlight.any():
         idx = np.flatnonzero(highlight)
-        fig.add_trace(
-            go.Scattergl(
-                x=table["x"].to_numpy()[idx],
-                y=table["y"].to_numpy()[idx],
-                mode="markers",
-                name=f"search matches ({len(idx)})",
-                customdata=idx,
-                hovertext=hover.to_numpy()[idx],
-                hoverinfo="text",
-                marker={
-                    "size": 11,
-                    "color": "rgba(0,0,0,0)",
-                    "line": {"width": 2, "color": "black"},
-                },
-            )
-        )
+        ring = {"size": 11, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "black"}}
+        points(idx, f"search matches ({len(idx)})", ring)
     fig.update_layout(
         height=height,
         dragmode="lasso",
