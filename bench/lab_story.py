@@ -244,7 +244,8 @@ def main() -> None:
             + ", ".join(f"{t}.{m} {c}" for (t, m), c in zip(measures, cells, strict=True))
         )
     merges = [x for x in dict.fromkeys(table[table["kind"] == "merge"]["label"])]
-    for r in frontier_rows(table, merges + [b for b in ("soup", "l2", "ewc", "replay")]):
+    baselines = [x for x in dict.fromkeys(table[table["kind"] == "baseline"]["label"])]
+    for r in frontier_rows(table, merges + baselines):
         d = (
             ""
             if r["mean"] is None
