@@ -238,15 +238,16 @@ def story_wall(
             text=True,
         )
         wall = time.perf_counter() - t0
-        assert r.returncode == 0, r.stderr[-3000:]
         out = Path(tmp) / "experiments" / name
-        assert (out / "results.md").exists()
-        if keep is not None:
+        if keep is not None:  # kept first: a failed story's results are not lost with tmp
             keep.mkdir(parents=True, exist_ok=True)
             for f in ("results.md", "results.json", "jobs.md"):
-                shutil.copy2(out / f, keep / f)
-            if keep_runs:  # the run folders (metrics, adapters) for bench/lab_story.py
+                if (out / f).exists():
+                    shutil.copy2(out / f, keep / f)
+            if keep_runs and (Path(tmp) / "runs").exists():  # for bench/lab_story.py
                 shutil.copytree(Path(tmp) / "runs", keep / "runs", dirs_exist_ok=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (out / "results.md").exists()
     return {"wall_s": wall}
 
 
