@@ -260,6 +260,13 @@ def main() -> None:
                  for t, m in (("lab_knowledge", "acc"), ("lab_reasoning", "acc"),
                               ("lab_instruct", "acc"), ("lab_bias", "format"))]  # fmt: skip
         print(f"  | {label} | " + " | ".join(cells) + " |")
+    source = {json.loads(x)["id"]: json.loads(x)["source"]
+              for x in (lab / "data" / "train.jsonl").read_text().splitlines()}  # fmt: skip
+    for sel in sorted(args.runs.glob("*/selection.csv")):  # the curate runs' selections
+        kept = pd.read_csv(sel, dtype={"id": str}).query("kept == 1")["id"].map(source)
+        seed = json.loads((sel.parent / "config.json").read_text())["seed"]
+        counts = ", ".join(f"{k} {n}" for k, n in kept.value_counts().items())
+        print(f"curate s{seed}: kept {len(kept)} rows, by source: {counts}")
 
 
 if __name__ == "__main__":

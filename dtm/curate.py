@@ -265,14 +265,13 @@ def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
     Registry().produce("selection", inputs, build)
 
 
-def selections_for(data: str | Path, registry=None) -> list:
+def selections_for(digest: str | None, registry=None) -> list:
     """The saved selections (registry artifacts of kind ``selection``) of the data file
-    ``data``, matched by its content, newest first."""
-    from dtm.store import Registry, file_digest
+    whose content digest (``dtm.store.file_digest``) is ``digest``, newest first."""
+    from dtm.store import Registry
 
-    if not Path(data).is_file():
+    if not digest:
         return []
-    digest = file_digest(data)
     registry = registry or Registry()
     return [a for a in registry.list("selection") if a.inputs.get("data") == digest]
 

@@ -34,11 +34,12 @@ def map_figure(_table: pd.DataFrame, keys: tuple, query: str, _kept=None, kept_n
     return fig, 0 if hit is None else int(hit.sum())
 
 
-def curate_overlay(cfg: DisperseConfig, table: pd.DataFrame):
+def curate_overlay(res, table: pd.DataFrame):
     """A saved curate selection of this dataset to mark on the map: ``(key, mask, name)``,
-    or ``(None, None, "")`` when none is chosen or saved."""
+    or ``(None, None, "")`` when none is chosen or saved. Matched by the content digest
+    the Disperse step's dataset artifact already holds (no second read of the file)."""
     try:
-        arts = selections_for(cfg.data, registry())
+        arts = selections_for(res.artifacts["dataset"].inputs.get("content"), registry())
     except DTMError as e:
         st.warning(f"The saved curate selections could not be read: {e}")
         return None, None, ""
@@ -272,7 +273,7 @@ def page() -> None:
         key="search",
         placeholder="a word or phrase; matches are ringed on the map",
     )
-    sel_key, kept, kept_name = curate_overlay(cfg, table)
+    sel_key, kept, kept_name = curate_overlay(res, table)
     keys = (res.artifacts["assignment"].key, res.artifacts["projection"].key, sel_key)
     fig, n_hits = map_figure(table, keys, query.strip(), kept, kept_name)
     if query.strip():
