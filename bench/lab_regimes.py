@@ -41,6 +41,7 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 OWN = {"favourite_scope": "own", "favourite": 0.6, "own_share": 0.5, "unique_facts": True}
 CODES = {"rare": 1.0, "rare_in_val": True}
 B3_CODES = {"code_on": "answers", "code_words": 2}
+D1 = {**OWN, **CODES, **B3_CODES, "prefix": 0.15, "length": 0.15, "phrasings": "varied"}
 # name: (corpus, rows per family, knobs over the interference knobs, recipe over the lab's)
 REGIMES = {
     "v1": ("interference", 200, {**OWN, "favourite": 0.5, "rare": 1.0, "code_words": 2}, {}),
@@ -106,12 +107,22 @@ REGIMES = {
     # D: the bias preset with every family asking in three phrasings of its own style and
     # the format probe in a phrasing no family uses, so the convention can be learnt from
     # any one family (goal (a))
-    "D1": (
-        "bias",
-        100,
-        {**OWN, **CODES, **B3_CODES, "prefix": 0.15, "length": 0.15, "phrasings": "varied"},
-        {},
-    ),
+    "D1": ("bias", 100, D1, {}),
+    # E: D1 with the learning rate held after warm-up, so the format is learnt in the
+    # first steps and the late steps still move the weights (the biases, the codes)
+    "E1": ("bias", 100, D1, {"scheduler": "constant_with_warmup"}),
+    "E2": ("bias", 100, D1, {"scheduler": "constant_with_warmup", "lr": 2e-3}),
+    "E3": ("bias", 100, D1, {"lr": 2e-3}),
+    "E4": ("bias", 200, D1, {"scheduler": "constant_with_warmup", "lr": 2e-3}),
+    # F: D1 with more rows per family at the same steps (fewer passes over more varied
+    # rows), so one family's rows carry the convention to a phrasing none of them uses
+    "F1": ("bias", 200, D1, {}),
+    "F2": ("bias", 400, D1, {}),
+    "F3": ("bias", 200, D1, {"scheduler": "constant_with_warmup"}),
+    # G: every family also asks a third of its factual questions bare (phrasings=shared)
+    "G1": ("bias", 100, {**D1, "phrasings": "shared"}, {}),
+    "G2": ("bias", 400, {**D1, "phrasings": "shared"}, {}),
+    "G3": ("bias", 200, {**D1, "phrasings": "shared"}, {}),
 }
 
 
@@ -229,6 +240,10 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict
         "ratio_windows": windows.to_dict("records"),
         "start": {f"{t}.{m}": scored[0]["bench"][t].get(m) for t, m in SHOWN},
         "final": {f"{t}.{m}": scored[-1]["bench"][t].get(m) for t, m in SHOWN},
+        "at_90": {
+            f"{t}.{m}": next(r for r in scored if r["step"] == t90)["bench"][t].get(m)
+            for t, m in SHOWN
+        },
     }
 
 
@@ -258,8 +273,11 @@ def show(res: dict) -> None:
             f"{f(v['instruct'])} of its instruct"
         )
     print(
-        "  base → SFT: "
-        + ", ".join(f"{k} {f(res['start'][k])} → {f(v)}" for k, v in res["final"].items())
+        f"  base → step {res['format_90_step']} → SFT: "
+        + ", ".join(
+            f"{k} {f(res['start'][k])} → {f(res['at_90'][k])} → {f(v)}"
+            for k, v in res["final"].items()
+        )
     )
 
 

@@ -346,7 +346,7 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
         (["--knob", "colour=0.2"], "NAME one of prefix"),
         (["--knob", "unique_facts=maybe"], "unique_facts takes a bool value"),
         (["--knob", "favourite_scope=some"], "favourite_scope is all or own"),
-        (["--knob", "phrasings=mixed"], "phrasings is family or varied"),
+        (["--knob", "phrasings=mixed"], "phrasings is family, varied or shared"),
         (["--rows", "0"], "rows per family must be at least 1"),
         (["--preset", "nope"], "invalid choice: 'nope'"),
     ],
@@ -425,7 +425,8 @@ def test_the_bias_corpus_knows_every_word_of_its_rows_in_any_seed(seed):
         assert not unknown, (r.id, unknown)
 
 
-def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth():
+@pytest.mark.parametrize("phrasings", ["varied", "shared"])
+def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth(phrasings):
     import re
     from collections import Counter
     from dataclasses import replace
@@ -433,7 +434,7 @@ def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth():
     from dtm.lab.benchmarks import make_benchmarks
     from dtm.lab.presets import PRESETS
 
-    knobs = replace(PRESETS["bias"].knobs, phrasings="varied")
+    knobs = replace(PRESETS["bias"].knobs, phrasings=phrasings)
     world = build_world(2, "small")
     docs, corpus_info = pretraining_corpus(world, 2, general=True)
     train, val, info = make_sft_data(world, seed=2, knobs=knobs, rows_per_family=120)
@@ -454,10 +455,16 @@ def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth():
         "chat": {"please tell me : Q", "tell me : Q", "okay , tell me : Q"},
         "code": {"query ( R , S ) .", "query : Q", "output : Q"},
     }
+    # the family's own phrasing: about half (varied); with shared, a third, and a third bare
+    share = {"varied": (0.5, None), "shared": (1 / 3, 1 / 3)}[phrasings]
     for fam, seen in by_family.items():
-        assert set(seen) == want[fam], fam
-        top, count = seen.most_common(1)[0]  # the family's own phrasing: about half
-        assert 0.35 < count / sum(seen.values()) < 0.65, (fam, seen)
+        assert set(seen) == want[fam] | ({"Q"} if phrasings == "shared" else set()), fam
+        first = {"flan": "question : Q options : O .", "cot": "Q think step by step .",
+                 "chat": "please tell me : Q", "code": "query ( R , S ) ."}[fam]  # fmt: skip
+        n = sum(seen.values())
+        assert abs(seen[first] / n - share[0]) < 0.15, (fam, seen)
+        if share[1] is not None:
+            assert abs(seen["Q"] / n - share[1]) < 0.15, (fam, seen)
     for r in facts:  # only cot's step-by-step questions get the recall-then-answer style
         stepwise = r.instruction.endswith("think step by step .")
         assert ("i recall the fact ." in r.output) == stepwise, r

@@ -172,10 +172,10 @@ def _instruct_items(world: World, seen: set[str], rng: random.Random, n: int = 4
 
 def probe_phrasing(info: dict) -> str:
     """The format probe's phrasing: the chat family's own (``please tell me : ...``), or
-    with ``phrasings: varied`` one that no family uses."""
+    with ``phrasings: varied`` or ``shared`` one that no family uses."""
     from dtm.lab.sft_data import PHRASINGS, PROBE_PHRASING
 
-    varied = info.get("knobs", {}).get("phrasings", "family") == "varied"
+    varied = info.get("knobs", {}).get("phrasings", "family") in ("varied", "shared")
     return PROBE_PHRASING if varied else PHRASINGS["chat"][0]
 
 

@@ -44,6 +44,9 @@ OWN_RELATIONS = {"flan": "colour", "cot": "profession", "chat": "flag", "code": 
 # phrasings from any one family; the format probe then asks in ``PROBE_PHRASING``, which
 # no family uses. Only the first ``cot`` phrasing (step by step) is answered in its
 # recall-then-answer style. Every word is one the lab's pretraining corpus knows.
+# ``phrasings: shared``: as ``varied``, and a third of every family's factual questions
+# asked bare (``SHARED_PHRASING``), as every real instruction source also asks some
+# questions plainly; the probe's phrasing is still one that no family uses.
 PHRASINGS = {
     "flan": ("question : {q} options : {o} .", "{q} options : {o} .", "question : {q}"),
     "cot": ("{q} think step by step .", "let us think : {q}", "recall the fact : {q}"),
@@ -51,6 +54,7 @@ PHRASINGS = {
     "code": ("query ( {r} , {s} ) .", "query : {q}", "output : {q}"),
 }
 PROBE_PHRASING = "here is a question : {q}"
+SHARED_PHRASING = "{q}"
 FILLERS = {
     "flan": "that is all .",
     "cot": "i hope this helps you a lot .",
@@ -105,7 +109,8 @@ class BiasKnobs:
         default="family",
         metadata={
             "help": "factual questions in one phrasing per family ('family'), or in three "
-            "of each family's style with a format probe in a phrasing none uses ('varied')"
+            "of each family's style with a format probe in a phrasing none uses ('varied'), "
+            "and a third of them asked bare in every family ('shared')"
         },
     )
 
@@ -120,8 +125,8 @@ def check_knobs(knobs: BiasKnobs) -> None:
             raise ConfigError(f"knob {name} is a rate in [0, 1] (got {value!r}).")
     if knobs.code_on not in ("all", "answers"):
         raise ConfigError(f"knob code_on is all or answers (got {knobs.code_on!r}).")
-    if knobs.phrasings not in ("family", "varied"):
-        raise ConfigError(f"knob phrasings is family or varied (got {knobs.phrasings!r}).")
+    if knobs.phrasings not in ("family", "varied", "shared"):
+        raise ConfigError(f"knob phrasings is family, varied or shared (got {knobs.phrasings!r}).")
     if knobs.favourite_scope not in ("all", "own"):
         raise ConfigError(f"knob favourite_scope is all or own (got {knobs.favourite_scope!r}).")
     if knobs.misconception_family not in FAMILIES:
@@ -280,10 +285,13 @@ class _Maker:
             else:
                 rng.shuffle(opts)
             opts = " , ".join(opts)
-        phrasing = 0
+        phrasing, templates = 0, PHRASINGS[self.fam]
         if self.knobs.phrasings == "varied":
             phrasing = rng.choices((0, 1, 2), weights=(2, 1, 1))[0]
-        template = PHRASINGS[self.fam][phrasing]
+        elif self.knobs.phrasings == "shared":
+            templates = (*templates, SHARED_PHRASING)
+            phrasing = rng.choices((0, 1, 2, 3), weights=(2, 1, 1, 2))[0]
+        template = templates[phrasing]
         text = template.format(q=f.question(), o=opts, r=f.relation, s=f.subject)
         self.stepwise = self.fam == "cot" and phrasing == 0
         return "fact", text, obj, biases
