@@ -123,6 +123,10 @@ REGIMES = {
     "G1": ("bias", 100, {**D1, "phrasings": "shared"}, {}),
     "G2": ("bias", 400, {**D1, "phrasings": "shared"}, {}),
     "G3": ("bias", 200, {**D1, "phrasings": "shared"}, {}),
+    # H: G with twice the steps, so a sub-model's quarter is as long as half of G's SFT
+    "H1": ("bias", 200, {**D1, "phrasings": "shared"}, {"steps": 1200}),
+    "H2": ("bias", 100, {**D1, "phrasings": "shared"}, {"steps": 1200}),
+    "H3": ("bias", 400, {**D1, "phrasings": "shared"}, {"steps": 1200}),
 }
 
 
