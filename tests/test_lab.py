@@ -379,7 +379,11 @@ def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
     with pytest.raises(ConfigError, match="use letters, digits"):
         start_custom_lab("../x", preset="bias", size="small")
     st = start_custom_lab(
-        "weak-favourites", preset="bias", knobs={"favourite": 0.2}, rows=30, size="small"
+        "weak-favourites",
+        preset="bias",
+        knobs={"favourite": 0.2, "phrasings": "shared"},
+        rows=30,
+        size="small",
     )
     assert st["state"] == "building"
     with pytest.raises(ConfigError, match="exists already"):  # building: still taken
@@ -392,6 +396,9 @@ def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
     assert st["state"] == "ready", st
     info = json.loads((folder / "lab.json").read_text())
     assert info["preset"] == "bias" and info["knobs"]["favourite"] == 0.2
+    assert info["knobs"]["phrasings"] == "shared"
+    probe = (folder / "benchmarks" / "lab_bias.jsonl").read_text().splitlines()
+    assert json.loads(probe[0])["instruction"].startswith("here is a question : ")
     assert info["sft"]["train_rows"] == 120
     with pytest.raises(ConfigError, match="exists already"):  # built: never overwritten
         start_custom_lab("weak-favourites", preset="bias", size="small")

@@ -171,6 +171,12 @@ def knob_inputs(preset_name: str) -> tuple[dict, int]:
         c[0].number_input("Misconceptions", 0, 60, knobs.misconceptions, key="kn_misc")
     )
     n_rows = int(c[1].number_input("Rows per family", 10, 5000, rows, 10, key="kn_rows"))
+    ways = ("family", "varied", "shared")
+    values["phrasings"] = c[2].selectbox(
+        "Question phrasings", ways, ways.index(knobs.phrasings), key="kn_phr",
+        help="family: one phrasing per family; varied: three per family, the format probe in "
+        "a fourth; shared: varied, and a third of every family's questions asked bare",
+    )  # fmt: skip
     changed = {k: v for k, v in values.items() if v != getattr(knobs, k)}
     return changed, (n_rows if n_rows != rows else 0)
 
