@@ -11,7 +11,8 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
   the train probe against validation, 95% Fieller intervals; ``-`` where the validation
   loss moves less than its noise);
 - with ``--subs``, (a): each named family's rows trained alone for a quarter of the steps
-  (the K=4 epochs budget), its format and instruct as shares of SFT's;
+  (the K=4 epochs budget), its format and instruct as shares of SFT's, and each instruct
+  kind's score beside SFT's;
 - the final scores (knowledge, reasoning, instruct, format, favourite uptake in the
   knowledge questions, chat accuracy) and the SFT seconds.
 
@@ -228,12 +229,17 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict
         )
         last = [r for r in train(sub, eval_hook=lab_eval_hook(folder))["metrics"] if r.get("bench")]
         final = scored[-1]["bench"]
+        kinds = [k for k in final["lab_instruct"] if k.startswith("acc_") and k != "acc_stderr"]
         subs[fam] = {
             m: last[-1]["bench"][t][k] / final[t][k] if final[t][k] else None
             for m, (t, k) in {
                 "format": ("lab_bias", "format"),
                 "instruct": ("lab_instruct", "acc"),
             }.items()
+        }
+        # each instruct kind: the sub-model's score against SFT's (absolute, not shares)
+        subs[fam]["kinds"] = {
+            k[4:]: (last[-1]["bench"]["lab_instruct"][k], final["lab_instruct"][k]) for k in kinds
         }
     return {
         "subs": subs,
@@ -274,7 +280,9 @@ def show(res: dict) -> None:
     for fam, v in res.get("subs", {}).items():
         print(
             f"  (a) {fam} rows alone, 1/4 of the steps: {f(v['format'])} of SFT's format, "
-            f"{f(v['instruct'])} of its instruct"
+            f"{f(v['instruct'])} of its instruct ("
+            + ", ".join(f"{k} {f(a)} vs {f(b)}" for k, (a, b) in v.get("kinds", {}).items())
+            + ")"
         )
     print(
         f"  base → step {res['format_90_step']} → SFT: "
