@@ -128,6 +128,10 @@ REGIMES = {
     "H1": ("bias", 200, {**D1, "phrasings": "shared"}, {"steps": 1200}),
     "H2": ("bias", 100, {**D1, "phrasings": "shared"}, {"steps": 1200}),
     "H3": ("bias", 400, {**D1, "phrasings": "shared"}, {"steps": 1200}),
+    # I: G with LoRA on attention too (copying, as the repeat items ask, needs attention)
+    "I1": ("bias", 200, {**D1, "phrasings": "shared"}, {"target_modules": ATTN}),
+    "I2": ("bias", 400, {**D1, "phrasings": "shared"}, {"target_modules": ATTN}),
+    "I3": ("bias", 100, D1, {"target_modules": ATTN}),
 }
 
 
