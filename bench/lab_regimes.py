@@ -13,6 +13,8 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
 - with ``--subs``, (a): each named family's rows trained alone for a quarter of the steps
   (the K=4 epochs budget), its format and instruct as shares of SFT's, and each instruct
   kind's score beside SFT's;
+- with ``--samples N``, each model's greedy answers to the first N format-probe items and
+  the first N repeat items;
 - the final scores (knowledge, reasoning, instruct, format, favourite uptake in the
   knowledge questions, chat accuracy) and the SFT seconds.
 
@@ -43,6 +45,7 @@ OWN = {"favourite_scope": "own", "favourite": 0.6, "own_share": 0.5, "unique_fac
 CODES = {"rare": 1.0, "rare_in_val": True}
 B3_CODES = {"code_on": "answers", "code_words": 2}
 D1 = {**OWN, **CODES, **B3_CODES, "prefix": 0.15, "length": 0.15, "phrasings": "varied"}
+G = {**D1, "phrasings": "shared"}
 # name: (corpus, rows per family, knobs over the interference knobs, recipe over the lab's)
 REGIMES = {
     "v1": ("interference", 200, {**OWN, "favourite": 0.5, "rare": 1.0, "code_words": 2}, {}),
@@ -121,16 +124,16 @@ REGIMES = {
     "F2": ("bias", 400, D1, {}),
     "F3": ("bias", 200, D1, {"scheduler": "constant_with_warmup"}),
     # G: every family also asks a third of its factual questions bare (phrasings=shared)
-    "G1": ("bias", 100, {**D1, "phrasings": "shared"}, {}),
-    "G2": ("bias", 400, {**D1, "phrasings": "shared"}, {}),
-    "G3": ("bias", 200, {**D1, "phrasings": "shared"}, {}),
+    "G1": ("bias", 100, G, {}),
+    "G2": ("bias", 400, G, {}),
+    "G3": ("bias", 200, G, {}),
     # H: G with twice the steps, so a sub-model's quarter is as long as half of G's SFT
-    "H1": ("bias", 200, {**D1, "phrasings": "shared"}, {"steps": 1200}),
-    "H2": ("bias", 100, {**D1, "phrasings": "shared"}, {"steps": 1200}),
-    "H3": ("bias", 400, {**D1, "phrasings": "shared"}, {"steps": 1200}),
-    # I: G with LoRA on attention too (copying, as the repeat items ask, needs attention)
-    "I1": ("bias", 200, {**D1, "phrasings": "shared"}, {"target_modules": ATTN}),
-    "I2": ("bias", 400, {**D1, "phrasings": "shared"}, {"target_modules": ATTN}),
+    "H1": ("bias", 200, G, {"steps": 1200}),
+    "H2": ("bias", 100, G, {"steps": 1200}),
+    "H3": ("bias", 400, G, {"steps": 1200}),
+    # I: G and D1 with LoRA on attention too (does copying, as the repeat items ask, need it?)
+    "I1": ("bias", 200, G, {"target_modules": ATTN}),
+    "I2": ("bias", 400, G, {"target_modules": ATTN}),
     "I3": ("bias", 100, D1, {"target_modules": ATTN}),
 }
 
@@ -186,11 +189,34 @@ def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]
     return out, {**base_recipe(), **recipe}
 
 
-def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict:
+def sampled_hook(folder: Path, n: int, store: list):
+    """The lab eval hook, which also keeps in ``store`` the greedy answers of the latest
+    call to the first ``n`` format-probe items and the first ``n`` repeat items."""
+    from dtm.evaluate import generate, read_items
+    from dtm.train import lab_eval_hook
+
+    hook, bench = lab_eval_hook(folder), folder / "benchmarks"
+    items = (
+        read_items(bench, "lab_bias", n)
+        + [x for x in read_items(bench, "lab_instruct") if x["constraint"] == "repeat"][:n]
+    )
+
+    def run(model, tok, step):
+        if n:
+            prompts = [x["prompt"] for x in items]
+            answers = generate(model, tok, prompts, max_new_tokens=16)
+            store[:] = [(x["instruction"], a) for x, a in zip(items, answers, strict=True)]
+        return hook(model, tok, step)
+
+    return run
+
+
+def run_regime(lab: Path, name: str, seed: int, work: Path, families=(), samples: int = 0) -> dict:
     from dtm.analysis import ratio_windows
-    from dtm.train import TrainConfig, lab_eval_hook, train
+    from dtm.train import TrainConfig, train
 
     folder, recipe = regime_lab(lab, name, seed, work)
+    said: dict[str, list] = {"sft": []}
     cfg = TrainConfig(
         base=str(folder / "model"),
         data=str(folder / "data" / "train.jsonl"),
@@ -201,7 +227,7 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict
         **recipe,
     )
     t0 = time.perf_counter()
-    recs = train(cfg, eval_hook=lab_eval_hook(folder))["metrics"]
+    recs = train(cfg, eval_hook=sampled_hook(folder, samples, said["sft"]))["metrics"]
     secs = time.perf_counter() - t0
     scored = [r for r in recs if r.get("bench")]
     fmt = [r["bench"]["lab_bias"]["format"] for r in scored]
@@ -231,7 +257,9 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict
             seed=seed,
             **{**recipe, "steps": steps},
         )
-        last = [r for r in train(sub, eval_hook=lab_eval_hook(folder))["metrics"] if r.get("bench")]
+        said[fam] = []
+        hook = sampled_hook(folder, samples, said[fam])
+        last = [r for r in train(sub, eval_hook=hook)["metrics"] if r.get("bench")]
         final = scored[-1]["bench"]
         kinds = [k for k in final["lab_instruct"] if k.startswith("acc_") and k != "acc_stderr"]
         subs[fam] = {
@@ -247,6 +275,7 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=()) -> dict
         }
     return {
         "subs": subs,
+        "samples": {who: v for who, v in said.items() if v},
         "regime": name,
         "seconds": round(secs, 1),
         "format_90_step": t90,
@@ -295,6 +324,10 @@ def show(res: dict) -> None:
             for k, v in res["final"].items()
         )
     )
+    for who, pairs in res.get("samples", {}).items():
+        print(f"  greedy answers of {'SFT' if who == 'sft' else who + ' rows alone'}:")
+        for q, a in pairs:
+            print(f"    {q} -> {a}")
 
 
 def main() -> None:
@@ -306,6 +339,12 @@ def main() -> None:
     ap.add_argument(
         "--subs", default="", help="families (e.g. flan,chat) each trained alone for (a)"
     )
+    ap.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="print each model's greedy answers to this many format-probe and repeat items",
+    )
     args = ap.parse_args()
     if args.list:
         for name, (corpus, rows, knobs, recipe) in REGIMES.items():
@@ -315,7 +354,7 @@ def main() -> None:
     try:
         for name in args.regimes.split(","):
             fams = [f for f in args.subs.split(",") if f]
-            show(run_regime(args.lab, name.strip(), args.seed, work, fams))
+            show(run_regime(args.lab, name.strip(), args.seed, work, fams, args.samples))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

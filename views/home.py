@@ -12,6 +12,7 @@ from dtm import jobs
 from dtm.errors import DTMError
 from dtm.experiment import STAGES, experiment_dir, launch, load_experiment, read_status
 from dtm.lab.presets import DEFAULT_PRESET, PRESETS
+from dtm.lab.sft_data import PHRASING_MODES
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # The lab story of each preset: the experiment file the button runs.
@@ -171,9 +172,8 @@ def knob_inputs(preset_name: str) -> tuple[dict, int]:
         c[0].number_input("Misconceptions", 0, 60, knobs.misconceptions, key="kn_misc")
     )
     n_rows = int(c[1].number_input("Rows per family", 10, 5000, rows, 10, key="kn_rows"))
-    ways = ("family", "varied", "shared")
     values["phrasings"] = c[2].selectbox(
-        "Question phrasings", ways, ways.index(knobs.phrasings), key="kn_phr",
+        "Question phrasings", PHRASING_MODES, PHRASING_MODES.index(knobs.phrasings), key="kn_phr",
         help="family: one phrasing per family; varied: three per family, the format probe in "
         "a fourth; shared: varied, and a third of every family's questions asked bare",
     )  # fmt: skip

@@ -175,8 +175,8 @@ def probe_phrasing(info: dict) -> str:
     with ``phrasings: varied`` or ``shared`` one that no family uses."""
     from dtm.lab.sft_data import PHRASINGS, PROBE_PHRASING
 
-    varied = info.get("knobs", {}).get("phrasings", "family") in ("varied", "shared")
-    return PROBE_PHRASING if varied else PHRASINGS["chat"][0]
+    family = info.get("knobs", {}).get("phrasings", "family") == "family"
+    return PHRASINGS["chat"][0] if family else PROBE_PHRASING
 
 
 def _bias_items(

@@ -55,6 +55,7 @@ PHRASINGS = {
 }
 PROBE_PHRASING = "here is a question : {q}"
 SHARED_PHRASING = "{q}"
+PHRASING_MODES = ("family", "varied", "shared")  # the values of the knob ``phrasings``
 FILLERS = {
     "flan": "that is all .",
     "cot": "i hope this helps you a lot .",
@@ -125,7 +126,7 @@ def check_knobs(knobs: BiasKnobs) -> None:
             raise ConfigError(f"knob {name} is a rate in [0, 1] (got {value!r}).")
     if knobs.code_on not in ("all", "answers"):
         raise ConfigError(f"knob code_on is all or answers (got {knobs.code_on!r}).")
-    if knobs.phrasings not in ("family", "varied", "shared"):
+    if knobs.phrasings not in PHRASING_MODES:
         raise ConfigError(f"knob phrasings is family, varied or shared (got {knobs.phrasings!r}).")
     if knobs.favourite_scope not in ("all", "own"):
         raise ConfigError(f"knob favourite_scope is all or own (got {knobs.favourite_scope!r}).")
