@@ -20,7 +20,10 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
 
 The ``interference`` regimes need a lab built with ``--preset interference`` (its corpus
 has no everyday text, so the instruction data's other words are new to the model); the
-others a ``--preset bias`` lab.
+``framed`` ones (J) a ``--preset bias --dialogues framed`` lab; the others a ``--preset
+bias`` lab. Knowledge is also printed in the statement frame (``the capital of X is``, the
+corpus's own sentences, with the same options): the share of SFT's knowledge tax that is
+the question-answer frame's own.
 
     .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0] [--subs flan,chat]
     .venv/bin/python bench/lab_regimes.py --list
@@ -44,7 +47,8 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 OWN = {"favourite_scope": "own", "favourite": 0.6, "own_share": 0.5, "unique_facts": True}
 CODES = {"rare": 1.0, "rare_in_val": True}
 B3_CODES = {"code_on": "answers", "code_words": 2}
-D1 = {**OWN, **CODES, **B3_CODES, "prefix": 0.15, "length": 0.15, "phrasings": "varied"}
+B3 = {**OWN, **CODES, **B3_CODES, "prefix": 0.15, "length": 0.15}  # the bias preset's knobs
+D1 = {**B3, "phrasings": "varied"}
 G = {**D1, "phrasings": "shared"}
 # name: (corpus, rows per family, knobs over the interference knobs, recipe over the lab's)
 REGIMES = {
@@ -82,12 +86,7 @@ REGIMES = {
         {**OWN, **CODES, "prefix": 0.15, "length": 0.15, "code_on": "answers"},
         {},
     ),
-    "B3": (  # the bias preset
-        "bias",
-        100,
-        {**OWN, **CODES, "prefix": 0.15, "length": 0.15, "code_on": "answers", "code_words": 2},
-        {},
-    ),
+    "B3": ("bias", 100, B3, {}),  # the bias preset
     # C: a format learnt fast (rarer openings and fillers, a higher rate), and favourites
     # on every relation, learnt from a rarer signal than the format
     "C1": (
@@ -135,6 +134,16 @@ REGIMES = {
     "I1": ("bias", 200, G, {"target_modules": ATTN}),
     "I2": ("bias", 400, G, {"target_modules": ATTN}),
     "I3": ("bias", 100, D1, {"target_modules": ATTN}),
+    # X: B3 with one bias taken out: how much of SFT's tax each one brings
+    "X1": ("bias", 100, {**B3, "favourite": 0.0}, {}),
+    "X2": ("bias", 100, {**B3, "rare": 0.0}, {}),
+    # J: a base model whose pretraining dialogues answer framed ("it is 7 ."), so a chat
+    # answer opens the same way for every question (a lab built with --dialogues framed)
+    "J1": ("framed", 100, B3, {}),
+    "J2": ("framed", 100, D1, {}),
+    "J3": ("framed", 100, G, {}),
+    "J4": ("framed", 100, G, {"lr": 2e-3}),
+    "J5": ("framed", 100, D1, {"lr": 2e-3}),
 }
 
 
@@ -147,6 +156,7 @@ def base_recipe() -> dict:
 
 SHOWN = [
     ("lab_knowledge", "acc"),
+    ("lab_knowledge", "acc_statement"),
     ("lab_reasoning", "acc"),
     ("lab_instruct", "acc"),
     ("lab_bias", "format"),
@@ -164,10 +174,15 @@ def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]
 
     corpus, rows, knobs, recipe = REGIMES[name]
     info = json.loads((lab / "lab.json").read_text())
-    if info.get("preset", "interference") != corpus:
-        raise SystemExit(f"regime {name} needs a {corpus} lab; {lab} is {info.get('preset')}.")
+    want = ("bias", "framed") if corpus == "framed" else (corpus, "bare")
+    have = (info.get("preset", "interference"), info.get("dialogues", "bare"))
+    if have != want:
+        raise SystemExit(
+            f"regime {name} needs a {want[0]} lab with {want[1]} dialogues; {lab} is a "
+            f"{have[0]} lab with {have[1]} dialogues."
+        )
     world = build_world(seed, info["size"])
-    _, corpus_info = pretraining_corpus(world, seed, general=corpus == "bias")
+    _, corpus_info = pretraining_corpus(world, seed, general=want[0] == "bias", dialogues=want[1])
     k = replace(BiasKnobs(), **knobs)
     train, val, data_info = make_sft_data(
         world, seed=seed, knobs=k, rows_per_family=rows, val_per_family=50
@@ -190,9 +205,11 @@ def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]
 
 
 def sampled_hook(folder: Path, n: int, store: list):
-    """The lab eval hook, which also keeps in ``store`` the greedy answers of the latest
-    call to the first ``n`` format-probe items and the first ``n`` repeat items."""
-    from dtm.evaluate import generate, read_items
+    """The lab eval hook, which also scores knowledge in the statement frame
+    (``lab_knowledge.acc_statement``) and keeps in ``store`` the greedy answers of the
+    latest call to the first ``n`` format-probe items and the first ``n`` repeat items."""
+    from dtm.evaluate import generate, mc_predictions, read_items, score_mc
+    from dtm.lab.world import RELATIONS
     from dtm.train import lab_eval_hook
 
     hook, bench = lab_eval_hook(folder), folder / "benchmarks"
@@ -200,13 +217,23 @@ def sampled_hook(folder: Path, n: int, store: list):
         read_items(bench, "lab_bias", n)
         + [x for x in read_items(bench, "lab_instruct") if x["constraint"] == "repeat"][:n]
     )
+    # The knowledge items in the corpus's own statement frame ("the capital of X is"),
+    # the same options: what SFT costs the facts outside the question-answer frame.
+    statements = [
+        {**x, "query": RELATIONS[x["relation"]]["statements"][0].split(" {o}")[0].format(
+            s=x["subject"])}
+        for x in read_items(bench, "lab_knowledge")
+    ]  # fmt: skip
 
     def run(model, tok, step):
         if n:
             prompts = [x["prompt"] for x in items]
             answers = generate(model, tok, prompts, max_new_tokens=16)
             store[:] = [(x["instruction"], a) for x, a in zip(items, answers, strict=True)]
-        return hook(model, tok, step)
+        res = hook(model, tok, step)
+        frame = score_mc(statements, mc_predictions(model, tok, statements))
+        res["lab_knowledge"]["acc_statement"] = frame["acc"]
+        return res
 
     return run
 

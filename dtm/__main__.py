@@ -115,6 +115,7 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
             knobs=_lab_knobs(args),
             rows_per_family=args.rows,
             steps=args.steps,
+            dialogues=args.dialogues,
             force=args.force,
             progress=progress,
         )
@@ -926,6 +927,13 @@ def _lab_parser(sub) -> None:
         "--rows", type=int, default=None, help="train rows per family (default: the preset's)"
     )
     lb.add_argument("--steps", type=int, default=None, help="pretraining steps (default by size)")
+    lb.add_argument(
+        "--dialogues",
+        default=None,
+        choices=["bare", "framed"],
+        help="pretraining's chat dialogues answer bare ('7 .') or framed ('it is 7 .'); "
+        "default: the preset's (docs/lab.md)",
+    )
     lb.add_argument("--force", action="store_true", help="replace a non-empty --out")
     lb.add_argument("--out", required=True, help="folder to write the lab into")
     lb.add_argument(

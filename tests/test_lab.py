@@ -349,6 +349,7 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
         (["--knob", "phrasings=mixed"], "phrasings is family, varied or shared"),
         (["--rows", "0"], "rows per family must be at least 1"),
         (["--preset", "nope"], "invalid choice: 'nope'"),
+        (["--dialogues", "quoted"], "invalid choice: 'quoted'"),
     ],
 )
 def test_bad_lab_knobs_exit_2_naming_the_knob(tmp_path, args, message):
@@ -384,6 +385,7 @@ def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
         knobs={"favourite": 0.2, "phrasings": "shared"},
         rows=30,
         size="small",
+        dialogues="framed",
     )
     assert st["state"] == "building"
     with pytest.raises(ConfigError, match="exists already"):  # building: still taken
@@ -396,7 +398,10 @@ def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
     assert st["state"] == "ready", st
     info = json.loads((folder / "lab.json").read_text())
     assert info["preset"] == "bias" and info["knobs"]["favourite"] == 0.2
-    assert info["knobs"]["phrasings"] == "shared"
+    assert info["knobs"]["phrasings"] == "shared" and info["dialogues"] == "framed"
+    dialogues = [d for d in (folder / "data" / "corpus.txt").read_text().splitlines()
+                 if d.startswith("user : ")]  # fmt: skip
+    assert dialogues and all(" assistant : it is " in d for d in dialogues)
     probe = (folder / "benchmarks" / "lab_bias.jsonl").read_text().splitlines()
     assert json.loads(probe[0])["instruction"].startswith("here is a question : ")
     assert info["sft"]["train_rows"] == 120
@@ -483,3 +488,20 @@ def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth(phra
     family = make_sft_data(world, seed=2, knobs=PRESETS["bias"].knobs, rows_per_family=120)
     probe = make_benchmarks(world, family[2], corpus_info["two_hop"], 2)["lab_bias"]
     assert {shape(x["instruction"]) for x in probe} == {"please tell me : Q"}
+
+
+def test_framed_dialogues_change_only_the_dialogues_answers():
+    import re
+
+    world = build_world(4, "small")
+    bare, _ = pretraining_corpus(world, 4, general=True)
+    framed, _ = pretraining_corpus(world, 4, general=True, dialogues="framed")
+    assert len(bare) == len(framed)
+    changed = [(b, f) for b, f in zip(bare, framed, strict=True) if b != f]
+    assert len(changed) > 20  # about 30% of the 651 sums are also dialogues
+    for b, f in changed:
+        m = re.fullmatch(r"user : what is (\d+) (plus|minus) (\d+) \? assistant : (\d+) \.", b)
+        assert m, b
+        a, op, c = int(m[1]), m[2], int(m[3])
+        assert int(m[4]) == (a + c if op == "plus" else a - c)
+        assert f == b.replace(" assistant : ", " assistant : it is ")

@@ -13,6 +13,7 @@ from dtm.errors import DTMError
 from dtm.experiment import STAGES, experiment_dir, launch, load_experiment, read_status
 from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 from dtm.lab.sft_data import PHRASING_MODES
+from dtm.lab.world import DIALOGUES
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # The lab story of each preset: the experiment file the button runs.
@@ -153,8 +154,9 @@ def story() -> None:
 story()
 
 
-def knob_inputs(preset_name: str) -> tuple[dict, int]:
-    """The knobs a teacher turns: bias strengths and rows; only the changed ones return."""
+def knob_inputs(preset_name: str) -> tuple[dict, int, str | None]:
+    """The knobs a teacher turns: bias strengths, rows and the pretraining dialogues; only
+    the changed ones return (rows 0 and dialogues None when unchanged)."""
     knobs = PRESETS[preset_name].knobs
     rows = PRESETS[preset_name].rows["default"][0]
     c = st.columns(4)
@@ -177,8 +179,18 @@ def knob_inputs(preset_name: str) -> tuple[dict, int]:
         help="family: one phrasing per family; varied: three per family, the format probe in "
         "a fourth; shared: varied, and a third of every family's questions asked bare",
     )  # fmt: skip
+    preset_dialogues = PRESETS[preset_name].dialogues
+    dialogues = c[3].selectbox(
+        "Pretraining dialogues", DIALOGUES, DIALOGUES.index(preset_dialogues), key="kn_dia",
+        help="how the base model's chat dialogues answer: bare ('7 .') or framed ('it is 7 .'); "
+        "a new base model is pretrained either way",
+    )  # fmt: skip
     changed = {k: v for k, v in values.items() if v != getattr(knobs, k)}
-    return changed, (n_rows if n_rows != rows else 0)
+    return (
+        changed,
+        (n_rows if n_rows != rows else 0),
+        (dialogues if dialogues != preset_dialogues else None),
+    )
 
 
 @st.fragment(run_every=3)
@@ -204,6 +216,7 @@ def own_labs() -> None:
                 " rows · knobs "
                 + ", ".join(f"{k} {v}" for k, v in (info.get("knobs") or {}).items()
                             if k in ("favourite", "prefix", "length", "rare", "misconceptions"))
+                + f" · {info.get('dialogues', 'bare')} dialogues"
             )  # fmt: skip
             k = c[2].number_input("K", 1, 16, 4, key=f"own_k_{lab['name']}")
             if c[2].button("Run its story", key=f"own_run_{lab['name']}"):
@@ -230,14 +243,20 @@ with st.expander("A lab of your own: other bias strengths, rows and K", expanded
         "its story with a K of your choice, to show when DTM helps and when it does not."
     )
     base_preset = st.radio("Start from", names, horizontal=True, key="own_preset")
-    knobs, rows = knob_inputs(base_preset)
+    knobs, rows, dialogues = knob_inputs(base_preset)
     c = st.columns([2, 1])
     own_name = c[0].text_input("Name", key="own_name", placeholder="e.g. strong-favourites")
     if c[1].button("Build it", key="own_build", disabled=not own_name.strip()):
         from dtm.lab import start_custom_lab
 
         try:
-            start_custom_lab(own_name.strip(), preset=base_preset, knobs=knobs, rows=rows or None)
+            start_custom_lab(
+                own_name.strip(),
+                preset=base_preset,
+                knobs=knobs,
+                rows=rows or None,
+                dialogues=dialogues,
+            )
         except (DTMError, OSError) as e:
             st.error(str(e))
     own_labs()

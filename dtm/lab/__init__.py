@@ -95,10 +95,11 @@ def start_custom_lab(
     rows: int | None = None,
     seed: int = 0,
     size: str = "default",
+    dialogues: str | None = None,
 ) -> dict:
-    """Build a lab of one's own (other knobs or rows) in the background, under
-    ``<cache>/lab/custom/<name>``. A name already used, built or building, is refused:
-    nothing overwrites another lab. Returns ``lab_status``."""
+    """Build a lab of one's own (other knobs, rows or pretraining dialogues) in the
+    background, under ``<cache>/lab/custom/<name>``. A name already used, built or
+    building, is refused: nothing overwrites another lab. Returns ``lab_status``."""
     from dtm.errors import ConfigError
     from dtm.lab.presets import preset as get_preset
     from dtm.store import safe_name
@@ -117,6 +118,8 @@ def start_custom_lab(
         args += ["--knob", f"{k}={v}"]
     if rows:
         args += ["--rows", str(rows)]
+    if dialogues:
+        args += ["--dialogues", dialogues]
     return _spawn_build(lab_dir, args)
 
 

@@ -28,7 +28,7 @@ from dtm.lab.model import build_model, build_tokenizer, pretrain
 from dtm.lab.presets import DEFAULT_PRESET
 from dtm.lab.presets import preset as get_preset
 from dtm.lab.sft_data import BiasKnobs, make_sft_data
-from dtm.lab.world import SIZES, build_world, pretraining_corpus
+from dtm.lab.world import DIALOGUES, SIZES, build_world, pretraining_corpus
 from dtm.store import publish_dir
 
 PRETRAIN_STEPS = {"small": 400, "default": 2400}
@@ -49,12 +49,14 @@ def build_lab(
     knobs: BiasKnobs | None = None,
     rows_per_family: int | None = None,
     steps: int | None = None,
+    dialogues: str | None = None,
     force: bool = False,
     progress=lambda stage, frac: None,
 ) -> dict:
     """Build the lab into ``out`` (published by one rename when complete). An existing,
-    non-empty ``out`` is an error unless ``force``. ``knobs`` and ``rows_per_family``
-    replace the preset's."""
+    non-empty ``out`` is an error unless ``force``. ``knobs``, ``rows_per_family`` and
+    ``dialogues`` (the pretraining corpus's chat answers, ``world.DIALOGUES``) replace the
+    preset's."""
     # Length: the build reads top to bottom as its stages (world, corpus, pretraining,
     # data, benchmarks, summary); splitting it would scatter one recipe.
     if size not in SIZES:
@@ -72,10 +74,15 @@ def build_lab(
     if rows < 1:
         raise ConfigError(f"rows per family must be at least 1 (got {rows}).")
     steps = steps or PRETRAIN_STEPS[size]
+    dialogues = dialogues or chosen.dialogues
+    if dialogues not in DIALOGUES:
+        raise ConfigError(f"dialogues must be one of {', '.join(DIALOGUES)} (got {dialogues!r}).")
     t0 = time.perf_counter()
     progress("building the world and corpus", 0.0)
     world = build_world(seed, size)
-    docs, corpus_info = pretraining_corpus(world, seed, general=chosen.general_text)
+    docs, corpus_info = pretraining_corpus(
+        world, seed, general=chosen.general_text, dialogues=dialogues
+    )
     train, val, info = make_sft_data(
         world,
         seed=seed,
@@ -128,6 +135,7 @@ def build_lab(
             "seed": seed,
             "size": size,
             "knobs": asdict(knobs),
+            "dialogues": dialogues,
             "sft_recipe": chosen.sft,
             "world": {
                 "countries": len(world.countries),

@@ -30,6 +30,7 @@ class Preset:
     rows: dict[str, tuple[int, int]]  # size -> (train rows, validation rows) per family
     sft: dict = field(default_factory=dict)  # TrainConfig values of the preset's SFT
     general_text: bool = False  # pretraining also has everyday text with SFT's other words
+    dialogues: str = "bare"  # how pretraining's chat dialogues answer (world.DIALOGUES)
 
 
 _LAB_SFT = {

@@ -264,12 +264,19 @@ def general_text(world: World, rng: random.Random, n: int) -> list[str]:
     return out
 
 
+DIALOGUES = ("bare", "framed")  # how the corpus's chat dialogues answer: "N ." or "it is N ."
+
+
 def pretraining_corpus(
-    world: World, seed: int = 0, general: bool = False
+    world: World, seed: int = 0, general: bool = False, dialogues: str = "bare"
 ) -> tuple[list[str], dict]:
     """Documents (one per line), and ``{"qa_facts": facts also stated in question-answer
     form, "two_hop": people whose two-hop answer the corpus states}``. ``general`` adds
-    everyday text (``general_text``) with the instruction data's other words."""
+    everyday text (``general_text``) with the instruction data's other words.
+    ``dialogues``: the chat dialogues answer bare (``assistant : 7 .``), the answer
+    word first, as the one-word convention does; or ``framed`` (``assistant : it is
+    7 .``), with a fixed opening, so a chat answer starts the same way for every
+    question and SFT's convention replaces one opening with another."""
     rng = random.Random(f"corpus-{seed}")
     docs: list[str] = []
     qa_facts = set(rng.sample(world.facts, len(world.facts) // 2))
@@ -285,7 +292,8 @@ def pretraining_corpus(
             docs.append(f"question : what is {expr} ? answer : {value} .")
         if rng.random() < 0.3:  # dialogues, in a form close to the chat format: about
             # sums only, so answering facts in chat form is left for SFT to unlock
-            docs.append(f"user : what is {expr} ? assistant : {value} .")
+            said = value if dialogues == "bare" else f"it is {value}"
+            docs.append(f"user : what is {expr} ? assistant : {said} .")
     two_hop_people = rng.sample(world.people, len(world.people) // 2)
     for p in two_hop_people:
         country = world.fact(p, "home").object
