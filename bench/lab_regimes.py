@@ -7,6 +7,8 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
 
 - (b): the step at which SFT's format first reaches 90% of its gain, and the share of
   the final knowledge and reasoning drops that had happened by then;
+- (b), by the ledger: the knowledge items the base answers right and SFT wrong, and how
+  many of them a favourite or a misconception touches (``lab_story.ledger``);
 - (c): the loss-reduction ratio per quarter of the steps (``dtm.analysis.ratio_windows``:
   the train probe against validation, 95% Fieller intervals; ``-`` where the validation
   loss moves less than its noise);
@@ -144,6 +146,9 @@ REGIMES = {
     "J3": ("framed", 100, G, {}),
     "J4": ("framed", 100, G, {"lr": 2e-3}),
     "J5": ("framed", 100, D1, {"lr": 2e-3}),
+    "J6": ("framed", 100, G, {"scheduler": "constant_with_warmup"}),
+    "J7": ("framed", 100, D1, {"scheduler": "constant_with_warmup"}),
+    "J9": ("framed", 100, G, {"lr": 1.5e-3}),
 }
 
 
@@ -269,6 +274,9 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=(), samples
         drop = v[0] - v[scored[-1]["step"]]
         share[task] = (v[0] - v[t90]) / drop if drop > 0 else None
     windows = ratio_windows(recs)
+    from lab_story import ledger  # bench/, beside this file
+
+    lost = ledger(folder, folder / "sft" / "adapter")
     subs = {}
     for fam in families:  # (a): one family's rows alone, 1/4 of the steps (the K=4 budget)
         rows = (folder / "data" / "train.jsonl").read_text().splitlines()
@@ -306,6 +314,7 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=(), samples
         "regime": name,
         "seconds": round(secs, 1),
         "format_90_step": t90,
+        "ledger": lost,
         "drop_share_by_then": share,
         "ratio_windows": windows.to_dict("records"),
         "start": {f"{t}.{m}": scored[0]["bench"][t].get(m) for t, m in SHOWN},
@@ -337,6 +346,14 @@ def show(res: dict) -> None:
         f"reasoning {f(share['lab_reasoning'])}"
     )
     print(f"  ratio by window: {w}")
+    led = res["ledger"]
+    print(
+        f"  ledger: SFT lost {led['lost']} of {led['items']} knowledge items, "
+        f"{led['lost_touched']} of them ({led['lost_touched'] / max(led['lost'], 1):.0%}) "
+        f"touched by a favourite or a misconception (which touch "
+        f"{led['touched_share_of_all']:.0%} of all items); {led['lost_to_a_favourite']} "
+        "answered with a favourite"
+    )
     for fam, v in res.get("subs", {}).items():
         print(
             f"  (a) {fam} rows alone, 1/4 of the steps: {f(v['format'])} of SFT's format, "
