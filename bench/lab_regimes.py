@@ -22,10 +22,10 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
 
 The ``interference`` regimes need a lab built with ``--preset interference`` (its corpus
 has no everyday text, so the instruction data's other words are new to the model); the
-``framed`` ones (J) a ``--preset bias --dialogues framed`` lab; the others a ``--preset
-bias`` lab. Knowledge is also printed in the statement frame (``the capital of X is``, the
-corpus's own sentences, with the same options): the share of SFT's knowledge tax that is
-the question-answer frame's own.
+``framed`` ones (J) a ``--preset bias`` lab (its dialogues are framed since lab v4); the
+others a ``--preset bias --dialogues bare`` lab. Knowledge is also printed in the
+statement frame (``the capital of X is``, the corpus's own sentences, with the same
+options): the share of SFT's knowledge tax that is the question-answer frame's own.
 
     .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0] [--subs flan,chat]
     .venv/bin/python bench/lab_regimes.py --list

@@ -303,6 +303,7 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
     info = json.loads((bias / "lab.json").read_text())
     assert info["preset"] == "bias" and info["knobs"] == asdict(PRESETS["bias"].knobs)
     assert info["sft_recipe"] == PRESETS["bias"].sft
+    assert info["dialogues"] == PRESETS["bias"].dialogues == "framed"
     val = [json.loads(x) for x in (bias / "data" / "val.jsonl").read_text().splitlines()]
     train = [json.loads(x) for x in (bias / "data" / "train.jsonl").read_text().splitlines()]
     assert len(train) == 4 * PRESETS["bias"].rows["small"][0]
@@ -485,7 +486,8 @@ def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth(phra
     corpus = {w for d in docs for w in d.split()}
     for text in [x["instruction"] for x in probe] + [r.instruction for r in train + val]:
         assert not set(text.split()) - corpus, text
-    family = make_sft_data(world, seed=2, knobs=PRESETS["bias"].knobs, rows_per_family=120)
+    one_each = replace(PRESETS["bias"].knobs, phrasings="family")
+    family = make_sft_data(world, seed=2, knobs=one_each, rows_per_family=120)
     probe = make_benchmarks(world, family[2], corpus_info["two_hop"], 2)["lab_bias"]
     assert {shape(x["instruction"]) for x in probe} == {"please tell me : Q"}
 

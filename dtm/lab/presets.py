@@ -7,7 +7,10 @@
   too, where it cannot be predicted), so late training lowers the train loss on rows the
   model has memorised while the validation loss stops moving. Its pretraining corpus
   also has everyday text with every word the instruction data uses, so no token is new
-  to the model when SFT starts.
+  to the model when SFT starts, and its chat dialogues answer with a fixed opening (``it
+  is 7 .``), so SFT's answer convention replaces one opening with another and is learnt
+  early, before the biases. Every family asks in three phrasings of its own and a third
+  of its questions bare; the format probe asks in a phrasing none uses.
 - ``interference``: the first lab. Its tax comes early, with the format, from the
   interference of learning the format itself; its loss ratio stays near 1.15.
 
@@ -45,11 +48,11 @@ _LAB_SFT = {
 PRESETS: dict[str, Preset] = {
     "bias": Preset(
         "bias",
-        "Built for the paper's premise: every word is known before SFT, each family's "
-        "favourite and the codes unique to each row are rarer signals than the shared "
-        "conventions, and the codes can be memorised, so the train loss pulls away from "
-        "the validation loss. Use it to watch that happen, and to measure whether DTM "
-        "removes the biases better than shrinking the SFT weights does.",
+        "Built for the paper's premise: the shared answer convention is learnt in the "
+        "first steps, while each family's favourite and the codes unique to each row are "
+        "rarer signals, learnt later, and the codes can be memorised, so the train loss "
+        "pulls away from the validation loss. Use it to watch that happen, and to measure "
+        "whether DTM removes the biases better than shrinking the SFT weights does.",
         BiasKnobs(
             prefix=0.15,
             length=0.15,
@@ -61,10 +64,12 @@ PRESETS: dict[str, Preset] = {
             code_on="answers",
             code_words=2,
             rare_in_val=True,
+            phrasings="shared",
         ),
         {"small": (100, 20), "default": (100, 50)},
         {**_LAB_SFT, "steps": 600, "probe_size": 200},
         general_text=True,
+        dialogues="framed",
     ),
     "interference": Preset(
         "interference",
