@@ -927,10 +927,12 @@ def _lab_parser(sub) -> None:
         "--rows", type=int, default=None, help="train rows per family (default: the preset's)"
     )
     lb.add_argument("--steps", type=int, default=None, help="pretraining steps (default by size)")
+    from dtm.lab.world import DIALOGUES
+
     lb.add_argument(
         "--dialogues",
         default=None,
-        choices=["bare", "framed"],
+        choices=DIALOGUES,
         help="pretraining's chat dialogues answer bare ('7 .') or framed ('it is 7 .'); "
         "default: the preset's (docs/lab.md)",
     )
