@@ -148,6 +148,7 @@ REGIMES = {
     "J5": ("framed", 100, D1, {"lr": 2e-3}),
     "J6": ("framed", 100, G, {"scheduler": "constant_with_warmup"}),
     "J7": ("framed", 100, D1, {"scheduler": "constant_with_warmup"}),
+    "J8": ("framed", 100, G, {"steps": 1200}),  # a sub-model then gets 300 steps
     "J9": ("framed", 100, G, {"lr": 1.5e-3}),
 }
 
