@@ -304,6 +304,9 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
     assert info["preset"] == "bias" and info["knobs"] == asdict(PRESETS["bias"].knobs)
     assert info["sft_recipe"] == PRESETS["bias"].sft
     assert info["dialogues"] == PRESETS["bias"].dialogues == "framed"
+    dialogues = [d for d in (bias / "data" / "corpus.txt").read_text().splitlines()
+                 if d.startswith("user : ")]  # fmt: skip
+    assert dialogues and all(" assistant : it is " in d for d in dialogues)
     val = [json.loads(x) for x in (bias / "data" / "val.jsonl").read_text().splitlines()]
     train = [json.loads(x) for x in (bias / "data" / "train.jsonl").read_text().splitlines()]
     assert len(train) == 4 * PRESETS["bias"].rows["small"][0]
@@ -386,7 +389,7 @@ def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
         knobs={"favourite": 0.2, "phrasings": "shared"},
         rows=30,
         size="small",
-        dialogues="framed",
+        dialogues="bare",  # not the preset's own (framed)
     )
     assert st["state"] == "building"
     with pytest.raises(ConfigError, match="exists already"):  # building: still taken
@@ -399,10 +402,10 @@ def test_a_lab_of_ones_own_builds_in_the_background_under_its_name(cache):
     assert st["state"] == "ready", st
     info = json.loads((folder / "lab.json").read_text())
     assert info["preset"] == "bias" and info["knobs"]["favourite"] == 0.2
-    assert info["knobs"]["phrasings"] == "shared" and info["dialogues"] == "framed"
+    assert info["knobs"]["phrasings"] == "shared" and info["dialogues"] == "bare"
     dialogues = [d for d in (folder / "data" / "corpus.txt").read_text().splitlines()
                  if d.startswith("user : ")]  # fmt: skip
-    assert dialogues and all(" assistant : it is " in d for d in dialogues)
+    assert dialogues and not any(" assistant : it is " in d for d in dialogues)
     probe = (folder / "benchmarks" / "lab_bias.jsonl").read_text().splitlines()
     assert json.loads(probe[0])["instruction"].startswith("here is a question : ")
     assert info["sft"]["train_rows"] == 120
