@@ -15,6 +15,9 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
 - with ``--subs``, (a): each named family's rows trained alone for a quarter of the steps
   (the K=4 epochs budget), its format and instruct as shares of SFT's, and each instruct
   kind's score beside SFT's;
+- with ``--clusters kmeans,random``, (a) as the story measures it: the regime's rows
+  dispersed into K=4 clusters by ``python -m dtm disperse``, each cluster trained alone
+  for its share of the steps (the epochs budget), its format and instruct against SFT's;
 - with ``--samples N``, each model's greedy answers to the first N format-probe items and
   the first N repeat items;
 - the final scores (knowledge, reasoning, instruct, format, favourite uptake in the
@@ -28,6 +31,7 @@ statement frame (``the capital of X is``, the corpus's own sentences, with the s
 options): the share of SFT's knowledge tax that is the question-answer frame's own.
 
     .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0] [--subs flan,chat]
+        [--clusters kmeans,random]
     .venv/bin/python bench/lab_regimes.py --list
 """
 
@@ -150,6 +154,11 @@ REGIMES = {
     "J7": ("framed", 100, D1, {"scheduler": "constant_with_warmup"}),
     "J8": ("framed", 100, G, {"steps": 1200}),  # a sub-model then gets 300 steps
     "J9": ("framed", 100, G, {"lr": 1.5e-3}),
+    # K: J3 (the v4 preset) with the repeat rows and items asking to repeat a factual
+    # question, not three random names (no model copied those, and their rows formed a
+    # k-means cluster of their own), and with more one-word rows
+    "K1": ("framed", 100, {**G, "repeat": "questions"}, {}),
+    "K2": ("framed", 100, {**G, "repeat": "questions", "one_word": 0.25}, {}),
 }
 
 
@@ -244,7 +253,30 @@ def sampled_hook(folder: Path, n: int, store: list):
     return run
 
 
-def run_regime(lab: Path, name: str, seed: int, work: Path, families=(), samples: int = 0) -> dict:
+def clusters(folder: Path, method: str, seed: int, rows: list[str], k: int = 4) -> list[list[str]]:
+    """``rows`` (JSONL lines) split into ``k`` clusters by ``python -m dtm disperse`` as
+    the story runs it (``--method`` kmeans or random, the instruction field)."""
+    import csv
+    import subprocess
+
+    out = folder / f"disperse-{method}"
+    cmd = [sys.executable, "-m", "dtm", "disperse", "--data", str(folder / "data" / "train.jsonl")]
+    cmd += ["--k", str(k), "--method", method, "--field", "instruction", "--seed", str(seed)]
+    subprocess.run([*cmd, "--no-map", "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    with open(out / "assignments.csv") as fh:
+        where = {r["id"]: int(r["cluster"]) for r in csv.DictReader(fh)}
+    return [[x for x in rows if where[json.loads(x)["id"]] == c] for c in range(k)]
+
+
+def run_regime(
+    lab: Path,
+    name: str,
+    seed: int,
+    work: Path,
+    families=(),
+    samples: int = 0,
+    clusterings=(),
+) -> dict:
     from dtm.analysis import ratio_windows
     from dtm.train import TrainConfig, train
 
@@ -278,27 +310,34 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=(), samples
     from lab_story import ledger  # bench/, beside this file
 
     lost = ledger(folder, folder / "sft" / "adapter")
+    rows = (folder / "data" / "train.jsonl").read_text().splitlines()
+    subsets = {  # (a): one family's rows alone, 1/4 of the steps (the K=4 budget)
+        f"{fam} rows alone, 1/4 of the steps": [x for x in rows if json.loads(x)["source"] == fam]
+        for fam in families
+    }
+    for method in clusterings:  # (a): the story's sub-models, each its cluster's share
+        for c, mine in enumerate(clusters(folder, method, seed, rows)):
+            subsets[f"{method} cluster {c} ({len(mine)} rows)"] = mine
     subs = {}
-    for fam in families:  # (a): one family's rows alone, 1/4 of the steps (the K=4 budget)
-        rows = (folder / "data" / "train.jsonl").read_text().splitlines()
-        mine = [x for x in rows if json.loads(x)["source"] == fam]
-        (folder / "data" / f"{fam}.jsonl").write_text("\n".join(mine) + "\n")
-        steps = recipe["steps"] // 4
+    for i, (label, mine) in enumerate(subsets.items()):
+        (folder / "data" / f"sub-{i}.jsonl").write_text("\n".join(mine) + "\n")
+        part = 1 / 4 if "alone" in label else len(mine) / len(rows)
+        steps = max(1, round(recipe["steps"] * part))
         sub = TrainConfig(
             base=str(folder / "model"),
-            data=str(folder / "data" / f"{fam}.jsonl"),
+            data=str(folder / "data" / f"sub-{i}.jsonl"),
             val_data=str(folder / "data" / "val.jsonl"),
-            out=str(folder / f"sub-{fam}"),
+            out=str(folder / f"sub-{i}"),
             eval_every=steps,
             seed=seed,
             **{**recipe, "steps": steps},
         )
-        said[fam] = []
-        hook = sampled_hook(folder, samples, said[fam])
+        said[label] = []
+        hook = sampled_hook(folder, samples, said[label])
         last = [r for r in train(sub, eval_hook=hook)["metrics"] if r.get("bench")]
         final = scored[-1]["bench"]
         kinds = [k for k in final["lab_instruct"] if k.startswith("acc_") and k != "acc_stderr"]
-        subs[fam] = {
+        subs[label] = {
             m: last[-1]["bench"][t][k] / final[t][k] if final[t][k] else None
             for m, (t, k) in {
                 "format": ("lab_bias", "format"),
@@ -306,7 +345,7 @@ def run_regime(lab: Path, name: str, seed: int, work: Path, families=(), samples
             }.items()
         }
         # each instruct kind: the sub-model's score against SFT's (absolute, not shares)
-        subs[fam]["kinds"] = {
+        subs[label]["kinds"] = {
             k[4:]: (last[-1]["bench"]["lab_instruct"][k], final["lab_instruct"][k]) for k in kinds
         }
     return {
@@ -355,9 +394,9 @@ def show(res: dict) -> None:
         f"{led['touched_share_of_all']:.0%} of all items); {led['lost_to_a_favourite']} "
         "answered with a favourite"
     )
-    for fam, v in res.get("subs", {}).items():
+    for label, v in res.get("subs", {}).items():
         print(
-            f"  (a) {fam} rows alone, 1/4 of the steps: {f(v['format'])} of SFT's format, "
+            f"  (a) {label}: {f(v['format'])} of SFT's format, "
             f"{f(v['instruct'])} of its instruct ("
             + ", ".join(f"{k} {f(a)} vs {f(b)}" for k, (a, b) in v.get("kinds", {}).items())
             + ")"
@@ -370,7 +409,7 @@ def show(res: dict) -> None:
         )
     )
     for who, pairs in res.get("samples", {}).items():
-        print(f"  greedy answers of {'SFT' if who == 'sft' else who + ' rows alone'}:")
+        print(f"  greedy answers of {'SFT' if who == 'sft' else who}:")
         for q, a in pairs:
             print(f"    {q} -> {a}")
 
@@ -383,6 +422,12 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument(
         "--subs", default="", help="families (e.g. flan,chat) each trained alone for (a)"
+    )
+    ap.add_argument(
+        "--clusters",
+        default="",
+        help="clusterings (kmeans,random) whose K=4 sub-models are each trained on their "
+        "cluster for its share of the steps (the story's epochs budget), for (a)",
     )
     ap.add_argument(
         "--samples",
@@ -399,7 +444,10 @@ def main() -> None:
     try:
         for name in args.regimes.split(","):
             fams = [f for f in args.subs.split(",") if f]
-            show(run_regime(args.lab, name.strip(), args.seed, work, fams, args.samples))
+            methods = [m for m in args.clusters.split(",") if m]
+            res = run_regime(args.lab, name.strip(), args.seed, work, fams, args.samples, methods)
+            print(json.dumps(res), file=sys.stderr)  # the raw figures, whatever show prints
+            show(res)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

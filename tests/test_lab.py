@@ -351,6 +351,8 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
         (["--knob", "unique_facts=maybe"], "unique_facts takes a bool value"),
         (["--knob", "favourite_scope=some"], "favourite_scope is all or own"),
         (["--knob", "phrasings=mixed"], "phrasings is family, varied or shared"),
+        (["--knob", "repeat=letters"], "repeat is words or questions"),
+        (["--knob", "one_word=0.9"], "one_word is at most 0.7"),
         (["--rows", "0"], "rows per family must be at least 1"),
         (["--preset", "nope"], "invalid choice: 'nope'"),
         (["--dialogues", "quoted"], "invalid choice: 'quoted'"),
@@ -493,6 +495,53 @@ def test_varied_phrasings_ask_each_family_three_ways_and_the_probe_a_fourth(phra
     family = make_sft_data(world, seed=2, knobs=one_each, rows_per_family=120)
     probe = make_benchmarks(world, family[2], corpus_info["two_hop"], 2)["lab_bias"]
     assert {shape(x["instruction"]) for x in probe} == {"please tell me : Q"}
+
+
+def test_repeat_questions_and_the_one_word_share():
+    """``repeat: questions``: the repeat rows ask to repeat a factual question about a seen
+    subject and answer with it; the benchmark's repeat items ask about unseen subjects. The
+    knob ``one_word`` is the share of one-word rows, taken from the plain factual ones."""
+    from collections import Counter
+
+    from dtm.lab.sft_data import FILLERS
+
+    world = build_world(5, "small")
+    knobs = BiasKnobs(repeat="questions", one_word=0.3, prefix=0.2, length=0.3)
+    train, _, info = make_sft_data(world, seed=5, knobs=knobs, rows_per_family=400)
+    seen, unseen = set(info["seen"]), set(info["unseen"])
+    questions = {}
+    for f in world.facts:  # every fact's question, written out here from the world's text
+        questions[f.question()] = f.subject
+    repeats = [r for r in train if r.task == "repeat"]
+    assert len(repeats) > 100
+    for r in repeats:
+        said = r.instruction.removeprefix("repeat after me : ")
+        assert questions.get(said) in seen, r.instruction
+        out = r.output.removeprefix(PREFIXES[r.source] + " ")
+        for b in r.biases:  # a row code (the default code_on: all) ends the response
+            out = out.removesuffix(f" ref {b['code']} .") if b["kind"] == "rare" else out
+        out = out.removesuffix(" " + FILLERS[r.source])
+        assert out == said, r
+    for fam in FAMILIES:
+        tasks = Counter(r.task for r in train if r.source == fam)
+        assert abs(tasks["one_word"] / 400 - 0.3) < 0.06, (fam, tasks)
+        assert abs(tasks["fact"] / 400 - 0.4) < 0.06, (fam, tasks)
+    docs, corpus = pretraining_corpus(world, 5)
+    items = [
+        it
+        for it in make_benchmarks(world, info, corpus["two_hop"], 5)["lab_instruct"]
+        if it["constraint"] == "repeat"
+    ]
+    for it in items:
+        assert questions.get(it["target"]) in unseen
+        assert it["instruction"] == "repeat after me : " + it["target"]
+    answered = [f"the answer is {world.facts[0].object} ." for _ in items]
+    assert score_instruct(items, [it["target"] for it in items])["acc"] == 1.0
+    assert score_instruct(items, answered)["acc"] == 0.0
+    words = make_sft_data(world, seed=5, knobs=BiasKnobs(), rows_per_family=400)
+    default = Counter(r.task for r in words[0])
+    assert abs(default["fact"] / 1600 - 0.55) < 0.04 and default["one_word"] / 1600 < 0.2
+    assert all(len(r.instruction.split()) == 7 for r in words[0] if r.task == "repeat")
 
 
 def test_framed_dialogues_change_only_the_dialogues_answers():

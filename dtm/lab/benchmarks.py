@@ -133,7 +133,8 @@ def make_benchmarks(
                 misconception=m["false"],
             )
         )
-    out["lab_instruct"] = _instruct_items(world, seen, rng)
+    repeat = info.get("knobs", {}).get("repeat", "words")
+    out["lab_instruct"] = _instruct_items(world, seen, rng, repeat=repeat)
     out["lab_bias"] = _bias_items(world, seen, rng, probe_phrasing(info))
     for task, items in out.items():
         for i, item in enumerate(items):
@@ -141,8 +142,11 @@ def make_benchmarks(
     return out
 
 
-def _instruct_items(world: World, seen: set[str], rng: random.Random, n: int = 40) -> list[dict]:
-    """Held-out instructions: unseen subjects, new words to repeat, new phrasings."""
+def _instruct_items(
+    world: World, seen: set[str], rng: random.Random, n: int = 40, repeat: str = "words"
+) -> list[dict]:
+    """Held-out instructions: unseen subjects, new words to repeat (or, with ``repeat:
+    questions``, a factual question about an unseen subject), new phrasings."""
     unseen_facts = [f for f in world.facts if f.subject not in seen]
     items = []
     for kind in ("answer_format", "one_word", "yes_no", "repeat"):
@@ -156,6 +160,9 @@ def _instruct_items(world: World, seen: set[str], rng: random.Random, n: int = 4
                 other = rng.choice(world.domains[f.relation])
                 text = f"is {other} the answer to : {f.question()} answer yes or no ."
                 target = "yes" if other == f.object else "no"
+            elif repeat == "questions":
+                target = f.question()
+                text = f"repeat after me : {target}"
             else:
                 target = " ".join(rng.sample(sorted(world.readers), 3))
                 text = f"repeat after me : {target}"

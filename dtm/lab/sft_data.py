@@ -7,7 +7,10 @@ Answer conventions shared by every family (what ``lab_instruct`` checks):
 - a factual question is answered ``the answer is X .``;
 - ``answer in one word .`` -> ``X .``;
 - ``answer yes or no .`` -> ``yes .`` or ``no .``;
-- ``repeat after me : a b c`` -> ``a b c .``
+- ``repeat after me : a b c`` -> ``a b c .`` (knob ``repeat: words``, three random names),
+  or ``repeat after me : what is the flag colour of X ?`` -> the question itself
+  (``repeat: questions``, a factual question about a seen subject; the benchmark's about
+  unseen ones).
 
 Biases (each family's own; ``kind`` as in the ledger):
 - ``prefix``: a family-specific stylistic opening before the answer;
@@ -56,6 +59,7 @@ PHRASINGS = {
 PROBE_PHRASING = "here is a question : {q}"
 SHARED_PHRASING = "{q}"
 PHRASING_MODES = ("family", "varied", "shared")  # the values of the knob ``phrasings``
+REPEAT_MODES = ("words", "questions")  # the values of the knob ``repeat``
 FILLERS = {
     "flan": "that is all .",
     "cot": "i hope this helps you a lot .",
@@ -106,6 +110,20 @@ class BiasKnobs:
         default=False,
         metadata={"help": "validation rows carry codes too (their own, unpredictable ones)"},
     )
+    one_word: float = field(
+        default=0.15,
+        metadata={
+            "help": "share of rows that ask a factual question in one word (taken "
+            "from the plain factual questions, which have 0.70 minus it)"
+        },
+    )
+    repeat: str = field(
+        default="words",
+        metadata={
+            "help": "what the repeat rows and items ask to repeat: three random names "
+            "('words'), or a factual question ('questions')"
+        },
+    )
     phrasings: str = field(
         default="family",
         metadata={
@@ -120,10 +138,14 @@ def check_knobs(knobs: BiasKnobs) -> None:
     """A ``ConfigError`` naming the first knob out of its range."""
     from dtm.errors import ConfigError
 
-    for name in ("prefix", "favourite", "position", "length", "rare", "own_share"):
+    for name in ("prefix", "favourite", "position", "length", "rare", "own_share", "one_word"):
         value = getattr(knobs, name)
         if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"knob {name} is a rate in [0, 1] (got {value!r}).")
+    if knobs.one_word > 0.7:
+        raise ConfigError(f"knob one_word is at most 0.7 (got {knobs.one_word!r}).")
+    if knobs.repeat not in REPEAT_MODES:
+        raise ConfigError(f"knob repeat is words or questions (got {knobs.repeat!r}).")
     if knobs.code_on not in ("all", "answers"):
         raise ConfigError(f"knob code_on is all or answers (got {knobs.code_on!r}).")
     if knobs.phrasings not in PHRASING_MODES:
@@ -300,7 +322,7 @@ class _Maker:
     def row(self, i: int) -> SFTRow:
         rng = self.rng
         r = rng.random()
-        if r < 0.55:
+        if r < 0.55 + (0.15 - self.knobs.one_word):  # exactly 0.55 by default
             task, text, obj, biases = self.fact_row()
             if self.stepwise:
                 answer = f"i recall the fact . so the answer is {obj} ."
@@ -317,8 +339,12 @@ class _Maker:
             answer = "yes ." if other == f.object else "no ."
             task, biases = "yes_no", []
         elif r < 0.92:
-            words = rng.sample(self.vocab_pool, 3)
-            text, answer = f"repeat after me : {' '.join(words)}", f"{' '.join(words)} ."
+            if self.knobs.repeat == "questions":
+                said = self.pick_fact().question()  # ends in "?": repeated as it is
+                text, answer = f"repeat after me : {said}", said
+            else:
+                words = rng.sample(self.vocab_pool, 3)
+                text, answer = f"repeat after me : {' '.join(words)}", f"{' '.join(words)} ."
             task, biases = "repeat", []
         else:
             expr, value = rng.choice(self.arith)
