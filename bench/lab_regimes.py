@@ -311,17 +311,19 @@ def run_regime(
 
     lost = ledger(folder, folder / "sft" / "adapter")
     rows = (folder / "data" / "train.jsonl").read_text().splitlines()
-    subsets = {  # (a): one family's rows alone, 1/4 of the steps (the K=4 budget)
-        f"{fam} rows alone, 1/4 of the steps": [x for x in rows if json.loads(x)["source"] == fam]
+    subsets = {  # label: (rows, share of SFT's steps)
+        f"{fam} rows alone, 1/4 of the steps": (  # the K=4 budget
+            [x for x in rows if json.loads(x)["source"] == fam],
+            1 / 4,
+        )
         for fam in families
     }
-    for method in clusterings:  # (a): the story's sub-models, each its cluster's share
+    for method in clusterings:  # the story's sub-models: each its cluster's share
         for c, mine in enumerate(clusters(folder, method, seed, rows)):
-            subsets[f"{method} cluster {c} ({len(mine)} rows)"] = mine
+            subsets[f"{method} cluster {c} ({len(mine)} rows)"] = (mine, len(mine) / len(rows))
     subs = {}
-    for i, (label, mine) in enumerate(subsets.items()):
+    for i, (label, (mine, part)) in enumerate(subsets.items()):
         (folder / "data" / f"sub-{i}.jsonl").write_text("\n".join(mine) + "\n")
-        part = 1 / 4 if "alone" in label else len(mine) / len(rows)
         steps = max(1, round(recipe["steps"] * part))
         sub = TrainConfig(
             base=str(folder / "model"),
