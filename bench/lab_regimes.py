@@ -17,7 +17,8 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
   kind's score beside SFT's;
 - with ``--clusters kmeans,random``, (a) as the story measures it: the regime's rows
   dispersed into K=4 clusters by ``python -m dtm disperse``, each cluster trained alone
-  for its share of the steps (the epochs budget), its format and instruct against SFT's;
+  for its share of the steps (the epochs budget; with ``--sub-budget steps`` for all of
+  SFT's steps), its format and instruct against SFT's;
 - with ``--samples N``, each model's greedy answers to the first N format-probe items and
   the first N repeat items;
 - the final scores (knowledge, reasoning, instruct, format, favourite uptake in the
@@ -25,8 +26,9 @@ benchmark scored every ``eval_every`` steps. Printed per regime:
 
 The ``interference`` regimes need a lab built with ``--preset interference`` (its corpus
 has no everyday text, so the instruction data's other words are new to the model); the
-``framed`` ones (J) a ``--preset bias`` lab (its dialogues are framed since lab v4); the
-others a ``--preset bias --dialogues bare`` lab. Knowledge is also printed in the
+``framed`` ones (J, K) a ``--preset bias`` lab (its dialogues are framed since lab v4);
+the ``conventions`` ones (L) a ``--preset bias --dialogues conventions`` lab; the others a
+``--preset bias --dialogues bare`` lab. Knowledge is also printed in the
 statement frame (``the capital of X is``, the corpus's own sentences, with the same
 options): the share of SFT's knowledge tax that is the question-answer frame's own.
 
@@ -159,6 +161,11 @@ REGIMES = {
     # k-means cluster of their own), and with more one-word rows
     "K1": ("framed", 100, {**G, "repeat": "questions"}, {}),
     "K2": ("framed", 100, {**G, "repeat": "questions", "one_word": 0.25}, {}),
+    # L: J3 and K1 on a base model whose corpus also shows the one-word, yes/no and
+    # repeat conventions on sums and passages (a lab built with --dialogues conventions),
+    # so SFT only carries them to the world's facts and the chat format
+    "L1": ("conventions", 100, G, {}),
+    "L2": ("conventions", 100, {**G, "repeat": "questions"}, {}),
 }
 
 
@@ -189,7 +196,9 @@ def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]
 
     corpus, rows, knobs, recipe = REGIMES[name]
     info = json.loads((lab / "lab.json").read_text())
-    want = ("bias", "framed") if corpus == "framed" else (corpus, "bare")
+    want = {"framed": ("bias", "framed"), "conventions": ("bias", "conventions")}.get(
+        corpus, (corpus, "bare")
+    )
     have = (info.get("preset", "interference"), info.get("dialogues", "bare"))
     if have != want:
         raise SystemExit(
@@ -276,6 +285,7 @@ def run_regime(
     families=(),
     samples: int = 0,
     clusterings=(),
+    budget: str = "epochs",
 ) -> dict:
     from dtm.analysis import ratio_windows
     from dtm.train import TrainConfig, train
@@ -318,9 +328,11 @@ def run_regime(
         )
         for fam in families
     }
-    for method in clusterings:  # the story's sub-models: each its cluster's share
+    for method in clusterings:  # the story's sub-models: each its cluster's share of the
+        # steps (the epochs budget), or all of them (the steps budget)
         for c, mine in enumerate(clusters(folder, method, seed, rows)):
-            subsets[f"{method} cluster {c} ({len(mine)} rows)"] = (mine, len(mine) / len(rows))
+            part = len(mine) / len(rows) if budget == "epochs" else 1.0
+            subsets[f"{method} cluster {c} ({len(mine)} rows)"] = (mine, part)
     subs = {}
     for i, (label, (mine, part)) in enumerate(subsets.items()):
         (folder / "data" / f"sub-{i}.jsonl").write_text("\n".join(mine) + "\n")
@@ -432,6 +444,13 @@ def main() -> None:
         "cluster for its share of the steps (the story's epochs budget), for (a)",
     )
     ap.add_argument(
+        "--sub-budget",
+        choices=("epochs", "steps"),
+        default="epochs",
+        help="the --clusters sub-models' budget, as an experiment's sub_budget: epochs (each "
+        "its cluster's share of SFT's steps) or steps (each SFT's steps)",
+    )
+    ap.add_argument(
         "--samples",
         type=int,
         default=0,
@@ -447,7 +466,16 @@ def main() -> None:
         for name in args.regimes.split(","):
             fams = [f for f in args.subs.split(",") if f]
             methods = [m for m in args.clusters.split(",") if m]
-            res = run_regime(args.lab, name.strip(), args.seed, work, fams, args.samples, methods)
+            res = run_regime(
+                args.lab,
+                name.strip(),
+                args.seed,
+                work,
+                fams,
+                args.samples,
+                methods,
+                args.sub_budget,
+            )
             print(json.dumps(res), file=sys.stderr)  # the raw figures, whatever show prints
             show(res)
     finally:

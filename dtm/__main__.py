@@ -934,7 +934,8 @@ def _lab_parser(sub) -> None:
         default=None,
         choices=DIALOGUES,
         help="pretraining's chat dialogues answer bare ('7 .') or framed ('it is 7 .'); "
-        "default: the preset's (docs/lab.md)",
+        "conventions: framed, and the corpus also shows the one-word, yes/no and repeat "
+        "conventions on sums and passages; default: the preset's (docs/lab.md)",
     )
     lb.add_argument("--force", action="store_true", help="replace a non-empty --out")
     lb.add_argument("--out", required=True, help="folder to write the lab into")

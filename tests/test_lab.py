@@ -559,3 +559,56 @@ def test_framed_dialogues_change_only_the_dialogues_answers():
         a, op, c = int(m[1]), m[2], int(m[3])
         assert int(m[4]) == (a + c if op == "plus" else a - c)
         assert f == b.replace(" assistant : ", " assistant : it is ")
+
+
+def test_conventions_corpus_adds_true_convention_documents_to_the_framed_one():
+    import re
+    from collections import Counter
+
+    world = build_world(4, "small")
+    framed, _ = pretraining_corpus(world, 4, general=True, dialogues="framed")
+    conv, _ = pretraining_corpus(world, 4, general=True, dialogues="conventions")
+    added = Counter(conv)
+    added.subtract(Counter(framed))
+    assert all(n >= 0 for n in added.values())  # every framed document is still there
+    added = [d for d, n in added.items() for _ in range(n)]
+    sums = r"what is (\d+) (plus|minus) (\d+) \?"
+
+    def value(m, at=1):
+        a, op, c = int(m[at]), m[at + 1], int(m[at + 2])
+        return a + c if op == "plus" else a - c
+
+    kinds = Counter()
+    for d in added:
+        if m := re.fullmatch(
+            rf"(?:question|user) : {sums} answer in one word \. "
+            r"(?:answer|assistant) : (\d+) \.",
+            d,
+        ):
+            assert int(m[4]) == value(m)
+            kinds["one_word"] += 1
+        elif m := re.fullmatch(
+            rf"(?:question|user) : is (\d+) the answer to : {sums} "
+            r"answer yes or no \. (?:answer|assistant) : (yes|no) \.",
+            d,
+        ):
+            assert m[5] == ("yes" if int(m[1]) == value(m, 2) else "no")
+            kinds[m[5]] += 1
+        elif m := re.fullmatch(rf"user : repeat after me : ({sums}) assistant : (.*)", d):
+            assert m[5] == m[1]
+            kinds["repeat"] += 1
+        else:
+            m = re.fullmatch(
+                r"passage : (\w+) is an? (\w+) and likes (\w+) \. (\w+) is an? "
+                r"(\w+) and likes (\w+) \. question : what (does|colour does) "
+                r"(\w+) (do for work|like) \? answer in one word \. answer : "
+                r"(\w+) \.",
+                d,
+            )
+            assert m, d
+            who = 1 if m[8] == m[1] else 4
+            assert m[8] in (m[1], m[4]) and m[10] == m[who + (1 if m[9] == "do for work" else 2)]
+            kinds["passage"] += 1
+    assert min(kinds.values()) >= 10 and len(kinds) == 5, kinds
+    subjects = {f.subject for f in world.facts}  # the world's facts are left to SFT
+    assert not any(subjects & set(d.split()) for d in added)

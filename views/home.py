@@ -183,7 +183,8 @@ def knob_inputs(preset_name: str) -> tuple[dict, int, str | None]:
     dialogues = c[3].selectbox(
         "Pretraining dialogues", DIALOGUES, DIALOGUES.index(preset_dialogues), key="kn_dia",
         help="how the base model's chat dialogues answer: bare ('7 .') or framed ('it is 7 .'); "
-        "a new base model is pretrained either way",
+        "conventions: framed, and its corpus also shows the one-word, yes/no and repeat "
+        "conventions on sums and passages; a new base model is pretrained either way",
     )  # fmt: skip
     changed = {k: v for k, v in values.items() if v != getattr(knobs, k)}
     return (

@@ -264,7 +264,42 @@ def general_text(world: World, rng: random.Random, n: int) -> list[str]:
     return out
 
 
-DIALOGUES = ("bare", "framed")  # how the corpus's chat dialogues answer: "N ." or "it is N ."
+# how the corpus's chat dialogues answer: "N ." or "it is N ."; "conventions" is "framed"
+# with text that also shows the one-word, yes/no and repeat conventions (``conventions_text``)
+DIALOGUES = ("bare", "framed", "conventions")
+
+
+def conventions_text(world: World, rng: random.Random) -> list[str]:
+    """Documents that show the instruction data's one-word, yes/no and repeat conventions
+    outside the world's facts: on the sums and on reading passages about outside names,
+    in question-answer form and (sums only) in chat form. A base model trained on them
+    knows what ``answer in one word .`` asks before SFT, as a real pretrained model knows
+    the conventions of the text it read; SFT is left to carry them to the world's facts
+    and to the chat format."""
+    docs = []
+    for expr, value in arithmetic_items(rng):
+        q = f"what is {expr} ?"
+        other = value if rng.random() < 0.5 else rng.choice([v for v in range(41) if v != value])
+        yn = "yes" if other == value else "no"
+        r = rng.random()
+        if r < 0.25:
+            docs.append(f"question : {q} answer in one word . answer : {value} .")
+        elif r < 0.5:
+            docs.append(
+                f"question : is {other} the answer to : {q} answer yes or no . answer : {yn} ."
+            )
+        if rng.random() < 0.2:
+            docs.append(f"user : {q} answer in one word . assistant : {value} .")
+        if rng.random() < 0.2:
+            docs.append(
+                f"user : is {other} the answer to : {q} answer yes or no . assistant : {yn} ."
+            )
+        if rng.random() < 0.1:
+            docs.append(f"user : repeat after me : {q} assistant : {q}")
+    for _ in range(len(world.readers)):
+        passage, q, a = reading_passage(world, rng)
+        docs.append(f"{passage} question : {q} answer in one word . answer : {a} .")
+    return docs
 
 
 def pretraining_corpus(
@@ -276,7 +311,10 @@ def pretraining_corpus(
     ``dialogues``: the chat dialogues answer bare (``assistant : 7 .``), the answer
     word first, as the one-word convention does; or ``framed`` (``assistant : it is
     7 .``), with a fixed opening, so a chat answer starts the same way for every
-    question and SFT's convention replaces one opening with another."""
+    question and SFT's convention replaces one opening with another; or ``conventions``:
+    framed, and the corpus also shows the one-word, yes/no and repeat conventions
+    (``conventions_text``, from a generator of its own, so the other documents are the
+    framed corpus's)."""
     rng = random.Random(f"corpus-{seed}")
     docs: list[str] = []
     qa_facts = set(rng.sample(world.facts, len(world.facts) // 2))
@@ -316,5 +354,7 @@ def pretraining_corpus(
             if name not in said:  # (codes are outside names, options any language)
                 b, c = grng.sample([r for r in world.readers if r != name], 2)
                 docs.append(grng.choice(GENERAL_TEXT).format(a=name, b=b, c=c, yn="yes"))
+    if dialogues == "conventions":  # its own generator: the rest is the framed corpus
+        docs += conventions_text(world, random.Random(f"conventions-{seed}"))
     rng.shuffle(docs)
     return docs, {"qa_facts": qa_facts, "two_hop": set(two_hop_people)}
