@@ -3,7 +3,8 @@
 A regime is a set of bias knobs, a row count and an SFT recipe, tried on the base model of
 a built lab (its world and pretraining corpus): the instruction data and the benchmarks
 are regenerated from the lab's seed with the regime's knobs, then SFT runs with every lab
-benchmark scored every ``eval_every`` steps. Printed per regime:
+benchmark scored every ``eval_every`` steps (``--seed``: the training and clustering seed,
+as an experiment's seeds). Printed per regime:
 
 - (b): the step at which SFT's format first reaches 90% of its gain, and the share of
   the final knowledge and reasoning drops that had happened by then;
@@ -33,7 +34,7 @@ statement frame (``the capital of X is``, the corpus's own sentences, with the s
 options): the share of SFT's knowledge tax that is the question-answer frame's own.
 
     .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0] [--subs flan,chat]
-        [--clusters kmeans,random]
+        [--clusters kmeans,random] [--sub-budget epochs|steps]
     .venv/bin/python bench/lab_regimes.py --list
 """
 
@@ -166,6 +167,12 @@ REGIMES = {
     # so SFT only carries them to the world's facts and the chat format
     "L1": ("conventions", 100, G, {}),
     "L2": ("conventions", 100, {**G, "repeat": "questions"}, {}),
+    # M: K1 with twice the rows per family and twice the steps (the same 24 epochs), so
+    # each K=4 cluster has as many rows as a family (200) and as many steps as v4's
+    # families alone had with J8
+    "M1": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 1200}),
+    "M2": ("framed", 200, {**G, "repeat": "questions"}, {}),  # 12 epochs
+    "M3": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 900}),  # 18 epochs
 }
 
 
@@ -187,8 +194,9 @@ SHOWN = [
 ]
 
 
-def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]:
-    """A lab folder holding ``lab``'s model with the regime's data and benchmarks."""
+def regime_lab(lab: Path, name: str, work: Path) -> tuple[Path, dict]:
+    """A lab folder holding ``lab``'s model with the regime's data and benchmarks, made
+    from the lab's own seed (the world and corpus its model was pretrained on)."""
     from dtm.lab.benchmarks import make_benchmarks, write_benchmarks
     from dtm.lab.build import _jsonl
     from dtm.lab.sft_data import BiasKnobs, make_sft_data
@@ -205,6 +213,7 @@ def regime_lab(lab: Path, name: str, seed: int, work: Path) -> tuple[Path, dict]
             f"regime {name} needs a {want[0]} lab with {want[1]} dialogues; {lab} is a "
             f"{have[0]} lab with {have[1]} dialogues."
         )
+    seed = info["seed"]
     world = build_world(seed, info["size"])
     _, corpus_info = pretraining_corpus(world, seed, general=want[0] == "bias", dialogues=want[1])
     k = replace(BiasKnobs(), **knobs)
@@ -290,7 +299,7 @@ def run_regime(
     from dtm.analysis import ratio_windows
     from dtm.train import TrainConfig, train
 
-    folder, recipe = regime_lab(lab, name, seed, work)
+    folder, recipe = regime_lab(lab, name, work)
     said: dict[str, list] = {"sft": []}
     cfg = TrainConfig(
         base=str(folder / "model"),
@@ -432,7 +441,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lab", type=Path)
     ap.add_argument("--regimes", default=",".join(REGIMES))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the training (and clustering) seed; the data come from the lab's own seed",
+    )
     ap.add_argument("--list", action="store_true")
     ap.add_argument(
         "--subs", default="", help="families (e.g. flan,chat) each trained alone for (a)"
