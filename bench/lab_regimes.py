@@ -204,9 +204,7 @@ def regime_lab(lab: Path, name: str, work: Path) -> tuple[Path, dict]:
 
     corpus, rows, knobs, recipe = REGIMES[name]
     info = json.loads((lab / "lab.json").read_text())
-    want = {"framed": ("bias", "framed"), "conventions": ("bias", "conventions")}.get(
-        corpus, (corpus, "bare")
-    )
+    want = ("bias", corpus) if corpus in ("framed", "conventions") else (corpus, "bare")
     have = (info.get("preset", "interference"), info.get("dialogues", "bare"))
     if have != want:
         raise SystemExit(
