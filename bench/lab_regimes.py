@@ -172,15 +172,16 @@ REGIMES = {
     # families alone had with J8
     "M1": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 1200}),
     "M2": ("framed", 200, {**G, "repeat": "questions"}, {}),  # 12 epochs
-    "M3": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 900}),  # 18 epochs
+    "M3": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 900}),  # 18 epochs: v5
 }
 
 
 def base_recipe() -> dict:
-    """The bias preset's SFT recipe (the lab's LoRA values, 600 steps, probe 200)."""
+    """The bias preset's SFT recipe as it was up to lab v4 (the lab's LoRA values, 600
+    steps, probe 200): the regimes' recipes are written over it."""
     from dtm.lab.presets import PRESETS
 
-    return {**PRESETS["bias"].sft, "log_every": 20}
+    return {**PRESETS["bias"].sft, "steps": 600, "log_every": 20}
 
 
 SHOWN = [

@@ -288,11 +288,11 @@ def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     assert r.returncode == 0 and "45 training runs" in r.stdout, r.stderr
     assert "train together" in r.stdout
     [curate] = [x for x in r.stdout.splitlines() if "curate s1" in x]
-    assert curate.split()[-4:] == ["100", "rows", f"{600 * 100 // 400}", "steps"], curate
+    assert curate.split()[-4:] == ["200", "rows", f"{900 * 200 // 800}", "steps"], curate
     apart = cache.parent / "apart.yaml"
     text = (ROOT / "experiments" / "lab.yaml").read_text()
-    assert "  steps: 600\n" in text
-    apart.write_text(text.replace("  steps: 600\n", "  steps: 600\n  together: false\n"))
+    assert "  steps: 900\n" in text
+    apart.write_text(text.replace("  steps: 900\n", "  steps: 900\n  together: false\n"))
     r = dtm_cli("run", apart, "--dry-run", cache=cache)
     assert r.returncode == 0 and "45 training runs" in r.stdout, r.stderr
     assert "train together" not in r.stdout

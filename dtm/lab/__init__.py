@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dtm.store import ProgressFile, cache_dir, pid_alive
 
-LAB_VERSION = 4  # bump when the lab's content changes: a new folder is built
+LAB_VERSION = 5  # bump when the lab's content changes: a new folder is built
 
 
 def default_lab_dir(seed: int = 0, size: str = "default", preset: str | None = None) -> Path:

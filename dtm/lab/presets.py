@@ -10,7 +10,10 @@
   to the model when SFT starts, and its chat dialogues answer with a fixed opening (``it
   is 7 .``), so SFT's answer convention replaces one opening with another and is learnt
   early, before the biases. Every family asks in three phrasings of its own and a third
-  of its questions bare; the format probe asks in a phrasing none uses.
+  of its questions bare; the format probe asks in a phrasing none uses. Its repeat rows
+  ask to repeat a factual question. Since lab v5 it has 200 rows per family and SFT runs
+  900 steps (18 passes), so each of K=4 clusters has a family's worth of rows and a
+  quarter of the steps (regime M3 of ``bench/lab_regimes.py``).
 - ``interference``: the first lab. Its tax comes early, with the format, from the
   interference of learning the format itself; its loss ratio stays near 1.15.
 
@@ -65,9 +68,10 @@ PRESETS: dict[str, Preset] = {
             code_words=2,
             rare_in_val=True,
             phrasings="shared",
+            repeat="questions",
         ),
-        {"small": (100, 20), "default": (100, 50)},
-        {**_LAB_SFT, "steps": 600, "probe_size": 200},
+        {"small": (100, 20), "default": (200, 50)},
+        {**_LAB_SFT, "steps": 900, "probe_size": 200},
         general_text=True,
         dialogues="framed",
     ),
