@@ -15,7 +15,7 @@ Printed, per seed and as mean ± std over seeds:
 
     .venv/bin/python bench/train.py --part story --keep STORY --keep-runs   # or dtm run
     .venv/bin/python bench/lab_story.py --runs STORY/runs --results STORY/results.json \
-        --lab cache/lab/bias-default-seed0-v4
+        --lab cache/lab/bias-default-seed0-v5
 
 It also scores each seed's shrinkage frontier anew from that seed's own SFT adapter (a
 story run before that fix scaled seed 0's SFT for every seed) and places the merges and
