@@ -3,6 +3,7 @@ launches, kill -9 and resume, cancel, a restarted server, and a real local Ray h
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT, dtm_cli, round_robin_assignment, tiny_train
 
 from dtm import jobs
@@ -278,15 +280,22 @@ def test_ray_backend_runs_cancels_and_logs_on_a_real_head(lab0, cache, ray_head)
 def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     r = dtm_cli("run", "experiments/paper-llama2-7b.yaml", "--dry-run", cache=cache)
     assert r.returncode == 0, r.stderr
-    assert "11 training runs" in r.stdout and "GPU-hours" in r.stdout
+    # the soup of seed 0 averages SFT of seeds 0-3: three more SFT runs, planned as such
+    assert "14 training runs" in r.stdout and "GPU-hours" in r.stdout
+    [soup] = [x for x in r.stdout.splitlines() if "soup s0" in x]
+    assert soup.split("averages ")[1] == (
+        "sft s0, sft s1 (soup member), sft s2 (soup member), sft s3 (soup member)"
+    ), soup
     [curate] = [x for x in r.stdout.splitlines() if "curate s0" in x]
     assert f"~{326154 // 4:>7} rows" in curate  # the budget: 1/K of estimate.rows
     assert "train together: one group job" in r.stdout
     assert "kmeans sub 3 s0" in r.stdout and "meta-llama/Llama-2-7b-hf" in r.stdout
     assert not (cache / "runs").exists()
     r = dtm_cli("run", "experiments/lab.yaml", "--dry-run", cache=cache)
-    assert r.returncode == 0 and "45 training runs" in r.stdout, r.stderr
+    # seeds 0-2 and the soups' other members, seeds 3-5: six SFT runs, not 3 + 3 x 4
+    assert r.returncode == 0 and "48 training runs" in r.stdout, r.stderr
     assert "train together" in r.stdout
+    assert len(re.findall(r" sft +~ +800 rows", r.stdout)) == 6, r.stdout
     [curate] = [x for x in r.stdout.splitlines() if "curate s1" in x]
     assert curate.split()[-4:] == ["200", "rows", f"{900 * 200 // 800}", "steps"], curate
     apart = cache.parent / "apart.yaml"
@@ -294,7 +303,7 @@ def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     assert "  steps: 900\n" in text
     apart.write_text(text.replace("  steps: 900\n", "  steps: 900\n  together: false\n"))
     r = dtm_cli("run", apart, "--dry-run", cache=cache)
-    assert r.returncode == 0 and "45 training runs" in r.stdout, r.stderr
+    assert r.returncode == 0 and "48 training runs" in r.stdout, r.stderr
     assert "train together" not in r.stdout
     assert not (cache / "lab").exists()
 
@@ -304,16 +313,25 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     exp.write_text(
         "name: tiny\nlab: {size: small, seed: 0}\ndisperse: {k: 2, methods: [random]}\n"
         "train: {steps: 4, log_every: 2, batch_size: 8, micro_batch_size: 8, max_length: 96,"
-        " eval_every: 4}\nbaselines: [l2]\nseeds: [0]\n"
+        " eval_every: 4, members: 2}\nbaselines: [l2, soup]\nseeds: [0]\n"
     )
     r = dtm_cli("run", exp, cache=cache, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "4 training runs" in r.stdout
+    assert "6 training runs" in r.stdout  # and the soup's other member: SFT with seed 1
     out = cache / "experiments" / "tiny"
-    assert (out / "jobs.md").read_text().count("| done |") == 4
+    assert (out / "jobs.md").read_text().count("| done |") == 6
     results = (out / "results.md").read_text()
     rows = {line.split(" | ")[0].strip("| ") for line in results.splitlines() if line[:2] == "| "}
-    for model in ("base", "sft", "sft ×1/2", "dtm-random", "sub-random-0", "sub-random-1", "l2"):
+    for model in (
+        "base",
+        "sft",
+        "sft ×1/2",
+        "dtm-random",
+        "sub-random-0",
+        "sub-random-1",
+        "l2",
+        "soup",
+    ):
         assert model in rows, results
     # The shrinkage frontier: its points in their own table, the merge placed against it
     assert "## DTM against the shrinkage frontier" in results
@@ -341,14 +359,35 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     store = jobs.JobStore(Registry(cache))
     listed = store.list(group="tiny")
     assert sorted(j.name for j in listed) == [
-        "dtm s0",  # the group job: SFT and the sub-models in one process
+        "dtm s0",  # the group job: SFT, the soup's other member and the sub-models
         "l2 s0",
         "random sub 0 s0",
         "random sub 1 s0",
         "sft s0",
+        "sft s1 (soup member)",
+        "soup s0",
     ]
     grp = next(j for j in listed if j.kind == "group")
     assert {j.parent for j in listed if j.kind in ("sft", "sub")} == {grp.id}
+    # The soup trains nothing: it averages the SFT runs of seeds 0 and 1, exactly
+    soup = next(j for j in listed if j.kind == "soup")
+    sfts = [grp.run_dir / "sft" / "adapter", grp.run_dir / "sft-s1" / "adapter"]
+    assert json.loads((soup.run_dir / "config.json").read_text())["members"] == [
+        str(p) for p in sfts
+    ]
+    assert not (soup.run_dir / "members").exists()
+    assert [json.loads((p.parent / "config.json").read_text())["seed"] for p in sfts] == [0, 1]
+    from dtm.merge import read_adapter
+
+    def dense(adapter):  # layer -> s * B @ A
+        return {
+            n: s * (b.float() @ a.float()) for n, (a, b, s) in read_adapter(adapter).layers.items()
+        }
+
+    souped, parts = dense(soup.run_dir / "adapter"), [dense(p) for p in sfts]
+    assert souped.keys() == parts[0].keys()
+    for name, d in souped.items():
+        torch.testing.assert_close(d, (parts[0][name] + parts[1][name]) / 2, rtol=1e-5, atol=1e-7)
     sub = next(j for j in listed if j.name == "random sub 0 s0")
     assert sub.config["steps"] == 2  # same epochs: half the rows, half the steps
     sft = next(j for j in listed if j.kind == "sft")
@@ -373,6 +412,6 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
         mean[("dtm-random", "lab_knowledge", "favourite_flan")] - base_fav
     )
     again = dtm_cli("run", exp, cache=cache, timeout=300)
-    assert again.returncode == 0 and len(store.list()) == 5  # nothing trained twice
+    assert again.returncode == 0 and len(store.list()) == 7  # nothing trained twice
     assert json.loads((sub.run_dir / "config.json").read_text())["kind"] == "sub"
     assert sub.run_dir == grp.run_dir / "random" / "cluster-0"

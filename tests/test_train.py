@@ -50,7 +50,7 @@ def test_l2_and_ewc_penalties_shrink_the_delta_replay_doubles_the_rows(lab0, sft
         assert [m["step"] for m in res["metrics"]] == [0, 2, 4]
 
 
-def test_soup_is_the_exact_uniform_average_of_its_members(lab0, tmp_path):
+def test_soup_is_the_exact_uniform_average_of_its_members(lab0, tmp_path, cache):
     train(tiny_train(lab0, tmp_path / "soup", kind="soup", members=3))
     members = [tmp_path / "soup" / "members" / str(i) / "adapter" for i in range(3)]
     merged = dense_deltas(tmp_path / "soup" / "adapter")

@@ -19,7 +19,7 @@ from typing import Any
 
 from dtm.errors import ConfigError
 from dtm.experiment.config import Experiment, resolve_inputs
-from dtm.train.config import KINDS, TrainConfig, check_config
+from dtm.train.config import KINDS, TrainConfig, check_config, run_id, soup_member
 
 # What a sub-model of a dispersal not yet run is planned with (a dry run).
 UNDISPERSED = "(assignments.csv of the dispersal)"
@@ -63,11 +63,13 @@ def dtm_set(
 def together_members(configs, *, by_clustering: bool = False) -> list[tuple]:
     """``dtm_set`` tuples (or planned jobs) as the members of one group job
     (``dtm.jobs.submit_group``): ``(name, config, clustering, folder)``, the folder
-    ``sft`` or ``cluster-<k>`` (``<clustering>/cluster-<k>`` with ``by_clustering``)."""
+    ``sft`` (``sft-s<seed>`` for an SFT of another seed than the first's) or
+    ``cluster-<k>`` (``<clustering>/cluster-<k>`` with ``by_clustering``)."""
     out = []
+    first_sft = next((c.seed for _, c, _ in configs if c.kind == "sft"), None)
     for name, cfg, clustering in configs:
-        if cfg.kind == "sft":
-            folder = "sft"
+        if cfg.kind == "sft":  # another seed's SFT (a soup's member): sft-s<seed>
+            folder = "sft" if cfg.seed == first_sft else f"sft-s{cfg.seed}"
         else:
             folder = f"cluster-{cfg.cluster}"
             if by_clustering:
@@ -84,6 +86,8 @@ class PlannedJob:
     clustering: str | None = None  # the clustering of a sub-model
     est_rows: int = 0
     scored_rows: int = 0  # rows a forward-only pass scores first (curate's IFD)
+    group_seed: int | None = None  # the seed whose group job trains it (default: seed)
+    merges: list[str] | None = None  # a soup: the planned runs it averages (it trains none)
 
 
 def common_values(exp: Experiment) -> dict[str, Any]:
@@ -108,10 +112,23 @@ def plan(
     n_rows = count_rows(exp)
     jobs: list[PlannedJob] = []
     common = common_values(exp)
+    sfts = {}  # run id -> the planned SFT of that configuration
+    for seed in exp.seeds:
+        sft = TrainConfig(**{**common, "seed": seed, "kind": "sft"})
+        sfts[run_id(sft)] = PlannedJob(f"sft s{seed}", seed, sft, est_rows=n_rows)
     for seed in exp.seeds:
         mine = {**common, "seed": seed}
-        sft = TrainConfig(**{**mine, "kind": "sft"})
-        jobs.append(PlannedJob(f"sft s{seed}", seed, sft, est_rows=n_rows))
+        jobs.append(sfts[run_id(TrainConfig(**{**mine, "kind": "sft"}))])
+        if "soup" in exp.baselines:  # its members: SFT of seeds not planned, in this group
+            soup = TrainConfig(**{**mine, "kind": "soup", **exp.kind_values.get("soup", {})})
+            for i in range(soup.members):
+                member = soup_member(soup, i, Path("-"))
+                if run_id(member) not in sfts:
+                    t = member.seed
+                    pj = PlannedJob(f"sft s{t} (soup member)", t, member, est_rows=n_rows)
+                    pj.group_seed = seed
+                    sfts[run_id(member)] = pj
+                    jobs.append(pj)
         for method in exp.methods:
             path, sizes = (dispersed or {}).get(
                 (method, seed), (UNDISPERSED, [n_rows // exp.k] * exp.k)
@@ -141,7 +158,12 @@ def plan(
                 # over its rows as SFT over all (Deita trains its subset for SFT's epochs)
                 steps = sub_model_steps(cfg.steps, [rows, n_rows - rows], exp.sub_budget)[0]
                 cfg = replace(cfg, steps=steps)
-            jobs.append(PlannedJob(f"{b} s{seed}", seed, cfg, est_rows=rows, scored_rows=scored))
+            pj = PlannedJob(f"{b} s{seed}", seed, cfg, est_rows=rows, scored_rows=scored)
+            if b == "soup":  # every member is a planned SFT run: the soup only averages
+                pj.merges = [
+                    sfts[run_id(soup_member(cfg, i, Path("-")))].name for i in range(cfg.members)
+                ]
+            jobs.append(pj)
     for j in jobs:
         if exp.lab is None or Path(j.config.base).exists():
             check_config(j.config)
@@ -187,7 +209,7 @@ def estimate(exp: Experiment, jobs: list[PlannedJob]) -> dict[str, Any]:
         c = j.config
         passes = (c.steps * c.batch_size / max(j.est_rows, 1)) if c.steps else c.epochs
         t = j.est_rows * passes * mean_tokens
-        t *= KINDS[c.kind].tokens(c)  # a soup's members; replay's 1:1 corpus rows
+        t *= 0 if j.merges else KINDS[c.kind].tokens(c)  # replay's 1:1 corpus rows
         tokens += t
         rows.append({"job": j.name, "rows": j.est_rows, "tokens": t})
     flops = 6 * params * tokens + 2 * params * scored  # forward only: 2N per token
@@ -222,6 +244,9 @@ def describe(exp: Experiment, jobs: list[PlannedJob]) -> str:
     for i, (j, e) in enumerate(zip(jobs, est["per_job"], strict=True), 1):
         c = j.config
         budget = f"{c.steps} steps" if c.steps else f"{c.epochs:g} epochs"
+        if j.merges:
+            lines.append(f"  {i:>3}. {j.name:<22} {c.kind:<7} averages {', '.join(j.merges)}")
+            continue
         lines.append(f"  {i:>3}. {j.name:<22} {c.kind:<7} ~{e['rows']:>7} rows  {budget}")
     hours = est["gpu_hours"]
     lines.append(

@@ -213,13 +213,16 @@ def results_markdown(
     lines += frontier_markdown(table, grid, exp.k)
     ratios, walls, windows = [], {}, []
     for j in jobs:
-        if j.kind == "sft":
+        kind = j.kind
+        if kind == "sft" and j.config.get("seed") not in exp.seeds:
+            kind = "sft (a soup's member)"  # of a seed beyond the experiment's
+        elif kind == "sft":
             recs = read_metrics(j.run_dir / "metrics.jsonl")
             if recs and recs[-1].get("loss_ratio") is not None:
                 ratios.append(recs[-1]["loss_ratio"])
             windows.append((j.config.get("seed"), recs))
         if j.started and j.ended:
-            walls.setdefault(j.kind, []).append(j.ended - j.started)
+            walls.setdefault(kind, []).append(j.ended - j.started)
     lines += [
         "",
         f"Loss-reduction ratio ΔL_train/ΔL_val at the end of SFT, since step 0: "

@@ -243,9 +243,14 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
     planned = plan(exp, disperse_all(exp, progress))
     progress.stage("train")
     submitted = []
-    grouped = {pj.seed for pj in planned if exp.together and pj.config.kind in ("sft", "sub")}
+
+    def group_of(pj) -> int | None:  # SFT, the sub-models and the soup's SFT members
+        trained = exp.together and pj.config.kind in ("sft", "sub")
+        return (pj.seed if pj.group_seed is None else pj.group_seed) if trained else None
+
+    grouped = {group_of(pj) for pj in planned} - {None}
     for seed in sorted(grouped):  # SFT and every sub-model of the seed: one process
-        together = [pj for pj in planned if pj.seed == seed and pj.config.kind in ("sft", "sub")]
+        together = [pj for pj in planned if group_of(pj) == seed]
         members = together_members(
             [(pj.name, pj.config, pj.clustering) for pj in together], by_clustering=True
         )
@@ -253,8 +258,9 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
             members, name=f"dtm s{seed}", group=exp.name, backend=exp.backend
         )
         submitted.append(job.id)
-    for pj in planned:
-        if pj.seed in grouped and pj.config.kind in ("sft", "sub"):
+    # A soup after every other run, so the SFT runs it averages are there when it starts
+    for pj in sorted(planned, key=lambda pj: pj.merges is not None):
+        if group_of(pj) is not None:
             continue
         job, _ = jobs_api.submit(
             pj.config,

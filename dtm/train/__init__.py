@@ -33,7 +33,7 @@ from typing import Any
 from dtm.errors import ConfigError, Stopped, TrainingError
 from dtm.models import check_base_path, load_base
 from dtm.store import publish_dir, read_metrics, write_text_atomic
-from dtm.train.config import BASELINES, KINDS, TrainConfig, check_config, run_id
+from dtm.train.config import BASELINES, KINDS, TrainConfig, check_config, run_id, soup_member
 from dtm.train.loop import request_stop, run_one
 from dtm.train.rows import collate, encode_rows
 
@@ -86,14 +86,16 @@ def train(
         _write_config(cfg, out, res["resolved"])
         return {**res, "seconds": round(time.perf_counter() - t0, 2)}
     # Uniform Soup: members on all data with seeds seed..seed+n-1, merged with equal
-    # weights exactly (dtm.merge); a finished member is not trained again on resume.
+    # weights exactly (dtm.merge). A member is vanilla SFT with its seed: one finished in
+    # the registry (the SFT of an experiment's seed, another soup's member) is used as it
+    # is, and a member finished here is not trained again on resume.
     from dtm.merge import linear_concat
 
     records: list[dict] = []
     members = []
     for i in range(cfg.members):
-        mcfg = replace(cfg, kind="sft", seed=cfg.seed + i, out=str(out / "members" / str(i)))
-        mout = Path(mcfg.out)
+        mcfg = soup_member(cfg, i, out / "members" / str(i))
+        mout = finished_run(mcfg) or Path(mcfg.out)
 
         def tag(rec: dict, i: int = i) -> None:
             rec["member"] = i
@@ -128,6 +130,28 @@ def train(
         "model": PeftModel.from_pretrained(model, out / "adapter"),
         "tokenizer": tok,
     }
+
+
+def finished_run(cfg: TrainConfig) -> Path | None:
+    """The run folder of a finished job in the registry (a group's member too) with
+    ``cfg``'s run id and its adapter written; None when there is none."""
+    from dtm.jobs.base import JobStore
+    from dtm.store import Registry, cache_dir
+    from dtm.train.config import read_config
+
+    if not (cache_dir() / "registry.sqlite").is_file():  # no registry: nothing to find
+        return None
+    want = run_id(cfg)
+    for job in JobStore(Registry()).list(states=("done",)):
+        if job.kind != cfg.kind or job.config.get("seed") != cfg.seed:
+            continue
+        try:
+            same = run_id(read_config(job.config)) == want
+        except (ConfigError, TypeError):  # a row written by another version of the config
+            continue
+        if same and (job.run_dir / "adapter" / "adapter_model.safetensors").is_file():
+            return job.run_dir
+    return None
 
 
 def hook_for(cfg: TrainConfig) -> Callable[[Any, Any, int], dict] | None:

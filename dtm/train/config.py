@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from dtm.errors import ConfigError
@@ -310,6 +311,13 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
             f"--eval-tasks {t}: not a lab task{where} (name the folder of its task YAML "
             "with --tasks-dir)."
         )
+
+
+def soup_member(cfg: TrainConfig, i: int, out: str | os.PathLike) -> TrainConfig:
+    """Member ``i`` of soup ``cfg``: vanilla SFT with seed ``cfg.seed + i`` and every other
+    value the soup's, so its run id is that of the same SFT submitted on its own (an
+    experiment's SFT of that seed)."""
+    return replace(cfg, kind="sft", seed=cfg.seed + i, out=str(out))
 
 
 def run_id(cfg: TrainConfig) -> str:
