@@ -28,7 +28,7 @@ as an experiment's seeds). Printed per regime:
 The ``interference`` regimes need a lab built with ``--preset interference`` (its corpus
 has no everyday text, so the instruction data's other words are new to the model); the
 ``framed`` ones (J, K) a ``--preset bias`` lab (its dialogues are framed since lab v4);
-the ``conventions`` ones (L) a ``--preset bias --dialogues conventions`` lab; the others a
+the ``conventions`` ones (L, N) a ``--preset bias --dialogues conventions`` lab; the others a
 ``--preset bias --dialogues bare`` lab. Knowledge is also printed in the
 statement frame (``the capital of X is``, the corpus's own sentences, with the same
 options): the share of SFT's knowledge tax that is the question-answer frame's own.
@@ -173,6 +173,10 @@ REGIMES = {
     "M1": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 1200}),
     "M2": ("framed", 200, {**G, "repeat": "questions"}, {}),  # 12 epochs
     "M3": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 900}),  # 18 epochs: v5
+    # N: M3 (the v5 preset) on the conventions corpus (L's base), where the one-word
+    # items that held (a) back in M3 are partly known to the base; N2 with more of them
+    "N1": ("conventions", 200, {**G, "repeat": "questions"}, {"steps": 900}),
+    "N2": ("conventions", 200, {**G, "repeat": "questions", "one_word": 0.25}, {"steps": 900}),
 }
 
 
