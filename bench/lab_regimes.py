@@ -27,7 +27,7 @@ as an experiment's seeds). Printed per regime:
 
 The ``interference`` regimes need a lab built with ``--preset interference`` (its corpus
 has no everyday text, so the instruction data's other words are new to the model); the
-``framed`` ones (J, K) a ``--preset bias`` lab (its dialogues are framed since lab v4);
+``framed`` ones (J, K, M, O) a ``--preset bias`` lab (its dialogues are framed since lab v4);
 the ``conventions`` ones (L, N) a ``--preset bias --dialogues conventions`` lab; the others a
 ``--preset bias --dialogues bare`` lab. Knowledge is also printed in the
 statement frame (``the capital of X is``, the corpus's own sentences, with the same
@@ -177,6 +177,10 @@ REGIMES = {
     # items that held (a) back in M3 are partly known to the base; N2 with more of them
     "N1": ("conventions", 200, {**G, "repeat": "questions"}, {"steps": 900}),
     "N2": ("conventions", 200, {**G, "repeat": "questions", "one_word": 0.25}, {"steps": 900}),
+    # O: M3 with more rows per family at the same 18 passes, so each K=4 sub-model gets
+    # more steps (the one-word convention came to SFT only after ~300 steps)
+    "O1": ("framed", 400, {**G, "repeat": "questions"}, {"steps": 1800}),
+    "O2": ("framed", 300, {**G, "repeat": "questions"}, {"steps": 1350}),
 }
 
 
