@@ -359,30 +359,38 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     store = jobs.JobStore(Registry(cache))
     listed = store.list(group="tiny")
     assert sorted(j.name for j in listed) == [
-        "dtm s0",  # the group job: SFT, the soup's other member and the sub-models
+        "dtm s0",  # the group job: SFT and the sub-models in one process
         "l2 s0",
         "random sub 0 s0",
         "random sub 1 s0",
         "sft s0",
-        "sft s1 (soup member)",
+        "sft s1 (soup member)",  # a run of its own: the group's id does not depend on it
         "soup s0",
     ]
     grp = next(j for j in listed if j.kind == "group")
-    assert {j.parent for j in listed if j.kind in ("sft", "sub")} == {grp.id}
+    assert {j.parent for j in listed if j.kind == "sub"} == {grp.id}
+    member = next(j for j in listed if j.name == "sft s1 (soup member)")
+    assert next(j for j in listed if j.name == "sft s0").parent == grp.id
+    assert member.parent is None and member.config["seed"] == 1
     # The soup trains nothing: it averages the SFT runs of seeds 0 and 1, exactly
     soup = next(j for j in listed if j.kind == "soup")
-    sfts = [grp.run_dir / "sft" / "adapter", grp.run_dir / "sft-s1" / "adapter"]
+    sfts = [grp.run_dir / "sft" / "adapter", member.run_dir / "adapter"]
     assert json.loads((soup.run_dir / "config.json").read_text())["members"] == [
         str(p) for p in sfts
     ]
     assert not (soup.run_dir / "members").exists()
+    assert soup.started >= member.ended  # submitted once its members had ended
+    from dtm.merge.sources import merge_sources
+
+    [source] = [x for x in merge_sources(store) if x.group == "tiny"]
+    assert {"sft s0", "l2 s0", "soup s0"} <= set(source.baselines)
+    assert "sft s1 (soup member)" not in source.baselines  # not a model of the results
     assert [json.loads((p.parent / "config.json").read_text())["seed"] for p in sfts] == [0, 1]
     from dtm.merge import read_adapter
 
     def dense(adapter):  # layer -> s * B @ A
-        return {
-            n: s * (b.float() @ a.float()) for n, (a, b, s) in read_adapter(adapter).layers.items()
-        }
+        layers = read_adapter(adapter).layers
+        return {n: s * (b.float() @ a.float()) for n, (a, b, s) in layers.items()}
 
     souped, parts = dense(soup.run_dir / "adapter"), [dense(p) for p in sfts]
     assert souped.keys() == parts[0].keys()

@@ -19,7 +19,7 @@ from typing import Any
 
 from dtm.errors import ConfigError
 from dtm.experiment.config import Experiment, resolve_inputs
-from dtm.train.config import KINDS, TrainConfig, check_config, run_id, soup_member
+from dtm.train.config import KINDS, SOUP_MEMBER, TrainConfig, check_config, run_id, soup_member
 
 # What a sub-model of a dispersal not yet run is planned with (a dry run).
 UNDISPERSED = "(assignments.csv of the dispersal)"
@@ -63,13 +63,11 @@ def dtm_set(
 def together_members(configs, *, by_clustering: bool = False) -> list[tuple]:
     """``dtm_set`` tuples (or planned jobs) as the members of one group job
     (``dtm.jobs.submit_group``): ``(name, config, clustering, folder)``, the folder
-    ``sft`` (``sft-s<seed>`` for an SFT of another seed than the first's) or
-    ``cluster-<k>`` (``<clustering>/cluster-<k>`` with ``by_clustering``)."""
+    ``sft`` or ``cluster-<k>`` (``<clustering>/cluster-<k>`` with ``by_clustering``)."""
     out = []
-    first_sft = next((c.seed for _, c, _ in configs if c.kind == "sft"), None)
     for name, cfg, clustering in configs:
-        if cfg.kind == "sft":  # another seed's SFT (a soup's member): sft-s<seed>
-            folder = "sft" if cfg.seed == first_sft else f"sft-s{cfg.seed}"
+        if cfg.kind == "sft":
+            folder = "sft"
         else:
             folder = f"cluster-{cfg.cluster}"
             if by_clustering:
@@ -86,7 +84,7 @@ class PlannedJob:
     clustering: str | None = None  # the clustering of a sub-model
     est_rows: int = 0
     scored_rows: int = 0  # rows a forward-only pass scores first (curate's IFD)
-    group_seed: int | None = None  # the seed whose group job trains it (default: seed)
+    soup_member: bool = False  # an SFT of a seed beyond the experiment's, for a soup
     merges: list[str] | None = None  # a soup: the planned runs it averages (it trains none)
 
 
@@ -119,14 +117,13 @@ def plan(
     for seed in exp.seeds:
         mine = {**common, "seed": seed}
         jobs.append(sfts[run_id(TrainConfig(**{**mine, "kind": "sft"}))])
-        if "soup" in exp.baselines:  # its members: SFT of seeds not planned, in this group
+        if "soup" in exp.baselines:  # its members: SFT, of seeds beyond the experiment's too
             soup = TrainConfig(**{**mine, "kind": "soup", **exp.kind_values.get("soup", {})})
             for i in range(soup.members):
                 member = soup_member(soup, i, Path("-"))
                 if run_id(member) not in sfts:
-                    t = member.seed
-                    pj = PlannedJob(f"sft s{t} (soup member)", t, member, est_rows=n_rows)
-                    pj.group_seed = seed
+                    name = f"sft s{member.seed} {SOUP_MEMBER}"
+                    pj = PlannedJob(name, member.seed, member, est_rows=n_rows, soup_member=True)
                     sfts[run_id(member)] = pj
                     jobs.append(pj)
         for method in exp.methods:

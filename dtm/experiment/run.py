@@ -244,9 +244,12 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
     progress.stage("train")
     submitted = []
 
-    def group_of(pj) -> int | None:  # SFT, the sub-models and the soup's SFT members
+    def group_of(pj) -> int | None:
+        """The seed whose group job trains ``pj``: SFT and the sub-models of a seed. A
+        soup's member of a seed beyond the experiment's runs on its own, so a group's id
+        does not change with the baselines or the other seeds."""
         trained = exp.together and pj.config.kind in ("sft", "sub")
-        return (pj.seed if pj.group_seed is None else pj.group_seed) if trained else None
+        return pj.seed if trained and not pj.soup_member else None
 
     grouped = {group_of(pj) for pj in planned} - {None}
     for seed in sorted(grouped):  # SFT and every sub-model of the seed: one process
@@ -258,26 +261,32 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
             members, name=f"dtm s{seed}", group=exp.name, backend=exp.backend
         )
         submitted.append(job.id)
-    # A soup after every other run, so the SFT runs it averages are there when it starts
-    for pj in sorted(planned, key=lambda pj: pj.merges is not None):
-        if group_of(pj) is not None:
-            continue
-        job, _ = jobs_api.submit(
-            pj.config,
-            name=pj.name,
-            group=exp.name,
-            backend=exp.backend,
-            clustering=pj.clustering,
-        )
-        submitted.append(job.id)
     store = jobs_api.JobStore()
-    while wait:
-        rows = {j.id: j for j in jobs_api.refresh(store)}
-        mine = [rows[i] for i in submitted]
-        progress("training jobs", sum(j.fraction for j in mine) / len(mine))
-        if all(j.state in jobs_api.FINAL for j in mine):
-            break
-        time.sleep(poll)
+
+    def submit(pjs) -> None:
+        for pj in pjs:
+            job, _ = jobs_api.submit(
+                pj.config, name=pj.name, group=exp.name, backend=exp.backend,
+                clustering=pj.clustering, store=store,
+            )  # fmt: skip
+            submitted.append(job.id)
+
+    def wait_all(total: int) -> None:
+        while wait:
+            rows = {j.id: j for j in jobs_api.refresh(store)}
+            mine = [rows[i] for i in submitted]
+            progress("training jobs", sum(j.fraction for j in mine) / total)
+            if all(j.state in jobs_api.FINAL for j in mine):
+                break
+            time.sleep(poll)
+
+    rest = [pj for pj in planned if group_of(pj) is None]
+    submit([pj for pj in rest if not pj.merges])
+    soups = [pj for pj in rest if pj.merges]
+    if soups and wait:  # a soup starts once the SFT runs it averages have ended (with
+        wait_all(len(submitted) + len(soups))  # free slots or Ray it would train them)
+    submit(soups)
+    wait_all(len(submitted))
     final = []
     for i in submitted:  # a group's members stand for it in the results
         job = store.get(i)

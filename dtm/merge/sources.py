@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtm.train.config import SOUP_MEMBER
+
 
 @dataclass
 class MergeSource:
@@ -29,7 +31,11 @@ def merge_sources(store) -> list[MergeSource]:
         subs = sorted((j for j in jobs if j.kind == "sub"), key=lambda j: j.config["cluster"])
         if len(subs) < 2:
             continue
-        baselines = {j.name: (j.kind, j.run_dir / "adapter") for j in jobs if j.kind != "sub"}
+        baselines = {
+            j.name: (j.kind, j.run_dir / "adapter")
+            for j in jobs
+            if j.kind != "sub" and not j.name.endswith(SOUP_MEMBER)  # in its soup only
+        }
         lab = next((j.config.get("eval_lab") for j in jobs if j.config.get("eval_lab")), None)
         out.append(
             MergeSource(

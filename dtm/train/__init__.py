@@ -134,13 +134,17 @@ def train(
 
 def finished_run(cfg: TrainConfig) -> Path | None:
     """The run folder of a finished job in the registry (a group's member too) with
-    ``cfg``'s run id and its adapter written; None when there is none."""
+    ``cfg``'s run id and its adapter written; None when there is none, or when ``cfg``
+    names a local file by a relative path (the same string may mean another file)."""
     from dtm.jobs.base import JobStore
     from dtm.store import Registry, cache_dir
     from dtm.train.config import read_config
 
     if not (cache_dir() / "registry.sqlite").is_file():  # no registry: nothing to find
         return None
+    for value in (cfg.base, cfg.data, cfg.val_data, cfg.reference):
+        if value and not Path(value).is_absolute() and Path(value).exists():
+            return None  # a relative path means another file in another folder: train
     want = run_id(cfg)
     for job in JobStore(Registry()).list(states=("done",)):
         if job.kind != cfg.kind or job.config.get("seed") != cfg.seed:

@@ -313,6 +313,11 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
         )
 
 
+# The name's mark of an SFT job planned only as a soup's member (a seed beyond an
+# experiment's): a run of its own, not one of the experiment's models
+SOUP_MEMBER = "(soup member)"
+
+
 def soup_member(cfg: TrainConfig, i: int, out: str | os.PathLike) -> TrainConfig:
     """Member ``i`` of soup ``cfg``: vanilla SFT with seed ``cfg.seed + i`` and every other
     value the soup's, so its run id is that of the same SFT submitted on its own (an
