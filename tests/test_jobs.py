@@ -284,7 +284,8 @@ def test_experiment_dry_runs_print_the_plan_without_loading_anything(cache):
     assert "14 training runs" in r.stdout and "GPU-hours" in r.stdout
     [soup] = [x for x in r.stdout.splitlines() if "soup s0" in x]
     assert soup.split("averages ")[1] == (
-        "sft s0, sft s1 (soup member), sft s2 (soup member), sft s3 (soup member)"
+        "sft s0, sft s1 (soup member), sft s2 (soup member), sft s3 (soup member), after "
+        "the other runs"
     ), soup
     [curate] = [x for x in r.stdout.splitlines() if "curate s0" in x]
     assert f"~{326154 // 4:>7} rows" in curate  # the budget: 1/K of estimate.rows

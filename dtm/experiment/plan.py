@@ -242,7 +242,8 @@ def describe(exp: Experiment, jobs: list[PlannedJob]) -> str:
         c = j.config
         budget = f"{c.steps} steps" if c.steps else f"{c.epochs:g} epochs"
         if j.merges:
-            lines.append(f"  {i:>3}. {j.name:<22} {c.kind:<7} averages {', '.join(j.merges)}")
+            avg = f"averages {', '.join(j.merges)}, after the other runs"
+            lines.append(f"  {i:>3}. {j.name:<22} {c.kind:<7} {avg}")
             continue
         lines.append(f"  {i:>3}. {j.name:<22} {c.kind:<7} ~{e['rows']:>7} rows  {budget}")
     hours = est["gpu_hours"]
