@@ -262,8 +262,10 @@ def story_bench(
     for mode in modes:
         r = story_wall(lab, mode == "together", experiment, seeds, keep, keep_runs)
         n = f"seeds {seeds}" if seeds is not None else "its seeds"
+        shown = experiment.resolve()
+        shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
         print(
-            f"the lab story (`dtm run {experiment.relative_to(ROOT)}`, {n}, from a built "
+            f"the lab story (`dtm run {shown}`, {n}, from a built "
             f"lab), {mode}: {r['wall_s'] / 60:.1f} min"
         )
 
