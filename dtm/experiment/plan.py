@@ -110,22 +110,11 @@ def plan(
     n_rows = count_rows(exp)
     jobs: list[PlannedJob] = []
     common = common_values(exp)
-    sfts = {}  # run id -> the planned SFT of that configuration
-    for seed in exp.seeds:
-        sft = TrainConfig(**{**common, "seed": seed, "kind": "sft"})
-        sfts[run_id(sft)] = PlannedJob(f"sft s{seed}", seed, sft, est_rows=n_rows)
-    for seed in exp.seeds:
+    own = [TrainConfig(**{**common, "seed": seed, "kind": "sft"}) for seed in exp.seeds]
+    sfts = {run_id(c): PlannedJob(f"sft s{c.seed}", c.seed, c, est_rows=n_rows) for c in own}
+    for seed, sft in zip(exp.seeds, own, strict=True):
         mine = {**common, "seed": seed}
-        jobs.append(sfts[run_id(TrainConfig(**{**mine, "kind": "sft"}))])
-        if "soup" in exp.baselines:  # its members: SFT, of seeds beyond the experiment's too
-            soup = TrainConfig(**{**mine, "kind": "soup", **exp.kind_values.get("soup", {})})
-            for i in range(soup.members):
-                member = soup_member(soup, i, Path("-"))
-                if run_id(member) not in sfts:
-                    name = f"sft s{member.seed} {SOUP_MEMBER}"
-                    pj = PlannedJob(name, member.seed, member, est_rows=n_rows, soup_member=True)
-                    sfts[run_id(member)] = pj
-                    jobs.append(pj)
+        jobs.append(sfts[run_id(sft)])
         for method in exp.methods:
             path, sizes = (dispersed or {}).get(
                 (method, seed), (UNDISPERSED, [n_rows // exp.k] * exp.k)
@@ -156,10 +145,17 @@ def plan(
                 steps = sub_model_steps(cfg.steps, [rows, n_rows - rows], exp.sub_budget)[0]
                 cfg = replace(cfg, steps=steps)
             pj = PlannedJob(f"{b} s{seed}", seed, cfg, est_rows=rows, scored_rows=scored)
-            if b == "soup":  # every member is a planned SFT run: the soup only averages
-                pj.merges = [
-                    sfts[run_id(soup_member(cfg, i, Path("-")))].name for i in range(cfg.members)
-                ]
+            if b == "soup":  # its members are SFT runs (of seeds beyond the experiment's
+                pj.merges = []  # too, planned here): the soup only averages them
+                for i in range(cfg.members):
+                    member = soup_member(cfg, i, Path("-"))
+                    if run_id(member) not in sfts:
+                        name = f"sft s{member.seed} {SOUP_MEMBER}"
+                        sfts[run_id(member)] = PlannedJob(
+                            name, member.seed, member, est_rows=n_rows, soup_member=True
+                        )
+                        jobs.append(sfts[run_id(member)])
+                    pj.merges.append(sfts[run_id(member)].name)
             jobs.append(pj)
     for j in jobs:
         if exp.lab is None or Path(j.config.base).exists():
