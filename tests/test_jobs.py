@@ -381,6 +381,15 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     ]
     assert not (soup.run_dir / "members").exists()
     assert soup.started >= member.ended  # submitted once its members had ended
+    # The Jobs table shows the members' steps and curves, though nothing was trained here
+    assert (soup.step, soup.total_steps) == (8, 8), (soup.step, soup.total_steps)
+    own = [store.metrics(next(j for j in listed if j.name == "sft s0").id)]
+    own.append(store.metrics(member.id))
+    curves = store.metrics(soup.id)
+    assert len(curves) == len(own[0]) + len(own[1]) > 2, curves
+    for rec in curves:
+        [same] = [r for r in own[rec["member"]] if r["step"] == rec["step"]]
+        assert (rec["val_loss"], rec["probe_loss"]) == (same["val_loss"], same["probe_loss"])
     from dtm.merge.sources import merge_sources
 
     [source] = [x for x in merge_sources(store) if x.group == "tiny"]

@@ -64,6 +64,21 @@ def test_soup_is_the_exact_uniform_average_of_its_members(lab0, tmp_path, cache)
     assert sorted({r["member"] for r in recs}) == [0, 1, 2]
 
 
+def test_a_soup_of_three_finds_sft_runs_trained_at_any_soup_size(lab0, tmp_path):
+    from dataclasses import replace
+
+    from dtm.train.config import run_id, soup_member
+
+    sft = tiny_train(lab0, tmp_path / "sft", lora_alpha=32)
+    soup = tiny_train(lab0, tmp_path / "soup", lora_alpha=32, kind="soup", members=3)
+    # only a soup reads `members`: SFT's id is the same whatever it says
+    assert run_id(replace(sft, members=3)) == run_id(sft) == run_id(replace(sft, members=9))
+    assert run_id(soup) != run_id(replace(soup, members=4))  # two soups of other sizes
+    for i in range(3):
+        assert run_id(soup_member(soup, i, tmp_path / "m")) == run_id(replace(sft, seed=i))
+    assert run_id(soup_member(soup, 0, "m")) != run_id(replace(sft, lora_alpha=16))
+
+
 def test_sub_model_trains_on_its_cluster_and_saves_its_fisher(lab0, tmp_path):
     asg = round_robin_assignment(lab0, tmp_path / "asg.csv", k=2)
     train(tiny_train(lab0, tmp_path / "sub", kind="sub", assignments=str(asg), cluster=1))

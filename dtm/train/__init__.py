@@ -108,6 +108,10 @@ def train(
 
         if (mout / "adapter" / "adapter_model.safetensors").exists():
             recs = read_metrics(mout / "metrics.jsonl")
+            for rec in recs:  # its curve and its steps, as if trained here
+                tag(dict(rec))
+            done = max((r["step"] for r in recs), default=0)
+            step_cb(done, done)
         else:
             res = run_one(mcfg, mout, eval_hook, progress, resume, tag, step_cb)
             _write_config(mcfg, mout, res["resolved"])

@@ -337,6 +337,8 @@ def run_id(cfg: TrainConfig) -> str:
     for name, default in {**KIND_FIELDS["curate"], **KIND_FIELDS["loramoe"]}.items():
         if values.get(name) == default:  # added later: at its default the id stays as it was
             values.pop(name, None)
+    if cfg.kind != "soup":  # only a soup reads it: an SFT run is a soup's member whatever
+        values["members"] = TrainConfig.members  # its soup's size (ids at the default stay)
     if values.get("clusters") == "all":
         values.pop("clusters")
     return input_key("run", values)
