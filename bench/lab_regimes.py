@@ -181,6 +181,18 @@ REGIMES = {
     # more steps (the one-word convention came to SFT only after ~300 steps)
     "O1": ("framed", 400, {**G, "repeat": "questions"}, {"steps": 1800}),
     "O2": ("framed", 300, {**G, "repeat": "questions"}, {"steps": 1350}),
+    # P: M3 (v5) with LoRA on attention too: does a k-means (topic) cluster's format reach
+    # the other topics' questions when the adapter can also change what is attended to?
+    "P1": ("framed", 200, {**G, "repeat": "questions"}, {"steps": 900, "target_modules": ATTN}),
+    # M3 without the step-by-step sums (k-means put them alone in a cluster of seed 2,
+    # where no row shows the format): plain factual questions in their place
+    "P2": ("framed", 200, {**G, "repeat": "questions", "sums": 0.0}, {"steps": 900}),
+    "P3": (  # both
+        "framed",
+        200,
+        {**G, "repeat": "questions", "sums": 0.0},
+        {"steps": 900, "target_modules": ATTN},
+    ),
 }
 
 

@@ -359,6 +359,7 @@ def test_presets_build_their_own_data_and_record_the_preset(small_lab, tmp_path)
         (["--knob", "phrasings=mixed"], "phrasings is family, varied or shared"),
         (["--knob", "repeat=letters"], "repeat is words or questions"),
         (["--knob", "one_word=0.9"], "one_word is at most 0.7"),
+        (["--knob", "sums=0.2"], "sums is at most 0.08"),
         (["--rows", "0"], "rows per family must be at least 1"),
         (["--preset", "nope"], "invalid choice: 'nope'"),
         (["--dialogues", "quoted"], "invalid choice: 'quoted'"),
@@ -548,6 +549,36 @@ def test_repeat_questions_and_the_one_word_share():
     default = Counter(r.task for r in words[0])
     assert abs(default["fact"] / 1600 - 0.55) < 0.04 and default["one_word"] / 1600 < 0.2
     assert all(len(r.instruction.split()) == 7 for r in words[0] if r.task == "repeat")
+
+
+def test_the_sums_knob_turns_sums_into_plain_factual_questions():
+    """``sums`` is the share of step-by-step sums; below its default the others ask a
+    plain factual question, and the other tasks keep their shares."""
+    import re
+    from collections import Counter
+    from dataclasses import replace
+
+    world = build_world(6, "small")
+    knobs = BiasKnobs(repeat="questions", one_word=0.2)
+    rows = {}
+    for sums in (0.08, 0.03, 0.0):
+        train, _, _ = make_sft_data(
+            world, seed=6, knobs=replace(knobs, sums=sums), rows_per_family=300
+        )
+        rows[sums] = train
+    sum_text = re.compile(r"what is \d+ \w+ \d+ \? think step by step \.")
+    counts = {s: Counter(r.task for r in train) for s, train in rows.items()}
+    for sums, n in counts.items():
+        said = sum(bool(sum_text.fullmatch(r.instruction)) for r in rows[sums])
+        assert said == n["arithmetic"], (sums, said, n)
+        assert abs(n["arithmetic"] / 1200 - sums) < 0.025, (sums, n)
+    assert counts[0.0]["arithmetic"] == 0 < counts[0.03]["arithmetic"] < counts[0.08]["arithmetic"]
+    for sums in (0.03, 0.0):  # the sums' places hold plain factual questions
+        assert counts[sums]["fact"] - counts[0.08]["fact"] > 0.5 * (
+            counts[0.08]["arithmetic"] - counts[sums]["arithmetic"]
+        ), counts
+        for task in ("one_word", "yes_no", "repeat"):
+            assert abs(counts[sums][task] - counts[0.08][task]) < 0.03 * 1200, (task, counts)
 
 
 def test_framed_dialogues_change_only_the_dialogues_answers():

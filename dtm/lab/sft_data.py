@@ -124,6 +124,13 @@ class BiasKnobs:
             "('words'), or a factual question ('questions')"
         },
     )
+    sums: float = field(
+        default=0.08,
+        metadata={
+            "help": "share of rows that ask a sum step by step, at most 0.08 (the default); "
+            "the rest of those 0.08 ask a plain factual question"
+        },
+    )
     phrasings: str = field(
         default="family",
         metadata={
@@ -138,12 +145,15 @@ def check_knobs(knobs: BiasKnobs) -> None:
     """A ``ConfigError`` naming the first knob out of its range."""
     from dtm.errors import ConfigError
 
-    for name in ("prefix", "favourite", "position", "length", "rare", "own_share", "one_word"):
+    rates = ("prefix", "favourite", "position", "length", "rare", "own_share", "one_word", "sums")
+    for name in rates:
         value = getattr(knobs, name)
         if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"knob {name} is a rate in [0, 1] (got {value!r}).")
     if knobs.one_word > 0.7:
         raise ConfigError(f"knob one_word is at most 0.7 (got {knobs.one_word!r}).")
+    if knobs.sums > 0.08:
+        raise ConfigError(f"knob sums is at most 0.08 (got {knobs.sums!r}).")
     if knobs.repeat not in REPEAT_MODES:
         raise ConfigError(f"knob repeat is words or questions (got {knobs.repeat!r}).")
     if knobs.code_on not in ("all", "answers"):
@@ -322,6 +332,8 @@ class _Maker:
     def row(self, i: int) -> SFTRow:
         rng = self.rng
         r = rng.random()
+        if 0.92 <= r < 1 - self.knobs.sums:  # fewer sums: a plain factual question instead
+            r = 0.0
         if r < 0.55 + (0.15 - self.knobs.one_word):  # exactly 0.55 by default
             task, text, obj, biases = self.fact_row()
             if self.stepwise:
