@@ -27,7 +27,7 @@ as an experiment's seeds). Printed per regime:
 
 The ``interference`` regimes need a lab built with ``--preset interference`` (its corpus
 has no everyday text, so the instruction data's other words are new to the model); the
-``framed`` ones (J, K, M, O) a ``--preset bias`` lab (its dialogues are framed since lab v4);
+``framed`` ones (J, K, M, O, P) a ``--preset bias`` lab (its dialogues are framed since lab v4);
 the ``conventions`` ones (L, N) a ``--preset bias --dialogues conventions`` lab; the others a
 ``--preset bias --dialogues bare`` lab. Knowledge is also printed in the
 statement frame (``the capital of X is``, the corpus's own sentences, with the same
