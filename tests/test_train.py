@@ -64,7 +64,7 @@ def test_soup_is_the_exact_uniform_average_of_its_members(lab0, tmp_path, cache)
     assert sorted({r["member"] for r in recs}) == [0, 1, 2]
 
 
-def test_a_soup_of_three_finds_sft_runs_trained_at_any_soup_size(lab0, tmp_path):
+def test_a_soup_members_run_id_is_sfts_whatever_the_soups_size(lab0, tmp_path):
     from dataclasses import replace
 
     from dtm.train.config import run_id, soup_member
