@@ -172,7 +172,7 @@ def _lab_knobs(args: argparse.Namespace):
 
 def _train_config(args: argparse.Namespace):
     """A TrainConfig from ``--config FILE`` (JSON or YAML) overridden by the flags."""
-    from dtm.train.config import config_from_args
+    from dtm.train.flags import config_from_args
 
     values = _read_mapping(args.config) if args.config else {}
     return config_from_args(args, values, args.config or "")
@@ -217,7 +217,8 @@ def _install_stop_handlers() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dtm.train import run_id, train
+    from dtm.jobs.runner import run_training as train
+    from dtm.train import run_id
 
     _install_stop_handlers()
     if args.job:
@@ -708,7 +709,7 @@ def _disperse_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    from dtm.train.config import add_arguments
+    from dtm.train.flags import add_arguments
 
     t = sub.add_parser(
         "train", help="LoRA SFT of a causal LM: vanilla SFT, a sub-model, or a baseline"

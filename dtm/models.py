@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dtm.adapters import CONFIG, WEIGHTS, check_fits_base, read_adapter
 from dtm.errors import ConfigError
 
 PICKLE_FLAG = "--allow-pickle-weights"
@@ -52,7 +53,7 @@ def check_base_path(name: str, *, allow_pickle: bool = False) -> None:
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     """The tokenizer of a model folder or hub id, with a pad token (the end-of-text token
     when it has none)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers
 
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -74,7 +75,7 @@ def load_base(
     is None and never read), with a clear error when it is not one."""
     import pickle
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: transformers
 
     check_base_path(name, allow_pickle=allow_pickle)
     path = Path(name).expanduser()
@@ -109,7 +110,7 @@ def load_model(
     """``(model, tokenizer)``: ``base`` alone or with one peft adapter (checked before the
     base loads). Several adapters merged: ``dtm.merge.engine.Merger``, which loads its
     base through ``load_base`` too (``dtm.score.load_model`` picks between them)."""
-    from dtm import moe
+    from dtm import moe  # lazy: dtm.moe imports torch
 
     if adapter and moe.is_adapter_folder(adapter):  # a LoRAMoE: its own module, unmerged
         moe.read_config(adapter)
@@ -125,8 +126,6 @@ def load_model(
 def _check_adapter(a: Path):
     """Read a single adapter's config (and its LoRA weights) before the base loads, so a
     bad folder is reported without the cost of a model load."""
-    from dtm.merge.lora import CONFIG, WEIGHTS, read_adapter
-
     if not (a / CONFIG).exists():
         raise ConfigError(f"{a}: not a peft adapter folder (no {CONFIG}).")
     try:
@@ -138,9 +137,7 @@ def _check_adapter(a: Path):
 
 def apply_adapter(model, adapter: str | Path, base: str, lora=None):
     """``model`` with one peft adapter applied (checked to fit the base first)."""
-    from peft import PeftModel
-
-    from dtm.merge.lora import check_fits_base
+    from peft import PeftModel  # lazy: peft imports torch
 
     if lora is not None:
         check_fits_base(lora, model, base)
@@ -175,7 +172,6 @@ def linear_names(model) -> set[str]:
 
 def default_targets(model) -> tuple[str, ...]:
     """The first ``FFN_TARGETS`` set whose every name is a linear layer of ``model``."""
-    from dtm.errors import ConfigError
 
     have = linear_names(model)
     for names in FFN_TARGETS:
@@ -191,7 +187,6 @@ def default_targets(model) -> tuple[str, ...]:
 def resolve_targets(model, asked: tuple[str, ...]) -> tuple[str, ...]:
     """``asked`` when they are layers of ``model``; the architecture's default when the
     paper's default was left as it is and the model has no such layers; else an error."""
-    from dtm.errors import ConfigError
 
     have = linear_names(model)
     if set(asked) & have:

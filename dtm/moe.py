@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dtm.adapters import MOE_CONFIG
 from dtm.errors import ConfigError
 
-CONFIG = "loramoe_config.json"
+CONFIG = MOE_CONFIG
 WEIGHTS = "loramoe_model.safetensors"
 
 

@@ -72,7 +72,8 @@ def test_eval_cli_writes_results_and_records_them(lab0, cache, tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_run(lab0, tmp_path_factory):
-    from dtm.train import lab_eval_hook, train
+    from dtm.jobs.runner import lab_eval_hook
+    from dtm.jobs.runner import run_training as train
 
     out = tmp_path_factory.mktemp("sft") / "run"
     cfg = tiny_train(lab0, out, steps=10, log_every=2, eval_every=4, lr=5e-3)

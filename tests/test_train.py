@@ -12,8 +12,9 @@ from conftest import ROOT, dtm_cli, round_robin_assignment, tiny_train
 from safetensors.torch import load_file
 
 from dtm.errors import ConfigError
+from dtm.jobs.runner import run_training as train
 from dtm.merge import read_adapter
-from dtm.train import TrainingError, read_metrics, train
+from dtm.train import TrainingError, read_metrics
 
 
 def dense_deltas(adapter_dir):

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dtm.cluster import METHODS
 from dtm.errors import ConfigError
+from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 from dtm.store import cache_dir, safe_name
 from dtm.train.config import BASELINES, TrainConfig
 
@@ -67,8 +69,6 @@ def load_experiment(path: str | Path) -> Experiment:
     """Parse and validate an experiment file; every error names the file and the key."""
     import yaml
 
-    from dtm.cluster import METHODS
-
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -85,61 +85,13 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{path}: needs a name.")
     exp = Experiment(name=str(raw["name"]), source=str(p))
     if raw.get("lab") is not None:
-        lab = raw["lab"] if isinstance(raw["lab"], dict) else {}
-        from dtm.lab.presets import DEFAULT_PRESET, PRESETS
-
-        unknown = sorted(set(lab) - {"size", "seed", "preset", "path"})
-        if unknown:
-            raise ConfigError(
-                f"{path}: lab: unknown keys {unknown}; known: preset, size, seed, path."
-            )
-        if lab.get("path") is not None:  # a lab built elsewhere (e.g. with other knobs)
-            folder = Path(str(lab["path"])).expanduser()
-            if not folder.is_absolute():
-                folder = (p.parent / folder).resolve()
-            if set(lab) != {"path"}:
-                raise ConfigError(f"{path}: lab.path names a built lab: give it alone.")
-            if not (folder / "lab.json").is_file():
-                raise ConfigError(f"{path}: lab.path {folder}: not a built lab (no lab.json).")
-            info = json.loads((folder / "lab.json").read_text())
-            exp.lab = {
-                "path": str(folder),
-                "size": info.get("size", "default"),
-                "seed": int(info.get("seed", 0)),
-                "preset": info.get("preset", "interference"),
-            }
-            lab = {}
-        exp.lab = exp.lab or {
-            "size": lab.get("size", "default"),
-            "seed": int(lab.get("seed", 0)),
-            "preset": lab.get("preset", DEFAULT_PRESET),
-        }
-        if exp.lab["size"] not in ("small", "default"):
-            raise ConfigError(f"{path}: lab.size must be small or default.")
-        if exp.lab["preset"] not in PRESETS:
-            raise ConfigError(
-                f"{path}: lab.preset must be one of {', '.join(PRESETS)} "
-                f"(got {exp.lab['preset']!r})."
-            )
+        _lab_section(raw, exp, p, path)
     else:
         if not raw.get("base") or not raw.get("data"):
             raise ConfigError(f"{path}: give either lab: or both base: and data:.")
         exp.base, exp.data = str(raw["base"]), str(raw["data"])
         exp.val_data = raw.get("val_data")
-    d = raw.get("disperse") or {}
-    exp.k = int(d.get("k", 4))
-    if exp.k < 1:
-        raise ConfigError(f"{path}: disperse.k must be at least 1, not {exp.k}.")
-    exp.methods = list(d.get("methods", ["kmeans"]))
-    bad = [m for m in exp.methods if m not in METHODS]
-    if bad:
-        raise ConfigError(f"{path}: disperse.methods {bad}: choose from {list(METHODS)}.")
-    exp.embed_field = d.get("field", "instruction")
-    exp.embed_model = d.get("model")
-    exp.share = d.get("share")
-    unknown = sorted(set(d) - {"k", "methods", "field", "model", "share"})
-    if unknown:
-        raise ConfigError(f"{path}: disperse: unknown keys {', '.join(unknown)}.")
+    _disperse_section(raw, exp, path)
     exp.train = dict(raw.get("train") or {})
     together = exp.train.pop("together", True)
     if not isinstance(together, bool):
@@ -168,6 +120,59 @@ def load_experiment(path: str | Path) -> Experiment:
     _check_train(exp, path)
     _check_inputs(exp, path)
     return exp
+
+
+def _lab_section(raw: dict, exp: Experiment, p: Path, path) -> None:
+    """``lab:``: a preset, size and seed to build, or the path of a built lab."""
+    lab = raw["lab"] if isinstance(raw["lab"], dict) else {}
+    unknown = sorted(set(lab) - {"size", "seed", "preset", "path"})
+    if unknown:
+        raise ConfigError(f"{path}: lab: unknown keys {unknown}; known: preset, size, seed, path.")
+    if lab.get("path") is not None:  # a lab built elsewhere (e.g. with other knobs)
+        folder = Path(str(lab["path"])).expanduser()
+        if not folder.is_absolute():
+            folder = (p.parent / folder).resolve()
+        if set(lab) != {"path"}:
+            raise ConfigError(f"{path}: lab.path names a built lab: give it alone.")
+        if not (folder / "lab.json").is_file():
+            raise ConfigError(f"{path}: lab.path {folder}: not a built lab (no lab.json).")
+        info = json.loads((folder / "lab.json").read_text())
+        exp.lab = {
+            "path": str(folder),
+            "size": info.get("size", "default"),
+            "seed": int(info.get("seed", 0)),
+            "preset": info.get("preset", "interference"),
+        }
+        lab = {}
+    exp.lab = exp.lab or {
+        "size": lab.get("size", "default"),
+        "seed": int(lab.get("seed", 0)),
+        "preset": lab.get("preset", DEFAULT_PRESET),
+    }
+    if exp.lab["size"] not in ("small", "default"):
+        raise ConfigError(f"{path}: lab.size must be small or default.")
+    if exp.lab["preset"] not in PRESETS:
+        raise ConfigError(
+            f"{path}: lab.preset must be one of {', '.join(PRESETS)} (got {exp.lab['preset']!r})."
+        )
+
+
+def _disperse_section(raw: dict, exp: Experiment, path) -> None:
+    """``disperse:``: K, the clustering methods, the embedded field and model."""
+    d = raw.get("disperse") or {}
+    exp.k = int(d.get("k", 4))
+    if exp.k < 1:
+        raise ConfigError(f"{path}: disperse.k must be at least 1, not {exp.k}.")
+    exp.methods = list(d.get("methods", ["kmeans"]))
+    bad = [m for m in exp.methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"{path}: disperse.methods {bad}: choose from {list(METHODS)}.")
+    exp.embed_field = d.get("field", "instruction")
+    exp.embed_model = d.get("model")
+    exp.share = d.get("share")
+    unknown = sorted(set(d) - {"k", "methods", "field", "model", "share"})
+    if unknown:
+        raise ConfigError(f"{path}: disperse: unknown keys {', '.join(unknown)}.")
 
 
 # The sections of the baselines with values of their own: key in the file -> TrainConfig

@@ -7,15 +7,16 @@ import time
 
 from dtm.errors import Stopped
 from dtm.jobs.base import Job, JobStore
+from dtm.jobs.queue import checkpoint_step, claim, pump
 from dtm.train.config import read_config
+from dtm.train.group import train_group
+from dtm.train.loop import request_stop
 
 
 def run_group(store: JobStore, job: Job, *, resume: bool = False) -> dict:
     """Train the group ``job``'s members; SIGTERM (a cancel) saves every member's
     checkpoint and stops. A resumed group skips the members that are done."""
-    from dtm.jobs import _checkpoint_step, claim, pump
-    from dtm.train import request_stop
-    from dtm.train.group import train_group
+    from dtm.jobs.runner import hook_for  # lazy: the evaluators import torch
 
     members = store.list(parent=job.id)
     by_out = {str(m.run_dir): m for m in members}
@@ -25,7 +26,7 @@ def run_group(store: JobStore, job: Job, *, resume: bool = False) -> dict:
     now = time.time()
     for r in rows:
         if r.state != "done" or not resume:
-            first = _checkpoint_step(r.run_dir) if resume else 0
+            first = checkpoint_step(r.run_dir) if resume else 0
             store.update(r.id, state="running", started=now, step=first, first_step=first)
     steps = {r.id: r.step if r.state == "done" else 0 for r in rows}
     totals = {r.id: r.total_steps or 0 for r in rows}
@@ -66,7 +67,7 @@ def run_group(store: JobStore, job: Job, *, resume: bool = False) -> dict:
     def end_open(state: str, error: str | None) -> None:
         for r in store.list(parent=job.id):
             if r.state != "done":
-                step = _checkpoint_step(r.run_dir) if state == "cancelled" else r.step
+                step = checkpoint_step(r.run_dir) if state == "cancelled" else r.step
                 store.update(r.id, state=state, error=error, ended=time.time(), step=step)
 
     try:
@@ -77,6 +78,7 @@ def run_group(store: JobStore, job: Job, *, resume: bool = False) -> dict:
             on_record=on_record,
             on_step=on_step,
             on_done=on_done,
+            hook_for=hook_for,
         )
     except Stopped as e:
         store.update(job.id, state="cancelled", error=str(e), ended=time.time())

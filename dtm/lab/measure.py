@@ -13,10 +13,11 @@ from pathlib import Path
 
 from dtm.controls import shrink_adapter
 from dtm.evaluate import evaluate_lab
+from dtm.jobs.runner import lab_eval_hook, run_training
 from dtm.lab.presets import PRESETS
 from dtm.models import load_base
 from dtm.tasks import headline_metrics
-from dtm.train import TrainConfig, lab_eval_hook, train
+from dtm.train import TrainConfig
 
 # The interference preset's recipe without its step count: what the benchmarks of the
 # training machinery run with.
@@ -63,7 +64,7 @@ def measure_lab(
         seed=seed,
         **recipe,
     )
-    run = train(cfg, eval_hook=lab_eval_hook(lab), progress=progress)
+    run = run_training(cfg, eval_hook=lab_eval_hook(lab), progress=progress)
     results["sft"] = run["metrics"][-1]["bench"]
     from peft import PeftModel
 

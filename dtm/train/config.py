@@ -13,13 +13,17 @@ Defaults are the paper's released command: LoRA r=16, alpha=16, dropout 0.05 on
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
+from dtm.baselines import default_reference
 from dtm.errors import ConfigError
+from dtm.store import input_key, write_text_atomic
+from dtm.tasks import PROBES, TASKS
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -209,8 +213,6 @@ def check_config(cfg: TrainConfig) -> None:
     check_curate(cfg)
     check_loramoe(cfg)
     if kind.needs_reference:
-        from dtm.baselines import default_reference
-
         if not (cfg.reference or default_reference(cfg.base)):
             raise ConfigError(
                 f"kind {cfg.kind!r} needs a reference corpus (--reference FILE); only a lab "
@@ -292,8 +294,6 @@ def check_loramoe(cfg: TrainConfig) -> None:
 
 def check_eval_tasks(cfg: TrainConfig) -> None:
     """Every --eval-tasks name is a lab task (with --eval-lab) or a --tasks-dir task."""
-    from dtm.tasks import PROBES, TASKS
-
     user: dict = {}
     if cfg.tasks_dir:
         from dtm.usertasks import folder_tasks
@@ -327,8 +327,6 @@ def soup_member(cfg: TrainConfig, i: int, out: str | os.PathLike) -> TrainConfig
 
 def run_id(cfg: TrainConfig) -> str:
     """A stable id for a configuration (its run folder does not count)."""
-    from dtm.store import input_key
-
     # allow_pickle is a permission, not a parameter of the run: it does not change the id
     values = {k: v for k, v in asdict(cfg).items() if k not in ("out", "allow_pickle")}
     for later in ("eval_tasks", "tasks_dir", "with_sft"):  # added later: unset, the id
@@ -363,47 +361,6 @@ def from_mapping(values: dict[str, Any], where: str) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _flag(f) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, with its help; every default is None (unset), so
-    a ``--config`` file's value stands unless the flag is given."""
-    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
-    for f in fields(TrainConfig):
-        help_text = f.metadata.get("help", "")
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-        if f.name == "kind":
-            kw["choices"] = list(KINDS)
-        if f.type in ("bool",):
-            kw["action"] = "store_true"
-        else:
-            kw["type"] = {"int": int, "float": float}.get(f.type.split(" | ")[0].strip(), str)
-        target = parser
-        if "exclusive" in f.metadata:
-            g = f.metadata["exclusive"]
-            if g not in groups:
-                groups[g] = parser.add_mutually_exclusive_group()
-            target = groups[g]
-        target.add_argument(_flag(f), **kw)
-
-
-def config_from_args(
-    args: argparse.Namespace, file_values: dict[str, Any] | None = None, file_name: str = ""
-) -> TrainConfig:
-    """``--config`` values overridden by the flags that were given."""
-    values = dict(file_values or {})
-    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(f"--config {file_name}: unknown keys {', '.join(unknown)}.")
-    for f in fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None and v is not False:
-            values[f.name] = v
-    return from_mapping(values, "train")
-
-
 def read_config(cfg_dict: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a job's stored config (JSON lists back to tuples)."""
     values = dict(cfg_dict)
@@ -411,3 +368,10 @@ def read_config(cfg_dict: dict[str, Any]) -> TrainConfig:
         if values.get(name) is not None:
             values[name] = tuple(values[name])
     return TrainConfig(**values)
+
+
+def write_config(cfg: TrainConfig, out: Path, extra: dict) -> None:
+    """``out/config.json``: the run's settings, what the run resolved (``extra``: its
+    steps, targets, ...) and its run id."""
+    resolved = {**asdict(cfg), **extra, "run_id": run_id(cfg)}
+    write_text_atomic(out / "config.json", json.dumps(resolved, indent=2, default=list) + "\n")
