@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from dtm.disperse import DisperseConfig, run_disperse, training_inputs
 from dtm.experiment import count_rows, dtm_set, load_experiment, plan
 from dtm.experiment.run import disperse_all
+from dtm.jobs.runner import run_training as train
 from dtm.lab import default_lab_dir, lab_status
 from dtm.store import Registry
-from dtm.train import train
 from dtm.train.config import run_id
 
 SFT_STEPS = 40

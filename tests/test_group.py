@@ -74,7 +74,8 @@ FLAGS = {
 
 
 def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_path):
-    from dtm.train import TrainConfig, train
+    from dtm.jobs.runner import run_training as train
+    from dtm.train import TrainConfig
 
     base, data, asg = qwen
     out = tmp_path / "group"

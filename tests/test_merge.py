@@ -9,10 +9,10 @@ from conftest import dtm_cli, round_robin_assignment, tiny_train
 
 from dtm.controls import shrink_adapter
 from dtm.errors import ConfigError
+from dtm.jobs.runner import run_training as train
 from dtm.merge.engine import Merger
 from dtm.merge.lora import read_adapter
 from dtm.models import load_base
-from dtm.train import train
 
 W = [0.2, 0.5, 0.3]
 

@@ -338,7 +338,8 @@ def _folder_subs(root):
     clusters (14 and 6 rows), lora_alpha != r."""
     from archs import instruction_rows, make_model
 
-    from dtm.train import TrainConfig, train
+    from dtm.jobs.runner import run_training as train
+    from dtm.train import TrainConfig
 
     base = make_model("qwen2", root / "base")
     rows = instruction_rows(20)

@@ -185,6 +185,39 @@ class JobStore:
         with self.registry._connect() as con:
             return con.execute(sql, params).rowcount > 0
 
+    def claim_queued(self, limit: int, gpus: int) -> list[str]:
+        """In one transaction, mark ``starting`` the queued top-level jobs that have a
+        slot: every Ray job, and local jobs while fewer than ``limit`` run (each given a
+        free GPU index when there are ``gpus``). Returns their ids, oldest first; two
+        processes never claim the same job or more jobs than there are slots."""
+        claimed: list[str] = []
+        with self.registry.transaction() as con:
+            rows = con.execute(
+                "SELECT id, backend, state, gpu FROM jobs WHERE parent IS NULL AND state IN "
+                "('queued', 'starting', 'running', 'stopping') ORDER BY created, id"
+            ).fetchall()
+            local_active = [r for r in rows if r[1] == "local" and r[2] != "queued"]
+            busy_gpus = {r[3] for r in local_active if r[3] is not None}
+            free = limit - len(local_active)
+            for jid, backend, state, _ in rows:
+                if state != "queued":
+                    continue
+                gpu = None
+                if backend == "local":
+                    if free <= 0:
+                        continue
+                    free -= 1
+                    if gpus:
+                        gpu = next(g for g in range(gpus) if g not in busy_gpus)
+                        busy_gpus.add(gpu)
+                con.execute(
+                    "UPDATE jobs SET state = 'starting', gpu = ?, pid = NULL, updated = ? "
+                    "WHERE id = ?",
+                    (gpu, time.time(), jid),
+                )
+                claimed.append(jid)
+        return claimed
+
     def log_metrics(self, job_id: str, rec: dict) -> None:
         """Store one metrics record; records after it (from an attempt that a resume or
         retry replaced) are dropped."""

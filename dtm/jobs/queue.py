@@ -150,31 +150,7 @@ def pump(store: JobStore | None = None) -> list[Job]:
     store = store or JobStore()
     limit = max_parallel()
     gpus = gpu_slots()
-    claimed: list[Job] = []
-    with store.registry.transaction() as con:
-        rows = con.execute(
-            "SELECT id, backend, state, gpu FROM jobs WHERE parent IS NULL AND state IN "
-            "('queued', 'starting', 'running', 'stopping') ORDER BY created, id"
-        ).fetchall()
-        local_active = [r for r in rows if r[1] == "local" and r[2] != "queued"]
-        busy_gpus = {r[3] for r in local_active if r[3] is not None}
-        free = limit - len(local_active)
-        for jid, backend, state, _ in rows:
-            if state != "queued":
-                continue
-            gpu = None
-            if backend == "local":
-                if free <= 0:
-                    continue
-                free -= 1
-                if gpus:
-                    gpu = next(g for g in range(len(gpus)) if g not in busy_gpus)
-                    busy_gpus.add(gpu)
-            con.execute(
-                "UPDATE jobs SET state = 'starting', gpu = ?, pid = NULL, updated = ? WHERE id = ?",
-                (gpu, time.time(), jid),
-            )
-            claimed.append(jid)
+    claimed = store.claim_queued(limit, len(gpus))
     started = []
     for jid in claimed:
         job = store.get(jid)
