@@ -89,7 +89,7 @@ def recluster_and_reopen(n: int, seed: int, repeats: int) -> tuple[float, list[f
         assert computed
         opens = []
         for _ in range(repeats + 1):
-            at = AppTest.from_file(str(ROOT / "pages" / "disperse.py"), default_timeout=600)
+            at = AppTest.from_file(str(ROOT / "views" / "disperse.py"), default_timeout=600)
             at.session_state["ds_kind"] = "Local path"
             at.session_state["ds_path"] = str(path)
             _, t = timed(at.run)
