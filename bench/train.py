@@ -267,6 +267,7 @@ def story_bench(
     keep: Path | None,
     keep_runs: bool = False,
 ) -> None:
+    walls = {}
     for mode in modes:
         r = story_wall(lab, mode == "together", experiment, seeds, keep, keep_runs)
         n = f"seeds {seeds}" if seeds is not None else "its seeds"
@@ -276,6 +277,9 @@ def story_bench(
             f"the lab story (`dtm run {shown}`, {n}, from a built "
             f"lab), {mode}: {r['wall_s'] / 60:.1f} min"
         )
+        walls[mode] = r["wall_s"]
+    if {"together", "apart"} <= walls.keys():
+        print(f"apart / together: {walls['apart'] / walls['together']:.2f}x")
 
 
 def lora_flops_per_token(n_base: int, n_lora: int) -> float:
@@ -478,15 +482,16 @@ def single_bench(lab: Path, steps: int) -> None:
     print(f"lab model, CPU ({torch.get_num_threads()} threads), {steps} steps:")
     print(f"  tokens/s (median) {one['tokens_per_s']:.0f}; peak RSS {one['peak_rss_mb']:.0f} MB;")
     print(f"  one job: {one['wall_s']} s wall including model load and evaluation")
-    seq = 2 * cpu_parallel(lab, steps, 1)
-    par = cpu_parallel(lab, steps, 2)
-    print(f"  two jobs at once: {par:.1f} s; one after another: {seq:.1f} s ({par / seq:.2f}x)")
     half = max(1, (os.cpu_count() or 2) // 2)
-    par_split = cpu_parallel(lab, steps, 2, threads=half)
-    print(
-        f"  two jobs at once with {half} thread(s) each: {par_split:.1f} s "
-        f"({par_split / seq:.2f}x one after another)"
-    )
+    seq = 2 * cpu_parallel(lab, steps, 1)
+    rows = [
+        ("one after another", seq),
+        ("at once, all threads each", cpu_parallel(lab, steps, 2)),
+        (f"at once, {half} thread(s) each", cpu_parallel(lab, steps, 2, threads=half)),
+    ]
+    print(f"  {'two jobs':<30} {'wall s':>8} {'x one after another':>20}")
+    for name, wall in rows:
+        print(f"  {name:<30} {wall:>8.1f} {wall / seq:>20.2f}")
 
 
 def gpu_bench(steps: int) -> None:
