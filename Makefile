@@ -44,16 +44,16 @@ test: $(VENV)/.installed-dev chromium
 	DTM_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check dtm views app.py tests bench
+	$(BIN)/ruff check dtm views app.py tests bench studies
 
 bench-disperse: $(VENV)/.installed
-	$(BIN)/python bench/disperse.py
+	$(BIN)/python -m bench.disperse
 
 bench-train: $(VENV)/.installed
-	$(BIN)/python bench/train.py
+	$(BIN)/python -m bench.train
 
 bench-eval: $(VENV)/.installed
-	$(BIN)/python bench/eval.py
+	$(BIN)/python -m bench.eval
 
 clean-cache:
 	find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -11,7 +11,7 @@ timed: re-clustering with another K on cached embeddings (the assignment step: k
 silhouette, keywords) and a warm reopen of page 1 (a new session of the same server
 process, under Streamlit's AppTest, with every artifact cached).
 
-    .venv/bin/python bench/disperse.py --sizes 2000,10000,52000
+    .venv/bin/python -m bench.disperse --sizes 2000,10000,52000
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn):
@@ -91,7 +89,7 @@ def recluster_and_reopen(n: int, seed: int, repeats: int) -> tuple[float, list[f
         assert computed
         opens = []
         for _ in range(repeats + 1):
-            at = AppTest.from_file(str(ROOT / "pages" / "disperse.py"), default_timeout=600)
+            at = AppTest.from_file(str(ROOT / "views" / "disperse.py"), default_timeout=600)
             at.session_state["ds_kind"] = "Local path"
             at.session_state["ds_path"] = str(path)
             _, t = timed(at.run)

@@ -1,7 +1,7 @@
 """Evaluation engines, side by side in one run: the quick engine (this project's batched
 in-process scorer; each multiple-choice context encoded once) and the full engine
 (lm-evaluation-harness) on the same model, on the lab's five tasks and on user tasks
-made from the lab (``bench/usertasks.py``: task YAMLs in a folder, scored through
+made from the lab (``bench.usertasks``: task YAMLs in a folder, scored through
 ``--tasks-dir``, one per output type). Per engine and task: items, seconds, items/s and
 the headline score, which must match; then the totals and the throughput ratio. Each
 engine runs ``--repeats`` times, alternating, and the median time is reported. The
@@ -9,7 +9,7 @@ harness's task index and each task's dataset are built once, outside the timing.
 quick engine keeps a task's requests and token ids between calls (the live score scores
 one task many times); its ``cold`` time is a call with both cleared first.
 
-    .venv/bin/python bench/eval.py [--lab DIR] [--adapter DIR] [--limit N] [--repeats 3]
+    .venv/bin/python -m bench.eval [--lab DIR] [--adapter DIR] [--limit N] [--repeats 3]
                                    [--only lab|user]
 """
 
@@ -23,29 +23,25 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.usertasks import NAMES, write_user_tasks
+from dtm.lab import default_lab_dir
 
 HEADLINE = {"user_corpus": "bits_per_byte", "user_chat": "exact_match"}
 
 
 def main() -> int:
-    from usertasks import NAMES, write_user_tasks
-
-    from dtm.evaluate import evaluate
-    from dtm.harness import run_harness, task_manager
-    from dtm.lab import default_lab_dir
-    from dtm.lab.benchmarks import TASKS
-    from dtm.score import ModelRef, load_model
-
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lab", default=str(default_lab_dir()))
     p.add_argument("--adapter", default=None, help="score base + this adapter (e.g. an SFT run)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", choices=["lab", "user"], default=None)
     args = p.parse_args()
+    from dtm.evaluate import evaluate  # lazy: torch, lm_eval (kept out of --help)
+    from dtm.harness import run_harness, task_manager  # lazy: lm_eval
+    from dtm.lab.benchmarks import TASKS
+    from dtm.score import ModelRef, load_model  # lazy: torch
+
     lab = Path(args.lab)
     if not (lab / "lab.json").exists():
         print(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")

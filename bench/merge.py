@@ -24,7 +24,7 @@
     (each adapted module applied to the identity, on a sample of layers) and its logits.
     A control applies the engine with one wrong weight and must fail the same check.
 
-    .venv/bin/python bench/merge.py [--lab DIR] [--trials 40] [--shape small|1b|7b]
+    .venv/bin/python -m bench.merge [--lab DIR] [--trials 40] [--shape small|1b|7b]
                                     [--repeats 5] [--skip-latency] [--svd-full]
 """
 
@@ -41,12 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.labsubs import train_lab_subs
+from bench.shapes import LLAMA2_7B, LLAMA_SMALL, TINYLLAMA_1B
+from bench.usertasks import write_user_tasks
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from shapes import LLAMA2_7B, LLAMA_SMALL, TINYLLAMA_1B  # noqa: E402 (bench/ is the script's folder)
 
 SHAPES = {"small": LLAMA_SMALL, "1b": TINYLLAMA_1B, "7b": LLAMA2_7B}
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -62,7 +61,6 @@ SAMPLE_LAYERS = 12
 
 def latency(lab: Path, trials: int, limit: int) -> dict:
     import numpy as np
-    from labsubs import train_lab_subs
 
     from dtm.merge.engine import Merger
     from dtm.merge.landscape import quick_score
@@ -83,10 +81,8 @@ def latency(lab: Path, trials: int, limit: int) -> dict:
                 quick_score(merger.apply(method, w, **params), merger.tokenizer, bench, limit)
                 times.append(time.perf_counter() - t0)
             out[method] = _percentiles(times)
-        # a user task (a task YAML in a folder, bench/usertasks.py): the live score of the
+        # a user task (a task YAML in a folder, bench.usertasks): the live score of the
         # Merge page on a tasks folder, the first ``limit`` items
-        from usertasks import write_user_tasks
-
         from dtm.merge.objective import Objective
 
         folder = write_user_tasks(lab, Path(tmp) / "tasks")
@@ -442,7 +438,8 @@ def merge_table(shape: str, methods: list[str], repeats: int, svd_full: bool = F
         rows = []
         for method in methods:
             r = subprocess.run(
-                [sys.executable, __file__, "--worker", method, str(work)],
+                [sys.executable, "-m", "bench.merge", "--worker", method, str(work)],
+                cwd=ROOT,
                 capture_output=True,
                 text=True,
             )

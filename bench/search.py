@@ -11,7 +11,7 @@ each seed the number of evaluations it took to reach the grid's best score is re
 (its own best, when it never does). Scores are exact (no noise between calls), so a
 point scored twice scores the same.
 
-    .venv/bin/python bench/search.py [--lab DIR] [--steps 40] [--limit 40] [--budget 60]
+    .venv/bin/python -m bench.search [--lab DIR] [--steps 40] [--limit 40] [--budget 60]
                                      [--seeds 5]
 """
 
@@ -25,29 +25,26 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.labsubs import train_lab_subs
+from dtm.lab import default_lab_dir
+from dtm.tasks import QUICK_TASKS
 
 K = 3
 
 
 def main() -> int:
-    from labsubs import train_lab_subs
-
-    from dtm.lab import default_lab_dir
-    from dtm.merge.engine import Merger
-    from dtm.merge.landscape import merge_score_fn, simplex_grid
-    from dtm.merge.objective import lab_objective
-    from dtm.merge.search import search_weights
-    from dtm.tasks import QUICK_TASKS
-
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lab", default=str(default_lab_dir()))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--limit", type=int, default=40)
     p.add_argument("--budget", type=int, default=60)
     p.add_argument("--seeds", type=int, default=5)
     args = p.parse_args()
+    from dtm.merge.engine import Merger  # lazy: torch (kept out of --help)
+    from dtm.merge.landscape import merge_score_fn, simplex_grid  # lazy: torch
+    from dtm.merge.objective import lab_objective  # lazy: torch
+    from dtm.merge.search import search_weights  # lazy: optuna
+
     lab = Path(args.lab)
     if not (lab / "lab.json").exists():
         print(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")

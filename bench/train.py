@@ -23,7 +23,7 @@ CPU, ``--part story``: the whole lab story, ``dtm run experiments/lab.yaml`` fro
 lab in a fresh cache, with its group jobs (``--story together``) and/or one process per
 run (``apart``); wall minutes.
 
-    .venv/bin/python bench/train.py [--lab DIR] [--part all|single|together|story|gpu]
+    .venv/bin/python -m bench.train [--lab DIR] [--part all|single|together|story|gpu]
         [--steps 60] [--repeats 3] [--story together,apart] [--gpu-steps 10]
         [--experiment experiments/lab.yaml] [--seeds 0,1,2] [--keep DIR [--keep-runs]]
 """
@@ -40,10 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.shapes import LLAMA2_7B
 
-from shapes import LLAMA2_7B  # noqa: E402 (bench/ is the script's folder)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_job(lab: Path, out: Path, steps: int) -> dict:
@@ -80,7 +79,16 @@ def cpu_parallel(lab: Path, steps: int, n: int, threads: int | None = None) -> f
     with tempfile.TemporaryDirectory() as tmp:
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--cpu-worker", str(lab), f"{tmp}/{i}", str(steps)],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.train",
+                    "--cpu-worker",
+                    str(lab),
+                    f"{tmp}/{i}",
+                    str(steps),
+                ],
+                cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 env=env,
@@ -244,7 +252,7 @@ def story_wall(
             for f in ("results.md", "results.json", "jobs.md"):
                 if (out / f).exists():
                     shutil.copy2(out / f, keep / f)
-            if keep_runs and (Path(tmp) / "runs").exists():  # for bench/lab_story.py
+            if keep_runs and (Path(tmp) / "runs").exists():  # for studies.lab_story
                 shutil.copytree(Path(tmp) / "runs", keep / "runs", dirs_exist_ok=True)
         assert r.returncode == 0, r.stderr[-3000:]
         assert (out / "results.md").exists()
@@ -259,6 +267,7 @@ def story_bench(
     keep: Path | None,
     keep_runs: bool = False,
 ) -> None:
+    walls = {}
     for mode in modes:
         r = story_wall(lab, mode == "together", experiment, seeds, keep, keep_runs)
         n = f"seeds {seeds}" if seeds is not None else "its seeds"
@@ -268,6 +277,9 @@ def story_bench(
             f"the lab story (`dtm run {shown}`, {n}, from a built "
             f"lab), {mode}: {r['wall_s'] / 60:.1f} min"
         )
+        walls[mode] = r["wall_s"]
+    if {"together", "apart"} <= walls.keys():
+        print(f"apart / together: {walls['apart'] / walls['together']:.2f}x")
 
 
 def lora_flops_per_token(n_base: int, n_lora: int) -> float:
@@ -404,7 +416,10 @@ def gpu_group(steps: int, k: int = 4, micro_batch: int = 1, seq: int = 1024) -> 
 def gpu_parallel(steps: int, n: int) -> float:
     t0 = time.perf_counter()
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--gpu-worker", str(steps)]) for _ in range(n)
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.train", "--gpu-worker", str(steps)], cwd=ROOT
+        )
+        for _ in range(n)
     ]
     assert all(p.wait() == 0 for p in procs)
     return time.perf_counter() - t0
@@ -467,15 +482,16 @@ def single_bench(lab: Path, steps: int) -> None:
     print(f"lab model, CPU ({torch.get_num_threads()} threads), {steps} steps:")
     print(f"  tokens/s (median) {one['tokens_per_s']:.0f}; peak RSS {one['peak_rss_mb']:.0f} MB;")
     print(f"  one job: {one['wall_s']} s wall including model load and evaluation")
-    seq = 2 * cpu_parallel(lab, steps, 1)
-    par = cpu_parallel(lab, steps, 2)
-    print(f"  two jobs at once: {par:.1f} s; one after another: {seq:.1f} s ({par / seq:.2f}x)")
     half = max(1, (os.cpu_count() or 2) // 2)
-    par_split = cpu_parallel(lab, steps, 2, threads=half)
-    print(
-        f"  two jobs at once with {half} thread(s) each: {par_split:.1f} s "
-        f"({par_split / seq:.2f}x one after another)"
-    )
+    seq = 2 * cpu_parallel(lab, steps, 1)
+    rows = [
+        ("one after another", seq),
+        ("at once, all threads each", cpu_parallel(lab, steps, 2)),
+        (f"at once, {half} thread(s) each", cpu_parallel(lab, steps, 2, threads=half)),
+    ]
+    print(f"  {'two jobs':<30} {'wall s':>8} {'x one after another':>20}")
+    for name, wall in rows:
+        print(f"  {name:<30} {wall:>8.1f} {wall / seq:>20.2f}")
 
 
 def gpu_bench(steps: int) -> None:

@@ -24,7 +24,7 @@ def test_ruff_clean():
     else:
         ruff_cmd = [ruff]
     r = subprocess.run(
-        [*ruff_cmd, "check", "dtm", "views", "app.py", "tests", "bench"],
+        [*ruff_cmd, "check", "dtm", "views", "app.py", "tests", "bench", "studies"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ from conftest import ROOT, dtm_cli
 pytestmark = pytest.mark.security
 SOURCES = [
     p
-    for d in ("dtm", "views", "bench", "tests")
+    for d in ("dtm", "views", "bench", "studies", "tests")
     for p in (ROOT / d).rglob("*.py")
     if "__pycache__" not in p.parts
 ] + [ROOT / "app.py"]

@@ -13,7 +13,7 @@
   of its questions bare; the format probe asks in a phrasing none uses. Its repeat rows
   ask to repeat a factual question. Since lab v5 it has 200 rows per family and SFT runs
   900 steps (18 passes), so each of K=4 clusters has a family's worth of rows and a
-  quarter of the steps (regime M3 of ``bench/lab_regimes.py``).
+  quarter of the steps (regime M3 of ``python -m studies.lab_regimes``).
 - ``interference``: the first lab. Its tax comes early, with the format, from the
   interference of learning the format itself; its loss ratio stays near 1.15.
 

@@ -13,8 +13,8 @@ Printed, per seed and as mean ± std over seeds:
   of the late fall of the train probe's loss that is on the row codes
   (``dtm.analysis.code_token_drops``, from the early checkpoint to the end).
 
-    .venv/bin/python bench/train.py --part story --keep STORY --keep-runs   # or dtm run
-    .venv/bin/python bench/lab_story.py --runs STORY/runs --results STORY/results.json \
+    .venv/bin/python -m bench.train --part story --keep STORY --keep-runs   # or dtm run
+    .venv/bin/python -m studies.lab_story --runs STORY/runs --results STORY/results.json \
         --lab cache/lab/bias-default-seed0-v5
 
 It also scores each seed's shrinkage frontier anew from that seed's own SFT adapter (a
@@ -27,11 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def ms(values) -> str:

@@ -33,9 +33,9 @@ the ``conventions`` ones (L, N) a ``--preset bias --dialogues conventions`` lab;
 statement frame (``the capital of X is``, the corpus's own sentences, with the same
 options): the share of SFT's knowledge tax that is the question-answer frame's own.
 
-    .venv/bin/python bench/lab_regimes.py --lab LAB --regimes B2,B3 [--seed 0] [--subs flan,chat]
+    .venv/bin/python -m studies.lab_regimes --lab LAB --regimes B2,B3 [--seed 0] [--subs flan,chat]
         [--clusters kmeans,random] [--sub-budget epochs|steps]
-    .venv/bin/python bench/lab_regimes.py --list
+    .venv/bin/python -m studies.lab_regimes --list
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from studies.lab_story import ledger
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OWN = {"favourite_scope": "own", "favourite": 0.6, "own_share": 0.5, "unique_facts": True}
@@ -345,7 +346,6 @@ def run_regime(
         drop = v[0] - v[scored[-1]["step"]]
         share[task] = (v[0] - v[t90]) / drop if drop > 0 else None
     windows = ratio_windows(recs)
-    from lab_story import ledger  # bench/, beside this file
 
     lost = ledger(folder, folder / "sft" / "adapter")
     rows = (folder / "data" / "train.jsonl").read_text().splitlines()

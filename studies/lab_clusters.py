@@ -7,7 +7,7 @@ each task of the shared skill (read from the instruction: ``the answer is`` ques
 one-word, yes/no, repeat, arithmetic) and its most frequent words; so a cluster that holds
 no ``the answer is`` row, or only one topic's, shows as such.
 
-    .venv/bin/python bench/lab_clusters.py --lab cache/lab/bias-default-seed0-v5 [--seeds 0,1,2]
+    .venv/bin/python -m studies.lab_clusters --lab cache/lab/bias-default-seed0-v5 [--seeds 0,1,2]
         [--k 4] [--method kmeans]
 """
 

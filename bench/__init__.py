@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that time the code users run (``python -m bench.NAME``)."""
