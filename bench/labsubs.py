@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def train_lab_subs(lab: Path, clusters: dict[str, int], steps: int, work: Path) -> list[Path]:
+    from dtm.jobs.runner import run_training as train  # lazy: torch
     from dtm.lab.measure import LAB_SFT  # lazy: torch, kept out of the scripts' --help
-    from dtm.train import TrainConfig, train  # lazy: torch
+    from dtm.train import TrainConfig
 
     asg = work / "asg.csv"
     asg.write_text("id,cluster\n" + "".join(f"{i},{c}\n" for i, c in clusters.items()))

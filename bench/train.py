@@ -46,8 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_job(lab: Path, out: Path, steps: int) -> dict:
+    from dtm.jobs.runner import run_training as train
     from dtm.lab.measure import LAB_SFT
-    from dtm.train import TrainConfig, train
+    from dtm.train import TrainConfig
 
     cfg = TrainConfig(
         base=str(lab / "model"),
@@ -195,7 +196,7 @@ def together_bench(lab: Path, repeats: int, experiment: Path) -> None:
         f"({res['real_tokens_alone']:.0%} had each member been padded alone)"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        from dtm.train import train
+        from dtm.jobs.runner import run_training as train
 
         cfg = subs[0][1]
         t0 = time.perf_counter()

@@ -262,8 +262,8 @@ def sampled_hook(folder: Path, n: int, store: list):
     (``lab_knowledge.acc_statement``) and keeps in ``store`` the greedy answers of the
     latest call to the first ``n`` format-probe items and the first ``n`` repeat items."""
     from dtm.evaluate import generate, mc_predictions, read_items, score_mc
+    from dtm.jobs.runner import lab_eval_hook
     from dtm.lab.world import RELATIONS
-    from dtm.train import lab_eval_hook
 
     hook, bench = lab_eval_hook(folder), folder / "benchmarks"
     items = (
@@ -317,7 +317,8 @@ def run_regime(
     budget: str = "epochs",
 ) -> dict:
     from dtm.analysis import ratio_windows
-    from dtm.train import TrainConfig, train
+    from dtm.jobs.runner import run_training as train
+    from dtm.train import TrainConfig
 
     folder, recipe = regime_lab(lab, name, work)
     said: dict[str, list] = {"sft": []}
