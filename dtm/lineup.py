@@ -25,6 +25,7 @@ from dtm.merge.saved import merge_ref, saved_merges
 from dtm.models import lab_of
 from dtm.score import ModelRef
 from dtm.store import Registry
+from dtm.tasks import PROBES, TASKS
 
 
 def base_ref(base: str, label: str = "base") -> ModelRef:
@@ -134,4 +135,17 @@ def jobs_behind(group: str, table: pd.DataFrame, store) -> list:
         j
         for j in store.list(states=("done",))
         if j.kind != "group" and (j.group == group or str(j.run_dir / "adapter") in used)
+    ]
+
+
+def task_options(engine: str, lab: bool, user: list[str], tasks_dir: str | None) -> list[str]:
+    """The tasks a lineup can be scored on: the lab's (lab models only), then the quick
+    engine's ``user`` tasks (a tasks folder's), or every task the full engine knows."""
+    from dtm.evaluate import known_tasks  # lazy: torch
+
+    lab_tasks = list(TASKS + PROBES) if lab else []  # a lab task only for a lab model
+    if engine == "quick":
+        return lab_tasks + user
+    return lab_tasks + [
+        t for t in known_tasks(tasks_dir if user else None) if t not in TASKS + PROBES
     ]
