@@ -268,3 +268,24 @@ def summary_table(jobs: list) -> str:
             f"{f(last.get('loss_ratio'))} | {wall} |"
         )
     return "\n".join(lines)
+
+
+def jobs_frame(jobs: list, now: float) -> pd.DataFrame:
+    """The Train page's table of jobs: id, name, the group job it runs in, group, state,
+    progress (a fraction), step, ETA at ``now`` and backend."""
+    return pd.DataFrame(
+        [
+            {
+                "id": j.id[:12],
+                "job": j.name,
+                "in job": (j.parent or "")[:12],
+                "group": j.group,
+                "state": j.state,
+                "progress": j.fraction,
+                "step": f"{j.step}/{j.total_steps or '?'}",
+                "ETA": "" if (eta := j.eta_seconds(now)) is None else f"{eta:.0f} s",
+                "backend": j.backend,
+            }
+            for j in jobs
+        ]
+    )
