@@ -8,6 +8,7 @@ scaling every ``lora_B`` matrix, so "the SFT delta scaled by 1/K" can be scored 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from dtm.errors import ConfigError
@@ -167,26 +168,26 @@ def frontier_rows(
     return out
 
 
-def frontier_models(source: dict, have: list[dict], grid=FRONTIER_GRID) -> list[dict]:
-    """The models that trace ``source``'s shrinkage frontier (``report``-style model
-    dicts: ``source`` has one adapter): its delta scaled by each alpha of ``grid`` inside
-    (0, 1), labelled ``<source> ×alpha``, except the scales a control in ``have`` already
-    has."""
+def frontier_models(source, have: list, grid=FRONTIER_GRID) -> list:
+    """The models that trace ``source``'s shrinkage frontier (``dtm.score.ModelRef``s:
+    ``source`` has one adapter): its delta scaled by each alpha of ``grid`` inside (0, 1),
+    labelled ``<source> ×alpha``, except the scales a control in ``have`` already has."""
     taken = {
-        round(m["factor"], 9)
+        round(m.factor, 9)
         for m in have
-        if m.get("kind") == "control" and m.get("adapters") == source["adapters"]
-        and m.get("seed") == source.get("seed")
+        if m.kind == "control" and m.factor is not None and m.adapters == source.adapters
+        and m.seed == source.seed
     }  # fmt: skip
     return [
-        {
-            "label": control_label(a, source=source["label"]),
-            "seed": source.get("seed"),
-            "kind": "control",
-            "base": source["base"],
-            "adapters": list(source["adapters"]),
-            "factor": a,
-        }
+        replace(
+            source,
+            label=control_label(a, source=source.label),
+            kind="control",
+            adapters=list(source.adapters),
+            recipe=None,
+            clustering=None,
+            factor=a,
+        )
         for a in grid
         if 0 < a < 1 and round(a, 9) not in taken
     ]

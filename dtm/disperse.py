@@ -17,6 +17,7 @@ projection     embedding key, seed, PCA dims, UMAP params  xy.npy (N, 2) f32
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dtm import cluster, data, embed
+from dtm.models import lab_of
 from dtm.store import Artifact, Registry, file_digest, write_json_atomic, write_text_atomic
 
 _noop = lambda stage, frac: None  # noqa: E731
@@ -289,3 +291,14 @@ def training_inputs(asg: Artifact, registry: Registry) -> dict[str, Any]:
         frame = pd.DataFrame({"id": table["id"], "cluster": labels})
         write_text_atomic(csv, frame.to_csv(index=False))
     return {"data": ds.meta["source"], "assignments": str(csv), "k": int(asg.meta["k"])}
+
+
+def cluster_sizes(assignments: str | Path, k: int) -> list[int]:
+    """The row count of each cluster 0 .. k-1 of an ``assignments.csv``."""
+    counts = pd.read_csv(assignments)["cluster"].value_counts()
+    return [int(counts.get(c, 0)) for c in range(k)]
+
+
+def data_lab(data_file: str) -> str | None:
+    """The lab a data file belongs to (``<lab>/data/<file>``, any size or seed), or None."""
+    return lab_of(os.path.join(os.path.dirname(os.path.dirname(data_file)), "model"))

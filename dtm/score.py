@@ -17,11 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
+from dtm import models
+from dtm.controls import is_scaled, shrink_adapter
+from dtm.merge.engine import Merger
 from dtm.store import Registry, canonical_json, input_key
 
 KINDS = ("base", "sft", "control", "merge", "baseline", "sub")
@@ -32,8 +35,11 @@ class ModelRef:
     """A model as the dashboard makes it: ``base`` plus LoRA ``adapters``; with several
     adapters, ``recipe`` (``{"method", "weights", "params"}``) says how they are merged.
     ``label`` (e.g. ``dtm-kmeans``), ``group`` and ``seed`` say where it belongs; ``kind``
-    (one of ``KINDS``) and ``clustering`` say what it is. Only base, adapters and recipe
-    make its key: the same weights are the same model whatever they are called."""
+    (one of ``KINDS``) and ``clustering`` say what it is. A control (the shrinkage
+    control, a point of a frontier) has a ``factor``: its one adapter's delta is scaled by
+    it before scoring (``score_models`` writes the scaled copy). Only base, adapters,
+    recipe and factor make its key: the same weights are the same model whatever they
+    are called."""
 
     base: str
     adapters: list[str] = field(default_factory=list)
@@ -43,10 +49,13 @@ class ModelRef:
     seed: int | None = None
     kind: str | None = None
     clustering: str | None = None
+    factor: float | None = None
 
     @property
     def key(self) -> str:
         what = {"base": self.base, "adapters": self.adapters, "recipe": self.recipe}
+        if self.factor is not None:  # a control before its scaled copy is written
+            what["factor"] = self.factor
         return input_key("model", what)
 
     def describe(self) -> str:
@@ -57,22 +66,30 @@ class ModelRef:
         r = self.recipe or {}
         return f"{self.base} + {r.get('method', 'average')} of {len(self.adapters)} adapters"
 
+    def to_json(self) -> str:
+        """The registry's ``model`` text: the model without what it is (kind, clustering,
+        stored in their own columns) nor a factor (a scored control's adapter is its
+        scaled copy)."""
+        skip = ("kind", "clustering", "factor")
+        return canonical_json({k: v for k, v in asdict(self).items() if k not in skip})
+
+    @classmethod
+    def from_json(cls, text: str, **fields) -> ModelRef:
+        """``to_json``'s inverse; ``fields`` (e.g. kind, clustering) are added."""
+        return cls(**json.loads(text), **fields)
+
 
 def load_model(ref: ModelRef, *, trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) for ``ref``: a merge of several adapters is redone in memory,
     exactly (``Merger``); otherwise ``dtm.models.load_model``."""
     permissions = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     if len(ref.adapters) > 1 or ref.recipe:
-        from dtm.merge.engine import Merger
-
         merger = Merger(ref.base, ref.adapters, **permissions)
         r = ref.recipe or {"method": "average"}
         weights = r.get("weights") or [1.0 / len(ref.adapters)] * len(ref.adapters)
         model = merger.apply(r.get("method", "average"), weights, **r.get("params", {}))
         return model, merger.tokenizer
-    from dtm.models import load_model as load
-
-    return load(ref.base, ref.adapters[0] if ref.adapters else None, **permissions)
+    return models.load_model(ref.base, ref.adapters[0] if ref.adapters else None, **permissions)
 
 
 def record(
@@ -86,9 +103,7 @@ def record(
     """Store every metric of ``results``; returns the number of rows written."""
     reg = registry or Registry()
     now = time.time()
-    model = canonical_json(
-        {k: v for k, v in asdict(ref).items() if k not in ("kind", "clustering")}
-    )
+    model = ref.to_json()
     rows = []
     for task, metrics in results.items():
         n = metrics.get("n")
@@ -97,31 +112,25 @@ def record(
                 continue
             se = metrics.get(f"{metric}_stderr")
             rows.append(
-                (
-                    ref.key,
-                    model,
-                    ref.label,
-                    ref.group,
-                    task,
-                    metric,
-                    float(value),
-                    None if se is None else float(se),
-                    None if n is None else int(n),
-                    ref.seed,
-                    engine,
-                    limit,
-                    now,
-                    ref.kind,
-                    ref.clustering,
-                )
+                {
+                    "model_key": ref.key,
+                    "model": model,
+                    "label": ref.label,
+                    "grp": ref.group,
+                    "task": task,
+                    "metric": metric,
+                    "value": float(value),
+                    "stderr": None if se is None else float(se),
+                    "n": None if n is None else int(n),
+                    "seed": ref.seed,
+                    "engine": engine,
+                    "lim": limit,
+                    "created": now,
+                    "kind": ref.kind,
+                    "clustering": ref.clustering,
+                }
             )
-    with reg.transaction() as con:
-        con.executemany(
-            "INSERT INTO results (model_key, model, label, grp, task, metric, value, stderr, "
-            "n, seed, engine, lim, created, kind, clustering) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+    reg.add_results(rows)
     return len(rows)
 
 
@@ -132,16 +141,9 @@ def scores(
     (model, task, metric, engine, limit), and within a group of each (label, seed, ...):
     a label and seed name one model of a group, whichever files it was rebuilt from."""
     reg = registry or Registry()
-    sql = (
-        "SELECT model_key, model, label, grp, kind, clustering, task, metric, value, stderr, "
-        "n, seed, engine, lim, created FROM results"
+    df = pd.DataFrame.from_records(
+        reg.results(group), columns=list(Registry.RESULT_COLUMNS), coerce_float=True
     )
-    args: tuple = ()
-    if group is not None:
-        sql += " WHERE grp = ?"
-        args = (group,)
-    with reg._connect() as con:
-        df = pd.read_sql_query(sql + " ORDER BY created", con, params=args)
     if latest and len(df):
         df = df.drop_duplicates(["model_key", "task", "metric", "engine", "lim"], keep="last")
         named = df["label"].fillna("") != ""
@@ -153,23 +155,16 @@ def scores(
 
 def groups(registry: Registry | None = None) -> list[str]:
     """The groups that have scores, newest first."""
-    reg = registry or Registry()
-    with reg._connect() as con:
-        rows = con.execute(
-            "SELECT grp, MAX(created) AS t FROM results WHERE grp IS NOT NULL GROUP BY grp "
-            "ORDER BY t DESC"
-        ).fetchall()
-    return [r[0] for r in rows]
+    return (registry or Registry()).result_groups()
 
 
 def ref_of(row: pd.Series) -> ModelRef:
-    return ModelRef(
-        **json.loads(row["model"]), kind=row.get("kind"), clustering=row.get("clustering")
-    )
+    """The model of a ``scores`` row."""
+    return ModelRef.from_json(row["model"], kind=row.get("kind"), clustering=row.get("clustering"))
 
 
 def score_models(
-    models: list[dict],
+    models: list[ModelRef],
     tasks: list[str],
     *,
     group: str,
@@ -182,43 +177,22 @@ def score_models(
     tasks_dir: str | None = None,
     heldout: list[str] | tuple = (),
 ) -> dict[str, float]:
-    """Score each model (``dtm.experiment.report``'s dicts) on ``tasks`` and record the scores under
+    """Score each model (``dtm.lineup``'s lists) on ``tasks`` and record the scores under
     ``group``; a model already scored on every task (same engine and limit) is skipped.
     Returns the seconds spent loading or merging and evaluating."""
-    from dtm.controls import is_scaled, shrink_adapter
-    from dtm.evaluate import evaluate
+    from dtm.evaluate import evaluate  # lazy: torch
+    from dtm.heldout import result_key  # lazy: torch
 
     have = scores(group=group)
     same_limit = have["lim"].isna() if limit is None else have["lim"] == limit
     have = have[(have["engine"] == engine) & same_limit]
     timings: dict[str, float] = {"load_and_merge": 0.0, "evaluate": 0.0}
     for i, m in enumerate(models):
-        adapters = m["adapters"]
-        if m["kind"] == "control":
-            # One folder per adapter and factor: runs of a group share folder names
-            # (every seed's SFT is ``.../sft/adapter``), so the path's hash tells them apart.
-            src = Path(adapters[0])
-            tag = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
-            scaled = Path(controls_dir) / f"{src.parent.name}-{tag}-x{m['factor']:.4g}"
-            if not is_scaled(scaled):
-                shrink_adapter(adapters[0], m["factor"], scaled)
-            adapters = [str(scaled)]
-        ref = ModelRef(
-            base=m["base"],
-            adapters=adapters,
-            recipe=m.get("recipe"),
-            label=m["label"],
-            group=group,
-            seed=m["seed"],
-            kind=m["kind"],
-            clustering=m.get("clustering"),
-        )
+        ref = replace(scaled(m, controls_dir), group=group)
         done = set(have.loc[have["model_key"] == ref.key, "task"])
         if progress:
-            seed = f" s{m['seed']}" if m["seed"] is not None else ""
-            progress(f"scoring {m['label']}{seed}", i / len(models))
-        from dtm.heldout import result_key
-
+            seed = f" s{m.seed}" if m.seed is not None else ""
+            progress(f"scoring {m.label}{seed}", i / len(models))
         # a folder's task or a held-out file can change under the same name: scored anew
         fresh = not tasks_dir and not heldout
         if fresh and set(tasks) | {result_key(h) for h in heldout} <= done:
@@ -244,3 +218,18 @@ def score_models(
     if progress:
         progress("scoring", 1.0)
     return timings
+
+
+def scaled(ref: ModelRef, controls_dir: str | Path) -> ModelRef:
+    """A control (a ``factor``) as the model it stands for: its adapter's delta scaled,
+    written once under ``controls_dir``; any other model as it is."""
+    if ref.factor is None:
+        return ref
+    # One folder per adapter and factor: runs of a group share folder names (every
+    # seed's SFT is ``.../sft/adapter``), so the path's hash tells them apart.
+    src = Path(ref.adapters[0])
+    tag = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
+    out = Path(controls_dir) / f"{src.parent.name}-{tag}-x{ref.factor:.4g}"
+    if not is_scaled(out):
+        shrink_adapter(ref.adapters[0], ref.factor, out)
+    return replace(ref, adapters=[str(out)], factor=None)

@@ -7,7 +7,10 @@ written, so a crash never leaves a half-written artifact that a later read trust
 ``DTM_CACHE`` moves the cache (default: ``cache/`` beside the ``dtm`` package).
 
 Length: every write the project makes goes through the few helpers here (atomic files,
-the folder publisher, progress files, the registry), so that one copy of each exists.
+the folder publisher, progress files, the registry), so that one copy of each exists, and
+this is the one module that runs SQL: each registry table's statements are ``Registry``
+methods here (artifacts; results: ``add_results``, ``results``, ``result_groups``;
+merges: ``put_merge``, ``merges``), so the schema and every query of it are read together.
 """
 
 from __future__ import annotations
@@ -483,3 +486,63 @@ class Registry:
                 (kind, key, canonical_json(inputs), canonical_json(meta), rel, now),
             )
         return Artifact(kind, key, final, inputs, meta, now), True
+
+    # --- results: the scores table (``dtm.score`` builds and reads its rows)
+
+    RESULT_COLUMNS = (
+        "model_key", "model", "label", "grp", "kind", "clustering", "task", "metric", "value",
+        "stderr", "n", "seed", "engine", "lim", "created",
+    )  # fmt: skip
+
+    def add_results(self, rows: list[dict[str, Any]]) -> None:
+        """Insert score rows (dicts with every ``RESULT_COLUMNS`` name), in one transaction."""
+        cols = self.RESULT_COLUMNS
+        with self.transaction() as con:
+            con.executemany(
+                f"INSERT INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [tuple(r[c] for c in cols) for r in rows],
+            )
+
+    def results(self, group: str | None = None) -> list[tuple]:
+        """Every score row (of one group), oldest first, as ``RESULT_COLUMNS`` tuples."""
+        sql = f"SELECT {', '.join(self.RESULT_COLUMNS)} FROM results"
+        args: tuple = ()
+        if group is not None:
+            sql += " WHERE grp = ?"
+            args = (group,)
+        with self._connect() as con:
+            return con.execute(sql + " ORDER BY created", args).fetchall()
+
+    def result_groups(self) -> list[str]:
+        """The groups that have scores, newest first."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT grp, MAX(created) AS t FROM results WHERE grp IS NOT NULL GROUP BY grp "
+                "ORDER BY t DESC"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # --- merges: the merges a user kept or exported (``dtm.merge.saved``)
+
+    MERGE_COLUMNS = ("key", "label", "base", "adapters", "recipe", "source", "path", "grp")
+
+    def put_merge(self, row: dict[str, Any]) -> None:
+        """Insert a merge (``MERGE_COLUMNS``; ``adapters`` and ``recipe`` as JSON text), or
+        update its source, and its path and group when given, when its key is there."""
+        cols = (*self.MERGE_COLUMNS, "created")
+        with self.transaction() as con:
+            con.execute(
+                f"INSERT INTO merges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                " ON CONFLICT(key) DO UPDATE SET source = excluded.source,"
+                " path = COALESCE(excluded.path, merges.path),"
+                " grp = COALESCE(excluded.grp, merges.grp), created = excluded.created",
+                (*(row[c] for c in self.MERGE_COLUMNS), time.time()),
+            )
+
+    def merges(self) -> list[dict[str, Any]]:
+        """Every saved merge, newest first: a dict of ``MERGE_COLUMNS`` (JSON as text)."""
+        with self._connect() as con:
+            rows = con.execute(
+                f"SELECT {', '.join(self.MERGE_COLUMNS)} FROM merges ORDER BY created DESC"
+            ).fetchall()
+        return [dict(zip(self.MERGE_COLUMNS, r, strict=True)) for r in rows]

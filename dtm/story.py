@@ -279,3 +279,15 @@ def story_panels(exp, jobs, table) -> list[dict]:
         keeps_panel(exp, jobs, table),
     ]
     return [p for p in panels if p is not None]
+
+
+def story_runs(exp) -> str:
+    """The Home page's sentence on what the lab story's button runs."""
+    n_jobs = len(exp.seeds) * (1 + exp.k * len(exp.methods) + len(exp.baselines))
+    return (
+        f"K={exp.k} sub-models ({', '.join(exp.methods)} clusters), vanilla SFT, baselines "
+        f"{', '.join(exp.baselines)}, seeds {exp.seeds}: {n_jobs} training runs (SFT and the "
+        "sub-models of each seed together in one process), then merging and scoring every "
+        "model; what is already trained or scored is reused. How long it takes on a 2-core "
+        "CPU: docs/lab.md."
+    )

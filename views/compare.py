@@ -4,41 +4,42 @@ bias. Every chart comes with its data as CSV and the figure as PNG or SVG."""
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from dtm import charts, jobs
 from dtm.analysis import (
     alignment_tax_curve,
+    bias_measures,
+    delta_table,
+    headline_measures,
     loss_ratio_curves,
     model_order,
     paper_reference,
-    ratio_windows,
+    ratio_runs,
+    scored_runs,
     summarise,
+    token_bias,
+    token_bias_sfts,
+    token_bias_targets,
     wide,
+    windows_table,
     with_deltas,
 )
+from dtm.controls import TRADE_OFFS, frontier_rows, frontier_sources, tradeoff_frames
 from dtm.errors import DTMError
-from dtm.evaluate import known_tasks
-from dtm.experiment import experiment_dir, group_models
-from dtm.harness import CODE_TASKS, PAPER_TASKS
-from dtm.merge.sources import merge_sources
-from dtm.score import groups, score_models, scores
+from dtm.harness import PAPER_TASKS
+from dtm.lineup import jobs_behind
+from dtm.score import groups, scores
 from dtm.store import read_metrics
-from dtm.tasks import PROBES, TASKS, columns
-from dtm.usertasks import folder_tasks
 from views.common import registry
-
-BIAS = [(t, m) for t, m, _ in columns() if t == "lab_bias" and m != "chat_acc"]
+from views.scoring import score_panel
 
 
 @st.cache_resource(show_spinner=False)
 def _can_render_images() -> str | None:
     """None when kaleido can render here, else why not (checked once per server)."""
-    import plotly.graph_objects as go
-
     try:
         charts.figure_bytes(go.Figure(), "svg")
     except DTMError as e:
@@ -73,160 +74,8 @@ def downloads(fig, data: pd.DataFrame, name: str) -> None:
         c[3].caption(f"PNG/SVG export off: {why}")
 
 
-def _jobs_of(group: str, table: pd.DataFrame, store) -> list:
-    """The training jobs behind a group's scores: the group's own, and any job whose
-    adapter a scored model uses (experiments reuse jobs trained for another)."""
-    used = set()
-    for m in table["model"].unique():
-        used.update(json.loads(m).get("adapters") or [])
-    return [
-        j
-        for j in store.list(states=("done",))
-        if j.kind != "group" and (j.group == group or str(j.run_dir / "adapter") in used)
-    ]
-
-
-LAUNCH, SAVED, FOLDER = "a launch", "saved merges", "a model folder"
-
-
-def _models_to_score(store) -> tuple[list[dict], str, str | None] | None:
-    """The models to score, the group their scores go under, and their lab (when every
-    one of them is a lab model)."""
-    from dtm.merge.saved import saved_merges
-    from dtm.models import lab_of
-
-    kind = st.radio("Score", [LAUNCH, SAVED, FOLDER], horizontal=True, key="c_kind")
-    if kind == LAUNCH:
-        sources = merge_sources(store)
-        if not sources:
-            st.caption(
-                "No launch to score yet: train SFT and the sub-models on the Train page, or "
-                "run `python -m dtm run experiments/lab.yaml` (or the Home page's button)."
-            )
-            return None
-        labels = {
-            s.group: f"{s.group} · {len(s.subs)} sub-models, {len(s.baselines)} others"
-            for s in sources
-        }
-        group = st.selectbox("Launch", list(labels), format_func=labels.get, key="c_src")
-        src = next(s for s in sources if s.group == group)
-        models = group_models(src)
-        # every merge of these sub-models that was tuned or exported, named by its recipe
-        kept = saved_merges(registry(), adapters=[str(p) for _, p in src.subs])
-        models += _unique_labels([m for m in kept if _same_path(m["base"], src.base)], models)
-        return models, group, src.lab or lab_of(src.base)
-    if kind == SAVED:
-        kept = saved_merges(registry())
-        if not kept:
-            st.caption(
-                "No saved merge yet: export one, or press **Keep for Compare**, on the Merge "
-                "page (or `python -m dtm merge ... --out DIR`)."
-            )
-            return None
-        by_key = {m["key"]: m for m in kept}
-        picked = st.multiselect(
-            "Merges",
-            list(by_key),
-            default=list(by_key)[:4],
-            key="c_saved",
-            format_func=lambda k: (
-                f"{by_key[k]['label']} · {by_key[k]['source']} · {by_key[k]['base']}"
-            ),
-        )
-        group = st.text_input("Scores go under", "merges", key="c_saved_group").strip()
-        models = _unique_labels([by_key[k] for k in picked], [])
-        bases = list(dict.fromkeys(m["base"] for m in models))
-        models = [
-            {
-                "label": "base" if len(bases) == 1 else f"base {b}",
-                "kind": "base",
-                "seed": None,
-                "base": b,
-                "adapters": [],
-            }
-            for b in bases
-        ] + models
-    else:
-        c = st.columns([2, 2, 1])
-        base = c[0].text_input("Model folder or hub id", key="c_base").strip()
-        adapter = c[1].text_input("Adapter folder (optional)", key="c_adapter").strip()
-        label = c[2].text_input(
-            "Label", key="c_label", help="default: the adapter's folder name"
-        ).strip() or _folder_label(adapter)
-        group = st.text_input("Scores go under", "my-models", key="c_folder_group").strip()
-        if not base:
-            return None
-        models = [{"label": "base", "kind": "base", "seed": None, "base": base, "adapters": []}]
-        if adapter:
-            models.append(
-                {
-                    "label": label,
-                    "kind": "baseline",
-                    "seed": None,
-                    "base": base,
-                    "adapters": [adapter],
-                }
-            )
-    if not group or not models:
-        return None
-    labs = {lab_of(m["base"]) for m in models}
-    return models, group, labs.pop() if len(labs) == 1 else None
-
-
-def _same_path(a: str, b: str) -> bool:
-    import os
-
-    return a == b or os.path.realpath(a) == os.path.realpath(b)
-
-
-def _folder_label(adapter: str) -> str:
-    from pathlib import Path
-
-    p = Path(adapter) if adapter else None
-    if p is None:
-        return "model"
-    return p.parent.name if p.name == "adapter" and p.parent.name else p.name or "model"
-
-
-def _unique_labels(merges: list[dict], others: list[dict]) -> list[dict]:
-    """Merges whose labels repeat one another's (or another row's) get their key's first
-    characters: rows of one label are averaged as seeds of one model."""
-    taken = [m["label"] for m in others]
-    labels = [m["label"] for m in merges]
-    out = []
-    for m in merges:
-        if labels.count(m["label"]) > 1 or m["label"] in taken:
-            m = {**m, "label": f"{m['label']} #{m['key'][:6]}"}
-        out.append(m)
-    return out
-
-
-def frontier_choice(models: list[dict]) -> list[dict]:
-    """The scaled copies that trace one model's shrinkage frontier, when asked for."""
-    from dtm.controls import frontier_models
-
-    sources = [m for m in models if m["kind"] in ("sft", "baseline") and len(m["adapters"]) == 1]
-    if not sources:
-        return []
-    c = st.columns([1, 2])
-    if not c[0].checkbox(
-        "Trace the shrinkage frontier",
-        key="c_frontier",
-        help="score the model's LoRA delta scaled by each α in 0.25 … 0.75 (exact, no "
-        "training): the curve that DTM and the baselines are compared with",
-    ):
-        return []
-    names = [m["label"] for m in sources]
-    pick = c[1].selectbox(
-        "of", names, index=names.index("sft") if "sft" in names else 0, key="c_frontier_of"
-    )
-    return frontier_models(next(m for m in sources if m["label"] == pick), models)
-
-
 def frontier_section(table: pd.DataFrame, group: str) -> None:
     """Every model on a trade-off chart against a model's shrinkage frontier."""
-    from dtm.controls import TRADE_OFFS, frontier_rows, frontier_sources, tradeoff_frames
-
     sources = frontier_sources(table["label"].unique())
     if not sources:
         return
@@ -264,95 +113,10 @@ def frontier_section(table: pd.DataFrame, group: str) -> None:
         )
 
 
-def score_panel(store) -> None:
-    with st.expander("Score models", expanded=not groups(registry())):
-        chosen = _models_to_score(store)
-        if chosen is None:
-            return
-        models, group, lab = chosen
-        models = models + frontier_choice(models)
-        c = st.columns([1, 3, 1])
-        engine = c[0].radio("Engine", ["quick", "full"], key="c_engine", horizontal=True)
-        tasks_dir = (
-            st.text_input("Tasks folder (lm-evaluation-harness YAMLs)", key="c_tasks_dir").strip()
-            or None
-        )
-        user: list[str] = []
-        if tasks_dir:
-            try:
-                user = list(folder_tasks(tasks_dir))
-            except DTMError as e:
-                st.error(str(e))
-        lab_tasks = list(TASKS + PROBES) if lab else []  # a lab task only for a lab model
-        if engine == "quick":
-            options = lab_tasks + user
-        else:
-            options = lab_tasks + [
-                t for t in known_tasks(tasks_dir if user else None) if t not in TASKS + PROBES
-            ]
-        tasks = c[1].multiselect(
-            "Tasks",
-            options,
-            default=lab_tasks or user[:4],
-            key=f"c_tasks_{engine}",
-            help=None
-            if lab
-            else "not lab models: their tasks come from a tasks folder or "
-            "lm-evaluation-harness (the full engine)",
-        )
-        limit = c[2].number_input("items per task (0: all)", 0, 100000, 0, 50, key="c_limit")
-        held = st.text_input(
-            "Held-out files (comma-separated; instruction data or .txt)", key="c_heldout"
-        ).strip()
-        heldout = [h.strip() for h in held.split(",") if h.strip()]
-        allow = False
-        if any(t in CODE_TASKS for t in tasks):
-            allow = st.checkbox(
-                "Run the code the model writes (HumanEval, MBPP execute it on this machine)",
-                key="c_code",
-            )
-        if st.button(
-            f"Score {len(models)} models",
-            type="primary",
-            disabled=not (tasks or heldout),
-            key="c_go",
-        ):
-            with st.status(f"Scoring {len(models)} models…", expanded=True) as box:
-                bar = st.progress(0.0)
-                try:
-                    score_models(
-                        models,
-                        tasks,
-                        group=group,
-                        lab=lab,
-                        engine=engine,
-                        limit=int(limit) or None,
-                        allow_code=allow,
-                        controls_dir=experiment_dir(group) / "controls",
-                        progress=lambda what, f: bar.progress(min(f, 1.0), text=what),
-                        tasks_dir=tasks_dir,
-                        heldout=heldout,
-                    )
-                except DTMError as e:
-                    box.update(label="Scoring stopped", state="error")
-                    st.error(str(e))
-                    return
-                box.update(label="Scored", state="complete")
-            st.session_state["c_group"] = group
-
-
 def benchmark_section(table: pd.DataFrame, group: str) -> None:
     summary = summarise(table)
     labels = model_order(summary)
-    tasks = [t for t in dict.fromkeys(summary["task"]) if t != "lab_bias"]
-    have = set(zip(summary["task"], summary["metric"], strict=True))
-    headline = {
-        t: next((m for m in ("acc", "loss", "bits_per_byte") if (t, m) in have), None)
-        for t in tasks
-    }
-    measures = [(t, m) for t, m in headline.items() if m] + [
-        (t, m) for t, m in [("lab_bias", "chat_acc")] if (summary["task"] == t).any()
-    ]
+    measures = headline_measures(summary)
     c = st.columns([3, 2])
     shown = c[0].multiselect(
         "Models", labels, default=[x for x in labels if "sub" not in x], key="c_models"
@@ -371,17 +135,8 @@ def benchmark_section(table: pd.DataFrame, group: str) -> None:
     deltas = with_deltas(summary, against)
     downloads(fig, deltas, f"{group}-benchmarks")
     st.markdown(f"**Change against {against}** (mean of the model minus mean of {against})")
-    d = deltas[
-        deltas["label"].isin(shown)
-        & deltas.apply(lambda r: (r["task"], r["metric"]) in measures, axis=1)
-    ]
-    st.dataframe(
-        d.pivot_table(index="label", columns="task", values="delta")
-        .reindex([x for x in shown if x in set(d["label"])])
-        .round(4),
-        width="stretch",
-    )
-    bias = [m for m in BIAS if ((summary["task"] == m[0]) & (summary["metric"] == m[1])).any()]
+    st.dataframe(delta_table(deltas, shown, measures), width="stretch")
+    bias = bias_measures(summary)
     if bias:
         st.subheader("Bias uptake (the lab's probe)")
         st.caption(
@@ -391,7 +146,7 @@ def benchmark_section(table: pd.DataFrame, group: str) -> None:
         fig = charts.score_bars(summary, bias, shown)
         st.plotly_chart(fig, key="c_bias")
         downloads(fig, summary[summary["task"] == "lab_bias"], f"{group}-bias")
-    paper = [t for t in tasks if t in PAPER_TASKS]
+    paper = [t for t in dict.fromkeys(summary["task"]) if t in PAPER_TASKS]
     ref = paper_reference(paper or None)
     if paper and len(ref):
         st.subheader("The paper's numbers (reported, not measured)")
@@ -412,12 +167,7 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
         "about 20). By window: least-squares falls over each quarter of the steps, with "
         "95% intervals, only where the validation loss moves more than its noise."
     )
-    runs = {}
-    for j in job_list:
-        if j.kind in ("sft", "sub"):
-            recs = [r for r in read_metrics(j.run_dir / "metrics.jsonl") if "member" not in r]
-            if recs:
-                runs[j.name] = recs
+    runs = ratio_runs(job_list)
     if not runs:
         st.caption("No SFT or sub-model runs with metrics in this group.")
         return
@@ -433,8 +183,7 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
         }[c],
     )
     if col == "windows":
-        parts = [ratio_windows(r).assign(run=name) for name, r in runs.items()]
-        ratio = pd.concat([p for p in parts if not p.empty] or [pd.DataFrame()])
+        ratio = windows_table(runs)
         if ratio.empty:
             st.caption("Too few records for a windowed ratio (4 per window are needed).")
             return
@@ -446,11 +195,7 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
     downloads(fig, ratio, f"{group}-loss-ratio")
 
     st.subheader("Alignment-tax curve")
-    scored = [
-        j
-        for j in job_list
-        if any(r.get("bench") for r in read_metrics(j.run_dir / "metrics.jsonl"))
-    ]
+    scored = scored_runs(job_list)
     if not scored:
         st.caption(
             "No run of this group scored tasks while training: give `--eval-tasks` (lab or "
@@ -475,20 +220,7 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
 
 @st.cache_data(show_spinner="Scoring every token with the early and late models…", max_entries=8)
 def _token_bias(base: str, early: str, late: tuple[str, ...], train: str, val: str):
-    from dtm.analysis import encode_split, token_level_bias
-    from dtm.score import ModelRef, load_model
-
-    early_model, tok = load_model(ModelRef(base=base, adapters=[early]))
-    late_ref = ModelRef(base=base, adapters=list(late))
-    if len(late) > 1:
-        late_ref.recipe = {
-            "method": "average",
-            "weights": [1 / len(late)] * len(late),
-            "params": {},
-        }
-    late_model, _ = load_model(late_ref)
-    tr, va = encode_split(train, tok), encode_split(val, tok)
-    return token_level_bias(early_model, late_model, tok, tr, va)
+    return token_bias(base, early, late, train, val)
 
 
 def token_section(job_list: list, group: str) -> None:
@@ -499,8 +231,8 @@ def token_section(job_list: list, group: str) -> None:
         "text. Tokens whose loss falls on training text only are what the model "
         "fitted to this data set alone (the paper's figure 5)."
     )
-    sfts = [j for j in job_list if j.kind == "sft" and (j.run_dir / "early").is_dir()]
-    if not sfts or not any(j.config.get("val_data") for j in sfts):
+    sfts = token_bias_sfts(job_list)
+    if not sfts:
         st.caption("No SFT run with an early checkpoint and validation data in this group.")
         return
     job = next(
@@ -508,17 +240,7 @@ def token_section(job_list: list, group: str) -> None:
         for j in sfts
         if j.name == st.selectbox("SFT run", [j.name for j in sfts], key="c_tok_sft")
     )
-    seed = job.config.get("seed")
-    subs = sorted(
-        (j for j in job_list if j.kind == "sub" and j.config.get("seed") == seed),
-        key=lambda j: (j.config.get("assignments") or "", j.config["cluster"]),
-    )
-    sets: dict[str, list] = {}
-    for j in subs:  # by the clustering each sub-model was submitted with
-        sets.setdefault(j.clustering or "", []).append(j)
-    targets = {"SFT": (str(job.run_dir / "adapter"),)}
-    for name, js in sets.items():
-        targets[f"DTM ({name or 'sub-models'})"] = tuple(str(j.run_dir / "adapter") for j in js)
+    targets = token_bias_targets(job, job_list)
     which = st.multiselect(
         "Late models", list(targets), default=list(targets)[:2], key="c_tok_models"
     )
@@ -569,7 +291,7 @@ def page() -> None:
         ]
     benchmark_section(table, group)
     frontier_section(table, group)
-    job_list = _jobs_of(group, table, store)
+    job_list = jobs_behind(group, table, store)
     curves_section(job_list, table[table["label"] == "base"], group)
     token_section(job_list, group)
 

@@ -14,6 +14,8 @@ from dtm.experiment import STAGES, experiment_dir, launch, load_experiment, read
 from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 from dtm.lab.sft_data import PHRASING_MODES
 from dtm.lab.world import DIALOGUES
+from dtm.score import scores
+from dtm.story import story_panels, story_runs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # The lab story of each preset: the experiment file the button runs.
@@ -69,14 +71,7 @@ started = c[0].button(
     key="home_run",
     help=f"python -m dtm run {LAB_STORY.relative_to(LAB_STORY.parents[1])} in the background",
 )
-n_jobs = len(exp.seeds) * (1 + exp.k * len(exp.methods) + len(exp.baselines))
-c[1].caption(
-    f"K={exp.k} sub-models ({', '.join(exp.methods)} clusters), vanilla SFT, baselines "
-    f"{', '.join(exp.baselines)}, seeds {exp.seeds}: {n_jobs} training runs (SFT and the "
-    "sub-models of each seed together in one process), then merging and scoring every "
-    "model; what is already trained or scored is reused. How long it takes on a 2-core "
-    "CPU: docs/lab.md."
-)
+c[1].caption(story_runs(exp))
 if started:
     try:
         launch(LAB_STORY, exp.name)
@@ -86,9 +81,6 @@ if started:
 
 def pictures(group: list) -> None:
     """The story's charts, as far as the results go, each with its sentence."""
-    from dtm.score import scores
-    from dtm.story import story_panels
-
     try:
         table = scores(group=exp.name)
         panels = story_panels(exp, group, table)

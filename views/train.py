@@ -6,16 +6,15 @@ from __future__ import annotations
 import os
 import time
 
-import pandas as pd
 import streamlit as st
 
 from dtm import charts, jobs
-from dtm.disperse import saved_assignments, training_inputs
+from dtm.disperse import cluster_sizes, data_lab, saved_assignments, training_inputs
 from dtm.errors import DTMError
 from dtm.experiment import dtm_set, together_members
+from dtm.experiment.report import jobs_frame
 from dtm.lab import lab_status
 from dtm.lab.measure import lab_recipe
-from dtm.models import lab_of
 from dtm.train.config import BASELINES, TrainConfig
 from views.common import registry
 
@@ -48,9 +47,9 @@ def choose_inputs() -> dict | None:
         st.error(str(e))
         return None
     # the lab the data belongs to, of any size or seed, else the default lab when ready
-    data_lab = lab_of(os.path.join(os.path.dirname(os.path.dirname(inputs["data"])), "model"))
-    lab_path = data_lab or (lab["path"] if lab["state"] == "ready" else None)
-    lab_data = data_lab is not None
+    own_lab = data_lab(inputs["data"])
+    lab_path = own_lab or (lab["path"] if lab["state"] == "ready" else None)
+    lab_data = own_lab is not None
     bases = (["Lab base model"] if lab_path else []) + ["Model folder or hub id"]
     kind = st.radio("Base model", bases, horizontal=True, key="train_base_kind")
     if kind == "Lab base model":
@@ -244,8 +243,7 @@ def launch_panel() -> None:
     )
     c = st.columns([2] + [1] * len(BASELINES))
     if c[0].button("Launch DTM set + SFT", type="primary", key="launch_dtm"):
-        counts = pd.read_csv(inputs["assignments"])["cluster"].value_counts()
-        sizes = [int(counts.get(k, 0)) for k in range(inputs["k"])]
+        sizes = cluster_sizes(inputs["assignments"], inputs["k"])
         configs = dtm_set(
             common, inputs["assignments"], sizes, hp["budget"], clustering=inputs["clustering"]
         )
@@ -330,23 +328,7 @@ def jobs_panel() -> None:
     if not rows:
         st.caption("No jobs yet.")
         return
-    now = time.time()
-    frame = pd.DataFrame(
-        [
-            {
-                "id": j.id[:12],
-                "job": j.name,
-                "in job": (j.parent or "")[:12],
-                "group": j.group,
-                "state": j.state,
-                "progress": j.fraction,
-                "step": f"{j.step}/{j.total_steps or '?'}",
-                "ETA": "" if (eta := j.eta_seconds(now)) is None else f"{eta:.0f} s",
-                "backend": j.backend,
-            }
-            for j in rows
-        ]
-    )
+    frame = jobs_frame(rows, time.time())
     st.dataframe(
         frame,
         hide_index=True,

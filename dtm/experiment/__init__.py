@@ -24,7 +24,7 @@ from dtm.experiment.plan import (
     sub_model_steps,
     together_members,
 )
-from dtm.experiment.report import experiment_models, group_models, results_markdown
+from dtm.experiment.report import experiment_models, results_markdown
 from dtm.experiment.run import STAGES, Progress, launch, read_status, run_experiment
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "estimate",
     "experiment_dir",
     "experiment_models",
-    "group_models",
     "launch",
     "load_experiment",
     "plan",

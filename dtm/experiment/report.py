@@ -1,10 +1,10 @@
 """An experiment's report: which models it scores, and its tables (``jobs.md``,
 ``results.md``).
 
-``experiment_models(exp, jobs)`` lists, for each seed: the base model, vanilla SFT, the
-shrinkage control (the SFT delta scaled by 1/K), DTM for each clustering and each merge
-method (the K sub-models merged in memory, exactly), every sub-model alone and every
-baseline. ``group_models(source)`` does the same for one Train-page launch.
+``experiment_models(exp, jobs)`` lists, for each seed, as ``ModelRef``s: the base model,
+vanilla SFT, the shrinkage control (the SFT delta scaled by 1/K), DTM for each clustering
+and each merge method (the K sub-models merged in memory, exactly), every sub-model alone
+and every baseline (``dtm.lineup.launch_models`` does the same for one Train-page launch).
 ``results_markdown`` makes the table: mean ± std over seeds of every headline measure of
 the task table, the loss-reduction ratio at the end of SFT, and wall times.
 """
@@ -13,51 +13,40 @@ from __future__ import annotations
 
 import pandas as pd
 
+from dtm.controls import FRONTIER_GRID, TRADE_OFFS, frontier_models, frontier_rows, label_factor
 from dtm.experiment.config import resolve_inputs
+from dtm.lineup import base_ref
+from dtm.score import ModelRef
 from dtm.store import read_metrics
 from dtm.tasks import columns
 
 
-def experiment_models(exp, jobs) -> list[dict]:
-    """What to score: ``{"label", "seed", "kind", "clustering", "base", "adapters",
-    "recipe"}`` per model (kinds as ``dtm.score.KINDS``). Sub-models belong to a
+def experiment_models(exp, jobs) -> list[ModelRef]:
+    """What to score, per seed (kinds as ``dtm.score.KINDS``). Sub-models belong to a
     clustering by the clustering their job was submitted with."""
-
-    from dtm.controls import FRONTIER_GRID, frontier_models
-
     base = resolve_inputs(exp)["base"]
     grid = exp.evaluate.get("frontier", True)
     grid = list(FRONTIER_GRID) if grid is True else list(grid or [])
     merge = exp.merge or {}
     methods = list(merge.get("methods") or ["average"])
     params = dict(merge.get("params") or {})
-    out = [{"label": "base", "seed": None, "kind": "base", "base": base, "adapters": []}]
+    out = [base_ref(base)]
     done = [j for j in jobs if j.state == "done"]
     for seed in exp.seeds:
         mine = [j for j in done if j.config.get("seed") == seed]
         sft = next((j for j in mine if j.kind == "sft"), None)
         if sft:
+            adapter = [str(sft.run_dir / "adapter")]
+            sft_ref = ModelRef(base=base, adapters=adapter, label="sft", seed=seed, kind="sft")
+            out.append(sft_ref)
             out.append(
-                {
-                    "label": "sft",
-                    "seed": seed,
-                    "kind": "sft",
-                    "base": base,
-                    "adapters": [str(sft.run_dir / "adapter")],
-                }
-            )
-            out.append(
-                {
-                    "label": f"sft ×1/{exp.k}",
-                    "seed": seed,
-                    "kind": "control",
-                    "base": base,
-                    "adapters": [str(sft.run_dir / "adapter")],
-                    "factor": 1 / exp.k,
-                }
-            )
+                ModelRef(
+                    base=base, adapters=list(adapter), label=f"sft ×1/{exp.k}", seed=seed,
+                    kind="control", factor=1 / exp.k,
+                )
+            )  # fmt: skip
             # the shrinkage frontier: SFT's delta scaled by each alpha of the grid
-            out += frontier_models(out[-2], out, grid)
+            out += frontier_models(sft_ref, out, grid)
         for m in exp.methods:
             subs = sorted(
                 (j for j in mine if j.kind == "sub" and j.clustering == m),
@@ -67,89 +56,33 @@ def experiment_models(exp, jobs) -> list[dict]:
                 continue
             adapters = [str(j.run_dir / "adapter") for j in subs]
             for mm in methods:
-                label = f"dtm-{m}" if mm == "average" else f"dtm-{m}-{mm}"
                 out.append(
-                    {
-                        "label": label,
-                        "seed": seed,
-                        "kind": "merge",
-                        "clustering": m,
-                        "base": base,
-                        "adapters": adapters,
-                        "recipe": {"method": mm, "weights": [1 / exp.k] * exp.k, "params": params},
-                    }
+                    ModelRef(
+                        base=base,
+                        adapters=adapters,
+                        recipe={"method": mm, "weights": [1 / exp.k] * exp.k, "params": params},
+                        label=f"dtm-{m}" if mm == "average" else f"dtm-{m}-{mm}",
+                        seed=seed,
+                        kind="merge",
+                        clustering=m,
+                    )
                 )
             for c, a in enumerate(adapters):
                 out.append(
-                    {
-                        "label": f"sub-{m}-{c}",
-                        "seed": seed,
-                        "kind": "sub",
-                        "clustering": m,
-                        "base": base,
-                        "adapters": [a],
-                    }
-                )
+                    ModelRef(
+                        base=base, adapters=[a], label=f"sub-{m}-{c}", seed=seed, kind="sub",
+                        clustering=m,
+                    )
+                )  # fmt: skip
         for b in exp.baselines:
             j = next((j for j in mine if j.kind == b), None)
             if j:
                 out.append(
-                    {
-                        "label": b,
-                        "seed": seed,
-                        "kind": "baseline",
-                        "base": base,
-                        "adapters": [str(j.run_dir / "adapter")],
-                    }
-                )
-    return out
-
-
-def group_models(source, k_factor: bool = True) -> list[dict]:
-    """The models of one Train-page launch (a ``MergeSource``): base, its baselines (SFT
-    among them), the shrinkage control, DTM (the sub-models averaged) and each sub-model."""
-    base = source.base
-    out = [{"label": "base", "seed": None, "kind": "base", "base": base, "adapters": []}]
-    k = len(source.subs)
-    for name, (kind, path) in source.baselines.items():
-        kind = "sft" if kind == "sft" else "baseline"
-        out.append(
-            {"label": name, "seed": None, "kind": kind, "base": base, "adapters": [str(path)]}
-        )
-        if kind == "sft" and k_factor:
-            out.append(
-                {
-                    "label": f"{name} ×1/{k}",
-                    "seed": None,
-                    "kind": "control",
-                    "base": base,
-                    "adapters": [str(path)],
-                    "factor": 1 / k,
-                }
-            )
-    adapters = [str(p) for _, p in source.subs]
-    out.append(
-        {
-            "label": "dtm",
-            "seed": None,
-            "kind": "merge",
-            "base": base,
-            "adapters": adapters,
-            "clustering": source.clustering,
-            "recipe": {"method": "average", "weights": [1 / k] * k, "params": {}},
-        }
-    )
-    for name, p in source.subs:
-        out.append(
-            {
-                "label": name,
-                "seed": None,
-                "kind": "sub",
-                "clustering": source.clustering,
-                "base": base,
-                "adapters": [str(p)],
-            }
-        )
+                    ModelRef(
+                        base=base, adapters=[str(j.run_dir / "adapter")], label=b, seed=seed,
+                        kind="baseline",
+                    )
+                )  # fmt: skip
     return out
 
 
@@ -183,7 +116,7 @@ def results_markdown(
     exp, table: pd.DataFrame, jobs, command: str, seconds: float, timings: dict | None = None
 ) -> str:
     """The experiment's results: mean ± std over seeds (n seeds as given)."""
-    from dtm.analysis import model_order
+    from dtm.analysis import model_order  # lazy: torch
 
     lines = [
         f"# {exp.name}: results",
@@ -194,8 +127,6 @@ def results_markdown(
         "delta scaled by 1/K.",
         "",
     ]
-    from dtm.controls import label_factor
-
     cols = table_columns(table)
     lines.append("| model | " + " | ".join(c[2] for c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
@@ -241,7 +172,7 @@ def results_markdown(
 
 def ratio_lines(runs: list[tuple[int | None, list[dict]]]) -> list[str]:
     """SFT's loss-reduction ratio by window (``analysis.ratio_windows``), one line per seed."""
-    from dtm.analysis import ratio_windows
+    from dtm.analysis import ratio_windows  # lazy: torch
 
     out = []
     for seed, recs in sorted(runs, key=lambda x: (x[0] is None, x[0])):
@@ -267,8 +198,6 @@ def ratio_lines(runs: list[tuple[int | None, list[dict]]]) -> list[str]:
 
 def frontier_markdown(table: pd.DataFrame, grid: list[str], k: int) -> list[str]:
     """The shrinkage frontier's points and each DTM merge's place against it."""
-    from dtm.controls import TRADE_OFFS, frontier_rows, label_factor
-
     if not grid:
         return []
     measures = list(dict.fromkeys(m for pair in TRADE_OFFS for m in pair))
@@ -339,3 +268,24 @@ def summary_table(jobs: list) -> str:
             f"{f(last.get('loss_ratio'))} | {wall} |"
         )
     return "\n".join(lines)
+
+
+def jobs_frame(jobs: list, now: float) -> pd.DataFrame:
+    """The Train page's table of jobs: id, name, the group job it runs in, group, state,
+    progress (a fraction), step, ETA at ``now`` and backend."""
+    return pd.DataFrame(
+        [
+            {
+                "id": j.id[:12],
+                "job": j.name,
+                "in job": (j.parent or "")[:12],
+                "group": j.group,
+                "state": j.state,
+                "progress": j.fraction,
+                "step": f"{j.step}/{j.total_steps or '?'}",
+                "ETA": "" if (eta := j.eta_seconds(now)) is None else f"{eta:.0f} s",
+                "backend": j.backend,
+            }
+            for j in jobs
+        ]
+    )

@@ -344,17 +344,17 @@ def export_merges(exp, jobs, *, progress=None) -> list[Path]:
     from dtm.merge.engine import Merger
     from dtm.store import safe_name
 
-    dtm = [m for m in experiment_models(exp, jobs) if m["kind"] == "merge"]
+    dtm = [m for m in experiment_models(exp, jobs) if m.kind == "merge"]
     out, mergers = [], {}
     for i, m in enumerate(dtm):
-        target = experiment_dir(exp.name) / "merged" / f"{safe_name(m['label'])}-s{m['seed']}"
+        target = experiment_dir(exp.name) / "merged" / f"{safe_name(m.label)}-s{m.seed}"
         if progress:
-            progress(f"merging {m['label']} s{m['seed']}", i / len(dtm))
+            progress(f"merging {m.label} s{m.seed}", i / len(dtm))
         if not (target / "recipe.json").exists():
-            key = tuple(m["adapters"])
+            key = tuple(m.adapters)
             if key not in mergers:
-                mergers = {key: Merger(m["base"], m["adapters"])}  # one set in memory
-            r = m["recipe"]
+                mergers = {key: Merger(m.base, m.adapters)}  # one set in memory
+            r = m.recipe
             mergers[key].export(target, r["method"], r["weights"], **r["params"])
         out.append(target)
     if progress:

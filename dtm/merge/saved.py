@@ -4,15 +4,16 @@ Compare page scores each one as a row named by its recipe.
 
 ``save_merge(base, adapters, recipe, source=...)`` records one (the same base, adapters
 and recipe are the same model: saving it again updates its source and keeps its export
-folder); ``saved_merges()`` lists them newest first as Compare's model dicts.
+folder); ``saved_merges()`` lists them newest first (the table's rows); ``merge_ref(m)``
+is one of them as the ``ModelRef`` Compare scores.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
+from dtm.score import ModelRef
 from dtm.store import Registry, canonical_json
 
 SOURCES = ("tuned", "exported", "search", "cocktail")
@@ -32,9 +33,7 @@ def _resolved(path: str) -> str:
     return str(p.resolve()) if p.exists() else str(path)
 
 
-def _ref(base: str, adapters: list[str], recipe: dict):
-    from dtm.score import ModelRef
-
+def _ref(base: str, adapters: list[str], recipe: dict) -> ModelRef:
     clean = {
         "method": recipe.get("method", "average"),
         "weights": [float(x) for x in recipe.get("weights") or []],
@@ -58,55 +57,53 @@ def save_merge(
         raise ValueError(f"source {source!r}: one of {', '.join(SOURCES)}")
     ref = _ref(base, adapters, recipe)
     label = label or recipe_label(ref.recipe)
-    reg = registry or Registry()
-    with reg.transaction() as con:
-        con.execute(
-            "INSERT INTO merges (key, grp, label, base, adapters, recipe, source, path, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET"
-            " source = excluded.source, path = COALESCE(excluded.path, merges.path),"
-            " grp = COALESCE(excluded.grp, merges.grp), created = excluded.created",
-            (
-                ref.key,
-                group,
-                label,
-                ref.base,
-                json.dumps(ref.adapters),
-                canonical_json(ref.recipe),
-                source,
-                path,
-                time.time(),
-            ),
-        )
+    (registry or Registry()).put_merge(
+        {
+            "key": ref.key,
+            "label": label,
+            "base": ref.base,
+            "adapters": json.dumps(ref.adapters),
+            "recipe": canonical_json(ref.recipe),
+            "source": source,
+            "path": path,
+            "grp": group,
+        }
+    )
     return {"key": ref.key, "label": label}
 
 
 def saved_merges(registry: Registry | None = None, adapters: list[str] | None = None) -> list[dict]:
     """Every saved merge (only those over exactly ``adapters``, when given), newest first,
-    as ``{"label", "kind": "merge", "base", "adapters", "recipe", "seed", "source",
+    as ``{"key", "label", "kind": "merge", "base", "adapters", "recipe", "seed", "source",
     "path", "group"}``."""
-    reg = registry or Registry()
-    with reg._connect() as con:
-        rows = con.execute(
-            "SELECT key, label, base, adapters, recipe, source, path, grp FROM merges "
-            "ORDER BY created DESC"
-        ).fetchall()
     out = []
-    for key, label, base, ads, recipe, source, path, grp in rows:
-        ads = json.loads(ads)
+    for row in (registry or Registry()).merges():
+        ads = json.loads(row["adapters"])
         if adapters is not None and sorted(ads) != sorted(_resolved(a) for a in adapters):
             continue
         out.append(
             {
-                "key": key,
-                "label": label,
+                "key": row["key"],
+                "label": row["label"],
                 "kind": "merge",
                 "seed": None,
-                "base": base,
+                "base": row["base"],
                 "adapters": ads,
-                "recipe": json.loads(recipe),
-                "source": source,
-                "path": path,
-                "group": grp,
+                "recipe": json.loads(row["recipe"]),
+                "source": row["source"],
+                "path": row["path"],
+                "group": row["grp"],
             }
         )
     return out
+
+
+def merge_ref(merge: dict) -> ModelRef:
+    """A ``saved_merges`` row as the model Compare scores (its key is the row's)."""
+    return ModelRef(
+        base=merge["base"],
+        adapters=list(merge["adapters"]),
+        recipe=merge["recipe"],
+        label=merge["label"],
+        kind="merge",
+    )
