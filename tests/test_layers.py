@@ -34,7 +34,7 @@ LAYERS = [
     },
     {"train"},
     {"evaluate"},
-    {"merge", "jobs", "score", "curate", "controls", "analysis"},
+    {"merge", "jobs", "score", "curate", "controls", "analysis", "lineup"},
     {"experiment", "story", "lab"},
     {"cli", "__main__"},
 ]
