@@ -114,7 +114,6 @@ def read_adapter(path: str | Path) -> AdapterSet:
     return AdapterSet(p, config, layers, tuple(other))
 
 
-
 def check_fits_base(adapter: AdapterSet, model, base: str) -> None:
     """ConfigError unless every layer of ``adapter`` is a layer of ``model`` (the loaded
     base ``base``) with matching shapes: an adapter of another base is refused."""

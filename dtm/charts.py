@@ -12,6 +12,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from dtm.errors import ConfigError
+from dtm.tasks import short
+
 PALETTE = qualitative.Plotly + qualitative.D3
 
 
@@ -258,7 +261,6 @@ def score_bars(summary: pd.DataFrame, measures: list[tuple[str, str]], labels: l
     """Grouped bars: one group per measure, one bar per model (mean over seeds, error bar
     = std over seeds where there are several)."""
     fig = go.Figure()
-    from dtm.tasks import short
 
     names = [f"{short(t)}.{m}" if m != "acc" else short(t) for t, m in measures]
     for i, label in enumerate(labels):
@@ -527,7 +529,6 @@ def token_bias_bars(frame: pd.DataFrame, top: int = 20, title: str = ""):
 
 def figure_bytes(fig, fmt: str) -> bytes:
     """The figure as PNG or SVG (rendered by kaleido with a local Chrome or Chromium)."""
-    from dtm.errors import ConfigError
 
     try:
         return fig.to_image(format=fmt, width=1000, height=fig.layout.height or 450, scale=1)

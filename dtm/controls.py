@@ -20,7 +20,7 @@ def shrink_adapter(adapter_dir: str | Path, factor: float, out_dir: str | Path) 
     so each token's mixture of experts is the same and its delta is scaled)."""
     from safetensors.torch import load_file, save_file
 
-    from dtm import moe
+    from dtm import moe  # lazy: torch
 
     src, out = Path(adapter_dir), Path(out_dir)
     config, weights, b_key = "adapter_config.json", "adapter_model.safetensors", ".lora_B."
@@ -43,7 +43,7 @@ def shrink_adapter(adapter_dir: str | Path, factor: float, out_dir: str | Path) 
 
 def is_scaled(folder: str | Path) -> bool:
     """Whether ``shrink_adapter`` has written ``folder`` (either kind of adapter)."""
-    from dtm import moe
+    from dtm import moe  # lazy: torch
 
     return any((Path(folder) / w).exists() for w in ("adapter_model.safetensors", moe.WEIGHTS))
 

@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dtm.data import COLUMNS, load_instructions
+from dtm.disperse import dataset_step, embedding_step, read_embeddings, read_table
+from dtm.embed import prompt_text
 from dtm.errors import ConfigError
+from dtm.models import load_base
+from dtm.store import Registry, file_digest, write_text_atomic
+from dtm.train.config import curate_budget
+from dtm.train.rows import collate, encode_rows
 
 COMPLEXITY_PROMPT = (
     "You are a helpful assistant. Please identify the complexity score of the following "
@@ -80,7 +87,6 @@ def _row_losses(model, batches) -> list[float]:
 
 def ifd_scores(model, tok, table: pd.DataFrame, max_length: int, batch_size: int = 8) -> np.ndarray:
     """IFD of each row under ``model``: conditioned over unconditioned response loss."""
-    from dtm.train.rows import collate, encode_rows
 
     rows = encode_rows(table, tok, max_length)
     alone = []
@@ -106,7 +112,6 @@ def ifd_scores(model, tok, table: pd.DataFrame, max_length: int, batch_size: int
 
 def column_scores(data: str, table: pd.DataFrame, name: str) -> np.ndarray:
     """The numeric field ``name`` of the data file, for ``table``'s rows (by id)."""
-    from dtm.data import COLUMNS, load_instructions
 
     full = load_instructions(data, count_tokens=False, keep=(name,)).table
     if name not in full.columns or (name not in COLUMNS and full[name].isna().all()):
@@ -128,8 +133,6 @@ def column_scores(data: str, table: pd.DataFrame, name: str) -> np.ndarray:
 
 
 def _load_scorer(name: str):
-    from dtm.models import load_base
-
     try:
         model, tok = load_base(name)
     except Exception as e:  # a missing folder, no weights, not a causal LM
@@ -165,8 +168,6 @@ def _expected_score(
 
 
 def deita_scores(spec: str, table: pd.DataFrame, max_length: int) -> np.ndarray:
-    from dtm.embed import prompt_text
-
     complexity_name, quality_name = (m.strip() for m in spec.split(","))
     instructions = prompt_text(table).tolist()
     model, tok, digits = _load_scorer(complexity_name)
@@ -207,8 +208,6 @@ def ranking_scores(cfg, scores: np.ndarray) -> np.ndarray:
 
 def embeddings_for(data: str, table: pd.DataFrame) -> np.ndarray:
     """The Disperse step's cached embeddings of ``table``'s rows (by id)."""
-    from dtm.disperse import dataset_step, embedding_step, read_embeddings, read_table
-    from dtm.store import Registry
 
     registry = Registry()
     ds = dataset_step(data, registry)
@@ -220,7 +219,6 @@ def embeddings_for(data: str, table: pd.DataFrame) -> np.ndarray:
 
 def selection(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
     """``id, score, kept`` for every row of ``table`` (data order)."""
-    from dtm.train.config import curate_budget
 
     budget = curate_budget(cfg, len(table))
     scores = scores_for(cfg, table, tok, model)
@@ -239,7 +237,6 @@ def selection(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
 
 def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
     """``out/selection.csv``, and the same file as a registry artifact of kind selection."""
-    from dtm.store import Registry, file_digest, write_text_atomic
 
     text = sel.to_csv(index=False)
     write_text_atomic(out / "selection.csv", text)
@@ -268,7 +265,6 @@ def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
 def selections_for(digest: str | None, registry=None) -> list:
     """The saved selections (registry artifacts of kind ``selection``) of the data file
     whose content digest (``dtm.store.file_digest``) is ``digest``, newest first."""
-    from dtm.store import Registry
 
     if not digest:
         return []

@@ -34,6 +34,7 @@ from typing import Any
 
 import pandas as pd
 
+from dtm.embed import default_tokenizer, prompt_text
 from dtm.errors import DataError
 
 COLUMNS = ["id", "instruction", "input", "response", "system", "source", "n_tokens"]
@@ -418,7 +419,6 @@ def _unique_ids(ids: list[str], lines: list[int], report: LoadReport) -> list[st
 
 def token_counts(table: pd.DataFrame) -> list[int]:
     """Tokens of each row's prompt and response, by the embedding model's tokenizer."""
-    from dtm.embed import default_tokenizer, prompt_text
 
     tok = default_tokenizer()
     texts = (prompt_text(table) + "\n" + table["response"]).tolist()

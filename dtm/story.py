@@ -38,8 +38,8 @@ def _sft_runs(exp, jobs) -> dict[int, list[dict]]:
 
 
 def tax_panel(exp, jobs, table) -> dict | None:
-    from dtm import charts
-    from dtm.analysis import alignment_tax_curve
+    from dtm import charts  # lazy: plotly
+    from dtm.analysis import alignment_tax_curve  # lazy: torch
 
     runs = _sft_runs(exp, jobs)
     seed, recs = next(iter(runs.items()), (None, None))
@@ -80,8 +80,8 @@ def tax_panel(exp, jobs, table) -> dict | None:
 
 
 def ratio_panel(exp, jobs) -> dict | None:
-    from dtm import charts
-    from dtm.analysis import ratio_windows
+    from dtm import charts  # lazy: plotly
+    from dtm.analysis import ratio_windows  # lazy: torch
 
     runs = _sft_runs(exp, jobs)
     frames = []
@@ -119,8 +119,8 @@ def ratio_panel(exp, jobs) -> dict | None:
 
 
 def bars_panel(exp, table) -> dict | None:
-    from dtm import charts
-    from dtm.analysis import summarise
+    from dtm import charts  # lazy: plotly
+    from dtm.analysis import summarise  # lazy: torch
 
     if table.empty:
         return None
@@ -238,7 +238,7 @@ def keeps_frame(exp, jobs, table) -> pd.DataFrame:
 
 
 def keeps_panel(exp, jobs, table) -> dict | None:
-    from dtm import charts
+    from dtm import charts  # lazy: plotly
 
     frame = keeps_frame(exp, jobs, table)
     if frame.empty or "DTM" not in set(frame["role"]):

@@ -15,9 +15,15 @@ from typing import Any
 
 from dtm.cluster import METHODS
 from dtm.errors import ConfigError
+from dtm.lab import default_lab_dir
 from dtm.lab.presets import DEFAULT_PRESET, PRESETS
+from dtm.merge.methods import METHODS as MERGE_METHODS
+from dtm.merge.methods import check_params
+from dtm.models import check_base_path
 from dtm.store import cache_dir, safe_name
-from dtm.train.config import BASELINES, TrainConfig
+from dtm.tasks import PROBES, TASKS
+from dtm.train.config import BASELINES, TrainConfig, check_config
+from dtm.usertasks import folder_tasks
 
 _TOP = {
     "name",
@@ -210,7 +216,6 @@ def _kind_section(raw: dict, kind: str, exp: Experiment, path) -> dict[str, Any]
 
 def _check_train(exp: Experiment, path) -> None:
     """The shared training values make a valid run of every planned kind."""
-    from dtm.train.config import check_config
 
     values = {**exp.train, "base": exp.base or "lab", "data": exp.data or "lab", "out": "-"}
     if "target_modules" in values:
@@ -247,16 +252,12 @@ def _check_evaluate(exp: Experiment, path) -> None:
     if not isinstance(ev.get("heldout", []), list):
         raise ConfigError(f"{path}: evaluate.heldout is a list of files.")
     if ev.get("tasks_dir"):  # a user's task YAMLs: each file checked now
-        from dtm.usertasks import folder_tasks
-
         try:
             found = folder_tasks(ev["tasks_dir"])
         except ConfigError as e:
             raise ConfigError(f"{path}: evaluate.tasks_dir: {e}") from None
         ev["tasks_dir"] = str(Path(ev["tasks_dir"]).expanduser().resolve())
         if ev.get("engine", "quick") == "quick":
-            from dtm.tasks import PROBES, TASKS
-
             bad = [t for t in ev.get("tasks", []) if t not in found and t not in TASKS + PROBES]
             if bad:
                 raise ConfigError(
@@ -264,7 +265,7 @@ def _check_evaluate(exp: Experiment, path) -> None:
                     "(the quick engine scores the lab's tasks and a tasks folder's)."
                 )
     if ev.get("heldout"):
-        from dtm.evaluate import check_heldout
+        from dtm.evaluate import check_heldout  # lazy: torch
 
         try:
             check_heldout(ev["heldout"])
@@ -274,9 +275,6 @@ def _check_evaluate(exp: Experiment, path) -> None:
 
 
 def _check_merge(exp: Experiment, path) -> None:
-    from dtm.merge.methods import METHODS as MERGE_METHODS
-    from dtm.merge.methods import check_params
-
     unknown = sorted(set(exp.merge) - {"methods", "params"})
     if unknown:
         raise ConfigError(f"{path}: merge: unknown keys {', '.join(unknown)}.")
@@ -299,7 +297,6 @@ def _check_merge(exp: Experiment, path) -> None:
 def _check_inputs(exp: Experiment, path) -> None:
     """Without a lab, the base model and the data must be there before anything runs
     (a hub id is fetched only when named, and is not checked here)."""
-    from dtm.models import check_base_path
 
     if exp.lab is not None:
         return
@@ -322,7 +319,6 @@ def resolve_inputs(exp: Experiment) -> dict[str, str | None]:
     """base, data, val_data and the lab folder (which may not be built yet)."""
     if exp.lab is None:
         return {"base": exp.base, "data": exp.data, "val_data": exp.val_data, "lab": None}
-    from dtm.lab import default_lab_dir
 
     if exp.lab.get("path"):
         lab = Path(exp.lab["path"])

@@ -17,9 +17,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dtm.data import load_instructions
 from dtm.errors import ConfigError
 from dtm.experiment.config import Experiment, resolve_inputs
-from dtm.train.config import KINDS, SOUP_MEMBER, TrainConfig, check_config, run_id, soup_member
+from dtm.lab.presets import preset
+from dtm.train.config import (
+    KINDS,
+    SOUP_MEMBER,
+    TrainConfig,
+    check_config,
+    curate_budget,
+    run_id,
+    soup_member,
+)
 
 # What a sub-model of a dispersal not yet run is planned with (a dry run).
 UNDISPERSED = "(assignments.csv of the dispersal)"
@@ -133,8 +143,6 @@ def plan(
             cfg = TrainConfig(**{**mine, "kind": b, **exp.kind_values.get(b, {})})
             rows, scored = n_rows, 0
             if b == "curate":  # a budget larger than the data: said before any work
-                from dtm.train.config import curate_budget
-
                 try:
                     rows = curate_budget(cfg, n_rows)
                 except ConfigError as e:
@@ -171,13 +179,9 @@ def count_rows(exp: Experiment) -> int:
         return int(exp.estimate["rows"])
     inputs = resolve_inputs(exp)
     if exp.lab is not None and not Path(inputs["data"]).is_file():
-        from dtm.lab.presets import preset
-
         return 4 * preset(exp.lab["preset"]).rows[exp.lab["size"]][0]
     p = Path(inputs["data"]).expanduser()
     if p.is_file():
-        from dtm.data import load_instructions
-
         return len(load_instructions(str(p), count_tokens=False).table)
     raise ConfigError(
         f"{exp.source}: data {exp.data} is not a local file; give estimate.rows (and "

@@ -17,11 +17,25 @@ import sys
 import time
 from pathlib import Path
 
-from dtm.errors import ConfigError, DTMError
+from dtm import jobs as jobs_api
+from dtm.disperse import DisperseConfig, run_disperse, training_inputs, write_disperse_outputs
+from dtm.errors import ConfigError, DataError, DTMError
 from dtm.experiment.config import Experiment, experiment_dir, resolve_inputs
 from dtm.experiment.plan import plan, together_members
 from dtm.experiment.report import experiment_models, results_markdown, summary_table
-from dtm.store import ProgressFile, pid_alive, write_json_atomic, write_text_atomic
+from dtm.jobs.local import spawn_detached
+from dtm.lab import ensure_default_lab, lab_status
+from dtm.merge.engine import Merger
+from dtm.score import score_models, scores
+from dtm.store import (
+    ProgressFile,
+    Registry,
+    pid_alive,
+    safe_name,
+    write_json_atomic,
+    write_text_atomic,
+)
+from dtm.tasks import PROBES, TASKS
 
 STAGES = ("lab", "disperse", "train", "merge", "evaluate")
 
@@ -102,7 +116,6 @@ def read_status(name: str) -> dict | None:
 def read_status_file(path: Path) -> dict:
     """A ``status.json``, checked: ``DataError`` naming the file and the field when it
     is not one."""
-    from dtm.errors import DataError
 
     keep = "it was left as it is: delete it (or move it aside) to start the run afresh."
     try:
@@ -148,7 +161,6 @@ def read_status_file(path: Path) -> dict:
 def launch(experiment_file: str | Path, name: str) -> dict:
     """Start ``python -m dtm run FILE`` in the background unless this experiment is
     already running; returns its status."""
-    from dtm.jobs.local import spawn_detached
 
     st = read_status(name)
     if st and st["state"] == "running":
@@ -233,7 +245,6 @@ def run_experiment(exp: Experiment, *, command: str, wait: bool = True, echo=Non
 
 def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float = 2.0) -> dict:
     """Lab, disperse and train: ``{"jobs", "planned", "seconds"}``."""
-    from dtm import jobs as jobs_api
 
     t0 = time.time()
     if exp.lab is not None:
@@ -298,8 +309,6 @@ def disperse_all(exp: Experiment, progress=None) -> dict[tuple[str, int], tuple[
     """Each (clustering, seed)'s ``(assignments.csv, cluster sizes)``. The csv is the
     registry's copy of the assignment (``training_inputs``), the one the Train page uses
     too; a copy with the map's columns is written under ``<experiment>/<method>-s<seed>``."""
-    from dtm.disperse import DisperseConfig, run_disperse, training_inputs, write_disperse_outputs
-    from dtm.store import Registry
 
     inputs = resolve_inputs(exp)
     progress = progress or (lambda what, fraction: None)
@@ -321,8 +330,6 @@ def disperse_all(exp: Experiment, progress=None) -> dict[tuple[str, int], tuple[
 
 
 def _ensure_lab(exp: Experiment, progress) -> None:
-    from dtm.lab import ensure_default_lab, lab_status
-
     if exp.lab.get("path"):  # a named lab: checked when the file was read
         return
     status = ensure_default_lab(exp.lab["seed"], exp.lab["size"], preset=exp.lab["preset"])
@@ -341,8 +348,6 @@ def export_merges(exp, jobs, *, progress=None) -> list[Path]:
     """Write each DTM merge as a peft adapter folder (with ``recipe.json``) under
     ``<experiment>/merged/<label>-s<seed>``, for use outside the dashboard; existing
     ones are kept."""
-    from dtm.merge.engine import Merger
-    from dtm.store import safe_name
 
     dtm = [m for m in experiment_models(exp, jobs) if m.kind == "merge"]
     out, mergers = [], {}
@@ -365,8 +370,6 @@ def export_merges(exp, jobs, *, progress=None) -> list[Path]:
 def evaluate_experiment(exp, jobs, *, progress=None):
     """Score every model of the experiment (``report.experiment_models``) and write
     ``results.json``; returns ``(scores table, timings)``."""
-    from dtm.score import score_models, scores
-    from dtm.tasks import PROBES, TASKS
 
     inputs = resolve_inputs(exp)
     ev = exp.evaluate or {}

@@ -13,14 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-from dtm.store import ProgressFile, cache_dir, pid_alive
+from dtm.errors import ConfigError
+from dtm.jobs.local import spawn_detached
+from dtm.lab.presets import DEFAULT_PRESET
+from dtm.lab.presets import preset as get_preset
+from dtm.store import ProgressFile, cache_dir, pid_alive, safe_name
 
 LAB_VERSION = 5  # bump when the lab's content changes: a new folder is built
 
 
 def default_lab_dir(seed: int = 0, size: str = "default", preset: str | None = None) -> Path:
-    from dtm.lab.presets import DEFAULT_PRESET
-
     name = f"{preset or DEFAULT_PRESET}-{size}-seed{seed}-v{LAB_VERSION}"
     return cache_dir() / "lab" / name
 
@@ -63,8 +65,6 @@ def ensure_default_lab(
     """Start a background build of the default lab unless it is ready or being built.
     Exactly one build runs even when several sessions ask at once (an exclusive lock
     file). Returns ``lab_status``."""
-    from dtm.lab.presets import DEFAULT_PRESET
-    from dtm.lab.presets import preset as get_preset
 
     preset = get_preset(preset or DEFAULT_PRESET).name
     lab_dir = default_lab_dir(seed, size, preset)
@@ -100,9 +100,6 @@ def start_custom_lab(
     """Build a lab of one's own (other knobs, rows or pretraining dialogues) in the
     background, under ``<cache>/lab/custom/<name>``. A name already used, built or
     building, is refused: nothing overwrites another lab. Returns ``lab_status``."""
-    from dtm.errors import ConfigError
-    from dtm.lab.presets import preset as get_preset
-    from dtm.store import safe_name
 
     get_preset(preset)
     if not name or safe_name(name) != name:
@@ -161,7 +158,6 @@ def _spawn_build(lab_dir: Path, args: list[str]) -> dict:
         log = open(lab_dir.with_name(lab_dir.name + ".log"), "w")  # noqa: SIM115
         cmd = [sys.executable, "-m", "dtm", "lab", "build", *args]
         cmd += ["--out", str(lab_dir), "--progress-file", str(prog)]
-        from dtm.jobs.local import spawn_detached
 
         proc = spawn_detached(cmd, log)
         log.close()

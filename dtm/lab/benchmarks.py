@@ -28,6 +28,7 @@ import random
 from pathlib import Path
 
 from dtm.lab import checks
+from dtm.lab.sft_data import PHRASINGS, PROBE_PHRASING
 from dtm.lab.world import PROFESSIONS, World, arithmetic_items, reading_passage, two_hop
 from dtm.tasks import MC_TASKS, PROBES, TASKS  # noqa: E402  (the task table)
 
@@ -180,7 +181,6 @@ def _instruct_items(
 def probe_phrasing(info: dict) -> str:
     """The format probe's phrasing: the chat family's own (``please tell me : ...``), or
     with ``phrasings: varied`` or ``shared`` one that no family uses."""
-    from dtm.lab.sft_data import PHRASINGS, PROBE_PHRASING
 
     family = info.get("knobs", {}).get("phrasings", "family") == "family"
     return PHRASINGS["chat"][0] if family else PROBE_PHRASING

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dtm.errors import ConfigError
 from dtm.lab.sft_data import BiasKnobs
 
 
@@ -89,8 +90,6 @@ DEFAULT_PRESET = "bias"
 
 
 def preset(name: str) -> Preset:
-    from dtm.errors import ConfigError
-
     if name not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)} (got {name!r}).")
     return PRESETS[name]

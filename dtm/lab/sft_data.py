@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
+from dtm.errors import ConfigError
 from dtm.lab.world import Fact, World, arithmetic_items
 
 FAMILIES = ("flan", "cot", "chat", "code")
@@ -143,7 +144,6 @@ class BiasKnobs:
 
 def check_knobs(knobs: BiasKnobs) -> None:
     """A ``ConfigError`` naming the first knob out of its range."""
-    from dtm.errors import ConfigError
 
     rates = ("prefix", "favourite", "position", "length", "rare", "own_share", "one_word", "sums")
     for name in rates:

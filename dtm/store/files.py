@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dtm.errors import RegistryError, StorageError
+from dtm.errors import DTMError, RegistryError, StorageError
 
 _DONE = "_complete.json"  # written last inside an artifact folder
 
@@ -113,7 +113,6 @@ def publish_dir(
     files go through ``atomic_path``; registry artifacts through ``Registry.produce``,
     which calls this. A save that fails for lack of room is a StorageError saying so;
     any other I/O error is one too, unless ``wrap=False`` (then it is raised as it is)."""
-    from dtm.errors import DTMError
 
     final = Path(final)
     existed = final.exists()

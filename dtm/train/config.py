@@ -24,6 +24,7 @@ from dtm.baselines import default_reference
 from dtm.errors import ConfigError
 from dtm.store import input_key, write_text_atomic
 from dtm.tasks import PROBES, TASKS
+from dtm.usertasks import folder_tasks
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -296,8 +297,6 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
     """Every --eval-tasks name is a lab task (with --eval-lab) or a --tasks-dir task."""
     user: dict = {}
     if cfg.tasks_dir:
-        from dtm.usertasks import folder_tasks
-
         user = folder_tasks(cfg.tasks_dir)
     for t in cfg.eval_tasks:
         if t in user:

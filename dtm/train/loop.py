@@ -118,7 +118,7 @@ def _mem_mb() -> float:
 
 def save_adapter(model, folder: Path) -> None:
     """The trained adapter: peft's folder, or a LoRAMoE's own (``dtm.moe``)."""
-    from dtm import moe
+    from dtm import moe  # lazy: torch
 
     if moe.is_loramoe(model):
         moe.save_adapter(model, folder)
@@ -241,14 +241,14 @@ class CheckedLoss:
         super().__init__(*args, **kw)
 
     def _save(self, output_dir=None, state_dict=None):
-        from dtm import moe
+        from dtm import moe  # lazy: torch
 
         if not moe.is_loramoe(self.model):
             return super()._save(output_dir, state_dict)
         moe.save_adapter(self.model, output_dir or self.args.output_dir)  # not the base
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from dtm import moe
+        from dtm import moe  # lazy: torch
 
         if not moe.is_loramoe(model or self.model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dtm.data import load_instructions
+from dtm.embed import prompt_text
 from dtm.errors import ConfigError
 from dtm.train.config import KINDS, TrainConfig
 
@@ -28,7 +30,6 @@ ALPACA_PROMPT = (
 
 def encode_rows(table: pd.DataFrame, tokenizer, max_length: int) -> list[dict]:
     """Token ids and labels (prompt masked to -100) for each row of the data table."""
-    from dtm.embed import prompt_text
 
     prompts = prompt_text(table).tolist()
     out = []
@@ -80,8 +81,6 @@ def collate(pad_id: int):
 
 
 def split_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from dtm.data import load_instructions
-
     table = load_instructions(cfg.data, count_tokens=False).table
     if KINDS[cfg.kind].data == "cluster":
         asg, clusters = read_assignment(cfg, table)

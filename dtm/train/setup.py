@@ -60,7 +60,7 @@ def setup(cfg: TrainConfig, progress, select_rows=None) -> Run:
     elif cfg.kind == "l2":
         penalty = lambda m: cfg.l2_weight / 2 * baselines.l2_penalty(m)
     if cfg.kind == "loramoe":
-        from dtm import moe
+        from dtm import moe  # lazy: torch
 
         model = moe.inject(model, loramoe_config(cfg, model))
         penalty = moe.balance_loss
@@ -111,7 +111,7 @@ def loramoe_config(cfg: TrainConfig, model):
     ends in one of the resolved targets."""
     from torch import nn
 
-    from dtm.moe import LoRAMoEConfig
+    from dtm.moe import LoRAMoEConfig  # lazy: torch
 
     targets = resolve_targets(model, cfg.target_modules)
     names = [
