@@ -34,10 +34,10 @@ def main() -> int:
     from usertasks import NAMES, write_user_tasks
 
     from dtm.evaluate import evaluate
-    from dtm.harness import run_harness, task_manager
+    from dtm.evaluate.harness import run_harness, task_manager
     from dtm.lab import default_lab_dir
-    from dtm.lab.benchmarks import TASKS
     from dtm.score import ModelRef, load_model
+    from dtm.tasks import TASKS
 
     p = argparse.ArgumentParser()
     p.add_argument("--lab", default=str(default_lab_dir()))
@@ -61,7 +61,7 @@ def main() -> int:
 
     def run(engine: str, task: str) -> dict:
         if engine == "cold":  # the quick engine with nothing kept from an earlier call
-            from dtm import usertasks
+            from dtm.evaluate import user as usertasks
 
             usertasks._REQUESTS.clear()
             usertasks._ENCODED.clear()

@@ -217,7 +217,7 @@ def score_models(
         if progress:
             seed = f" s{m['seed']}" if m["seed"] is not None else ""
             progress(f"scoring {m['label']}{seed}", i / len(models))
-        from dtm.heldout import result_key
+        from dtm.evaluate.heldout import result_key
 
         # a folder's task or a held-out file can change under the same name: scored anew
         fresh = not tasks_dir and not heldout

@@ -22,13 +22,13 @@ from dtm.analysis import (
 )
 from dtm.errors import DTMError
 from dtm.evaluate import known_tasks
+from dtm.evaluate.harness import CODE_TASKS, PAPER_TASKS
+from dtm.evaluate.user import folder_tasks
 from dtm.experiment import experiment_dir, group_models
-from dtm.harness import CODE_TASKS, PAPER_TASKS
 from dtm.merge.sources import merge_sources
 from dtm.score import groups, score_models, scores
 from dtm.store import read_metrics
 from dtm.tasks import PROBES, TASKS, columns
-from dtm.usertasks import folder_tasks
 from views.common import registry
 
 BIAS = [(t, m) for t, m, _ in columns() if t == "lab_bias" and m != "chat_acc"]

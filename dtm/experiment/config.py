@@ -242,7 +242,7 @@ def _check_evaluate(exp: Experiment, path) -> None:
     if not isinstance(ev.get("heldout", []), list):
         raise ConfigError(f"{path}: evaluate.heldout is a list of files.")
     if ev.get("tasks_dir"):  # a user's task YAMLs: each file checked now
-        from dtm.usertasks import folder_tasks
+        from dtm.evaluate.user import folder_tasks
 
         try:
             found = folder_tasks(ev["tasks_dir"])

@@ -13,9 +13,9 @@ them from the working directory).
   harness's requests and filters and runs its ``process_results`` and aggregations, so it
   follows the harness's conventions by construction. Only the model calls are its own:
   ``QuickLM`` is the harness's ``HFLM`` with a log-likelihood that encodes each distinct
-  context once (``dtm.evaluate.continuation_scores``).
+  context once (``dtm.evaluate.scoring.continuation_scores``).
 - The full engine passes the same task objects to ``lm_eval.simple_evaluate``
-  (``dtm.harness.run_harness(..., extra_tasks=...)``).
+  (``dtm.evaluate.harness.run_harness(..., prepared=...)``).
 """
 
 from __future__ import annotations
@@ -228,9 +228,10 @@ class _Quick:
     @classmethod
     def get(cls):
         if cls.cls is None:
+            import torch  # lazy: torch
             from lm_eval.models.huggingface import HFLM
 
-            from dtm.evaluate import continuation_scores
+            from dtm.evaluate.scoring import continuation_scores, greedy  # lazy: torch
 
             class QuickLM(HFLM):
                 """HFLM, with each distinct context encoded once for all its
@@ -275,18 +276,14 @@ class _Quick:
                 def _model_generate(self, context, max_length, stop, **generation_kwargs):
                     # greedy requests: the same argmax decoding on the key/value cache,
                     # without generate()'s per-step machinery; anything else: the harness's
-                    import torch
-
-                    from dtm.evaluate import _greedy
-
                     kw = dict(generation_kwargs)
                     mask = kw.pop("attention_mask", None)
                     kw.pop("temperature", None)
-                    greedy = kw.pop("do_sample", False) is False and not kw
+                    is_greedy = kw.pop("do_sample", False) is False and not kw
                     tok = self.tokenizer
-                    if greedy and mask is not None and tok.eos_token_id is not None:
+                    if is_greedy and mask is not None and tok.eos_token_id is not None:
                         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-                        new = _greedy(
+                        new = greedy(
                             self.model,
                             context,
                             mask,
