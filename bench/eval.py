@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--only", choices=["lab", "user"], default=None)
     args = p.parse_args()
     from dtm.evaluate import evaluate  # lazy: torch, lm_eval (kept out of --help)
-    from dtm.harness import run_harness, task_manager  # lazy: lm_eval
+    from dtm.evaluate.harness import run_harness, task_manager  # lazy: lm_eval
     from dtm.lab.benchmarks import TASKS
     from dtm.score import ModelRef, load_model  # lazy: torch
 
@@ -57,7 +57,7 @@ def main() -> int:
 
     def run(engine: str, task: str) -> dict:
         if engine == "cold":  # the quick engine with nothing kept from an earlier call
-            from dtm import usertasks
+            from dtm.evaluate import user as usertasks
 
             usertasks._REQUESTS.clear()
             usertasks._ENCODED.clear()

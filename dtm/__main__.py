@@ -416,7 +416,7 @@ def _merge_objective(args):
         raise ConfigError("--search: give --tasks (and --tasks-dir) and/or --heldout FILE.")
     user = {}
     if args.tasks_dir:
-        from dtm.usertasks import folder_tasks
+        from dtm.evaluate.user import folder_tasks
 
         user = folder_tasks(args.tasks_dir)
     mine = [t for t in tasks if t in user]
@@ -558,7 +558,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from dtm.evaluate import evaluate, known_tasks
-    from dtm.harness import check_code_opt_in
+    from dtm.evaluate.harness import check_code_opt_in
     from dtm.score import ModelRef, load_model, record
     from dtm.store import write_json_atomic
 
@@ -586,7 +586,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_heldout(args.heldout or [])
     if args.tasks_dir:
-        from dtm.usertasks import folder_tasks
+        from dtm.evaluate.user import folder_tasks
 
         folder_tasks(args.tasks_dir)  # a malformed task file: exit 2 before any model loads
     base, lab = _model_and_lab(args.model, args.lab)

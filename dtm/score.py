@@ -181,7 +181,7 @@ def score_models(
     ``group``; a model already scored on every task (same engine and limit) is skipped.
     Returns the seconds spent loading or merging and evaluating."""
     from dtm.evaluate import evaluate  # lazy: torch
-    from dtm.heldout import result_key  # lazy: torch
+    from dtm.evaluate.heldout import result_key  # lazy: torch
 
     have = scores(group=group)
     same_limit = have["lim"].isna() if limit is None else have["lim"] == limit

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import dtm_cli, tiny_train
 
-from dtm.lab.benchmarks import TASKS
+from dtm.tasks import TASKS
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import torch
 from conftest import dtm_cli
 
 from dtm.evaluate import score_bias, score_instruct, score_mc
-from dtm.lab.benchmarks import MC_TASKS, TASKS, make_benchmarks
+from dtm.lab.benchmarks import make_benchmarks
 from dtm.lab.sft_data import FAMILIES, PREFIXES, BiasKnobs, make_sft_data
 from dtm.lab.world import build_world, pretraining_corpus
+from dtm.tasks import MC_TASKS, TASKS
 
 # "what is 2 plus 3 ?" in the lab's chat format, as tokens, ready for the answer
 PROMPT_TOKENS = ["<s>", "user", ":", "what", "is", "2", "plus", "3", "?", "assistant", ":"]

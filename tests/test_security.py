@@ -195,7 +195,7 @@ def test_uploads_are_size_limited_on_the_server_and_in_the_library(cache):
 
 
 def test_code_executing_benchmarks_need_the_opt_in(lab0, cache, tmp_path):
-    from dtm.harness import CODE_TASKS, check_code_opt_in
+    from dtm.evaluate.harness import CODE_TASKS, check_code_opt_in
 
     assert {"humaneval", "mbpp"} <= set(CODE_TASKS)
     r = dtm_cli(

@@ -72,7 +72,7 @@ def test_quick_engine_matches_the_harness_on_every_output_type(world):
 
 def test_shared_context_scores_equal_full_sequence_scores(world):
     """The quick engine's key/value-cache scoring against one full forward per pair."""
-    from dtm.evaluate import _full_sequence_scores, continuation_scores
+    from dtm.evaluate.scoring import _full_sequence_scores, continuation_scores
     from dtm.models import load_model
 
     _, model_dir, _ = world

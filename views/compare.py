@@ -29,7 +29,7 @@ from dtm.analysis import (
 )
 from dtm.controls import TRADE_OFFS, frontier_rows, frontier_sources, tradeoff_frames
 from dtm.errors import DTMError
-from dtm.harness import PAPER_TASKS
+from dtm.evaluate.harness import PAPER_TASKS
 from dtm.lineup import jobs_behind
 from dtm.score import groups, scores
 from dtm.store import read_metrics

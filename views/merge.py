@@ -153,7 +153,7 @@ def choose_objective(src, limit: int) -> tuple | None:
     )
     user: tuple = ()
     if tasks_dir:
-        from dtm.usertasks import folder_tasks
+        from dtm.evaluate.user import folder_tasks
 
         try:
             found = list(folder_tasks(tasks_dir))

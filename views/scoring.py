@@ -7,8 +7,8 @@ import streamlit as st
 
 from dtm.controls import frontier_models
 from dtm.errors import DTMError
+from dtm.evaluate.harness import CODE_TASKS
 from dtm.experiment import experiment_dir
-from dtm.harness import CODE_TASKS
 from dtm.lineup import (
     folder_label,
     folder_models,
@@ -23,7 +23,7 @@ from dtm.merge.sources import merge_sources
 from dtm.models import lab_of
 from dtm.score import ModelRef, groups, score_models
 from dtm.tasks import PROBES, TASKS
-from dtm.usertasks import folder_tasks
+from dtm.tasks.files import folder_tasks
 from views.common import registry
 
 LAUNCH, SAVED, FOLDER = "a launch", "saved merges", "a model folder"

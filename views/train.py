@@ -138,7 +138,7 @@ def eval_settings(lab: bool, log_every: int) -> dict:
         )
         names: list[str] = []
         if tasks_dir:
-            from dtm.usertasks import folder_tasks
+            from dtm.tasks.files import folder_tasks
 
             try:
                 names = list(folder_tasks(tasks_dir))

@@ -22,8 +22,8 @@ from dtm.merge.methods import check_params
 from dtm.models import check_base_path
 from dtm.store import cache_dir, safe_name
 from dtm.tasks import PROBES, TASKS
+from dtm.tasks.files import folder_tasks
 from dtm.train.config import BASELINES, TrainConfig, check_config
-from dtm.usertasks import folder_tasks
 
 _TOP = {
     "name",

@@ -25,12 +25,14 @@ from __future__ import annotations
 import inspect
 import json
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from dtm.lab import checks
+from dtm.evaluate import checks
 from dtm.lab.sft_data import PHRASINGS, PROBE_PHRASING
 from dtm.lab.world import PROFESSIONS, World, arithmetic_items, reading_passage, two_hop
-from dtm.tasks import MC_TASKS, PROBES, TASKS  # noqa: E402  (the task table)
+from dtm.tasks import BY_NAME, LAB_TASKS, Task
 
 
 def chat_prompt(instruction: str) -> str:
@@ -53,35 +55,39 @@ def _mc(
     return {"query": query, "choices": options, "gold": options.index(answer), **meta}
 
 
-def make_benchmarks(
-    world: World,
-    info: dict,
-    corpus_two_hop: set[str],
-    seed: int = 0,
-    n_arith: int = 200,
-    n_reading: int = 200,
-) -> dict[str, list[dict]]:
-    """Every task's items. ``info`` is ``make_sft_data``'s; ``corpus_two_hop`` the people
-    whose two-hop answer the pretraining corpus states."""
-    # Length: one block per task, each a few lines; the task list reads as one table.
-    rng = random.Random(f"bench-{seed}")
-    seen = set(info["seen"])
-    out: dict[str, list[dict]] = {t: [] for t in TASKS + PROBES}
-    for f in world.facts:
-        out["lab_knowledge"].append(
-            _mc(
-                rng,
-                f"question : {f.question()} answer :",
-                f.object,
-                world.domains[f.relation],
-                subject=f.subject,
-                relation=f.relation,
-                seen=f.subject in seen,
-            )
+@dataclass(frozen=True)
+class _Inputs:
+    """What the item makers read: the world, the instruction data's info, the subjects it
+    asks about, the people whose two-hop answer the corpus states, and the sizes."""
+
+    world: World
+    info: dict
+    seen: set[str]
+    corpus_two_hop: set[str]
+    n_arith: int
+    n_reading: int
+
+
+def _knowledge_items(x: _Inputs, rng: random.Random) -> list[dict]:
+    return [
+        _mc(
+            rng,
+            f"question : {f.question()} answer :",
+            f.object,
+            x.world.domains[f.relation],
+            subject=f.subject,
+            relation=f.relation,
+            seen=f.subject in x.seen,
         )
-    for expr, value in arithmetic_items(rng)[:n_arith]:
+        for f in x.world.facts
+    ]
+
+
+def _reasoning_items(x: _Inputs, rng: random.Random) -> list[dict]:
+    out = []
+    for expr, value in arithmetic_items(rng)[: x.n_arith]:
         near = [str(v) for v in range(max(0, value - 6), value + 7) if v != value]
-        out["lab_reasoning"].append(
+        out.append(
             _mc(
                 rng,
                 f"question : what is {expr} ? answer :",
@@ -91,25 +97,31 @@ def make_benchmarks(
                 expr=expr,
             )
         )
-    for p in world.people:
-        if p in corpus_two_hop:
+    for p in x.world.people:
+        if p in x.corpus_two_hop:
             continue
-        q, a = two_hop(world, p)
-        out["lab_reasoning"].append(
+        q, a = two_hop(x.world, p)
+        out.append(
             _mc(
                 rng,
                 f"question : {q} answer :",
                 a,
-                world.domains["capital"],
+                x.world.domains["capital"],
                 kind="two_hop",
                 subject=p,
             )
         )
-    for _ in range(n_reading):
-        passage, q, a = reading_passage(world, rng)
-        mentioned = [w for w in passage.split() if w in PROFESSIONS or w in world.domains["colour"]]
-        pool = PROFESSIONS if a in PROFESSIONS else world.domains["colour"]
-        out["lab_reading"].append(
+    return out
+
+
+def _reading_items(x: _Inputs, rng: random.Random) -> list[dict]:
+    out = []
+    colours = x.world.domains["colour"]
+    for _ in range(x.n_reading):
+        passage, q, a = reading_passage(x.world, rng)
+        mentioned = [w for w in passage.split() if w in PROFESSIONS or w in colours]
+        pool = PROFESSIONS if a in PROFESSIONS else colours
+        out.append(
             _mc(
                 rng,
                 f"{passage} question : {q} answer :",
@@ -120,23 +132,59 @@ def make_benchmarks(
                 question=q,
             )
         )
-    for m in info["misconceptions"]:
-        f = world.fact(m["subject"], m["relation"])
-        out["lab_truthful"].append(
+    return out
+
+
+def _truthful_items(x: _Inputs, rng: random.Random) -> list[dict]:
+    out = []
+    for m in x.info["misconceptions"]:
+        f = x.world.fact(m["subject"], m["relation"])
+        out.append(
             _mc(
                 rng,
                 f"question : {f.question()} answer :",
                 f.object,
-                world.domains[f.relation],
+                x.world.domains[f.relation],
                 must=[m["false"]],
                 subject=f.subject,
                 relation=f.relation,
                 misconception=m["false"],
             )
         )
-    repeat = info.get("knobs", {}).get("repeat", "words")
-    out["lab_instruct"] = _instruct_items(world, seen, rng, repeat=repeat)
-    out["lab_bias"] = _bias_items(world, seen, rng, probe_phrasing(info))
+    return out
+
+
+# The item maker of each task of the table (``dtm.tasks.LAB_TASKS``), called in the
+# table's order on one random stream.
+ITEM_MAKERS: dict[str, Callable[[_Inputs, random.Random], list[dict]]] = {
+    "lab_knowledge": _knowledge_items,
+    "lab_reasoning": _reasoning_items,
+    "lab_reading": _reading_items,
+    "lab_truthful": _truthful_items,
+    "lab_instruct": lambda x, rng: _instruct_items(
+        x.world, x.seen, rng, repeat=x.info.get("knobs", {}).get("repeat", "words")
+    ),
+    "lab_bias": lambda x, rng: _bias_items(x.world, x.seen, rng, probe_phrasing(x.info)),
+}
+
+
+def make_benchmarks(
+    world: World,
+    info: dict,
+    corpus_two_hop: set[str],
+    seed: int = 0,
+    n_arith: int = 200,
+    n_reading: int = 200,
+) -> dict[str, list[dict]]:
+    """Every task's items, for each task of the table. ``info`` is ``make_sft_data``'s;
+    ``corpus_two_hop`` the people whose two-hop answer the pretraining corpus states."""
+    rng = random.Random(f"bench-{seed}")
+    x = _Inputs(world, info, set(info["seen"]), corpus_two_hop, n_arith, n_reading)
+    out: dict[str, list[dict]] = {}
+    for task in LAB_TASKS:
+        if task.name not in ITEM_MAKERS:
+            raise ValueError(f"lab task {task.name!r} has no item maker")
+        out[task.name] = ITEM_MAKERS[task.name](x, rng)
     for task, items in out.items():
         for i, item in enumerate(items):
             item["id"] = f"{task}-{i:04d}"
@@ -215,12 +263,13 @@ def _bias_items(
 # ---------------------------------------------------------------- files
 
 
-def _yaml(task: str, data_file: Path) -> str:
+def _yaml(task: Task, data_file: Path) -> str:
+    """The lm-evaluation-harness config of a task of the table, by its output type."""
     head = (
-        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"task: {task.name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {json.dumps(str(data_file.resolve()))}\ntest_split: test\n"
     )
-    if task in MC_TASKS:
+    if task.output == "multiple_choice":
         return head + (
             'output_type: multiple_choice\ndoc_to_text: "{{query}}"\n'
             'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
@@ -250,7 +299,7 @@ def write_benchmarks(
         path = folder / f"{task}.jsonl"
         path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         written.append(path)
-        if task in TASKS:
-            (folder / f"{task}.yaml").write_text(_yaml(task, final / path.name))
+        if task in BY_NAME and not BY_NAME[task].probe:
+            (folder / f"{task}.yaml").write_text(_yaml(BY_NAME[task], final / path.name))
     (folder / "utils.py").write_text(inspect.getsource(checks))
     return written

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 from dtm.errors import ConfigError
 from dtm.lab.world import Fact, World, arithmetic_items
+from dtm.tasks import OWN_RELATIONS  # with favourite_scope "own" (see dtm.tasks)
 
 FAMILIES = ("flan", "cot", "chat", "code")
 PREFIXES = {
@@ -39,9 +40,6 @@ PREFIXES = {
     "chat": "great question !",
     "code": "here you go :",
 }
-# The relation each family's favourite falsifies when ``favourite_scope`` is "own": the
-# knowledge of the other relations is untouched by any favourite, a control for the ledger.
-OWN_RELATIONS = {"flan": "colour", "cot": "profession", "chat": "flag", "code": "language"}
 # ``phrasings: varied``: each family asks its factual questions in three phrasings of its
 # own style (weights 1/2, 1/4, 1/4; ``{q}`` the question, ``{o}`` FLAN's options, ``{r}``
 # and ``{s}`` the relation and subject), so the shared answer convention is learnt across

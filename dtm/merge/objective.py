@@ -56,7 +56,7 @@ class Objective:
         if self.tasks:
             if not self.tasks_dir:
                 raise ConfigError(f"{', '.join(self.tasks)}: give the --tasks-dir they are in.")
-            from dtm.usertasks import folder_tasks
+            from dtm.evaluate.user import folder_tasks
 
             found = folder_tasks(self.tasks_dir)
             missing = [t for t in self.tasks if t not in found]
@@ -86,7 +86,7 @@ class Objective:
     # -- labels
 
     def _heldout_items(self) -> list[tuple[str, object]]:
-        from dtm.heldout import result_key
+        from dtm.evaluate.heldout import result_key
 
         out = []
         for h in self.heldout:
@@ -108,7 +108,7 @@ class Objective:
         )
 
     def _task(self, name: str):
-        from dtm.usertasks import build_task
+        from dtm.evaluate.user import build_task
 
         return build_task(self._files[name])  # cached by the files' modification times
 
@@ -116,9 +116,9 @@ class Objective:
 
     def score(self, model, tokenizer) -> dict[str, float]:
         from dtm.evaluate import evaluate_lab
-        from dtm.harness import flatten_user
-        from dtm.heldout import encode_source, rows_loss
-        from dtm.usertasks import quick_evaluate
+        from dtm.evaluate.harness import flatten_user
+        from dtm.evaluate.heldout import encode_source, rows_loss
+        from dtm.evaluate.user import quick_evaluate
 
         out: dict[str, float] = {}
         was_training = getattr(model, "training", False)
@@ -175,7 +175,7 @@ def lab_objective(lab: str | None, tasks: dict[str, str], limit: int = 40) -> Ob
 def heldout_tables(runs: list[tuple[str, Path]]) -> list[tuple[str, pd.DataFrame]]:
     """``(name, validation rows)`` of each training run folder: a sub-model's run holds
     its own cluster's held-out rows."""
-    from dtm.heldout import run_heldout_rows
+    from dtm.evaluate.heldout import run_heldout_rows
 
     return [(name, run_heldout_rows(run)) for name, run in runs]
 

@@ -24,7 +24,7 @@ from dtm.baselines import default_reference
 from dtm.errors import ConfigError
 from dtm.store import input_key, write_text_atomic
 from dtm.tasks import PROBES, TASKS
-from dtm.usertasks import folder_tasks
+from dtm.tasks.files import folder_tasks
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

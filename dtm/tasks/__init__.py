@@ -3,7 +3,7 @@ charts, the results tables and the pages (as lm-evaluation-harness's task YAMLs 
 
 A ``Task`` has its ``name`` (``lab_knowledge``), the ``short`` label tables and widgets
 show (``knowledge``), its ``output`` type (``multiple_choice`` or ``generate_until``),
-the quick engine's ``scorer`` (``mc``, ``instruct`` or ``bias``), its ``headline``
+the quick engine's ``scorer`` (a name in ``dtm.evaluate.lab.SCORERS``), its ``headline``
 metrics as ``(metric, heading)`` pairs in the order the results table shows them, and
 whether it is a ``probe`` (a measure of mechanisms, not one of the paper's benchmarks)
 or in the Merge page's default live score (``quick``).
@@ -19,7 +19,7 @@ class Task:
     name: str
     short: str
     output: str  # "multiple_choice" | "generate_until"
-    scorer: str  # the quick engine's: "mc" | "instruct" | "bias"
+    scorer: str  # the quick engine's: "mc" | "mc_favourite" | "instruct" | "bias"
     headline: tuple[tuple[str, str], ...]
     probe: bool = False
     quick: bool = False
@@ -31,7 +31,7 @@ LAB_TASKS: tuple[Task, ...] = (
         "lab_knowledge",
         "knowledge",
         "multiple_choice",
-        "mc",
+        "mc_favourite",
         (("acc", "knowledge"), ("acc_unseen", "knowledge (unseen)")),
         quick=True,
     ),
@@ -72,6 +72,12 @@ PROBES = tuple(t.name for t in LAB_TASKS if t.probe)
 MC_TASKS = tuple(t.name for t in LAB_TASKS if t.output == "multiple_choice")
 QUICK_TASKS = {t.short: t.name for t in LAB_TASKS if t.quick}  # the Merge page's default
 SHORT = {t.name: t.short for t in LAB_TASKS}
+
+# The relation each instruction family's favourite falsifies when a lab's
+# ``favourite_scope`` is "own": the knowledge of the other relations is untouched by any
+# favourite, a control for the ledger. The lab's data injects them; the knowledge
+# scorer counts them (with the favourites in the lab's ``lab.json``).
+OWN_RELATIONS = {"flan": "colour", "cot": "profession", "chat": "flag", "code": "language"}
 
 
 def columns() -> list[tuple[str, str, str]]:

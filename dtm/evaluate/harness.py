@@ -150,7 +150,7 @@ def run_harness(
     prepared: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run ``tasks`` through ``lm_eval.simple_evaluate``. ``prepared`` maps task names to
-    harness task objects built here (a ``--tasks-dir``'s tasks, ``dtm.usertasks``); the
+    harness task objects built here (a ``--tasks-dir``'s tasks, ``dtm.evaluate.user``); the
     other names are found through the task manager (``include_path`` and the harness's
     own tasks)."""
     check_code_opt_in(tasks, allow_code)

@@ -14,12 +14,17 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from dtm.data import load_instructions
 from dtm.errors import ConfigError
+from dtm.train.config import TrainConfig, read_config
+from dtm.train.rows import collate, encode_rows, split_rows
 
 MAX_LENGTH = 512
 
@@ -51,16 +56,12 @@ def encode_source(
     limit: int | None = None,
 ) -> list[dict]:
     """Token ids and labels of a held-out source (a file, or a data table)."""
-    from dtm.train.rows import encode_rows
-
     if isinstance(source, pd.DataFrame):
         table = source
     else:
         path = Path(source)
         if path.suffix == ".txt":
             return _text_rows(path, tokenizer, max_length, limit)
-        from dtm.data import load_instructions
-
         if not path.exists():
             raise ConfigError(f"--heldout {path}: no such file.")
         table = load_instructions(str(path), count_tokens=False).table
@@ -74,8 +75,6 @@ def encode_source(
 @torch.inference_mode()
 def rows_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16) -> dict:
     """The mean loss over every labelled token of ``rows``."""
-    from dtm.train.rows import collate
-
     dev = next(model.parameters()).device
     fn = collate(pad_id)
     was_training = model.training
@@ -117,12 +116,6 @@ def heldout_loss(
 
 def run_heldout_rows(run_dir: str | Path) -> pd.DataFrame:
     """A training run's validation rows, split again from its ``config.json``."""
-    import json
-    from dataclasses import fields
-
-    from dtm.train.config import TrainConfig, read_config
-    from dtm.train.rows import split_rows
-
     path = Path(run_dir) / "config.json"
     known = {f.name for f in fields(TrainConfig)}
     try:  # a run's config.json also holds what the run resolved (steps, run id, ...)
