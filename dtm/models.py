@@ -15,10 +15,12 @@ memory are ``dtm.merge.engine.Merger``'s (``dtm.score.load_model`` picks).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dtm.adapters import CONFIG, WEIGHTS, check_fits_base, read_adapter
 from dtm.errors import ConfigError
+from dtm.store import canonical_json, input_key
 
 PICKLE_FLAG = "--allow-pickle-weights"
 
@@ -215,3 +217,57 @@ def lab_of(base: str | Path | None) -> str | None:
     if here.name == "model" and (lab / "lab.json").exists() and (lab / "benchmarks").is_dir():
         return str(lab)
     return None
+
+
+# What a model is, in the order tables show them: the base, vanilla SFT, the shrinkage
+# control, a merge (DTM), a baseline, one sub-model alone.
+MODEL_KINDS = ("base", "sft", "control", "merge", "baseline", "sub")
+
+
+@dataclass
+class ModelRef:
+    """A model as the dashboard makes it: ``base`` plus LoRA ``adapters``; with several
+    adapters, ``recipe`` (``{"method", "weights", "params"}``) says how they are merged.
+    ``label`` (e.g. ``dtm-kmeans``), ``group`` and ``seed`` say where it belongs; ``kind``
+    (one of ``MODEL_KINDS``) and ``clustering`` say what it is. A control (the shrinkage
+    control, a point of a frontier) has a ``factor``: its one adapter's delta is scaled by
+    it before scoring (``dtm.score.score_models`` writes the scaled copy). Only base, adapters,
+    recipe and factor make its key: the same weights are the same model whatever they
+    are called."""
+
+    base: str
+    adapters: list[str] = field(default_factory=list)
+    recipe: dict | None = None
+    label: str = ""
+    group: str | None = None
+    seed: int | None = None
+    kind: str | None = None
+    clustering: str | None = None
+    factor: float | None = None
+
+    @property
+    def key(self) -> str:
+        what = {"base": self.base, "adapters": self.adapters, "recipe": self.recipe}
+        if self.factor is not None:  # a control before its scaled copy is written
+            what["factor"] = self.factor
+        return input_key("model", what)
+
+    def describe(self) -> str:
+        if not self.adapters:
+            return f"{self.base} (base)"
+        if len(self.adapters) == 1 and not self.recipe:
+            return f"{self.base} + {self.adapters[0]}"
+        r = self.recipe or {}
+        return f"{self.base} + {r.get('method', 'average')} of {len(self.adapters)} adapters"
+
+    def to_json(self) -> str:
+        """The registry's ``model`` text: the model without what it is (kind, clustering,
+        stored in their own columns) nor a factor (a scored control's adapter is its
+        scaled copy)."""
+        skip = ("kind", "clustering", "factor")
+        return canonical_json({k: v for k, v in asdict(self).items() if k not in skip})
+
+    @classmethod
+    def from_json(cls, text: str, **fields) -> ModelRef:
+        """``to_json``'s inverse; ``fields`` (e.g. kind, clustering) are added."""
+        return cls(**json.loads(text), **fields)

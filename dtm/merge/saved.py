@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dtm.score import ModelRef
+from dtm.models import ModelRef
 from dtm.store import Registry, canonical_json
 
 SOURCES = ("tuned", "exported", "search", "cocktail")
