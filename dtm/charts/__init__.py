@@ -1,0 +1,45 @@
+"""Plotly figures drawn from the library's tables: pure functions, no Streamlit.
+``explore``: the Disperse map, training curves, merge landscapes; ``results``: what
+Compare and the Home story draw."""
+
+from dtm.charts.explore import (
+    cluster_map,
+    cluster_sizes,
+    loss_curves,
+    pareto,
+    selected_rows,
+    ternary,
+    weight_slice,
+)
+from dtm.charts.palette import PALETTE
+from dtm.charts.results import (
+    figure_bytes,
+    keeps_chart,
+    ratio_curves,
+    ratio_windows_chart,
+    reference_bars,
+    score_bars,
+    tax_curve,
+    token_bias_bars,
+    tradeoff,
+)
+
+__all__ = [
+    "PALETTE",
+    "cluster_map",
+    "cluster_sizes",
+    "figure_bytes",
+    "keeps_chart",
+    "loss_curves",
+    "pareto",
+    "ratio_curves",
+    "ratio_windows_chart",
+    "reference_bars",
+    "score_bars",
+    "selected_rows",
+    "tax_curve",
+    "ternary",
+    "token_bias_bars",
+    "tradeoff",
+    "weight_slice",
+]

@@ -1,0 +1,254 @@
+"""Figures of the steps before the results: the Disperse map and cluster sizes, the
+training curves, and the merge landscapes (simplex, Pareto front, a 2-D slice).
+
+``cluster_map(table)`` expects the Disperse table (``x``, ``y``, ``cluster``,
+``instruction``, ``source``); each point's ``customdata`` is its row position, so a
+selection maps back to rows whatever the trace order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from dtm.charts.palette import PALETTE
+
+
+def _truncate(s: pd.Series, n: int) -> pd.Series:
+    s = s.str.replace(r"\s+", " ", regex=True)
+    return s.where(s.str.len() <= n, s.str.slice(0, n - 1) + "…")
+
+
+def cluster_map(
+    table: pd.DataFrame,
+    highlight: np.ndarray | None = None,
+    height: int = 600,
+    kept: np.ndarray | None = None,
+    kept_name: str = "curated",
+) -> go.Figure:
+    """WebGL scatter of the 2-D map, one trace per cluster; ``highlight`` (bool per row)
+    rings the matching points in a top trace; ``kept`` (bool per row) marks a curate
+    selection's kept rows with open diamonds in a trace named ``kept_name``."""
+    hover = (
+        "<b>"
+        + table["id"].astype(str)
+        + "</b> · cluster "
+        + table["cluster"].astype(str)
+        + "<br>"
+        + _truncate(table["instruction"], 120).str.replace("<", "&lt;")
+        + "<br><i>"
+        + table["source"].replace("", "(no source)")
+        + "</i>"
+    )
+    fig = go.Figure()
+
+    def points(idx, name, marker):  # one trace of the rows at positions idx
+        fig.add_trace(
+            go.Scattergl(
+                x=table["x"].to_numpy()[idx],
+                y=table["y"].to_numpy()[idx],
+                mode="markers",
+                name=name,
+                customdata=idx,
+                hovertext=hover.to_numpy()[idx],
+                hoverinfo="text",
+                marker=marker,
+            )
+        )
+
+    for c in sorted(table["cluster"].unique()):
+        idx = np.flatnonzero(table["cluster"].to_numpy() == c)
+        color = PALETTE[int(c) % len(PALETTE)]
+        points(idx, f"cluster {c} ({len(idx)})", {"size": 5, "opacity": 0.75, "color": color})
+    if kept is not None:
+        idx = np.flatnonzero(kept)
+        diamond = {"size": 9, "symbol": "diamond-open", "color": "#8b0000", "line": {"width": 1.5}}
+        points(idx, f"{kept_name} ({len(idx)} kept)", diamond)
+    if highlight is not None and highlight.any():
+        idx = np.flatnonzero(highlight)
+        ring = {"size": 11, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "black"}}
+        points(idx, f"search matches ({len(idx)})", ring)
+    fig.update_layout(
+        height=height,
+        dragmode="lasso",
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        legend={"itemsizing": "constant"},
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        title="UMAP of the embeddings, coloured by cluster",
+    )
+    return fig
+
+
+def cluster_sizes(sizes: list[int]) -> go.Figure:
+    fig = go.Figure(
+        go.Bar(
+            x=[f"cluster {c}" for c in range(len(sizes))],
+            y=sizes,
+            marker_color=[PALETTE[c % len(PALETTE)] for c in range(len(sizes))],
+            text=sizes,
+            textposition="outside",
+        )
+    )
+    fig.update_layout(
+        height=280,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        title="Cluster sizes",
+        yaxis_title="rows",
+    )
+    return fig
+
+
+def selected_rows(selection: dict | None) -> list[int]:
+    """Row positions from a Plotly selection event (``points[*].customdata``)."""
+    if not selection:
+        return []
+    rows = set()
+    for p in selection.get("points", []):
+        cd = p.get("customdata")
+        if isinstance(cd, list):
+            cd = cd[0] if cd else None
+        if cd is not None:
+            rows.add(int(cd))
+    return sorted(rows)
+
+
+def loss_curves(curves: dict[str, list[dict]], metric: str = "val_loss"):
+    """One line per run of ``metric`` against step. ``curves``: run name -> metrics records
+    (``step`` and ``metric``; soup members are drawn as separate lines)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, recs in curves.items():
+        members = sorted({r.get("member") for r in recs}, key=lambda m: -1 if m is None else m)
+        for m in members:
+            pts = [r for r in recs if r.get("member") == m and r.get(metric) is not None]
+            if not pts:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["step"] for r in pts],
+                    y=[r[metric] for r in pts],
+                    mode="lines+markers",
+                    name=name if m is None else f"{name} member {m}",
+                    marker={"size": 4},
+                )
+            )
+    fig.update_layout(
+        height=320,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        xaxis_title="step",
+        yaxis_title=metric.replace("_", " "),
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def ternary(frame, names: list[str], metric: str):
+    """The K=3 merge landscape: each weight vector on the simplex, coloured by ``metric``;
+    ``customdata`` is the row index (a click selects it)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatterternary(
+            a=frame["w0"],
+            b=frame["w1"],
+            c=frame["w2"],
+            mode="markers",
+            marker={
+                "size": 11,
+                "color": frame[metric],
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": metric},
+            },
+            customdata=list(range(len(frame))),
+            hovertemplate="w=(%{a:.2f}, %{b:.2f}, %{c:.2f})<br>"
+            + f"{metric} %{{marker.color:.3f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        ternary={
+            "aaxis": {"title": names[0]},
+            "baxis": {"title": names[1]},
+            "caxis": {"title": names[2]},
+        },
+        height=480,
+        margin={"l": 40, "r": 40, "t": 40, "b": 40},
+    )
+    return fig
+
+
+def pareto(frame, front, metric: str, x: str = "knowledge", y: str = "instruct"):
+    """K >= 4: one score against another (knowledge against instruction following by
+    default) for each sampled weight vector, with the Pareto front; ``customdata`` is the
+    row index."""
+    import plotly.graph_objects as go
+
+    weights = [c for c in frame.columns if c.startswith("w") and c[1:].isdigit()]
+    text = [", ".join(f"{r[c]:.2f}" for c in weights) for _, r in frame.iterrows()]
+    fig = go.Figure(
+        go.Scatter(
+            x=frame[x],
+            y=frame[y],
+            mode="markers",
+            marker={"size": 9, "color": frame[metric], "colorscale": "Viridis", "showscale": True},
+            customdata=list(range(len(frame))),
+            text=text,
+            hovertemplate=f"w=(%{{text}})<br>{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra></extra>",
+            name="merges",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=frame[x].iloc[front],
+            y=frame[y].iloc[front],
+            mode="lines",
+            line={"color": "crimson"},
+            name="Pareto front",
+            hoverinfo="skip",
+        )
+    )
+    fig.update_layout(
+        height=460,
+        xaxis_title=x,
+        yaxis_title=y,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+    )
+    return fig
+
+
+def weight_slice(frame, i: int, j: int, names: list[str], metric: str):
+    """A 2-D slice of the merge landscape: ``metric`` over (w_i, w_j), the other weights
+    fixed; ``customdata`` is the row index."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatter(
+            x=frame[f"w{i}"],
+            y=frame[f"w{j}"],
+            mode="markers",
+            marker={
+                "symbol": "square",
+                "size": 26,
+                "color": frame[metric],
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": {"title": metric},
+            },
+            customdata=list(range(len(frame))),
+            hovertemplate=f"{names[i]} %{{x:.2f}}<br>{names[j]} %{{y:.2f}}<br>{metric} "
+            "%{marker.color:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=420,
+        xaxis_title=f"weight of {names[i]}",
+        yaxis_title=f"weight of {names[j]}",
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+    )
+    return fig
+
+
+# ------------------------------------------------------------------ Compare page
