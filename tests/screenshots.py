@@ -1,5 +1,5 @@
 """The README's pictures of the dashboard: `make screenshots`
-(`.venv/bin/python -m tests.screenshots`).
+(`.venv/bin/python -m tests.screenshots [--keep DIR]`).
 
 In a private temporary DTM_CACHE it builds the small lab, runs a short lab story on it
 (one seed, a few hundred tiny steps), serves the dashboard on a free loopback port, drives
@@ -138,11 +138,15 @@ def pages(url: str) -> None:
         browser.close()
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    """``--keep DIR``: work in DIR (a new or an earlier run's) and leave it there, so a
+    second run reuses the lab and the story and only retakes the pictures."""
     if not Path(CHROMIUM).exists():
         sys.exit(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium)")
     OUT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="dtm-shots-"))
+    keep = Path(argv[1]).resolve() if argv[:1] == ["--keep"] and len(argv) == 2 else None
+    tmp = keep or Path(tempfile.mkdtemp(prefix="dtm-shots-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     cache = tmp / "cache"
     os.environ.update(DTM_CACHE=str(cache), DTM_LAB_AUTOBUILD="0", HF_HUB_OFFLINE="1")
     app = None
@@ -151,14 +155,16 @@ def main() -> None:
         from dtm.lab import default_lab_dir
 
         # The dashboard's default lab is the small one built for the story.
-        default_lab_dir().symlink_to(default_lab_dir(0, "small"), target_is_directory=True)
+        if not default_lab_dir().is_symlink():
+            default_lab_dir().symlink_to(default_lab_dir(0, "small"), target_is_directory=True)
         app = Dashboard(cache, tmp / "streamlit.log").start()
         pages(app.url)
     finally:
         if app is not None:
             app.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
