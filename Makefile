@@ -8,7 +8,7 @@ PORT   ?= 8501
 # offline); `make test` installs it with apt when it is missing.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test setup lint bench-disperse bench-train bench-eval clean-cache chromium
+.PHONY: run test setup lint bench-disperse bench-train bench-eval clean-cache chromium screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev chromium
 	DTM_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
+
+# The README's pictures (docs/img/): the small lab and a short story in a temporary cache.
+screenshots: $(VENV)/.installed-dev chromium
+	DTM_CHROMIUM=$(CHROMIUM) $(BIN)/python -m tests.screenshots
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check dtm views app.py tests bench studies
