@@ -31,7 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dtm.data import load_instructions
 from dtm.errors import ConfigError
+from dtm.models import load_base
+from dtm.train.config import check_curate
 
 COMPLEXITY_PROMPT = (
     "You are a helpful assistant. Please identify the complexity score of the following "
@@ -295,3 +298,22 @@ def curate_rows(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
     sel = selection(cfg, table, tok, model)
     save_selection(cfg, sel, out)
     return table[sel["kept"].to_numpy() == 1].reset_index(drop=True)
+
+
+def curate_folder(cfg) -> pd.DataFrame:
+    """``python -m dtm curate``: the selection of ``cfg.data`` (scored by ``cfg.base``
+    for ``ifd``), written to ``cfg.out/selection.csv`` and the registry; checked first."""
+    check_curate(cfg)
+    if cfg.curate_score == "ifd" and not cfg.base:
+        raise ConfigError("--curate-score ifd needs --base MODEL (the model that scores).")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder.")
+    table = load_instructions(cfg.data, count_tokens=False).table
+    model = tok = None
+    if cfg.curate_score == "ifd":
+        model, tok = load_base(cfg.base)
+    sel = selection(cfg, table, tok, model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_selection(cfg, sel, out)
+    return sel

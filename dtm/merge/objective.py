@@ -21,7 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from dtm.errors import ConfigError
+from dtm.score_file import model_and_lab
 from dtm.tasks import BY_NAME, PROBES, SHORT, TASKS
+from dtm.usertasks import build_task, folder_tasks
 
 
 def lower_is_better(label: str) -> bool:
@@ -56,8 +58,6 @@ class Objective:
         if self.tasks:
             if not self.tasks_dir:
                 raise ConfigError(f"{', '.join(self.tasks)}: give the --tasks-dir they are in.")
-            from dtm.usertasks import folder_tasks
-
             found = folder_tasks(self.tasks_dir)
             missing = [t for t in self.tasks if t not in found]
             if missing:
@@ -108,8 +108,6 @@ class Objective:
         )
 
     def _task(self, name: str):
-        from dtm.usertasks import build_task
-
         return build_task(self._files[name])  # cached by the files' modification times
 
     # -- scoring
@@ -165,6 +163,63 @@ class Objective:
         if self.weights:
             return float(sum(w * signed[k] for k, w in self.weights.items()))
         return float(sum(signed.values()) / len(signed))
+
+
+def merge_objective(
+    base: str,
+    k: int,
+    *,
+    cocktail: bool = False,
+    tasks: list[str] = (),
+    tasks_dir: str | None = None,
+    heldout: list[str] = (),
+    lab: str | None = None,
+    limit: int | None = 40,
+    budget: int = 40,
+    temperature: float = 5.0,
+) -> Objective:
+    """The objective of ``dtm merge --search`` (or ``--cocktail``) over ``k`` adapters of
+    ``base``: lab ``tasks``, ``tasks_dir``'s tasks and ``heldout`` losses; every input is
+    checked (each error names its flag) before any model loads."""
+    from dtm.evaluate import check_heldout  # lazy: torch
+
+    tasks = list(tasks)
+    if cocktail:
+        if not heldout or tasks:
+            raise ConfigError(
+                "--cocktail weighs each adapter by its held-out loss: give --heldout FILE "
+                "(and no --tasks)."
+            )
+    elif not tasks and not heldout:
+        raise ConfigError("--search: give --tasks (and --tasks-dir) and/or --heldout FILE.")
+    user = folder_tasks(tasks_dir) if tasks_dir else {}
+    mine = [t for t in tasks if t in user]
+    lab_tasks = [t for t in tasks if t not in user and t in TASKS + PROBES]
+    unknown = [t for t in tasks if t not in user and t not in lab_tasks]
+    if unknown:
+        raise ConfigError(
+            f"--tasks {', '.join(unknown)}: the search scores with the quick engine: a lab "
+            f"task or a task of --tasks-dir{f' {tasks_dir}' if tasks_dir else ''}."
+        )
+    _, lab = model_and_lab(base, lab) if lab_tasks else (None, None)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: must be at least 1.")
+    if cocktail and not temperature > 0:
+        raise ConfigError(f"--temperature {temperature}: must be above 0.")
+    check_heldout(list(heldout))
+    if not cocktail and budget < k + 1:
+        raise ConfigError(
+            f"--budget {budget}: needs at least {k + 1} evaluations (the uniform point "
+            f"and the {k} vertices come first)."
+        )
+    return Objective(
+        lab=lab,
+        lab_tasks=tuple(lab_tasks),
+        tasks_dir=tasks_dir,
+        tasks=tuple(mine),
+        heldout=tuple(heldout),
+        limit=limit,
+    )
 
 
 def lab_objective(lab: str | None, tasks: dict[str, str], limit: int = 40) -> Objective:
