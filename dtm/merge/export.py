@@ -4,14 +4,47 @@ for Compare, and write what found the weights beside it (search.json, cocktail.j
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from dtm.merge.engine import Merger
 from dtm.merge.saved import save_merge
 from dtm.merge.search import cocktail, search_merge
-from dtm.store import write_json_atomic
+from dtm.store import cache_dir, write_json_atomic
 
 FOUND_FILES = {"search": "search.json", "cocktail": "cocktail.json"}
+
+
+def new_merge_dir(name: str) -> Path:
+    """A new export folder of the Merge page: ``<cache>/merged/NAME-<time stamp>``."""
+    return cache_dir() / "merged" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def export_recipe(
+    merger,
+    out: str | Path,
+    recipe: dict,
+    *,
+    adapters: list[str],
+    source: str = "exported",
+    group: str | None = None,
+    full: bool = False,
+    registry=None,
+) -> tuple[Path, dict]:
+    """Write ``merger``'s merge by ``recipe`` (``method``, ``weights``, ``params``) into
+    ``out`` (a new folder) and record it for Compare: ``(the folder, the saved merge)``."""
+    params = recipe.get("params") or {}
+    written = merger.export(out, recipe["method"], recipe["weights"], full=full, **params)
+    saved = save_merge(
+        merger.base,
+        [str(a) for a in adapters],
+        recipe,
+        source=source,
+        group=group,
+        path=str(written),
+        registry=registry,
+    )
+    return Path(written), saved
 
 
 def merge_to_folder(
@@ -54,13 +87,9 @@ def merge_to_folder(
         found = cocktail(merger, objective, temperature)
     if found is not None:
         weights = found["best"]["weights"]
-    written = merger.export(out, method, weights, full=full, **params)
-    saved = save_merge(
-        base,
-        [str(a) for a in adapters],
-        {"method": method, "weights": weights, "params": params},
-        source=find or "exported",
-        path=str(written),
+    recipe = {"method": method, "weights": weights, "params": params}
+    written, saved = export_recipe(
+        merger, out, recipe, adapters=adapters, source=find or "exported", full=full
     )
     found_file = None
     if found is not None:

@@ -255,7 +255,8 @@ def heldout_options(source) -> dict[str, object]:
             except (OSError, ValueError):
                 pass
     if runs and all(r is not None for _, r in runs):
-        out["each sub-model's held-out rows"] = ("clusters", [(n, r) for n, r in runs])
+        # hashable, for the page's caches: (name, run folder) pairs
+        out["each sub-model's held-out rows"] = ("clusters", tuple((n, str(r)) for n, r in runs))
     vals = {c.get("val_data") for c in configs if c.get("val_data")}
     if len(vals) == 1:
         out["validation split"] = vals.pop()
@@ -272,3 +273,24 @@ def expand_heldout(choice) -> list:
     if isinstance(choice, tuple) and choice and choice[0] == "clusters":
         return heldout_tables([(n, Path(r)) for n, r in choice[1]])
     return [choice]
+
+
+def objective_from_choices(
+    lab: str | None,
+    lab_tasks: tuple = (),
+    tasks_dir: str | None = None,
+    tasks: tuple = (),
+    heldout: tuple = (),
+    limit: int | None = 40,
+) -> Objective:
+    """The Merge page's objective: ``heldout`` holds ``heldout_options`` values (each
+    expanded by ``expand_heldout``) or files."""
+    entries = [entry for choice in heldout for entry in expand_heldout(choice)]
+    return Objective(
+        lab=lab,
+        lab_tasks=lab_tasks,
+        tasks_dir=tasks_dir,
+        tasks=tasks,
+        heldout=tuple(entries),
+        limit=limit,
+    )
