@@ -31,10 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dtm.data import load_instructions
+from dtm.data import COLUMNS, load_instructions
+from dtm.disperse import dataset_step, embedding_step, read_embeddings, read_table
+from dtm.embed import prompt_text
 from dtm.errors import ConfigError
 from dtm.models import load_base
-from dtm.train.config import check_curate
+from dtm.store import Registry, file_digest, write_text_atomic
+from dtm.train.config import check_curate, curate_budget
+from dtm.train.rows import collate, encode_rows
 
 COMPLEXITY_PROMPT = (
     "You are a helpful assistant. Please identify the complexity score of the following "
@@ -65,7 +69,7 @@ def select(scores: np.ndarray, embeddings: np.ndarray, budget: int, threshold: f
 def _row_losses(model, batches) -> list[float]:
     """Mean cross-entropy over the labelled tokens of each row (``batches`` of collated
     ``input_ids, labels, attention_mask``)."""
-    import torch
+    import torch  # lazy: torch
 
     out: list[float] = []
     device = next(model.parameters()).device
@@ -83,8 +87,6 @@ def _row_losses(model, batches) -> list[float]:
 
 def ifd_scores(model, tok, table: pd.DataFrame, max_length: int, batch_size: int = 8) -> np.ndarray:
     """IFD of each row under ``model``: conditioned over unconditioned response loss."""
-    from dtm.train.rows import collate, encode_rows
-
     rows = encode_rows(table, tok, max_length)
     alone = []
     for r in rows:
@@ -109,8 +111,6 @@ def ifd_scores(model, tok, table: pd.DataFrame, max_length: int, batch_size: int
 
 def column_scores(data: str, table: pd.DataFrame, name: str) -> np.ndarray:
     """The numeric field ``name`` of the data file, for ``table``'s rows (by id)."""
-    from dtm.data import COLUMNS, load_instructions
-
     full = load_instructions(data, count_tokens=False, keep=(name,)).table
     if name not in full.columns or (name not in COLUMNS and full[name].isna().all()):
         raise ConfigError(f"--curate-score column:{name}: {data} has no field {name!r}.")
@@ -131,8 +131,6 @@ def column_scores(data: str, table: pd.DataFrame, name: str) -> np.ndarray:
 
 
 def _load_scorer(name: str):
-    from dtm.models import load_base
-
     try:
         model, tok = load_base(name)
     except Exception as e:  # a missing folder, no weights, not a causal LM
@@ -154,7 +152,7 @@ def _load_scorer(name: str):
 def _expected_score(
     model, tok, digits: list[int], prompts: list[str], max_length: int
 ) -> np.ndarray:
-    import torch
+    import torch  # lazy: torch
 
     out = []
     device = next(model.parameters()).device
@@ -168,8 +166,6 @@ def _expected_score(
 
 
 def deita_scores(spec: str, table: pd.DataFrame, max_length: int) -> np.ndarray:
-    from dtm.embed import prompt_text
-
     complexity_name, quality_name = (m.strip() for m in spec.split(","))
     instructions = prompt_text(table).tolist()
     model, tok, digits = _load_scorer(complexity_name)
@@ -210,9 +206,6 @@ def ranking_scores(cfg, scores: np.ndarray) -> np.ndarray:
 
 def embeddings_for(data: str, table: pd.DataFrame) -> np.ndarray:
     """The Disperse step's cached embeddings of ``table``'s rows (by id)."""
-    from dtm.disperse import dataset_step, embedding_step, read_embeddings, read_table
-    from dtm.store import Registry
-
     registry = Registry()
     ds = dataset_step(data, registry)
     emb, _ = embedding_step(ds, registry)
@@ -223,8 +216,6 @@ def embeddings_for(data: str, table: pd.DataFrame) -> np.ndarray:
 
 def selection(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
     """``id, score, kept`` for every row of ``table`` (data order)."""
-    from dtm.train.config import curate_budget
-
     budget = curate_budget(cfg, len(table))
     scores = scores_for(cfg, table, tok, model)
     kept = select(ranking_scores(cfg, scores), embeddings_for(cfg.data, table), budget,
@@ -242,8 +233,6 @@ def selection(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
 
 def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
     """``out/selection.csv``, and the same file as a registry artifact of kind selection."""
-    from dtm.store import Registry, file_digest, write_text_atomic
-
     text = sel.to_csv(index=False)
     write_text_atomic(out / "selection.csv", text)
     inputs: dict[str, Any] = {
@@ -271,8 +260,6 @@ def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
 def selections_for(digest: str | None, registry=None) -> list:
     """The saved selections (registry artifacts of kind ``selection``) of the data file
     whose content digest (``dtm.store.file_digest``) is ``digest``, newest first."""
-    from dtm.store import Registry
-
     if not digest:
         return []
     registry = registry or Registry()

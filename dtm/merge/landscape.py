@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dtm.merge.objective import lower_is_better
 from dtm.tasks import QUICK_TASKS  # noqa: E402  (the task table's quick set)
 
 
@@ -105,7 +106,6 @@ def landscape_points(
 
 def signed_front(frame: pd.DataFrame, x: str, y: str) -> np.ndarray:
     """``pareto_front`` of two score columns, where a loss is better lower."""
-    from dtm.merge.objective import lower_is_better
 
     def signed(c):
         return -frame[c].to_numpy() if lower_is_better(c) else frame[c].to_numpy()
@@ -173,7 +173,6 @@ def merge_score_fn(merger, method: str, objective, pareto: tuple[str, str] | Non
     """``weights -> (value, scores)`` for ``dtm.merge.search.search_weights``: the merge at
     those weights, scored by ``objective`` (with ``pareto``: the two labels' signed
     values)."""
-    from dtm.merge.objective import lower_is_better
 
     def fn(weights):
         scores = objective.score(merger.apply(method, weights, **params), merger.tokenizer)

@@ -14,16 +14,20 @@ better). Each source is read and tokenised once, on first use, and kept.
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from dtm.baselines import default_reference
 from dtm.errors import ConfigError
+from dtm.harness import flatten_user
+from dtm.merge.sources import run_dir_of
 from dtm.score_file import model_and_lab
 from dtm.tasks import BY_NAME, PROBES, SHORT, TASKS
-from dtm.usertasks import build_task, folder_tasks
+from dtm.usertasks import build_task, folder_tasks, quick_evaluate
 
 
 def lower_is_better(label: str) -> bool:
@@ -86,7 +90,7 @@ class Objective:
     # -- labels
 
     def _heldout_items(self) -> list[tuple[str, object]]:
-        from dtm.heldout import result_key
+        from dtm.heldout import result_key  # lazy: torch
 
         out = []
         for h in self.heldout:
@@ -113,10 +117,8 @@ class Objective:
     # -- scoring
 
     def score(self, model, tokenizer) -> dict[str, float]:
-        from dtm.evaluate import evaluate_lab
-        from dtm.harness import flatten_user
-        from dtm.heldout import encode_source, rows_loss
-        from dtm.usertasks import quick_evaluate
+        from dtm.evaluate import evaluate_lab  # lazy: torch
+        from dtm.heldout import encode_source, rows_loss  # lazy: torch
 
         out: dict[str, float] = {}
         was_training = getattr(model, "training", False)
@@ -230,7 +232,7 @@ def lab_objective(lab: str | None, tasks: dict[str, str], limit: int = 40) -> Ob
 def heldout_tables(runs: list[tuple[str, Path]]) -> list[tuple[str, pd.DataFrame]]:
     """``(name, validation rows)`` of each training run folder: a sub-model's run holds
     its own cluster's held-out rows."""
-    from dtm.heldout import run_heldout_rows
+    from dtm.heldout import run_heldout_rows  # lazy: torch
 
     return [(name, run_heldout_rows(run)) for name, run in runs]
 
@@ -240,11 +242,6 @@ def heldout_options(source) -> dict[str, object]:
     each sub-model's own held-out rows (its run's validation split), the validation file
     the runs were given, and the reference corpus (the lab's pretraining text, or the
     runs' ``reference``), as far as the runs' folders tell."""
-    import json
-
-    from dtm.baselines import default_reference
-    from dtm.merge.sources import run_dir_of
-
     out: dict[str, object] = {}
     runs = [(name, run_dir_of(p)) for name, p in source.subs]
     configs = []
