@@ -236,10 +236,9 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
     )
     budget = int(c[1].number_input("evaluations", len(names) + 1, 500, 30, key="m_budget"))
     seed = int(c[2].number_input("seed", 0, 10**6, 0, key="m_find_seed"))
-    chosen = search_goal(mode, labels, objective)
-    if chosen is None:
+    obj, pareto = search_goal(mode, labels, objective)
+    if obj is None:
         return
-    obj, pareto = chosen
     b1, b2, b3 = st.columns([1, 1, 2])
     if b1.button("Find weights", key="m_find", type="primary"):
         bar = st.progress(0.0, text="weight search")
@@ -271,8 +270,8 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
 
 
 def search_goal(mode: str, labels: list[str], objective):
-    """``(objective, pareto labels or None)`` for the chosen mode; None when a Pareto
-    front lacks a second score."""
+    """``(objective, pareto labels or None)`` for the chosen mode; ``(None, None)`` when a
+    Pareto front lacks a second score."""
     if mode == "a weighted sum":
         wc, w = st.columns(min(len(labels), 4)), {}
         for i, lab in enumerate(labels):
@@ -282,7 +281,7 @@ def search_goal(mode: str, labels: list[str], objective):
     if mode == "a Pareto front of two":
         if len(labels) < 2:
             st.caption("A Pareto front needs two scores: choose more tasks or losses.")
-            return None
+            return None, None
         pc = st.columns(2)
         a = pc[0].selectbox("first", labels, key="m_par_a")
         b = pc[1].selectbox("second", [x for x in labels if x != a], key="m_par_b")
@@ -304,8 +303,7 @@ def found_captions(names, spec, method, params) -> None:
     saved = st.session_state.get("m_search")
     if saved and saved[:3] == (spec, method, tuple(sorted(params.items()))):
         found = saved[3]
-        best = found["best"]
-        uniform = found["points"][0]
+        best, uniform = found["best"], found["points"][0]
         st.caption(
             f"{len(found['points'])} points evaluated; best {_fmt(best['score'])} at "
             f"{', '.join(f'{v:.2f}' for v in best['weights'])} (uniform {_fmt(uniform['score'])}). "
