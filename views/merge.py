@@ -244,8 +244,8 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
         bar = st.progress(0.0, text="weight search")
         show = lambda s, f: bar.progress(min(f, 1.0), text=f"{s}: {f:.0%}")
         try:
-            found = search_merge(merger, method, obj, budget, seed=seed, pareto=pareto,
-                                 progress=show, **params)  # fmt: skip
+            found = search_merge(merger, method, obj, budget, params=params, seed=seed,
+                                 pareto=pareto, progress=show)  # fmt: skip
         except DTMError as e:
             st.error(str(e))
             return

@@ -81,8 +81,9 @@ def merge_to_folder(
     )
     found = None
     if find == "search":
-        found = search_merge(merger, method, objective, budget, seed=seed, progress=progress,
-                             **params)  # fmt: skip
+        found = search_merge(
+            merger, method, objective, budget, params=params, seed=seed, progress=progress
+        )
     elif find == "cocktail":
         found = cocktail(merger, objective, temperature)
     if found is not None:

@@ -73,16 +73,17 @@ def search_merge(
     objective,
     budget: int = 40,
     *,
+    params: dict | None = None,
     seed: int = 0,
     pareto: tuple[str, str] | None = None,
     progress: Callable[[str, float], None] | None = None,
-    **params,
 ) -> dict:
-    """``search_weights`` over the weights of ``merger``'s ``method`` merge, each point
-    scored by ``objective`` (or the two labels of ``pareto``, for a Pareto front)."""
+    """``search_weights`` (seeded by ``seed``) over the weights of ``merger``'s ``method``
+    merge with ``params``, each point scored by ``objective`` (or the two labels of
+    ``pareto``, for a Pareto front)."""
     from dtm.merge.landscape import merge_score_fn  # lazy: torch
 
-    fn = merge_score_fn(merger, method, objective, pareto, **params)
+    fn = merge_score_fn(merger, method, objective, pareto, **(params or {}))
     k = len(merger.sets)
     return search_weights(fn, k, budget, seed=seed, pareto=pareto is not None, progress=progress)
 
