@@ -37,7 +37,7 @@ from dtm.embed import prompt_text
 from dtm.errors import ConfigError
 from dtm.models import load_base
 from dtm.store import Registry, file_digest, write_text_atomic
-from dtm.train.config import curate_budget
+from dtm.train.config import check_curate, curate_budget
 from dtm.train.rows import collate, encode_rows
 
 COMPLEXITY_PROMPT = (
@@ -69,7 +69,7 @@ def select(scores: np.ndarray, embeddings: np.ndarray, budget: int, threshold: f
 def _row_losses(model, batches) -> list[float]:
     """Mean cross-entropy over the labelled tokens of each row (``batches`` of collated
     ``input_ids, labels, attention_mask``)."""
-    import torch
+    import torch  # lazy: torch
 
     out: list[float] = []
     device = next(model.parameters()).device
@@ -87,7 +87,6 @@ def _row_losses(model, batches) -> list[float]:
 
 def ifd_scores(model, tok, table: pd.DataFrame, max_length: int, batch_size: int = 8) -> np.ndarray:
     """IFD of each row under ``model``: conditioned over unconditioned response loss."""
-
     rows = encode_rows(table, tok, max_length)
     alone = []
     for r in rows:
@@ -112,7 +111,6 @@ def ifd_scores(model, tok, table: pd.DataFrame, max_length: int, batch_size: int
 
 def column_scores(data: str, table: pd.DataFrame, name: str) -> np.ndarray:
     """The numeric field ``name`` of the data file, for ``table``'s rows (by id)."""
-
     full = load_instructions(data, count_tokens=False, keep=(name,)).table
     if name not in full.columns or (name not in COLUMNS and full[name].isna().all()):
         raise ConfigError(f"--curate-score column:{name}: {data} has no field {name!r}.")
@@ -154,7 +152,7 @@ def _load_scorer(name: str):
 def _expected_score(
     model, tok, digits: list[int], prompts: list[str], max_length: int
 ) -> np.ndarray:
-    import torch
+    import torch  # lazy: torch
 
     out = []
     device = next(model.parameters()).device
@@ -208,7 +206,6 @@ def ranking_scores(cfg, scores: np.ndarray) -> np.ndarray:
 
 def embeddings_for(data: str, table: pd.DataFrame) -> np.ndarray:
     """The Disperse step's cached embeddings of ``table``'s rows (by id)."""
-
     registry = Registry()
     ds = dataset_step(data, registry)
     emb, _ = embedding_step(ds, registry)
@@ -219,7 +216,6 @@ def embeddings_for(data: str, table: pd.DataFrame) -> np.ndarray:
 
 def selection(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
     """``id, score, kept`` for every row of ``table`` (data order)."""
-
     budget = curate_budget(cfg, len(table))
     scores = scores_for(cfg, table, tok, model)
     kept = select(ranking_scores(cfg, scores), embeddings_for(cfg.data, table), budget,
@@ -237,7 +233,6 @@ def selection(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
 
 def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
     """``out/selection.csv``, and the same file as a registry artifact of kind selection."""
-
     text = sel.to_csv(index=False)
     write_text_atomic(out / "selection.csv", text)
     inputs: dict[str, Any] = {
@@ -265,7 +260,6 @@ def save_selection(cfg, sel: pd.DataFrame, out: Path) -> None:
 def selections_for(digest: str | None, registry=None) -> list:
     """The saved selections (registry artifacts of kind ``selection``) of the data file
     whose content digest (``dtm.store.file_digest``) is ``digest``, newest first."""
-
     if not digest:
         return []
     registry = registry or Registry()
@@ -291,3 +285,22 @@ def curate_rows(cfg, table: pd.DataFrame, tok=None, model=None) -> pd.DataFrame:
     sel = selection(cfg, table, tok, model)
     save_selection(cfg, sel, out)
     return table[sel["kept"].to_numpy() == 1].reset_index(drop=True)
+
+
+def curate_folder(cfg) -> pd.DataFrame:
+    """``python -m dtm curate``: the selection of ``cfg.data`` (scored by ``cfg.base``
+    for ``ifd``), written to ``cfg.out/selection.csv`` and the registry; checked first."""
+    check_curate(cfg)
+    if cfg.curate_score == "ifd" and not cfg.base:
+        raise ConfigError("--curate-score ifd needs --base MODEL (the model that scores).")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder.")
+    table = load_instructions(cfg.data, count_tokens=False).table
+    model = tok = None
+    if cfg.curate_score == "ifd":
+        model, tok = load_base(cfg.base)
+    sel = selection(cfg, table, tok, model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_selection(cfg, sel, out)
+    return sel

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dtm import cluster, data, embed
+from dtm.errors import ConfigError
 from dtm.models import lab_of
 from dtm.store import Artifact, Registry, file_digest, write_json_atomic, write_text_atomic
 
@@ -270,6 +271,30 @@ def write_disperse_outputs(
     info["artifacts"] = {k: a.key for k, a in res.artifacts.items()}
     json_path = write_json_atomic(out / "clusters.json", info)
     return csv_path, json_path
+
+
+def disperse_to_folder(
+    cfg: DisperseConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    project: bool = True,
+    progress: embed.Progress = _noop,
+    registry: Registry | None = None,
+) -> tuple[DisperseResult, Path, Path]:
+    """``python -m dtm disperse``: ``run_disperse`` then ``write_disperse_outputs``; an
+    ``out`` that is a file, or holds outputs (without ``force``), is refused first."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder.")
+    existing = [p for p in (out / "assignments.csv", out / "clusters.json") if p.exists()]
+    if existing and not force:
+        raise ConfigError(
+            f"{existing[0]} already exists: choose another --out, or add --force to replace it."
+        )
+    res = run_disperse(cfg, registry or Registry(), project=project, progress=progress)
+    csv_path, json_path = write_disperse_outputs(res, out, cfg)
+    return res, csv_path, json_path
 
 
 def saved_assignments(registry: Registry) -> list[Artifact]:

@@ -34,7 +34,7 @@ LAYERS = [
     },
     {"train"},
     {"evaluate"},
-    {"merge", "jobs", "score", "curate", "controls", "analysis", "lineup"},
+    {"merge", "jobs", "score", "score_file", "curate", "controls", "analysis", "lineup"},
     {"experiment", "story", "lab"},
     {"cli", "__main__"},
 ]

@@ -6,32 +6,24 @@ export, or keep the merge for Compare."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from dtm import charts, jobs
 from dtm.errors import DTMError
+from dtm.merge import landscape as ml
 from dtm.merge.engine import Merger
-from dtm.merge.landscape import (
-    LogitEnsemble,
-    landscape,
-    merge_score_fn,
-    pareto_front,
-    simplex_grid,
-    simplex_sample,
-    slice_points,
-)
+from dtm.merge.export import export_recipe, new_merge_dir
 from dtm.merge.methods import METHODS, widget_spec
-from dtm.merge.objective import Objective, expand_heldout, heldout_options, lower_is_better
+from dtm.merge.objective import Objective, heldout_options, lower_is_better, objective_from_choices
 from dtm.merge.saved import recipe_label, save_merge
-from dtm.merge.search import cocktail_weights, search_weights
+from dtm.merge.search import cocktail, search_merge
 from dtm.merge.sources import folder_source, merge_sources
 from dtm.score import ModelRef, load_model
-from dtm.store import cache_dir, safe_name
+from dtm.store import safe_name
 from dtm.tasks import QUICK_TASKS, SHORT, TASKS
+from dtm.tasks.files import folder_tasks
 from views.common import registry
 
 PICKED = "m_picked_weights"  # weights to apply on the next run (landscape, search, cocktail)
@@ -46,18 +38,7 @@ def merger_for(base: str, adapters: tuple[str, ...]) -> Merger:
 @st.cache_resource(max_entries=4, show_spinner="Reading the evaluation sets…")
 def objective_for(spec: tuple) -> Objective:
     """One objective per settings (it keeps its tokenised held-out rows)."""
-    lab, lab_tasks, tasks_dir, tasks, heldout, limit, _ = spec
-    entries = []
-    for h in heldout:
-        entries += expand_heldout(h)
-    return Objective(
-        lab=lab,
-        lab_tasks=lab_tasks,
-        tasks_dir=tasks_dir,
-        tasks=tasks,
-        heldout=tuple(entries),
-        limit=limit,
-    )
+    return objective_from_choices(*spec[:6])
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -79,10 +60,7 @@ def params_panel(method: str) -> dict:
         elif p.type is int:
             params[p.name] = int(col.number_input(p.name, int(p.low), 10**6, p.default, key=key))
         else:
-            # an open bound is kept out of the slider's range by one step
-            step = 0.05 if p.high <= 1 else 0.1
-            lo = p.low + step if p.low_open else p.low
-            hi = min(p.high, 10.0) - (step if p.high_open else 0.0)
+            lo, hi, step = p.slider()
             params[p.name] = col.slider(p.name, lo, hi, p.default, step, key=key, help=p.help)
     return params
 
@@ -153,8 +131,6 @@ def choose_objective(src, limit: int) -> tuple | None:
     )
     user: tuple = ()
     if tasks_dir:
-        from dtm.evaluate.user import folder_tasks
-
         try:
             found = list(folder_tasks(tasks_dir))
         except DTMError as e:
@@ -170,22 +146,11 @@ def choose_objective(src, limit: int) -> tuple | None:
         help="the mean response-token loss (lower is better), no benchmark needed",
     )
     extra = c[1].text_input("Held-out file (instruction data or .txt)", key="m_held_file").strip()
-    heldout = tuple(_hashable(options[h]) for h in held) + ((extra,) if extra else ())
+    heldout = tuple(options[h] for h in held) + ((extra,) if extra else ())
     if not (lab_tasks or user or heldout):
         st.info("Choose what the merge is scored on: tasks or held-out losses.")
         return None
-    return (src.lab, lab_tasks, tasks_dir, user, heldout, limit, _identity(src))
-
-
-def _identity(src) -> tuple:
-    """What a score, a search or a landscape was computed on."""
-    return (src.base, tuple(str(p) for _, p in src.subs))
-
-
-def _hashable(v):
-    if isinstance(v, tuple):  # the clusters' held-out rows: (name, run folder) pairs
-        return (v[0], tuple((n, str(r)) for n, r in v[1]))
-    return v
+    return (src.lab, lab_tasks, tasks_dir, user, heldout, limit, src.identity)
 
 
 def page() -> None:
@@ -209,10 +174,8 @@ def page() -> None:
         weights = [w / sum(weights) for w in weights]
     try:
         objective = objective_for(spec)
-        merger = merger_for(src.base, tuple(str(p) for _, p in src.subs))
-        t0 = time.perf_counter()
-        score = objective.score(merger.apply(method, weights, **params), merger.tokenizer)
-        ms = (time.perf_counter() - t0) * 1000
+        merger = merger_for(src.base, src.adapters)
+        score, ms = ml.live_score(merger, method, weights, objective, **params)
     except DTMError as e:
         st.error(str(e))
         return
@@ -229,18 +192,14 @@ def page() -> None:
     cols = st.columns(len(score) + 1)
     for col, (label, value) in zip(cols, score.items(), strict=False):
         delta = None if sft is None else f"{value - sft[label]:+.3f} vs SFT"
-        col.metric(
-            label,
-            f"{value:.3f}",
-            delta,
-            delta_color="inverse" if lower_is_better(label) else "normal",
-        )
+        color = "inverse" if lower_is_better(label) else "normal"
+        col.metric(label, f"{value:.3f}", delta, delta_color=color)
     cols[-1].metric("merge + score", f"{ms:.0f} ms")
     table = {"merged": score, **refs}
     if st.toggle("Logit ensemble of the sub-models (the reference)", key="m_ensemble"):
-        if objective.lab_tasks or objective.heldout:
-            ens = dataclasses.replace(objective, tasks=()) if objective.tasks else objective
-            table["ensemble"] = ens.score(LogitEnsemble(merger, weights), merger.tokenizer)
+        ens = ml.ensemble_score(merger, objective, weights)
+        if ens is not None:
+            table["ensemble"] = ens
         if objective.tasks:
             st.caption("The ensemble is scored on lab tasks and held-out losses only.")
     st.dataframe(
@@ -257,21 +216,12 @@ def reference_rows(merger, src, spec, objective, names) -> dict:
     baselines loaded once each and cached."""
     key = ("m_refs", src.group, spec)
     if st.session_state.get("m_refs_key") != key:
-        k = len(names)
-        with merger.base_only() as base:
-            rows = {"base": objective.score(base, merger.tokenizer)}
-        for i, name in enumerate(names):
-            one = [1.0 if j == i else 0.0 for j in range(k)]
-            rows[name] = objective.score(merger.apply("linear", one), merger.tokenizer)
+        rows = ml.reference_scores(merger, objective, names)
         st.session_state["m_refs"], st.session_state["m_refs_key"] = rows, key
     refs = dict(st.session_state["m_refs"])
     for name, (_, path) in src.baselines.items():
         refs[name] = reference_score(src.base, str(path), spec)
-    return {
-        "base": refs.pop("base"),
-        **{n: refs[n] for n in src.baselines},
-        **{n: refs[n] for n in names},
-    }
+    return {n: refs[n] for n in ["base", *src.baselines, *names]}
 
 
 def find_panel(merger, method, params, names, objective, spec) -> None:
@@ -286,39 +236,16 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
     )
     budget = int(c[1].number_input("evaluations", len(names) + 1, 500, 30, key="m_budget"))
     seed = int(c[2].number_input("seed", 0, 10**6, 0, key="m_find_seed"))
-    obj, pareto = objective, None
-    if mode == "a weighted sum":
-        wc = st.columns(min(len(labels), 4))
-        w = {
-            lab: float(
-                wc[i % len(wc)].number_input(
-                    f"weight of {lab}", -10.0, 10.0, 1.0, 0.5, key=f"m_ow_{lab}"
-                )
-            )
-            for i, lab in enumerate(labels)
-        }
-        obj = dataclasses.replace(objective, weights=w)
-    elif mode == "a Pareto front of two":
-        if len(labels) < 2:
-            st.caption("A Pareto front needs two scores: choose more tasks or losses.")
-            return
-        pc = st.columns(2)
-        a = pc[0].selectbox("first", labels, key="m_par_a")
-        b = pc[1].selectbox("second", [x for x in labels if x != a], key="m_par_b")
-        pareto = (a, b)
+    obj, pareto = search_goal(mode, labels, objective)
+    if obj is None:
+        return
     b1, b2, b3 = st.columns([1, 1, 2])
     if b1.button("Find weights", key="m_find", type="primary"):
         bar = st.progress(0.0, text="weight search")
-        fn = merge_score_fn(merger, method, obj, pareto, **params)
+        show = lambda s, f: bar.progress(min(f, 1.0), text=f"{s}: {f:.0%}")
         try:
-            found = search_weights(
-                fn,
-                len(names),
-                budget,
-                seed=seed,
-                pareto=pareto is not None,
-                progress=lambda s, f: bar.progress(min(f, 1.0), text=f"{s}: {f:.0%}"),
-            )
+            found = search_merge(merger, method, obj, budget, params=params, seed=seed,
+                                 pareto=pareto, progress=show)  # fmt: skip
         except DTMError as e:
             st.error(str(e))
             return
@@ -334,16 +261,36 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
         disabled=not held,
         help="softmax(-loss/T) of each sub-model's held-out loss (choose one above)",
     ):
-        k = len(names)
-        losses = []
-        for i in range(k):
-            one = [1.0 if j == i else 0.0 for j in range(k)]
-            s = objective.score(merger.apply("linear", one), merger.tokenizer)
-            losses.append(float(np.mean([s[x] for x in held])))
-        w = cocktail_weights(losses, temp)
-        st.session_state["m_cocktail_result"] = (spec, losses, w)
+        found = cocktail(merger, objective, temp)
+        w = found["best"]["weights"]
+        st.session_state["m_cocktail_result"] = (spec, found["losses"], w)
         st.session_state[PICKED] = w
         st.rerun()
+    found_captions(names, spec, method, params)
+
+
+def search_goal(mode: str, labels: list[str], objective):
+    """``(objective, pareto labels or None)`` for the chosen mode; ``(None, None)`` when a
+    Pareto front lacks a second score."""
+    if mode == "a weighted sum":
+        wc, w = st.columns(min(len(labels), 4)), {}
+        for i, lab in enumerate(labels):
+            ask = wc[i % len(wc)].number_input
+            w[lab] = float(ask(f"weight of {lab}", -10.0, 10.0, 1.0, 0.5, key=f"m_ow_{lab}"))
+        return dataclasses.replace(objective, weights=w), None
+    if mode == "a Pareto front of two":
+        if len(labels) < 2:
+            st.caption("A Pareto front needs two scores: choose more tasks or losses.")
+            return None, None
+        pc = st.columns(2)
+        a = pc[0].selectbox("first", labels, key="m_par_a")
+        b = pc[1].selectbox("second", [x for x in labels if x != a], key="m_par_b")
+        return objective, (a, b)
+    return objective, None
+
+
+def found_captions(names, spec, method, params) -> None:
+    """What LM-Cocktail and the last search found, for these settings."""
     kept = st.session_state.get("m_cocktail_result")
     if kept and kept[0] == spec:
         _, losses, w = kept
@@ -356,8 +303,7 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
     saved = st.session_state.get("m_search")
     if saved and saved[:3] == (spec, method, tuple(sorted(params.items()))):
         found = saved[3]
-        best = found["best"]
-        uniform = found["points"][0]
+        best, uniform = found["best"], found["points"][0]
         st.caption(
             f"{len(found['points'])} points evaluated; best {_fmt(best['score'])} at "
             f"{', '.join(f'{v:.2f}' for v in best['weights'])} (uniform {_fmt(uniform['score'])}). "
@@ -369,20 +315,6 @@ def _fmt(score) -> str:
     if isinstance(score, (list, tuple)):
         return "(" + ", ".join(f"{x:.3f}" for x in score) + ")"
     return f"{score:.4f}"
-
-
-def _search_frame(found: dict, objective) -> pd.DataFrame:
-    rows = []
-    for p in found["points"]:
-        rows.append(
-            {
-                **{f"w{i}": v for i, v in enumerate(p["weights"])},
-                **p["scores"],
-                "objective": objective.value(p["scores"]),
-                "from": "search",
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def landscape_panel(merger, method, params, names, objective, spec) -> None:
@@ -399,13 +331,10 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
         pair = (a, b)
     settings = (method, tuple(sorted(params.items())), spec)
     if c3.button("Compute the landscape", key="m_land"):
-        if view == "2-D slice":
-            current = [st.session_state[f"w_{i}"] for i in range(k)]
-            pts = slice_points(current, *pair)
-        else:
-            pts = simplex_grid(3, 0.1) if k == 3 else simplex_sample(k, n, seed=0)
+        current = [st.session_state[f"w_{i}"] for i in range(k)]
+        pts = ml.landscape_points(view, k, n, current, pair)
         bar = st.progress(0.0)
-        frame = landscape(
+        frame = ml.landscape(
             merger, method, pts, objective, progress=lambda s, f: bar.progress(f), **params
         )
         frame["from"] = "grid"
@@ -420,29 +349,18 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
             st.caption("Computed for other settings; compute it again to refresh.")
         frames.append(frame)
     if search and search[:3] == (spec, method, tuple(sorted(params.items()))):
-        frames.append(_search_frame(search[3], objective))
+        frames.append(ml.search_frame(search[3], objective))
     if not frames:
         st.caption("Scores a grid over the weight simplex; click a point to set the sliders.")
         return
-    frame = pd.concat(frames, ignore_index=True)
-    skip = {"from"}
-    scored = [
-        c for c in frame.columns if not (c.startswith("w") and c[1:].isdigit()) and c not in skip
-    ]
+    frame, scored, (x, y) = ml.landscape_table(frames)
     metric = st.selectbox("Colour by", scored, key="m_colour")
     if key is not None and key[3] == "2-D slice" and len(frames) == 1:
         fig = charts.weight_slice(frame, *key[4], names, metric)
     elif k == 3:
         fig = charts.ternary(frame, names, metric)
     else:
-        x = "knowledge" if "knowledge" in scored else scored[0]
-        y = "instruct" if "instruct" in scored else scored[-1]
-
-        def signed(c):  # the front is of "better", and a loss is better lower
-            return -frame[c].to_numpy() if lower_is_better(c) else frame[c].to_numpy()
-
-        front = pareto_front(signed(x), signed(y))
-        fig = charts.pareto(frame, front, metric, x, y)
+        fig = charts.pareto(frame, ml.signed_front(frame, x, y), metric, x, y)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points",), key="m_land_chart")
     points = (event or {}).get("selection", {}).get("points", []) if event else []
     if points:
@@ -458,28 +376,18 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
 def export_panel(merger, src, method, weights, params) -> None:
     st.subheader("Export")
     recipe = {"method": method, "weights": weights, "params": params}
-    adapters = [str(p) for _, p in src.subs]
+    adapters = list(src.adapters)
     c1, c2, c3, c4 = st.columns([1.2, 1, 1, 1])
     default = f"{safe_name(src.group)}-{method}"
     name = safe_name(c1.text_input("Name", default, key="m_export_name"))
     full = c2.checkbox("full merged weights", key="m_full")
     if c3.button("Export", key="m_export"):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = cache_dir() / "merged" / f"{name}-{stamp}"
         try:
-            merger.export(out, method, weights, full=full, **params)
+            out, _ = export_recipe(merger, new_merge_dir(name), recipe, adapters=adapters,
+                                   group=src.group, full=full, registry=registry())  # fmt: skip
         except DTMError as e:
             st.error(str(e))
             return
-        save_merge(
-            src.base,
-            adapters,
-            recipe,
-            source="exported",
-            group=src.group,
-            path=str(out),
-            registry=registry(),
-        )
         st.success(f"Wrote {out} with recipe.json; Compare lists it as {recipe_label(recipe)!r}")
     if c4.button("Keep for Compare", key="m_keep", help="score this merge as a row on Compare"):
         saved = save_merge(

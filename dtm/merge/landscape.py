@@ -8,13 +8,16 @@ score). ``landscape(merger, method, points, ...)`` scores each weight vector.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from dtm.merge.objective import lower_is_better
 from dtm.tasks import QUICK_TASKS  # noqa: E402  (the task table's quick set)
 
 
@@ -91,11 +94,85 @@ def landscape(
     return pd.DataFrame(rows)
 
 
+def landscape_points(
+    view: str, k: int, n: int, current: list[float] | None = None, pair=(0, 1)
+) -> np.ndarray:
+    """The Merge page's points: a ``"2-D slice"`` through ``current`` over the weights
+    ``pair``; otherwise the simplex's 0.1 grid (K = 3) or ``n`` sampled points."""
+    if view == "2-D slice":
+        return slice_points(current, *pair)
+    return simplex_grid(3, 0.1) if k == 3 else simplex_sample(k, n, seed=0)
+
+
+def signed_front(frame: pd.DataFrame, x: str, y: str) -> np.ndarray:
+    """``pareto_front`` of two score columns, where a loss is better lower."""
+
+    def signed(c):
+        return -frame[c].to_numpy() if lower_is_better(c) else frame[c].to_numpy()
+
+    return pareto_front(signed(x), signed(y))
+
+
+def search_frame(found: dict, objective) -> pd.DataFrame:
+    """A weight search's points as landscape rows (``w0..``, the scores, ``objective``),
+    ``from`` = ``search``."""
+    rows = [
+        {
+            **{f"w{i}": v for i, v in enumerate(p["weights"])},
+            **p["scores"],
+            "objective": objective.value(p["scores"]),
+            "from": "search",
+        }
+        for p in found["points"]
+    ]
+    return pd.DataFrame(rows)
+
+
+def reference_scores(merger, objective, names: list[str]) -> dict[str, dict]:
+    """``{"base": scores, name: scores, ...}``: the base model and each sub-model alone,
+    from the loaded merger (nothing more is loaded)."""
+    k = len(names)
+    with merger.base_only() as base:
+        rows = {"base": objective.score(base, merger.tokenizer)}
+    for i, name in enumerate(names):
+        one = [1.0 if j == i else 0.0 for j in range(k)]
+        rows[name] = objective.score(merger.apply("linear", one), merger.tokenizer)
+    return rows
+
+
+def live_score(merger, method: str, weights: list[float], objective, **params):
+    """``(scores, milliseconds)``: the merge at ``weights`` scored by ``objective``, and
+    how long merging and scoring took."""
+    t0 = time.perf_counter()
+    scores = objective.score(merger.apply(method, weights, **params), merger.tokenizer)
+    return scores, (time.perf_counter() - t0) * 1000
+
+
+def ensemble_score(merger, objective, weights: list[float]) -> dict | None:
+    """The logit ensemble's scores on the objective's lab tasks and held-out losses (a
+    folder task is not scored on it); None when it has neither."""
+    if not (objective.lab_tasks or objective.heldout):
+        return None
+    ens = dataclasses.replace(objective, tasks=()) if objective.tasks else objective
+    return ens.score(LogitEnsemble(merger, weights), merger.tokenizer)
+
+
+def landscape_table(frames: list[pd.DataFrame]) -> tuple[pd.DataFrame, list[str], tuple]:
+    """The landscape's and the search's points as one table, its score columns, and the
+    two a Pareto chart shows (knowledge and instruct when scored)."""
+    frame = pd.concat(frames, ignore_index=True)
+    scored = [
+        c for c in frame.columns if not (c.startswith("w") and c[1:].isdigit()) and c != "from"
+    ]
+    x = "knowledge" if "knowledge" in scored else scored[0]
+    y = "instruct" if "instruct" in scored else scored[-1]
+    return frame, scored, (x, y)
+
+
 def merge_score_fn(merger, method: str, objective, pareto: tuple[str, str] | None = None, **params):
     """``weights -> (value, scores)`` for ``dtm.merge.search.search_weights``: the merge at
     those weights, scored by ``objective`` (with ``pareto``: the two labels' signed
     values)."""
-    from dtm.merge.objective import lower_is_better
 
     def fn(weights):
         scores = objective.score(merger.apply(method, weights, **params), merger.tokenizer)

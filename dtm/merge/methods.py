@@ -42,6 +42,13 @@ class Param:
         hi = ")" if self.high_open else "]"
         return f"in {lo}{self.low:g}, {self.high:g}{hi}"
 
+    def slider(self) -> tuple[float, float, float]:
+        """``(low, high, step)`` of a page's slider: an open bound is kept out of the
+        range by one step, and the range ends at 10 at most."""
+        step = 0.05 if self.high <= 1 else 0.1
+        lo = self.low + step if self.low_open else self.low
+        return lo, min(self.high, 10.0) - (step if self.high_open else 0.0), step
+
     def check(self, value: Any) -> Any:
         """The value as this parameter's type, or a ConfigError naming it and its range."""
         if self.choices:

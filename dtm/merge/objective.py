@@ -14,14 +14,21 @@ better). Each source is read and tokenised once, on first use, and kept.
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from dtm.baselines import default_reference
 from dtm.errors import ConfigError
+from dtm.evaluate.harness import flatten_user
+from dtm.evaluate.user import build_task, quick_evaluate
+from dtm.merge.sources import run_dir_of
+from dtm.score_file import model_and_lab
 from dtm.tasks import BY_NAME, PROBES, SHORT, TASKS
+from dtm.tasks.files import folder_tasks
 
 
 def lower_is_better(label: str) -> bool:
@@ -56,8 +63,6 @@ class Objective:
         if self.tasks:
             if not self.tasks_dir:
                 raise ConfigError(f"{', '.join(self.tasks)}: give the --tasks-dir they are in.")
-            from dtm.evaluate.user import folder_tasks
-
             found = folder_tasks(self.tasks_dir)
             missing = [t for t in self.tasks if t not in found]
             if missing:
@@ -86,7 +91,7 @@ class Objective:
     # -- labels
 
     def _heldout_items(self) -> list[tuple[str, object]]:
-        from dtm.evaluate.heldout import result_key
+        from dtm.evaluate.heldout import result_key  # lazy: torch
 
         out = []
         for h in self.heldout:
@@ -108,17 +113,13 @@ class Objective:
         )
 
     def _task(self, name: str):
-        from dtm.evaluate.user import build_task
-
         return build_task(self._files[name])  # cached by the files' modification times
 
     # -- scoring
 
     def score(self, model, tokenizer) -> dict[str, float]:
-        from dtm.evaluate import evaluate_lab
-        from dtm.evaluate.harness import flatten_user
-        from dtm.evaluate.heldout import encode_source, rows_loss
-        from dtm.evaluate.user import quick_evaluate
+        from dtm.evaluate import evaluate_lab  # lazy: torch
+        from dtm.evaluate.heldout import encode_source, rows_loss  # lazy: torch
 
         out: dict[str, float] = {}
         was_training = getattr(model, "training", False)
@@ -167,6 +168,65 @@ class Objective:
         return float(sum(signed.values()) / len(signed))
 
 
+def merge_objective(
+    base: str,
+    k: int,
+    *,
+    cocktail: bool = False,
+    tasks: list[str] = (),
+    tasks_dir: str | None = None,
+    heldout: list[str] = (),
+    lab: str | None = None,
+    limit: int | None = 40,
+    budget: int = 40,
+    temperature: float = 5.0,
+    default_lab: str | Path | None = None,
+) -> Objective:
+    """The objective of ``dtm merge --search`` (or ``--cocktail``) over ``k`` adapters of
+    ``base``: lab ``tasks``, ``tasks_dir``'s tasks and ``heldout`` losses; every input is
+    checked (each error names its flag) before any model loads. ``default_lab``: the
+    folder of the default lab, whose benchmarks score lab tasks when ``lab`` is None."""
+    from dtm.evaluate import check_heldout  # lazy: torch
+
+    tasks = list(tasks)
+    if cocktail:
+        if not heldout or tasks:
+            raise ConfigError(
+                "--cocktail weighs each adapter by its held-out loss: give --heldout FILE "
+                "(and no --tasks)."
+            )
+    elif not tasks and not heldout:
+        raise ConfigError("--search: give --tasks (and --tasks-dir) and/or --heldout FILE.")
+    user = folder_tasks(tasks_dir) if tasks_dir else {}
+    mine = [t for t in tasks if t in user]
+    lab_tasks = [t for t in tasks if t not in user and t in TASKS + PROBES]
+    unknown = [t for t in tasks if t not in user and t not in lab_tasks]
+    if unknown:
+        raise ConfigError(
+            f"--tasks {', '.join(unknown)}: the search scores with the quick engine: a lab "
+            f"task or a task of --tasks-dir{f' {tasks_dir}' if tasks_dir else ''}."
+        )
+    _, lab = model_and_lab(base, lab, default_lab) if lab_tasks else (None, None)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: must be at least 1.")
+    if cocktail and not temperature > 0:
+        raise ConfigError(f"--temperature {temperature}: must be above 0.")
+    check_heldout(list(heldout))
+    if not cocktail and budget < k + 1:
+        raise ConfigError(
+            f"--budget {budget}: needs at least {k + 1} evaluations (the uniform point "
+            f"and the {k} vertices come first)."
+        )
+    return Objective(
+        lab=lab,
+        lab_tasks=tuple(lab_tasks),
+        tasks_dir=tasks_dir,
+        tasks=tuple(mine),
+        heldout=tuple(heldout),
+        limit=limit,
+    )
+
+
 def lab_objective(lab: str | None, tasks: dict[str, str], limit: int = 40) -> Objective:
     """The Merge page's default on the lab: ``tasks`` as ``{short: task name}``."""
     return Objective(lab=lab, lab_tasks=tuple(tasks.values()), limit=limit)
@@ -175,7 +235,7 @@ def lab_objective(lab: str | None, tasks: dict[str, str], limit: int = 40) -> Ob
 def heldout_tables(runs: list[tuple[str, Path]]) -> list[tuple[str, pd.DataFrame]]:
     """``(name, validation rows)`` of each training run folder: a sub-model's run holds
     its own cluster's held-out rows."""
-    from dtm.evaluate.heldout import run_heldout_rows
+    from dtm.evaluate.heldout import run_heldout_rows  # lazy: torch
 
     return [(name, run_heldout_rows(run)) for name, run in runs]
 
@@ -185,11 +245,6 @@ def heldout_options(source) -> dict[str, object]:
     each sub-model's own held-out rows (its run's validation split), the validation file
     the runs were given, and the reference corpus (the lab's pretraining text, or the
     runs' ``reference``), as far as the runs' folders tell."""
-    import json
-
-    from dtm.baselines import default_reference
-    from dtm.merge.sources import run_dir_of
-
     out: dict[str, object] = {}
     runs = [(name, run_dir_of(p)) for name, p in source.subs]
     configs = []
@@ -200,7 +255,8 @@ def heldout_options(source) -> dict[str, object]:
             except (OSError, ValueError):
                 pass
     if runs and all(r is not None for _, r in runs):
-        out["each sub-model's held-out rows"] = ("clusters", [(n, r) for n, r in runs])
+        # hashable, for the page's caches: (name, run folder) pairs
+        out["each sub-model's held-out rows"] = ("clusters", tuple((n, str(r)) for n, r in runs))
     vals = {c.get("val_data") for c in configs if c.get("val_data")}
     if len(vals) == 1:
         out["validation split"] = vals.pop()
@@ -217,3 +273,24 @@ def expand_heldout(choice) -> list:
     if isinstance(choice, tuple) and choice and choice[0] == "clusters":
         return heldout_tables([(n, Path(r)) for n, r in choice[1]])
     return [choice]
+
+
+def objective_from_choices(
+    lab: str | None,
+    lab_tasks: tuple = (),
+    tasks_dir: str | None = None,
+    tasks: tuple = (),
+    heldout: tuple = (),
+    limit: int | None = 40,
+) -> Objective:
+    """The Merge page's objective: ``heldout`` holds ``heldout_options`` values (each
+    expanded by ``expand_heldout``) or files."""
+    entries = [entry for choice in heldout for entry in expand_heldout(choice)]
+    return Objective(
+        lab=lab,
+        lab_tasks=lab_tasks,
+        tasks_dir=tasks_dir,
+        tasks=tasks,
+        heldout=tuple(entries),
+        limit=limit,
+    )

@@ -15,7 +15,10 @@ sampler (NSGA-II) for a Pareto front of two scores with the same interface.
   "best": {...}}`` (with ``"front"``, the non-dominated points, for two objectives).
 
 ``cocktail_weights(losses, temperature=5.0)`` is LM-Cocktail's ``softmax(-loss / T)``
-(Xiao et al. 2023; 5.0 is their code's default temperature).
+(Xiao et al. 2023; 5.0 is their code's default temperature); ``cocktail(merger,
+objective)`` measures each adapter's mean held-out loss and weighs them so.
+``search_merge(merger, method, objective, budget)`` is the search over a merger's
+weights (``dtm merge --search``, the Merge page's "Find weights").
 """
 
 from __future__ import annotations
@@ -35,6 +38,54 @@ def cocktail_weights(losses: list[float], temperature: float = 5.0) -> list[floa
     top = max(z)
     e = [math.exp(v - top) for v in z]
     return [v / sum(e) for v in e]
+
+
+def cocktail_losses(merger, objective) -> list[float]:
+    """Each adapter's mean held-out loss: the objective's ``heldout:`` scores of the
+    merge that is that adapter alone."""
+    k = len(merger.sets)
+    losses = []
+    for i in range(k):
+        one = [1.0 if j == i else 0.0 for j in range(k)]
+        scores = objective.score(merger.apply("linear", one), merger.tokenizer)
+        held = [v for label, v in scores.items() if label.startswith("heldout:")]
+        if not held:
+            raise ConfigError("LM-Cocktail weighs by held-out losses: choose one.")
+        losses.append(sum(held) / len(held))
+    return losses
+
+
+def cocktail(merger, objective, temperature: float = 5.0) -> dict:
+    """LM-Cocktail's weights of ``merger``'s adapters: ``{"method", "temperature",
+    "losses", "best": {"weights"}}`` (``dtm merge --cocktail`` writes it as cocktail.json)."""
+    losses = cocktail_losses(merger, objective)
+    return {
+        "method": "lm-cocktail",
+        "temperature": temperature,
+        "losses": losses,
+        "best": {"weights": cocktail_weights(losses, temperature)},
+    }
+
+
+def search_merge(
+    merger,
+    method: str,
+    objective,
+    budget: int = 40,
+    *,
+    params: dict | None = None,
+    seed: int = 0,
+    pareto: tuple[str, str] | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict:
+    """``search_weights`` (seeded by ``seed``) over the weights of ``merger``'s ``method``
+    merge with ``params``, each point scored by ``objective`` (or the two labels of
+    ``pareto``, for a Pareto front)."""
+    from dtm.merge.landscape import merge_score_fn  # lazy: torch
+
+    fn = merge_score_fn(merger, method, objective, pareto, **(params or {}))
+    k = len(merger.sets)
+    return search_weights(fn, k, budget, seed=seed, pareto=pareto is not None, progress=progress)
 
 
 def _weights(x: list[float]) -> list[float]:

@@ -19,6 +19,16 @@ class MergeSource:
     lab: str | None  # the lab whose benchmarks score it, when trained on the lab
     clustering: str | None = None  # the sub-models' clustering, as recorded at submit
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The sub-models' adapter folders, as strings."""
+        return tuple(str(p) for _, p in self.subs)
+
+    @property
+    def identity(self) -> tuple:
+        """What a score, a search or a landscape was computed on."""
+        return (self.base, self.adapters)
+
 
 def merge_sources(store) -> list[MergeSource]:
     """Groups with at least two finished ``sub`` jobs on one base model, newest first."""
