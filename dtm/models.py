@@ -219,6 +219,32 @@ def lab_of(base: str | Path | None) -> str | None:
     return None
 
 
+def model_and_lab(
+    model: str, lab: str | None, default_lab: str | Path | None = None
+) -> tuple[str, str | None]:
+    """``--model lab`` is the default lab's base model (``default_lab``: its folder, which
+    the caller names: ``dtm.lab.default_lab_dir()``); a lab's ``model/`` folder brings
+    its benchmarks along; otherwise the default lab (when built) scores the lab tasks."""
+    default = Path(default_lab) if default_lab else None
+    if model == "lab":
+        lab_dir = Path(lab) if lab else default
+        if lab_dir is None:
+            raise ConfigError("--model lab: no default lab folder given; give --lab LAB.")
+        if not (lab_dir / "model" / "config.json").exists():
+            raise ConfigError(
+                f"--model lab: the lab {lab_dir} is not built; run `python -m dtm lab build "
+                f"--out {lab_dir}` or open the dashboard once."
+            )
+        return str(lab_dir / "model"), str(lab_dir)
+    if lab is None:
+        here = Path(model).expanduser()
+        if (here.parent / "benchmarks").is_dir() and (here.parent / "lab.json").exists():
+            lab = str(here.parent)
+        elif default is not None and (default / "benchmarks").is_dir():
+            lab = str(default)
+    return model, lab
+
+
 # What a model is, in the order tables show them: the base, vanilla SFT, the shrinkage
 # control, a merge (DTM), a baseline, one sub-model alone.
 MODEL_KINDS = ("base", "sft", "control", "merge", "baseline", "sub")

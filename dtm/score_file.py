@@ -1,8 +1,8 @@
 """Scoring one model into a results file (``python -m dtm eval``), and the two input
 checks the merge search shares with it.
 
-- ``model_and_lab(model, lab)``: ``lab`` names the default lab's base model, and a lab's
-  ``model/`` folder brings its benchmarks along;
+- ``model_and_lab`` (``dtm.models``): ``--model lab`` names the default lab's base model,
+  and a lab's ``model/`` folder brings its benchmarks along;
 - ``check_results_file(out)``: an existing ``out`` is replaced only when it is a results
   file as ``score_to_file`` writes it;
 - ``score_to_file(...)``: every check before any model loads, then the model loaded,
@@ -16,35 +16,10 @@ from pathlib import Path
 
 from dtm.errors import ConfigError
 from dtm.evaluate.harness import check_code_opt_in
+from dtm.models import model_and_lab  # noqa: F401  (the --model and --lab rule)
 from dtm.score import ModelRef, load_model, record
 from dtm.store import write_json_atomic
 from dtm.tasks.files import folder_tasks
-
-
-def model_and_lab(
-    model: str, lab: str | None, default_lab: str | Path | None = None
-) -> tuple[str, str | None]:
-    """``--model lab`` is the default lab's base model (``default_lab``: its folder, which
-    the caller names: ``dtm.lab.default_lab_dir()``); a lab's ``model/`` folder brings
-    its benchmarks along; otherwise the default lab (when built) scores the lab tasks."""
-    default = Path(default_lab) if default_lab else None
-    if model == "lab":
-        lab_dir = Path(lab) if lab else default
-        if lab_dir is None:
-            raise ConfigError("--model lab: no default lab folder given; give --lab LAB.")
-        if not (lab_dir / "model" / "config.json").exists():
-            raise ConfigError(
-                f"--model lab: the lab {lab_dir} is not built; run `python -m dtm lab build "
-                f"--out {lab_dir}` or open the dashboard once."
-            )
-        return str(lab_dir / "model"), str(lab_dir)
-    if lab is None:
-        here = Path(model).expanduser()
-        if (here.parent / "benchmarks").is_dir() and (here.parent / "lab.json").exists():
-            lab = str(here.parent)
-        elif default is not None and (default / "benchmarks").is_dir():
-            lab = str(default)
-    return model, lab
 
 
 def check_results_file(out: Path) -> None:

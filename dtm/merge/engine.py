@@ -39,7 +39,8 @@ from dtm.merge.lora import (
     read_adapter,
 )
 from dtm.merge.methods import METHODS, check_weights
-from dtm.store import file_digest, write_json_atomic
+from dtm.models import load_base, load_tokenizer
+from dtm.store import file_digest, publish_dir, write_json_atomic
 
 
 def check_method(method: str, sets) -> None:
@@ -84,8 +85,6 @@ class Merger:
         import torch
         from peft import PeftModel
 
-        from dtm.models import load_base
-
         if len(adapters) < 1:
             raise ConfigError("give at least one adapter to merge.")
         self.base = base
@@ -126,8 +125,6 @@ class Merger:
     def tokenizer(self):
         """The base model's tokenizer (loaded on first use)."""
         if self._tokenizer is None:
-            from dtm.models import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.base, trust_remote_code=self._trust)
         return self._tokenizer
 
@@ -257,8 +254,6 @@ class Merger:
         import torch
         from safetensors.torch import save_file
 
-        from dtm.store import publish_dir
-
         out = Path(out)
         check_method(method, self.sets)
         m = METHODS[method]
@@ -345,8 +340,6 @@ def _copy_tokenizer(base: str, out: Path) -> None:
     src = Path(base).expanduser()
     if not src.is_dir():  # a hub id: its tokenizer is fetched only if there is one
         try:
-            from dtm.models import load_tokenizer
-
             load_tokenizer(base).save_pretrained(out)
         except ConfigError:
             pass

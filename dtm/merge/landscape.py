@@ -17,13 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dtm.evaluate import evaluate_lab
 from dtm.merge.objective import lower_is_better
 from dtm.tasks import QUICK_TASKS  # noqa: E402  (the task table's quick set)
 
 
 def quick_score(model, tokenizer, bench: str | Path, limit: int = 40, tasks=None) -> dict:
-    from dtm.evaluate import evaluate_lab
-
     tasks = tasks or QUICK_TASKS
     res = evaluate_lab(model, tokenizer, bench, tuple(tasks.values()), limit=limit)
     return {short: res[task]["acc"] for short, task in tasks.items()}

@@ -26,7 +26,7 @@ from dtm.errors import ConfigError
 from dtm.evaluate.harness import flatten_user
 from dtm.evaluate.user import build_task, quick_evaluate
 from dtm.merge.sources import run_dir_of
-from dtm.score_file import model_and_lab
+from dtm.models import model_and_lab
 from dtm.tasks import BY_NAME, PROBES, SHORT, TASKS
 from dtm.tasks.files import folder_tasks
 

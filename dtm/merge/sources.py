@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtm.errors import ConfigError
+from dtm.merge.lora import check_compatible, read_adapter
+from dtm.models import check_base_path, lab_of
+from dtm.store import input_key
 from dtm.train.config import SOUP_MEMBER
 
 
@@ -65,9 +69,6 @@ def folder_source(base: str, adapters: list[str]) -> MergeSource:
     """Adapter folders the user names by path, checked against each other before the
     base loads (``Merger`` then checks them against the base): at least two, distinct,
     each a LoRA adapter, all of one shape."""
-    from dtm.errors import ConfigError
-    from dtm.merge.lora import check_compatible, read_adapter
-    from dtm.models import check_base_path, lab_of
 
     base = (base or "").strip()
     if not base:
@@ -95,7 +96,6 @@ def folder_source(base: str, adapters: list[str]) -> MergeSource:
         names.append(q.parent.name if q.name == "adapter" else q.name)
     if len(set(names)) < len(names):
         names = [f"{n} ({i})" for i, n in enumerate(names, 1)]
-    from dtm.store import input_key
 
     group = "folders-" + input_key("folders", {"base": base, "adapters": paths})[:8]
     return MergeSource(
