@@ -23,12 +23,11 @@ from dtm.errors import ConfigError
 from dtm.evaluate import evaluate, evaluate_lab
 from dtm.jobs.base import JobStore
 from dtm.merge.lora import linear_concat
-from dtm.models import check_base_path, load_base
+from dtm.models import load_base
 from dtm.store import Registry, cache_dir, publish_dir, read_metrics, write_text_atomic
-from dtm.train import train
+from dtm.train import run_folder, train
 from dtm.train.config import (
     TrainConfig,
-    check_config,
     read_config,
     run_id,
     soup_member,
@@ -77,12 +76,7 @@ def train_soup(cfg, eval_hook, progress, *, resume, on_record, on_step) -> dict:
     merged with equal weights exactly. A member finished in the registry (the SFT of an
     experiment's seed, another soup's member) is used as it is, and a member finished
     here is not trained again on resume."""
-    check_config(cfg)
-    check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_folder(cfg)
     t0 = time.perf_counter()
     records: list[dict] = []
     members = []

@@ -49,6 +49,7 @@ __all__ = [
     "encode_rows",
     "read_metrics",
     "request_stop",
+    "run_folder",
     "run_id",
     "train",
 ]
@@ -75,12 +76,7 @@ def train(
     Raises ``Stopped`` when ``request_stop()`` was called (a checkpoint was saved),
     ``TrainingError`` on a non-finite loss or a failed save. Returns ``{"metrics",
     "seconds", "model", "tokenizer"}``."""
-    check_config(cfg)
-    check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_folder(cfg)
     if cfg.kind == "subs":  # each member gets its own eval hook
         return train_subs(cfg, progress, resume=resume, hook_for=hook_for)
     if cfg.kind == "soup":
@@ -91,6 +87,17 @@ def train(
     res = run_one(cfg, out, eval_hook, progress, resume, on_record, on_step, select_rows)
     write_config(cfg, out, res["resolved"])
     return {**res, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    """``cfg`` checked (its settings, its base) and its run folder made; returns it."""
+    check_config(cfg)
+    check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; give a run folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def group_members(cfg: TrainConfig) -> list[TrainConfig]:
