@@ -10,7 +10,15 @@ import streamlit as st
 
 from dtm import jobs
 from dtm.errors import DTMError
-from dtm.experiment import STAGES, experiment_dir, launch, load_experiment, read_status
+from dtm.experiment import (
+    STAGES,
+    experiment_dir,
+    launch,
+    load_experiment,
+    read_status,
+    story_for_lab,
+)
+from dtm.lab import custom_labs, start_custom_lab
 from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 from dtm.lab.sft_data import PHRASING_MODES
 from dtm.lab.world import DIALOGUES
@@ -188,8 +196,6 @@ def knob_inputs(preset_name: str) -> tuple[dict, int, str | None]:
 
 @st.fragment(run_every=3)
 def own_labs() -> None:
-    from dtm.lab import custom_labs
-
     try:
         labs = custom_labs()
     except OSError as e:
@@ -213,8 +219,6 @@ def own_labs() -> None:
             )  # fmt: skip
             k = c[2].number_input("K", 1, 16, 4, key=f"own_k_{lab['name']}")
             if c[2].button("Run its story", key=f"own_run_{lab['name']}"):
-                from dtm.experiment import story_for_lab
-
                 name = f"{lab['name']}-k{int(k)}"
                 try:
                     path = story_for_lab(
@@ -240,8 +244,6 @@ with st.expander("A lab of your own: other bias strengths, rows and K", expanded
     c = st.columns([2, 1])
     own_name = c[0].text_input("Name", key="own_name", placeholder="e.g. strong-favourites")
     if c[1].button("Build it", key="own_build", disabled=not own_name.strip()):
-        from dtm.lab import start_custom_lab
-
         try:
             start_custom_lab(
                 own_name.strip(),

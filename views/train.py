@@ -15,6 +15,8 @@ from dtm.experiment import dtm_set, together_members
 from dtm.experiment.report import jobs_frame
 from dtm.lab import lab_status
 from dtm.lab.measure import lab_recipe
+from dtm.tasks import PROBES, TASKS
+from dtm.tasks.files import folder_tasks
 from dtm.train.config import BASELINES, TrainConfig
 from views.common import registry
 
@@ -138,8 +140,6 @@ def eval_settings(lab: bool, log_every: int) -> dict:
         )
         names: list[str] = []
         if tasks_dir:
-            from dtm.tasks.files import folder_tasks
-
             try:
                 names = list(folder_tasks(tasks_dir))
             except DTMError as e:
@@ -162,8 +162,6 @@ def eval_settings(lab: bool, log_every: int) -> dict:
     if not picked:
         return {}
     from pathlib import Path
-
-    from dtm.tasks import PROBES, TASKS
 
     return {  # with the lab's own tasks, as the default hook scores them
         "eval_tasks": (*(TASKS + PROBES if lab else ()), *picked),
