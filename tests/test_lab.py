@@ -45,9 +45,9 @@ def test_same_seed_same_world_and_data_other_seed_differs():
     assert a[0].facts != c[0].facts
 
 
-def test_small_lab_builds_in_under_a_minute_with_every_file(small_lab):
-    out, secs = small_lab
-    assert secs < 60, secs
+def test_small_lab_builds_with_every_file(small_lab):
+    # Its build time is a benchmark's figure (docs/benchmarks.md), not a test's.
+    out, _ = small_lab
     for rel in [
         "model/config.json",
         "model/model.safetensors",
