@@ -304,5 +304,6 @@ def resolved(choice: Choice, model=None) -> dict:
     out = {"dtype_used": dtype, "attn_used": attn}
     out["gradient_checkpointing_used"] = choice.checkpointing
     if choice.estimate is not None:
+        out["memory_estimate_bytes"] = choice.estimate.total
         out["memory_estimate_gib"] = round(choice.estimate.gib, 2)
     return out
