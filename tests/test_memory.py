@@ -146,17 +146,18 @@ def _rel(a: dict, b: dict) -> float:
 
 
 def _counting_layers(monkeypatch) -> list:
-    """Count the decoder layers' forwards: checkpointing runs each one again in backward."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    """Count the MLPs' forwards: checkpointing runs each decoder layer again in backward
+    (the layer's own forward is the checkpoint's wrapper, so count inside it)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
     calls = []
-    forward = LlamaDecoderLayer.forward
+    forward = LlamaMLP.forward
 
     def counted(self, *args, **kw):
         calls.append(1)
         return forward(self, *args, **kw)
 
-    monkeypatch.setattr(LlamaDecoderLayer, "forward", counted)
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
     return calls
 
 

@@ -95,7 +95,11 @@ def enable_checkpointing(model) -> None:
     """Gradient checkpointing on the (peft) model: each decoder layer recomputed in the
     backward pass. The inputs' gradients are switched on, as peft needs for a frozen
     base (else no gradient reaches the adapters inside a checkpointed layer)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its newer name in transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
 
 
