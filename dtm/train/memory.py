@@ -307,3 +307,20 @@ def resolved(choice: Choice, model=None) -> dict:
         out["memory_estimate_bytes"] = choice.estimate.total
         out["memory_estimate_gib"] = round(choice.estimate.gib, 2)
     return out
+
+
+def launch_note(cfg, members: int, machine: Machine | None = None) -> str:
+    """One line for a launch: the estimate of a run of ``cfg`` and of a group of
+    ``members`` such runs over one base, on ``machine`` (default: this one), whether
+    each fits and what ``auto`` chooses."""
+    machine = machine or this_machine()
+    shape = model_shape(cfg.base)
+    if shape is None:
+        return f"Memory: no estimate ({cfg.base} has no config.json here)."
+    where = f"this GPU's {machine.memory_gib:.0f} GiB" if machine.gpu else "this CPU"
+    parts = []
+    for label, n in (("a run", 1), (f"the group of {members}", members)):
+        c = choose([cfg] * n, shape, machine)
+        fits = "" if c.fits is None else (" fits" if c.fits else " does NOT fit")
+        parts.append(f"{label} ~{c.estimate.gib:.2f} GiB{fits} ({c.describe()})")
+    return f"Memory on {where}: " + "; ".join(parts) + "."
