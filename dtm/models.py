@@ -72,11 +72,16 @@ def load_base(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     tokenizer: bool = True,
+    dtype: str | None = None,
+    attn: str | None = None,
 ):
     """``(model, tokenizer)`` from a folder or hub id (``tokenizer=False``: the tokenizer
-    is None and never read), with a clear error when it is not one."""
+    is None and never read), with a clear error when it is not one. ``dtype`` (bf16,
+    fp16, fp32) and ``attn`` (sdpa, flash_attention_2, eager) set the weights' dtype and
+    the attention implementation; None leaves ``transformers``' default."""
     import pickle
 
+    import torch  # lazy: torch
     from transformers import AutoModelForCausalLM  # lazy: transformers
 
     check_base_path(name, allow_pickle=allow_pickle)
@@ -87,6 +92,10 @@ def load_base(
         if allow_pickle and pickle_only
         else {"use_safetensors": True}
     )
+    if dtype is not None:
+        weights["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    if attn is not None:
+        weights["attn_implementation"] = attn
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code) if tokenizer else None
     try:
         model = AutoModelForCausalLM.from_pretrained(

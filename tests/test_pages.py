@@ -257,6 +257,9 @@ def test_train_page_launches_the_dtm_set_once_and_shows_it_live(cache, lab0):
     at.run()
     assert not at.exception
     assert at.radio(key="train_base_kind").value == "Lab base model"
+    # the memory estimate before a launch: a run and the group of SFT + 2 sub-models
+    [note] = [c.value for c in at.caption if c.value.startswith("Memory on this CPU")]
+    assert "a run ~" in note and "the group of 3 ~" in note and "fp32" in note, note
     at.number_input(key="hp_steps").set_value(4)
     at.number_input(key="hp_log").set_value(2)
     at.number_input(key="hp_len").set_value(96)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import fields
 
 import streamlit as st
 
@@ -18,7 +19,10 @@ from dtm.lab.measure import lab_recipe
 from dtm.tasks import PROBES, TASKS
 from dtm.tasks.files import folder_tasks
 from dtm.train.config import BASELINES, TrainConfig
+from dtm.train.memory import launch_note
 from views.common import registry
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def store() -> jobs.JobStore:
@@ -109,6 +113,14 @@ def hyperparameters(lab: str | None) -> dict:
             help="epochs: each sub-model makes as many passes over its cluster as SFT over "
             "all data (the paper); steps: each gets SFT's step count",
         )
+        how = {}  # how the runs are computed: auto picks for the machine they run on
+        c = st.columns(3)
+        for col, name in zip(c, ("dtype", "attn", "gradient_checkpointing"), strict=True):
+            f = FIELDS[name]
+            label = name.replace("_", " ").capitalize()
+            how[name] = col.selectbox(
+                label, f.metadata["choices"], help=f.metadata["help"], key=f"hp_{name}"
+            )
     # The preset's values the form has no field for (target modules, probe size, ...).
     values = {k: v for k, v in preset.items() if k not in ("steps", "log_every")}
     values |= {
@@ -121,6 +133,7 @@ def hyperparameters(lab: str | None) -> dict:
         "micro_batch_size": int(micro),
         "max_length": int(max_len),
         "log_every": int(log_every),
+        **how,
     }
     if steps:
         values["steps"] = int(steps)
@@ -239,6 +252,8 @@ def launch_panel() -> None:
         "member's batch in one forward, each row through its own adapter (the same "
         "numbers as separate runs at dropout 0). Off: one job per run.",
     )
+    # the estimate before a launch: a run, and the group of SFT + K sub-models
+    st.caption(launch_note(TrainConfig(**{**common, "kind": "sft"}), inputs["k"] + 1))
     c = st.columns([2] + [1] * len(BASELINES))
     if c[0].button("Launch DTM set + SFT", type="primary", key="launch_dtm"):
         sizes = cluster_sizes(inputs["assignments"], inputs["k"])

@@ -14,6 +14,7 @@ from dtm.experiment.config import (
     resolve_inputs,
     story_for_lab,
 )
+from dtm.experiment.fit import DEFAULT_GPU_GIB, memory_lines
 from dtm.experiment.plan import (
     PlannedJob,
     count_rows,
@@ -33,7 +34,9 @@ __all__ = [
     "PlannedJob",
     "Progress",
     "count_rows",
+    "DEFAULT_GPU_GIB",
     "describe",
+    "memory_lines",
     "dtm_set",
     "estimate",
     "experiment_dir",

@@ -171,6 +171,15 @@ def plan(
     return jobs
 
 
+def group_seed(exp: Experiment, pj: PlannedJob) -> int | None:
+    """The seed whose group job trains ``pj`` (None: it runs on its own): SFT and the
+    sub-models of a seed when the experiment trains them together. A soup's member of a
+    seed beyond the experiment's runs on its own, so a group's id does not change with
+    the baselines or the other seeds."""
+    trained = exp.together and pj.config.kind in ("sft", "sub")
+    return pj.seed if trained and not pj.soup_member else None
+
+
 def count_rows(exp: Experiment) -> int:
     """Usable training rows, read as the data layer reads them (JSON arrays, CSV,
     Parquet; bad rows dropped): of the data file, of the lab's (its build plan when it is

@@ -21,7 +21,7 @@ from dtm import jobs as jobs_api
 from dtm.disperse import DisperseConfig, run_disperse, training_inputs, write_disperse_outputs
 from dtm.errors import ConfigError, DataError, DTMError
 from dtm.experiment.config import Experiment, experiment_dir, resolve_inputs
-from dtm.experiment.plan import plan, together_members
+from dtm.experiment.plan import group_seed, plan, together_members
 from dtm.experiment.report import experiment_models, results_markdown, summary_table
 from dtm.jobs.local import spawn_detached
 from dtm.lab import ensure_default_lab, lab_status
@@ -256,11 +256,7 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
     submitted = []
 
     def group_of(pj) -> int | None:
-        """The seed whose group job trains ``pj``: SFT and the sub-models of a seed. A
-        soup's member of a seed beyond the experiment's runs on its own, so a group's id
-        does not change with the baselines or the other seeds."""
-        trained = exp.together and pj.config.kind in ("sft", "sub")
-        return pj.seed if trained and not pj.soup_member else None
+        return group_seed(exp, pj)
 
     grouped = {group_of(pj) for pj in planned} - {None}
     for seed in sorted(grouped):  # SFT and every sub-model of the seed: one process

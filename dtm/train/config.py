@@ -25,6 +25,7 @@ from dtm.errors import ConfigError
 from dtm.store import input_key, write_text_atomic
 from dtm.tasks import PROBES, TASKS
 from dtm.tasks.files import folder_tasks
+from dtm.train.memory import ATTNS, CHECKPOINTING, DTYPES, check_values
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -114,6 +115,25 @@ class TrainConfig:
         "load a base model that has only pickle (.bin) weights (a pickle can run code)",
         flag="--allow-pickle-weights",
     )
+    gradient_checkpointing: str = _f(
+        "auto",
+        "recompute each layer's activations in the backward pass (less memory, ~1/3 more "
+        "compute): auto (on when the memory estimate says the run would not fit without "
+        "it; off on a CPU), on, off",
+        choices=CHECKPOINTING,
+    )
+    dtype: str = _f(
+        "auto",
+        "the base's weights and compute: auto (bf16 on a GPU that has it, else fp32), "
+        "bf16, fp16, fp32",
+        choices=DTYPES,
+    )
+    attn: str = _f(
+        "auto",
+        "attention implementation: auto (on a GPU flash_attention_2 when installed, else "
+        "sdpa; on a CPU the default transformers picks), sdpa, flash_attention_2, eager",
+        choices=ATTNS,
+    )
 
 
 @dataclass(frozen=True)
@@ -197,6 +217,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"lr must be a positive number, not {cfg.lr}.")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout must be in [0, 1), not {cfg.lora_dropout}.")
+    check_values(cfg)
     kind = KINDS[cfg.kind]
     if cfg.kind == "soup" and cfg.members < 2:
         raise ConfigError(f"soup needs at least 2 members, not {cfg.members}.")
@@ -326,8 +347,12 @@ def soup_member(cfg: TrainConfig, i: int, out: str | os.PathLike) -> TrainConfig
 
 def run_id(cfg: TrainConfig) -> str:
     """A stable id for a configuration (its run folder does not count)."""
-    # allow_pickle is a permission, not a parameter of the run: it does not change the id
-    values = {k: v for k, v in asdict(cfg).items() if k not in ("out", "allow_pickle")}
+    # allow_pickle is a permission, not a parameter of the run: it does not change the id;
+    # nor do checkpointing and the attention kernel (the same numbers, to float rounding)
+    how = ("out", "allow_pickle", "gradient_checkpointing", "attn")
+    values = {k: v for k, v in asdict(cfg).items() if k not in how}
+    if values.get("dtype") == "auto":  # added later: at its default the id stays as it was
+        values.pop("dtype")
     for later in ("eval_tasks", "tasks_dir", "with_sft"):  # added later: unset, the id
         if not values.get(later):  # stays as it was
             values.pop(later, None)

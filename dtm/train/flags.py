@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if f.name == "kind":
             kw["choices"] = list(KINDS)
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
         if f.type in ("bool",):
             kw["action"] = "store_true"
         else:

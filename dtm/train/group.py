@@ -36,18 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from dtm.errors import ConfigError, Stopped, TrainingError
-from dtm.models import load_base
 from dtm.store import read_metrics
 from dtm.train import loop
 from dtm.train.checkpoints import last_checkpoint
 from dtm.train.config import TrainConfig, write_config
 from dtm.train.member import Member, setup_member, start_member
+from dtm.train.memory import resolved
 from dtm.train.passes import GroupPasses
 from dtm.train.routing import Routing, Timer, route
 from dtm.train.rows import collate
-from dtm.train.setup import encode_run_rows, lora_config
+from dtm.train.setup import enable_checkpointing, encode_run_rows, load_for_training, lora_config
 
-SHARED = ("base", "trust_remote_code", "allow_pickle")  # what every member must share
+# what every member must share: one base, loaded once, run one way
+SHARED = ("base", "trust_remote_code", "allow_pickle", "dtype", "attn", "gradient_checkpointing")
 
 
 def check_members(cfgs: list[TrainConfig]) -> None:
@@ -96,7 +97,7 @@ def train_group(
     timer = Timer()  # this group's "timings"
     loop.clear_stop()
     progress = progress or (lambda what, frac: None)
-    model, tok, members, routing = _shared_model(cfgs, progress)
+    model, tok, members, routing, choice = _shared_model(cfgs, progress)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     route(model, routing)
@@ -105,7 +106,7 @@ def train_group(
     step0: dict = {}  # the step-0 scores of this group (see setup_member's hook)
     for i, m in enumerate(members):
         hooks = {"hooks": eval_hooks, "hook_for": hook_for, "step0": step0, "timer": timer}
-        setup_member(m, model, named, routing, tok, on_record, i, **hooks)
+        setup_member(m, model, named, routing, tok, on_record, i, dtype=choice.dtype, **hooks)
         if resume and (m.out / "adapter" / "adapter_model.safetensors").exists():
             m.state = "done"
             m.log.records[:] = read_metrics(m.out / "metrics.jsonl")
@@ -113,11 +114,19 @@ def train_group(
         start_member(m, model, resume)
     collate_fn = collate(tok.pad_token_id)
     ctx = GroupPasses(
-        model, routing, members, collate_fn, device, _autocast(device), progress, on_step, timer
+        model,
+        routing,
+        members,
+        collate_fn,
+        device,
+        _autocast(device, choice.dtype),
+        progress,
+        on_step,
+        timer,
     )
     with torch.no_grad():
         ctx.evaluate([m for m in members if m.state == "training" and not m.log.records])
-    _train(ctx, members, on_done)
+    _train(ctx, members, on_done, resolved(choice, model))
     seconds = time.perf_counter() - t0
     timings = {k: round(v, 2) for k, v in timer.total.items()}
     timings["setup"] = round(seconds - sum(timer.total.values()), 2)
@@ -142,11 +151,7 @@ def _shared_model(cfgs: list[TrainConfig], progress) -> tuple:
     in its separate run), every adapter trainable; the members with their encoded rows."""
     from peft import get_peft_model  # lazy: peft imports torch
 
-    model, tok = load_base(
-        cfgs[0].base,
-        trust_remote_code=cfgs[0].trust_remote_code,
-        allow_pickle=cfgs[0].allow_pickle,
-    )
+    model, tok, choice = load_for_training(cfgs)  # all members' rows in one forward
     members: list[Member] = []
     for i, cfg in enumerate(cfgs):
         out = Path(cfg.out)
@@ -161,10 +166,12 @@ def _shared_model(cfgs: list[TrainConfig], progress) -> tuple:
         else:
             model.add_adapter(m.name, lora)
     model.base_model.set_adapter([m.name for m in members])  # every adapter trainable
-    return model, tok, members, Routing()
+    if choice.checkpointing:
+        enable_checkpointing(model)
+    return model, tok, members, Routing(), choice
 
 
-def _train(ctx: GroupPasses, members: list[Member], on_done) -> None:
+def _train(ctx: GroupPasses, members: list[Member], on_done, used: dict) -> None:
     """Micro-steps until every member is done; a trained member's adapter and config are
     written at once. Raises ``TrainingError`` (a member failed) or ``Stopped``."""
     failures: list[str] = []
@@ -180,7 +187,7 @@ def _train(ctx: GroupPasses, members: list[Member], on_done) -> None:
         if trained:  # their adapters now (those done at the same step share the Fisher)
             ctx.write_adapters(trained)
             for m in trained:
-                write_config(m.cfg, m.out, _resolved(m))
+                write_config(m.cfg, m.out, {**_resolved(m), **used})
                 m.state = "done"
                 if on_done:
                     on_done(members.index(m))
@@ -205,9 +212,11 @@ def _resolved(m: Member) -> dict:
     }
 
 
-def _autocast(device: str):
+def _autocast(device: str, dtype: str):
+    """Mixed precision in the resolved ``dtype`` on a GPU (as the Trainer's bf16/fp16)."""
     import torch  # lazy: torch
 
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if device == "cuda" and dtype in ("bf16", "fp16"):
+        half = torch.bfloat16 if dtype == "bf16" else torch.float16
+        return lambda: torch.autocast("cuda", dtype=half)
     return contextlib.nullcontext

@@ -31,6 +31,7 @@ from dtm.errors import Stopped, TrainingError
 from dtm.store import is_io_error, publish_dir, read_metrics
 from dtm.train.checkpoints import checkpoint_step, drop_checkpoints, last_checkpoint
 from dtm.train.config import TrainConfig
+from dtm.train.memory import resolved
 from dtm.train.setup import Run, setup
 
 _STOP = threading.Event()
@@ -56,11 +57,18 @@ class NonFiniteLoss(Exception):
         self.step, self.value = step, value
 
 
-def training_arguments(cfg: TrainConfig, steps: int, save_every: int, ckpt_dir: Path):
+def training_arguments(
+    cfg: TrainConfig, steps: int, save_every: int, ckpt_dir: Path, dtype: str | None = None
+):
     """The Trainer's settings for ``cfg``: an eval (hence a record) every ``log_every``
-    steps, a checkpoint every ``save_every``; bf16 where the GPU has it."""
+    steps, a checkpoint every ``save_every``; on a GPU, mixed precision in ``dtype``
+    (the resolved ``--dtype``; None: bf16 where the GPU has it)."""
     import torch
     from transformers import TrainingArguments
+
+    gpu = torch.cuda.is_available()
+    if dtype is None:
+        dtype = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
 
     return TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -85,7 +93,8 @@ def training_arguments(cfg: TrainConfig, steps: int, save_every: int, ckpt_dir: 
         report_to=[],
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        bf16=gpu and dtype == "bf16",
+        fp16=gpu and dtype == "fp16",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -331,7 +340,7 @@ def run_one(
     steps = cfg.steps or max(1, math.ceil(len(run.train_rows) * cfg.epochs / cfg.batch_size))
     save_every = cfg.save_every or max(cfg.log_every, steps // 10)
     ckpt_dir = out / "checkpoints"
-    args = training_arguments(cfg, steps, save_every, ckpt_dir)
+    args = training_arguments(cfg, steps, save_every, ckpt_dir, run.choice.dtype)
     ckpt, records = start_point(out, ckpt_dir, resume)
     eval_every = cfg.eval_every or cfg.log_every
     log = MetricsLogger(run, out, steps, records, eval_hook, eval_every, on_record)
@@ -364,5 +373,6 @@ def run_one(
             "train_rows": len(run.train_rows),
             "val_rows": len(run.val_rows),
             "reference": run.reference if cfg.kind in ("ewc", "replay") else None,
+            **resolved(run.choice, run.model),
         },
     }

@@ -55,7 +55,7 @@ class Member:
 
 
 def setup_member(
-    m: Member, model, named, routing, tok, on_record, i, *, hooks, hook_for, step0, timer
+    m: Member, model, named, routing, tok, on_record, i, *, hooks, hook_for, step0, timer, dtype
 ) -> None:
     """The member's steps, arguments, optimizer, schedule and metrics logger, as
     ``loop.run_one`` and the Trainer make them for a separate run."""
@@ -65,7 +65,7 @@ def setup_member(
     cfg = m.cfg
     m.steps = cfg.steps or max(1, math.ceil(len(m.train_rows) * cfg.epochs / cfg.batch_size))
     m.save_every = cfg.save_every or max(cfg.log_every, m.steps // 10)
-    m.args = loop.training_arguments(cfg, m.steps, m.save_every, m.ckpt_dir)
+    m.args = loop.training_arguments(cfg, m.steps, m.save_every, m.ckpt_dir, dtype)
     mine = [(n, p) for n, p in named.items() if f".{m.name}." in n and p.requires_grad]
     m.params = [p for _, p in mine]
     decay = set(get_parameter_names(model, [], ["bias", "layernorm", "rmsnorm"]))

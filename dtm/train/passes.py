@@ -91,8 +91,12 @@ class GroupPasses:
             m.tr_loss = m.tr_loss + loss.detach().float().cpu()
             m.log.tokens += int(batch["attention_mask"][s:e].sum())
             total = loss if total is None else total + loss
-        if total is not None:
-            total.backward()
+        if total is not None:  # the routing stays set: a checkpointed layer reruns its
+            self.routing.segments = segs  # forward in the backward pass
+            try:
+                total.backward()
+            finally:
+                self.routing.segments = None
         for m in active:
             if m.state != "training":
                 continue

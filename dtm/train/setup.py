@@ -14,6 +14,7 @@ from dtm import baselines
 from dtm.errors import ConfigError, TrainingError
 from dtm.models import load_base, resolve_targets
 from dtm.train.config import TrainConfig
+from dtm.train.memory import Choice, choose, model_shape, shape_from_config, this_machine
 from dtm.train.rows import collate, encode_rows, split_rows
 
 
@@ -32,6 +33,7 @@ class Run:
     collate_fn: Callable
     reference: str | None
     penalty: Callable | None
+    choice: Choice | None = None  # the dtype, attention and checkpointing it runs with
 
 
 def setup(cfg: TrainConfig, progress, select_rows=None) -> Run:
@@ -40,9 +42,7 @@ def setup(cfg: TrainConfig, progress, select_rows=None) -> Run:
     base model, then the LoRA init), so a seed gives the same numbers."""
     from peft import get_peft_model  # lazy: peft imports torch
 
-    model, tok = load_base(
-        cfg.base, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle
-    )
+    model, tok, choice = load_for_training([cfg])
     train_rows, val_rows, probe_rows = encode_run_rows(cfg, tok, model, select_rows)
     collate_fn = collate(tok.pad_token_id)
     reference = cfg.reference or baselines.default_reference(cfg.base)
@@ -66,7 +66,41 @@ def setup(cfg: TrainConfig, progress, select_rows=None) -> Run:
         penalty = moe.balance_loss
     else:
         model = get_peft_model(model, lora_config(cfg, model))
-    return Run(model, tok, train_rows, val_rows, probe_rows, collate_fn, reference, penalty)
+    if choice.checkpointing:
+        enable_checkpointing(model)
+    return Run(model, tok, train_rows, val_rows, probe_rows, collate_fn, reference, penalty, choice)
+
+
+def load_for_training(cfgs: list[TrainConfig]) -> tuple[Any, Any, Choice]:
+    """The base of ``cfgs`` (a run, or a group's members) loaded with the dtype and
+    attention ``auto`` (or the flags) chose for this machine, its tokenizer and the
+    choice; the estimate from the folder's ``config.json`` (else the loaded config)."""
+    c = cfgs[0]
+    machine = this_machine()
+    shape = model_shape(c.base)
+    choice = choose(cfgs, shape, machine)
+    model, tok = load_base(
+        c.base,
+        trust_remote_code=c.trust_remote_code,
+        allow_pickle=c.allow_pickle,
+        dtype=choice.dtype,
+        attn=choice.attn,
+    )
+    if shape is None:  # a hub id: its shape is known now
+        choice = choose(cfgs, shape_from_config(model.config.to_dict()), machine)
+    return model, tok, choice
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing on the (peft) model: each decoder layer recomputed in the
+    backward pass. The inputs' gradients are switched on, as peft needs for a frozen
+    base (else no gradient reaches the adapters inside a checkpointed layer)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its newer name in transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
 
 
 def encode_run_rows(
