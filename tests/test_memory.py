@@ -108,10 +108,12 @@ def test_the_paper_dry_run_prints_a_fitting_estimate_for_every_job(cache):
     lines = r.stdout.split("memory per job on one GPU of 80 GiB")[1].splitlines()[1:]
     names = [x.strip().split("  ")[0] for x in lines]
     # the group job (SFT and the 4 sub-models) and every job that trains on its own
+    # by the plan's numbers: 1-5 SFT and the sub-models, 9 the soup (it trains nothing)
     assert names == [
-        "dtm s0 (5 members)", "sft s1 (soup member)", "sft s2 (soup member)",
-        "sft s3 (soup member)", "l2 s0", "ewc s0", "replay s0", "curate s0", "loramoe s0",
+        "jobs 1-5 (5 together)", "job 6 (sft)", "job 7 (sft)", "job 8 (sft)", "job 10 (l2)",
+        "job 11 (ewc)", "job 12 (replay)", "job 13 (curate)", "job 14 (loramoe)",
     ], r.stdout  # fmt: skip
+    assert "  9. soup s0" in r.stdout
     for line in lines:
         assert re.search(r"\d+\.\d GiB  fits  auto: bf16, sdpa, checkpointing (on|off)", line)
     assert "checkpointing on" in lines[0]  # the group's 20 rows need it at 80 GiB

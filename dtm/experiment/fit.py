@@ -40,10 +40,11 @@ def memory_lines(exp: Experiment, jobs: list[PlannedJob], gpu_gib: float) -> lis
         f"it; {shape.params() / 1e9:.3g}B parameters; attention sdpa, or "
         "flash_attention_2 where installed):"
     ]
-    for name, members in job_units(exp, jobs):
+    number = {id(j): i for i, j in enumerate(jobs, 1)}  # as the plan above numbers them
+    for _, members in job_units(exp, jobs):
         choice = choose([m.config for m in members], shape, gpu)
         est = choice.estimate
-        label = name if len(members) == 1 else f"{name} ({len(members)} members)"
+        label = _label([number[id(m)] for m in members], members)
         parts = (
             f"weights {est.weights / 2**30:.1f}, LoRA state {est.lora / 2**30:.2f}, "
             f"activations {est.activations / 2**30:.1f}, logits {est.logits / 2**30:.1f}"
@@ -53,3 +54,13 @@ def memory_lines(exp: Experiment, jobs: list[PlannedJob], gpu_gib: float) -> lis
             f"  auto: {choice.describe()}  ({parts})"
         )
     return lines
+
+
+def _label(numbers: list[int], members: list[PlannedJob]) -> str:
+    """``job 13 (curate)``, or a group's ``jobs 1-5 (5 together)``: by the plan's numbers,
+    so each job's own line above stays the one line that names it."""
+    if len(numbers) == 1:
+        return f"job {numbers[0]} ({members[0].config.kind})"
+    run = numbers == list(range(numbers[0], numbers[-1] + 1))
+    span = f"{numbers[0]}-{numbers[-1]}" if run else ",".join(map(str, numbers))
+    return f"jobs {span} ({len(members)} together)"
