@@ -15,7 +15,8 @@ import yaml
 from dtm import jobs
 from dtm.cli.common import progress_bar
 from dtm.errors import ConfigError
-from dtm.train import request_stop, run_id
+from dtm.models import check_base_path
+from dtm.train import check_config, request_stop, run_id
 from dtm.train.flags import add_arguments, config_from_args
 
 
@@ -59,9 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = jobs.run_job(args.job, resume=args.resume)
         out, rid = res["out"], args.job
     else:
+        cfg = _train_config(args)
+        check_config(cfg)  # a bad input is told before the evaluators (torch) load
+        check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)
         from dtm.jobs.runner import run_training  # lazy: torch (the evaluators)
 
-        cfg = _train_config(args)
         res = run_training(cfg, progress=progress_bar(), resume=args.resume)
         out, rid = cfg.out, run_id(cfg)
     if res["metrics"] and isinstance(res["metrics"][0], list):  # a group: one line each
