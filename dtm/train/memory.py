@@ -37,6 +37,7 @@ on exactly when the job would not fit without it. On a CPU: fp32, the attention
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -218,6 +219,7 @@ class Machine:
     flash: bool = False
 
 
+@functools.cache  # asked at every Train page render; the GPUs do not change
 def this_machine() -> Machine:
     """The machine this process runs on."""
     import torch  # lazy: torch
