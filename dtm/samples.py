@@ -194,6 +194,27 @@ def synthetic_instructions(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# The response lengths of ``lengthy_instructions``: lognormal words, median and spread set
+# so that the rows, with the Alpaca template, pad as real Alpaca rows do (docs/training.md)
+RESPONSE_WORDS_MEDIAN = 40
+RESPONSE_WORDS_SIGMA = 0.8
+
+
+def lengthy_instructions(n: int, seed: int = 0) -> list[dict]:
+    """``synthetic_instructions`` whose responses have real instruction data's spread of
+    lengths: a lognormal number of words (a few to several hundred), the response's own
+    sentences repeated to that length."""
+    rng = random.Random(seed + 1)
+    rows = synthetic_instructions(n, seed)
+    for r in rows:
+        words = max(3, round(rng.lognormvariate(0, RESPONSE_WORDS_SIGMA) * RESPONSE_WORDS_MEDIAN))
+        text = []
+        while sum(len(t.split()) for t in text) < words:
+            text.append(_response(r["source"], rng))
+        r["output"] = " ".join(" ".join(text).split(" ")[:words])
+    return rows
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

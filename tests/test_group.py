@@ -73,7 +73,9 @@ FLAGS = {
 }
 
 
-def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_path):
+@pytest.mark.parametrize("grouping", ["auto", "on"])
+def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_path, grouping):
+    """With the plain shuffle (``auto`` on a CPU) and with length-grouped batches."""
     from dtm.jobs.runner import run_training as train
     from dtm.train import TrainConfig
 
@@ -84,10 +86,12 @@ def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_pat
         "eval_tasks": ("my_mc",),
         "tasks_dir": str(data.parent / "tasks"),
         "eval_every": 1000,
+        "group_by_length": grouping,
     }
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
     flags += ["--val-data", scored["val_data"], "--eval-tasks", "my_mc"]
     flags += ["--tasks-dir", scored["tasks_dir"], "--eval-every", "1000"]
+    flags += ["--group-by-length", grouping]
     r = dtm_cli(
         "train", "--kind", "subs", "--base", base, "--data", data, "--assignments", asg,
         "--with-sft", *flags, "--out", out,
@@ -126,6 +130,8 @@ def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_pat
         assert a[0]["bench"] == b[0]["bench"] and a[-1]["bench"].keys() == b[-1]["bench"].keys()
         for x, y in zip(a, b, strict=True):
             assert x["epoch"] == pytest.approx(y["epoch"]) and x["lr"] == pytest.approx(y["lr"])
+            # the same rows at each step; the shared forward pads to the widest member
+            assert x["tokens"] == y["tokens"] and x["padded_tokens"] >= y["padded_tokens"]
             for key in ("train_loss", "val_loss", "probe_loss"):
                 if y[key] is None:
                     assert x[key] is None
@@ -135,6 +141,8 @@ def test_a_group_run_equals_its_members_separate_runs_at_dropout_0(qwen, tmp_pat
         theirs_cfg = json.loads((theirs / "config.json").read_text())
         assert mine_cfg["run_id"] == theirs_cfg["run_id"]  # the same run, trained together
         assert mine_cfg["resolved_steps"] == theirs_cfg["resolved_steps"]
+        assert mine_cfg["group_by_length_used"] is theirs_cfg["group_by_length_used"]
+        assert theirs_cfg["group_by_length_used"] is (grouping == "on")
         steps[name] = theirs_cfg["resolved_steps"]
     # unequal clusters: members left the batch at different steps
     assert steps["cluster-2"] < steps["cluster-1"] < steps["cluster-0"] < steps["sft"]

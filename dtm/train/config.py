@@ -25,7 +25,7 @@ from dtm.errors import ConfigError
 from dtm.store import input_key, write_text_atomic
 from dtm.tasks import PROBES, TASKS
 from dtm.tasks.files import folder_tasks
-from dtm.train.memory import ATTNS, CHECKPOINTING, DTYPES, check_values
+from dtm.train.memory import ATTNS, CHECKPOINTING, DTYPES, GROUPINGS, check_values
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -133,6 +133,13 @@ class TrainConfig:
         "attention implementation: auto (on a GPU flash_attention_2 when installed, else "
         "sdpa; on a CPU the default transformers picks), sdpa, flash_attention_2, eager",
         choices=ATTNS,
+    )
+    group_by_length: str = _f(
+        "auto",
+        "batch rows of about one length together within a seeded shuffle, so little of "
+        "a batch is padding: auto (on a GPU; off on a CPU, keeping the lab's data "
+        "order), on, off",
+        choices=GROUPINGS,
     )
 
 
@@ -351,8 +358,9 @@ def run_id(cfg: TrainConfig) -> str:
     # nor do checkpointing and the attention kernel (the same numbers, to float rounding)
     how = ("out", "allow_pickle", "gradient_checkpointing", "attn")
     values = {k: v for k, v in asdict(cfg).items() if k not in how}
-    if values.get("dtype") == "auto":  # added later: at its default the id stays as it was
-        values.pop("dtype")
+    for later in ("dtype", "group_by_length"):  # added later: at auto the id stays as it was
+        if values.get(later) == "auto":
+            values.pop(later)
     for later in ("eval_tasks", "tasks_dir", "with_sft"):  # added later: unset, the id
         if not values.get(later):  # stays as it was
             values.pop(later, None)

@@ -10,9 +10,9 @@ all of them; each LoRA layer adds to each member's rows its own adapter only
 step count, records, checkpoints and adapter, made exactly as ``dtm.train.loop`` (the
 ``transformers`` Trainer) makes them for a separate run:
 
-- data order: epoch ``e`` visits ``torch.randperm(n)`` seeded with ``seed + e`` (the
-  Trainer's seedable sampler with ``data_seed``), in micro-batches, ``accum`` to a step
-  (the last step of an epoch takes what is left);
+- data order: ``dtm.train.order.step_plan``, the order the Trainer draws (its seeded
+  shuffle, or length-grouped batches), in micro-batches, ``accum`` to a step (the last
+  step of an epoch takes what is left);
 - loss: the summed token cross-entropy of a micro-batch over the response tokens of the
   whole step (the Trainer's ``num_items_in_batch``), so accumulation is exact;
 - optimizer and schedule: the Trainer's own choice for the member's arguments
@@ -48,7 +48,15 @@ from dtm.train.rows import collate
 from dtm.train.setup import enable_checkpointing, encode_run_rows, load_for_training, lora_config
 
 # what every member must share: one base, loaded once, run one way
-SHARED = ("base", "trust_remote_code", "allow_pickle", "dtype", "attn", "gradient_checkpointing")
+SHARED = (
+    "base",
+    "trust_remote_code",
+    "allow_pickle",
+    "dtype",
+    "attn",
+    "gradient_checkpointing",
+    "group_by_length",
+)
 
 
 def check_members(cfgs: list[TrainConfig]) -> None:
@@ -111,7 +119,7 @@ def train_group(
             m.state = "done"
             m.log.records[:] = read_metrics(m.out / "metrics.jsonl")
             continue
-        start_member(m, model, resume)
+        start_member(m, model, resume, choice.by_length)
     collate_fn = collate(tok.pad_token_id)
     ctx = GroupPasses(
         model,
@@ -124,6 +132,7 @@ def train_group(
         on_step,
         timer,
     )
+    ctx.estimate_gib = choice.estimate.gib if choice.estimate else None
     with torch.no_grad():
         ctx.evaluate([m for m in members if m.state == "training" and not m.log.records])
     _train(ctx, members, on_done, resolved(choice, model))
@@ -209,6 +218,7 @@ def _resolved(m: Member) -> dict:
         "val_rows": len(m.val_rows),
         "reference": None,
         "trained_together": True,
+        **({"out_of_memory": m.halved, "micro_batch_size_used": m.micro} if m.halved else {}),
     }
 
 

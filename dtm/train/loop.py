@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import threading
-import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,12 @@ import numpy as np
 from dtm import baselines
 from dtm.errors import Stopped, TrainingError
 from dtm.store import is_io_error, publish_dir, read_metrics
+from dtm.train import oom
 from dtm.train.checkpoints import checkpoint_step, drop_checkpoints, last_checkpoint
 from dtm.train.config import TrainConfig
 from dtm.train.memory import resolved
+from dtm.train.order import SeededOrder
+from dtm.train.records import MetricsLogger, save_adapter
 from dtm.train.setup import Run, setup
 
 _STOP = threading.Event()
@@ -117,80 +119,6 @@ def start_point(out: Path, ckpt_dir: Path, resume: bool) -> tuple[Path | None, l
     return ckpt, records
 
 
-def _mem_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def save_adapter(model, folder: Path) -> None:
-    """The trained adapter: peft's folder, or a LoRAMoE's own (``dtm.moe``)."""
-    from dtm import moe  # lazy: torch
-
-    if moe.is_loramoe(model):
-        moe.save_adapter(model, folder)
-    else:
-        model.save_pretrained(folder)
-
-
-def _save_early(model, folder: Path, step: int) -> None:
-    save_adapter(model, folder)
-    (folder / "early.json").write_text(json.dumps({"step": step}) + "\n")
-
-
-def _ratio(ref: dict, rec: dict) -> float | None:
-    """ΔL_probe / ΔL_val from ``ref`` to ``rec``; None when the val loss did not move."""
-    d_val = ref["val_loss"] - rec["val_loss"]
-    d_train = ref["probe_loss"] - rec["probe_loss"]
-    return d_train / d_val if abs(d_val) > 1e-9 else None
-
-
-class MetricsLogger:
-    """The records of one run. Each eval measures the train probe and the validation split
-    at the same weights (as nanoGPT's ``estimate_loss`` does both splits), and ``record``
-    adds the loss ratios since the first and the previous record, tokens/s over the
-    training time since the previous record, peak memory, the eval hook's scores and the
-    early checkpoint, then appends the record to ``metrics.jsonl`` and ``records``."""
-
-    def __init__(
-        self, run: Run, out: Path, steps: int, records: list[dict], eval_hook, eval_every, on_record
-    ) -> None:
-        self.run, self.out, self.steps, self.records = run, out, steps, records
-        self.eval_hook, self.eval_every, self.on_record = eval_hook, eval_every, on_record
-        self.t0 = self.began = time.perf_counter()
-        self.busy, self.tokens = 0.0, 0  # training seconds and tokens since the last record
-
-    def step_begin(self) -> None:
-        self.began = time.perf_counter()
-
-    def step_end(self) -> None:
-        self.busy += time.perf_counter() - self.began
-
-    def record(self, rec: dict) -> None:
-        """``rec``: step, epoch, lr, train_loss, val_loss, probe_loss; completed in place."""
-        records, step = self.records, rec["step"]
-        rec["loss_ratio"] = _ratio(records[0], rec) if records else None
-        rec["loss_ratio_interval"] = _ratio(records[-1], rec) if records else None
-        rec["tokens_per_s"] = round(self.tokens / self.busy, 1) if self.busy else None
-        rec["mem_mb"] = _mem_mb()
-        rec["seconds"] = round(time.perf_counter() - self.t0, 2)
-        self.busy, self.tokens = 0.0, 0
-        model = self.run.model
-        if self.eval_hook is not None and (step % self.eval_every == 0 or step == self.steps):
-            rec["bench"] = self.eval_hook(model, self.run.tok, step)
-        early = self.out / "early"
-        if 0 < step < self.steps and step >= self.steps / 10 and not early.exists():
-            # The early checkpoint the token-level bias analysis compares the end with.
-            publish_dir(early, lambda tmp: _save_early(model, tmp, step))
-        records.append(rec)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.on_record:
-            self.on_record(rec)
-
-
 # The two classes below are mixins: ``run_one`` puts them in front of ``TrainerCallback``
 # and ``Trainer``, so that importing ``dtm.train`` does not import transformers (seconds).
 
@@ -245,9 +173,15 @@ class CheckedLoss:
     before the update is applied), the token count for tokens/s and the baseline penalty,
     divided by the accumulation steps as the Trainer divides the loss."""
 
-    def __init__(self, *args, log: MetricsLogger, penalty: Callable | None, **kw) -> None:
-        self.metrics_log, self.loss_penalty = log, penalty
+    def __init__(
+        self, *args, log: MetricsLogger, penalty: Callable | None, order=None, **kw
+    ) -> None:
+        self.metrics_log, self.loss_penalty, self.train_order = log, penalty, order
         super().__init__(*args, **kw)
+
+    def _get_train_sampler(self, *args, **kw):
+        # length-grouped batches (dtm.train.order); None: the Trainer's seeded shuffle
+        return self.train_order or super()._get_train_sampler(*args, **kw)
 
     def _save(self, output_dir=None, state_dict=None):
         from dtm import moe  # lazy: torch
@@ -273,6 +207,7 @@ class CheckedLoss:
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach()))
         self.metrics_log.tokens += int(inputs["attention_mask"].sum())
+        self.metrics_log.padded += inputs["attention_mask"].numel()
         if self.loss_penalty is not None:
             accum = self.args.gradient_accumulation_steps
             loss = loss + self.loss_penalty(model) / accum
@@ -330,8 +265,9 @@ def run_one(
 ):
     """Train ``cfg`` into ``out``. Returns ``{"metrics": records, "model": the peft model,
     "tokenizer", "resolved": the settings worked out here}``; raises ``Stopped`` after a
-    stop request, ``TrainingError`` on a non-finite loss or a failed save."""
-    from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
+    stop request, ``TrainingError`` on a non-finite loss, a failed save or an
+    out-of-memory error at micro-batch 1 (a larger micro-batch is split: ``dtm.train.oom``)."""
+    from transformers import set_seed
 
     _STOP.clear()
     set_seed(cfg.seed)
@@ -340,25 +276,34 @@ def run_one(
     steps = cfg.steps or max(1, math.ceil(len(run.train_rows) * cfg.epochs / cfg.batch_size))
     save_every = cfg.save_every or max(cfg.log_every, steps // 10)
     ckpt_dir = out / "checkpoints"
-    args = training_arguments(cfg, steps, save_every, ckpt_dir, run.choice.dtype)
-    ckpt, records = start_point(out, ckpt_dir, resume)
-    eval_every = cfg.eval_every or cfg.log_every
-    log = MetricsLogger(run, out, steps, records, eval_hook, eval_every, on_record)
-    hooks = type("Log", (StepHooks, TrainerCallback), {})(log, progress, on_step)
-    trainer = type("DTMTrainer", (CheckedLoss, Trainer), {})(
-        model=run.model,
-        args=args,
-        train_dataset=run.train_rows,
-        eval_dataset={"val": run.val_rows, "probe": run.probe_rows},
-        data_collator=run.collate_fn,
-        callbacks=[hooks],
-        log=log,
-        penalty=run.penalty,
-    )
-    trainer.remove_callback(PrinterCallback)  # keep stdout for our own report
-    if not records:
-        trainer.evaluate()  # step 0: the callback records the losses before any update
-    train_or_raise(trainer, ckpt, ckpt_dir)
+    micro, accum = cfg.micro_batch_size, max(1, cfg.batch_size // cfg.micro_batch_size)
+    fresh = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    halved: list[dict] = []
+    calls = (eval_hook, progress, on_record, on_step)
+    while True:
+        attempt = replace(cfg, micro_batch_size=micro, batch_size=micro * accum)
+        try:
+            trainer, hooks, records = _attempt(attempt, run, out, steps, save_every, resume, calls)
+            break
+        except Exception as e:
+            if not oom.out_of_memory(e):
+                raise
+            good = last_checkpoint(ckpt_dir)
+            step = checkpoint_step(good) if good else 0
+            est = run.choice.estimate.gib if run.choice and run.choice.estimate else None
+            micro, accum, note = oom.halve_or_stop(micro, accum, step, cfg, est)
+            halved.append(note)
+            run.model.zero_grad(set_to_none=True)
+            oom.free_memory()
+            resume = True
+            if last_checkpoint(ckpt_dir) is None:  # from step 0: the adapter as it began
+                import torch
+
+                with torch.no_grad():
+                    for n, p in run.model.named_parameters():
+                        if n in fresh:
+                            p.copy_(fresh[n])
+                set_seed(cfg.seed)
     if hooks.stopped:
         last = last_checkpoint(ckpt_dir)
         raise Stopped(f"stopped on request at step {trainer.state.global_step}; saved {last}.")
@@ -374,5 +319,43 @@ def run_one(
             "val_rows": len(run.val_rows),
             "reference": run.reference if cfg.kind in ("ewc", "replay") else None,
             **resolved(run.choice, run.model),
+            **({"out_of_memory": halved, "micro_batch_size_used": micro} if halved else {}),
         },
     }
+
+
+def _attempt(cfg: TrainConfig, run: Run, out: Path, steps, save_every, resume, calls):
+    """One go at training ``run`` with ``cfg``'s micro-batch, from ``start_point``;
+    ``calls``: ``run_one``'s eval hook, progress, on_record and on_step. Returns
+    ``(trainer, hooks, records)``."""
+    from torch.utils.data import Sampler
+    from transformers import PrinterCallback, Trainer, TrainerCallback
+
+    ckpt_dir = out / "checkpoints"
+    args = training_arguments(cfg, steps, save_every, ckpt_dir, run.choice.dtype)
+    ckpt, records = start_point(out, ckpt_dir, resume)
+    eval_hook, progress, on_record, on_step = calls
+    eval_every = cfg.eval_every or cfg.log_every
+    log = MetricsLogger(run, out, steps, records, eval_hook, eval_every, on_record)
+    hooks = type("Log", (StepHooks, TrainerCallback), {})(log, progress, on_step)
+    order = None
+    if run.choice.by_length:
+        lengths = [len(r["input_ids"]) for r in run.train_rows]
+        step_rows = cfg.micro_batch_size * args.gradient_accumulation_steps
+        order = type("Order", (SeededOrder, Sampler), {})(lengths, cfg.seed, step_rows, True)
+    trainer = type("DTMTrainer", (CheckedLoss, Trainer), {})(
+        model=run.model,
+        args=args,
+        train_dataset=run.train_rows,
+        eval_dataset={"val": run.val_rows, "probe": run.probe_rows},
+        data_collator=run.collate_fn,
+        callbacks=[hooks],
+        log=log,
+        penalty=run.penalty,
+        order=order,
+    )
+    trainer.remove_callback(PrinterCallback)  # keep stdout for our own report
+    if not records:
+        trainer.evaluate()  # step 0: the callback records the losses before any update
+    train_or_raise(trainer, ckpt, ckpt_dir)
+    return trainer, hooks, records

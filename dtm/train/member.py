@@ -12,7 +12,9 @@ from typing import Any
 
 from dtm.train import loop
 from dtm.train.config import TrainConfig
-from dtm.train.routing import MemberView, step_plan
+from dtm.train.order import step_plan
+from dtm.train.records import MetricsLogger
+from dtm.train.routing import MemberView
 from dtm.train.setup import Run
 
 EVAL_BATCH = 64  # the Trainer's per_device_eval_batch_size in dtm.train.loop
@@ -48,6 +50,10 @@ class Member:
     lr: float | None = None
     state: str = "training"  # training | trained | stopped | failed | done
     error: str | None = None
+    micro: int = 0  # the micro-batch it runs at (smaller after an out-of-memory error)
+    step_rows: list = field(default_factory=list)  # this step's rows, by micro-batch
+    step_start: tuple = ()  # (train loss, tokens, positions) when this step began
+    halved: list = field(default_factory=list)  # its out-of-memory splits (dtm.train.oom)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -108,12 +114,12 @@ def setup_member(
     run = Run(view, tok, m.train_rows, m.val_rows, m.probe_rows, None, None, None)
     eval_every = cfg.eval_every or cfg.log_every
     record_cb = (lambda rec: on_record(i, rec)) if on_record else None
-    m.log = loop.MetricsLogger(
+    m.log = MetricsLogger(
         run, m.out, m.steps, [], member_hook if hook else None, eval_every, record_cb
     )
 
 
-def start_member(m: Member, model, resume: bool) -> None:
+def start_member(m: Member, model, resume: bool, by_length: bool = False) -> None:
     """From scratch, or (``resume``) from the member's last checkpoint: its adapter
     weights, optimizer, schedule and step; ``metrics.jsonl`` cut back to that step."""
     import torch
@@ -124,12 +130,14 @@ def start_member(m: Member, model, resume: bool) -> None:
     m.log.records[:] = records
     # the loss of a step is over the tokens its rows predict (the Trainer's num_items)
     m.targets = [sum(1 for x in r["labels"][1:] if x != -100) for r in m.train_rows]
+    m.micro = m.cfg.micro_batch_size
     m.plan = step_plan(
-        len(m.train_rows),
+        [len(r["input_ids"]) for r in m.train_rows],
         m.cfg.seed,
         m.cfg.micro_batch_size,
         max(1, m.cfg.batch_size // m.cfg.micro_batch_size),
         m.steps,
+        by_length,
     )
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -31,8 +31,10 @@ the CUDA context, the kernels' workspace and the allocator's fragmentation).
 
 ``auto`` on a GPU: bf16 where the GPU has it (else fp32); FlashAttention-2 when the
 ``flash_attn`` package is installed and the dtype is 16-bit, else SDPA; checkpointing
-on exactly when the job would not fit without it. On a CPU: fp32, the attention
-``transformers`` picks by default (as every run before), no checkpointing.
+on exactly when the job would not fit without it; length-grouped batches
+(``--group-by-length``). On a CPU: fp32, the attention ``transformers`` picks by default
+(as every run before), no checkpointing, the plain shuffled order (the lab's figures
+were measured with it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTNS = ("auto", "sdpa", "flash_attention_2", "eager")
 CHECKPOINTING = ("auto", "on", "off")
+GROUPINGS = ("auto", "on", "off")
 LORA_BYTES = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
 ACT_PER_H = 34  # bytes per token, layer and hidden unit in 16-bit (Korthikanti et al.)
 
@@ -238,17 +241,20 @@ def this_machine() -> Machine:
 class Choice:
     """What a job runs with: ``dtype`` (bf16, fp16, fp32), ``attn`` (None: the default
     ``transformers`` picks), ``checkpointing``, and the estimate at those settings (None
-    without a shape); ``fits`` None when the machine's memory is not known."""
+    without a shape); ``fits`` None when the machine's memory is not known; ``by_length``
+    whether batches are length-grouped (``dtm.train.order``)."""
 
     dtype: str
     attn: str | None
     checkpointing: bool
     estimate: Estimate | None = None
     fits: bool | None = None
+    by_length: bool = False
 
     def describe(self) -> str:
         ckpt = "checkpointing on" if self.checkpointing else "checkpointing off"
-        return f"{self.dtype}, {self.attn or 'default attention'}, {ckpt}"
+        grouped = ", length-grouped batches" if self.by_length else ""
+        return f"{self.dtype}, {self.attn or 'default attention'}, {ckpt}{grouped}"
 
 
 def choose(cfgs: list, shape: Shape | None, machine: Machine) -> Choice:
@@ -277,7 +283,9 @@ def choose(cfgs: list, shape: Shape | None, machine: Machine) -> Choice:
         ckpt = c.gradient_checkpointing == "on"
     est = at(ckpt)
     fits = est.fits(machine.memory_gib) if est and machine.memory_gib else None
-    return Choice(dtype, attn, ckpt, est, fits)
+    grouping = getattr(c, "group_by_length", "auto")
+    by_length = grouping == "on" or (grouping == "auto" and machine.gpu)
+    return Choice(dtype, attn, ckpt, est, fits, by_length)
 
 
 def check_values(cfg) -> None:
@@ -286,6 +294,7 @@ def check_values(cfg) -> None:
         ("dtype", DTYPES),
         ("attn", ATTNS),
         ("gradient_checkpointing", CHECKPOINTING),
+        ("group_by_length", GROUPINGS),
     ):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(
@@ -305,6 +314,7 @@ def resolved(choice: Choice, model=None) -> dict:
         attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or attn
     out = {"dtype_used": dtype, "attn_used": attn}
     out["gradient_checkpointing_used"] = choice.checkpointing
+    out["group_by_length_used"] = choice.by_length
     if choice.estimate is not None:
         out["memory_estimate_bytes"] = choice.estimate.total
         out["memory_estimate_gib"] = round(choice.estimate.gib, 2)

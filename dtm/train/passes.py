@@ -13,6 +13,7 @@ import numpy as np
 
 from dtm.errors import TrainingError
 from dtm.store import is_io_error, publish_dir
+from dtm.train import oom
 from dtm.train.checkpoints import checkpoints, drop_checkpoints, last_checkpoint
 from dtm.train.member import EVAL_BATCH, EVAL_ROWS, Member
 from dtm.train.routing import Timer, save_adapter
@@ -24,6 +25,7 @@ class GroupPasses:
     def __init__(
         self, model, routing, members, collate_fn, device, autocast, progress, on_step, timer: Timer
     ):
+        self.estimate_gib: float | None = None  # the group's memory estimate (messages)
         self.model, self.routing, self.members = model, routing, members
         self.timer = timer
         self.collate, self.device, self.autocast = collate_fn, device, autocast
@@ -68,18 +70,36 @@ class GroupPasses:
             self._micro_step(active)
 
     def _micro_step(self, active: list[Member]) -> None:
-        import torch
-
         for m in active:
             if not m.pending:
-                m.epoch_next, m.pending = next(m.plan)
+                m.epoch_next, chunk = next(m.plan)
+                m.step_rows = [
+                    mb[i : i + m.micro] for mb in chunk for i in range(0, len(mb), m.micro)
+                ]
+                m.pending = list(m.step_rows)
                 m.num_items = sum(m.targets[i] for mb in m.pending for i in mb)
+                m.step_start = (m.tr_loss, m.log.tokens, m.log.padded)
                 m.log.step_begin()
+        try:
+            self._forward_backward(active)
+        except Exception as e:
+            if not oom.out_of_memory(e):
+                raise
+            self._split(active)
+            return
+        for m in active:
+            if m.state != "training":
+                continue
+            m.pending.pop(0)
+            if not m.pending:
+                self._optimizer_step(m)
+
+    def _forward_backward(self, active: list[Member]) -> None:
+        """The next micro-batch of every active member: one forward, one backward."""
+        import torch
+
         parts = [(m.name, [m.train_rows[i] for i in m.pending[0]]) for m in active]
         batch, segs = self._batch(parts)
-        self.real += int(batch["attention_mask"].sum())
-        self.padded += batch["attention_mask"].numel()
-        self.alone += sum(len(rs) * max(len(r["input_ids"]) for r in rs) for _, rs in parts)
         self.model.train()
         ce, _ = self._token_losses(batch, segs)
         total = None
@@ -90,6 +110,7 @@ class GroupPasses:
                 continue
             m.tr_loss = m.tr_loss + loss.detach().float().cpu()
             m.log.tokens += int(batch["attention_mask"][s:e].sum())
+            m.log.padded += batch["attention_mask"][s:e].numel()
             total = loss if total is None else total + loss
         if total is not None:  # the routing stays set: a checkpointed layer reruns its
             self.routing.segments = segs  # forward in the backward pass
@@ -97,12 +118,34 @@ class GroupPasses:
                 total.backward()
             finally:
                 self.routing.segments = None
+        self.real += int(batch["attention_mask"].sum())
+        self.padded += batch["attention_mask"].numel()
+        self.alone += sum(len(rs) * max(len(r["input_ids"]) for r in rs) for _, rs in parts)
+
+    def _split(self, active: list[Member]) -> None:
+        """An out-of-memory error: every active member's micro-batch is split
+        (``dtm.train.oom``) and its step in progress starts again, its gradient and loss
+        as they were when the step began."""
+        smaller = {}
         for m in active:
-            if m.state != "training":
-                continue
-            m.pending.pop(0)
-            if not m.pending:
-                self._optimizer_step(m)
+            if m.state == "training" and m.micro > 1:
+                smaller[m.name] = oom.halve_or_stop(
+                    m.micro, len(m.step_rows), m.global_step, m.cfg, None, f"member {m.cfg.out}: "
+                )
+        if not smaller:
+            m = active[0]
+            est = self.estimate_gib
+            oom.halve_or_stop(1, 1, m.global_step, m.cfg, est, "a group of members: ")
+        for m in active:
+            for p in m.params:
+                p.grad = None
+            m.tr_loss, m.log.tokens, m.log.padded = m.step_start
+            if m.name in smaller:
+                m.micro, _, note = smaller[m.name]
+                m.halved.append(note)
+                m.step_rows = oom.split(m.step_rows, m.micro)
+            m.pending = list(m.step_rows)
+        oom.free_memory()
 
     def _fail(self, m: Member, value: float) -> None:
         step = m.global_step + 1

@@ -1,12 +1,11 @@
 """How several LoRA adapters share one forward of a frozen base (``dtm.train.group``):
 each LoRA layer adds to each member's rows its own adapter only (``Routing``, ``route``);
-one member seen alone (``MemberView``); the Trainer's data order (``step_plan``); and the
+one member seen alone (``MemberView``); and the
 group's wall-time accounting (``Timer``)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
@@ -72,30 +71,8 @@ def route(model, routing: Routing) -> None:
             module.forward = routed(module, module.forward)
 
 
-def step_plan(n: int, seed: int, micro: int, accum: int, steps: int):
-    """Yield ``(epoch, micro_batches)`` per optimizer step: lists of row indices into the
-    ``n`` training rows, in the order the Trainer visits them; ``epoch`` is the Trainer's
-    ``state.epoch`` after the step."""
-    import torch
-
-    per_epoch = math.ceil(n / micro)
-    done, e = 0, 0
-    while done < steps:
-        g = torch.Generator()
-        g.manual_seed(seed + e)
-        perm = torch.randperm(n, generator=g).tolist()
-        batches = [perm[i : i + micro] for i in range(0, n, micro)]
-        for j in range(0, per_epoch, accum):
-            chunk = batches[j : j + accum]
-            yield e + (j + len(chunk)) / per_epoch, chunk
-            done += 1
-            if done == steps:
-                return
-        e += 1
-
-
 class MemberView:
-    """What ``loop.MetricsLogger`` sees as the model of one member: the eval hook's model
+    """What ``records.MetricsLogger`` sees as the model of one member: the eval hook's model
     with this member's adapter on every row, and ``save_pretrained`` of its adapter."""
 
     def __init__(self, model, routing: Routing, name: str) -> None:
