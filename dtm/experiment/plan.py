@@ -225,7 +225,7 @@ def estimate(exp: Experiment, jobs: list[PlannedJob]) -> dict[str, Any]:
         "flops": flops,
         "gpu_hours": flops / (peak * mfu) / 3600 if peak and mfu else None,
         "assumptions": f"mean {mean_tokens:g} tokens/row, N={params:.3g}, peak "
-        f"{peak:.3g} FLOP/s, MFU {mfu:g}",
+        f"{peak:.3g} FLOP/s, MFU {mfu:g} assumed (python -m bench.gpu measures it on a GPU)",
         "per_job": rows,
     }
 
