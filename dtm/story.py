@@ -15,6 +15,8 @@ import statistics
 
 import pandas as pd
 
+from dtm import jobs as jobs_api
+from dtm.errors import ConfigError
 from dtm.store import read_metrics
 
 TAX = (("lab_knowledge", "acc"), ("lab_reasoning", "acc"), ("lab_bias", "format"))
@@ -24,6 +26,14 @@ BARS = (
     ("lab_instruct", "acc"),
     ("lab_bias", "format"),
 )
+
+
+# What a class reads on the curves, for the metric keys of TAX
+WORDS = {
+    "lab_knowledge.acc": "knowledge",
+    "lab_reasoning.acc": "reasoning",
+    "lab_bias.format": "answer format",
+}
 
 
 def _sft_runs(exp, jobs) -> dict[int, list[dict]]:
@@ -37,7 +47,18 @@ def _sft_runs(exp, jobs) -> dict[int, list[dict]]:
     return dict(sorted(out.items()))
 
 
+def _sft_steps(exp, jobs, seed) -> int | None:
+    """The steps SFT of ``seed`` trains in all (its job's, else the experiment's)."""
+    for j in jobs:
+        if j.kind == "sft" and j.config.get("seed") == seed and j.total_steps:
+            return int(j.total_steps)
+    return exp.train.get("steps")
+
+
 def tax_panel(exp, jobs, table) -> dict | None:
+    """SFT's scores against the step, in words, the base model's level as a dashed line
+    (its scores, else SFT's step-0 scores: the same model), the x-axis over the whole
+    run from the first point. While SFT trains the sentence says where it is so far."""
     from dtm import charts  # lazy: plotly
     from dtm.analysis import alignment_tax_curve  # lazy: torch
 
@@ -48,34 +69,52 @@ def tax_panel(exp, jobs, table) -> dict | None:
     frame = alignment_tax_curve(recs, list(TAX))
     if frame.empty:
         return None
-    frame["task"] = frame["task"] + "." + frame["metric"]
+    frame["task"] = (frame["task"] + "." + frame["metric"]).map(lambda k: WORDS.get(k, k))
     base_rows = table[table["label"] == "base"].groupby(["task", "metric"])["value"].mean()
-    base = {f"{t}.{m}": float(base_rows[(t, m)]) for t, m in TAX if (t, m) in base_rows.index}
-    know = frame[frame["task"] == "lab_knowledge.acc"].sort_values("step")
-    fmt = frame[frame["task"] == "lab_bias.format"].sort_values("step")
-    sentence = "SFT's scores against the step."
+    first = frame[frame["step"] == frame["step"].min()].set_index("task")["value"]
+    base = {}
+    for t, m in TAX:
+        word = WORDS[f"{t}.{m}"]
+        if (t, m) in base_rows.index:
+            base[word] = float(base_rows[(t, m)])
+        elif frame["step"].min() == 0 and word in first.index:
+            base[word] = float(first[word])
+    total = _sft_steps(exp, jobs, seed)
+    last = int(frame["step"].max())
+    done = total is not None and last >= total
+    know = frame[frame["task"] == "knowledge"].sort_values("step")
+    fmt = frame[frame["task"] == "answer format"].sort_values("step")
+    sentence = "SFT's scores against the step: the first point is the base model."
     if len(know) > 1 and len(fmt) > 1:
         k0, k1 = know["value"].iloc[0], know["value"].iloc[-1]
         f0, f1 = fmt["value"].iloc[0], fmt["value"].iloc[-1]
-        step90 = fmt[fmt["value"] - f0 >= 0.9 * (f1 - f0)]["step"]
-        sentence = (
-            f"Over SFT (seed {seed}) the format goes from {f0:.2f} to {f1:.2f} and knowledge "
-            f"from {k0:.3f} to {k1:.3f}"
-        )
-        if len(step90) and k0 != k1:
-            at = know[know["step"] <= step90.iloc[0]]["value"].iloc[-1]
-            share = (k0 - at) / (k0 - k1)
-            sentence += (
-                f"; by step {int(step90.iloc[0])}, where the format has 90% of its gain, "
-                f"{max(share, 0):.0%} of the knowledge drop has happened"
+        if not done:
+            of = f" of {total}" if total else ""
+            sentence = (
+                f"So far (SFT seed {seed}, step {last}{of}): the answer format has gone from "
+                f"{f0:.2f} to {f1:.2f} and knowledge from {k0:.3f} to {k1:.3f}."
             )
-        sentence += "."
+        else:
+            step90 = fmt[fmt["value"] - f0 >= 0.9 * (f1 - f0)]["step"]
+            sentence = (
+                f"Over SFT (seed {seed}) the answer format goes from {f0:.2f} to {f1:.2f} and "
+                f"knowledge from {k0:.3f} to {k1:.3f}"
+            )
+            if len(step90) and k0 != k1:
+                at = know[know["step"] <= step90.iloc[0]]["value"].iloc[-1]
+                share = (k0 - at) / (k0 - k1)
+                sentence += (
+                    f"; by step {int(step90.iloc[0])}, where the format has 90% of its gain, "
+                    f"{max(share, 0):.0%} of the knowledge drop has happened"
+                )
+            sentence += "."
     return {
         "key": "tax",
         "title": "The alignment tax",
-        "figure": charts.tax_curve(frame, base),
+        "figure": charts.tax_curve(frame, base, x_max=total),
         "sentence": sentence,
         "frame": frame,
+        "final": done,
     }
 
 
@@ -92,6 +131,11 @@ def ratio_panel(exp, jobs) -> dict | None:
     if not frames:
         return None
     frame = pd.concat(frames, ignore_index=True)
+    if not (frame["val_moving"].astype(bool) | frame["abs_low"].notna()).any():
+        return None  # nothing to draw yet: every window is within the losses' noise
+    running = any(
+        j.kind == "sft" and j.config.get("seed") in exp.seeds and j.state != "done" for j in jobs
+    )
     first = frame[(frame["window"] == 0) & frame["val_moving"]]["ratio"]
     # Each seed's largest 95% lower bound on the ratio's size after the first window.
     later = frame[frame["window"] > 0].groupby("run")["abs_low"].max().dropna()
@@ -109,6 +153,8 @@ def ratio_panel(exp, jobs) -> dict | None:
             f"{later.min():.1f}× as fast in every seed ({', '.join(f'{v:.1f}' for v in later)}"
             "; triangles: windows where the validation loss has stopped)."
         )
+    if running:
+        sentence = "So far: " + sentence[0].lower() + sentence[1:]
     return {
         "key": "ratio",
         "title": "The loss-reduction ratio",
@@ -279,6 +325,24 @@ def story_panels(exp, jobs, table) -> list[dict]:
         keeps_panel(exp, jobs, table),
     ]
     return [p for p in panels if p is not None]
+
+
+def story_jobs(name: str, status: dict | None) -> list:
+    """The training jobs of experiment ``name`` (a group job stands for its members): the
+    ids its ``status.json`` lists (a run it shares with another experiment keeps the
+    group of the one that submitted it first), else the jobs of its group."""
+    store = jobs_api.JobStore()
+    ids = (status or {}).get("jobs")
+    if not ids:
+        return [j for j in store.list(group=name) if j.kind != "group"]
+    out = []
+    for i in ids:
+        try:
+            job = store.get(i)
+        except ConfigError:  # removed from the registry since
+            continue
+        out += store.list(parent=i) if job.kind == "group" else [job]
+    return out
 
 
 def story_runs(exp) -> str:

@@ -188,6 +188,31 @@ def test_home_page_tells_the_story_and_follows_a_run(cache):
     assert any("| sft | 0.5 |" in m.value for m in at.markdown)
 
 
+def test_home_offers_the_class_story_and_shows_the_one_that_ran_last(cache):
+    import json as _json
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert at.button(key="home_run_class").label == "Run the class story"
+    assert at.button(key="home_run").label == "Run the full story: 3 seeds, every baseline"
+    assert [r.key for r in at.radio] == ["home_preset"]  # nothing ran: no choice to show
+    for name, started in (("lab", 100), ("lab-class", 200)):
+        out = cache / "experiments" / name
+        out.mkdir(parents=True)
+        (out / "status.json").write_text(
+            _json.dumps({"state": "done", "started": started, "stages": {}, "detail": ""})
+        )
+        (out / "results.md").write_text(f"| model | which |\n|---|---|\n| sft | {name} |\n")
+    at.run()
+    assert not at.exception, at.exception
+    show = at.radio(key="home_show_bias")
+    assert show.options == ["the class story", "the full story"]
+    assert show.value == "lab-class"  # the later one
+    assert any("| sft | lab-class |" in m.value for m in at.markdown)
+    show.set_value("lab").run()
+    assert any("| sft | lab |" in m.value for m in at.markdown)
+    assert not any("| sft | lab-class |" in m.value for m in at.markdown)
+
+
 def test_app_navigation_runs(cache):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
     assert not at.exception

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import streamlit as st
 
-from dtm import jobs
 from dtm.errors import DTMError
 from dtm.experiment import (
     STAGES,
@@ -23,11 +22,13 @@ from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 from dtm.lab.sft_data import PHRASING_MODES
 from dtm.lab.world import DIALOGUES
 from dtm.score import scores
-from dtm.story import story_panels, story_runs
+from dtm.story import story_jobs, story_panels, story_runs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # The lab story of each preset: the experiment file the button runs.
 STORIES = {"bias": EXPERIMENTS / "lab.yaml", "interference": EXPERIMENTS / "lab-interference.yaml"}
+# The class story: one seed, no baseline that needs runs of its own (the same runs)
+CLASS_STORIES = {"bias": EXPERIMENTS / "lab-class.yaml"}
 STAGE_ICONS = {  # material icons render without an emoji font (headless browsers too)
     "done": ":material/check_circle:",
     "running": ":material/progress_activity:",
@@ -69,22 +70,69 @@ preset = st.radio(
     help="Each preset is its own lab (built on first use) and its own story.",
 )
 st.caption(PRESETS[preset].about)
-LAB_STORY = STORIES[preset]
-exp = load_experiment(LAB_STORY)
-c = st.columns([2, 3])
-started = c[0].button(
-    "Run the lab story",
-    type="primary",
-    icon=":material/play_arrow:",
-    key="home_run",
-    help=f"python -m dtm run {LAB_STORY.relative_to(LAB_STORY.parents[1])} in the background",
-)
-c[1].caption(story_runs(exp))
-if started:
+full = load_experiment(STORIES[preset])
+klass = load_experiment(CLASS_STORIES[preset]) if preset in CLASS_STORIES else None
+
+
+def start(path: Path, exp) -> None:
     try:
-        launch(LAB_STORY, exp.name)
+        launch(path, exp.name)
+        st.session_state[f"home_shown_{preset}"] = exp.name
     except (DTMError, OSError) as e:
-        st.error(f"Could not start the lab story: {e}")
+        st.error(f"Could not start the story: {e}")
+
+
+def button(col, path: Path, exp, label: str, primary: bool, key: str) -> None:
+    where = path.relative_to(path.parents[1])
+    if col.button(
+        label,
+        type="primary" if primary else "secondary",
+        icon=":material/play_arrow:",
+        key=key,
+        help=f"python -m dtm run {where} in the background",
+    ):
+        start(path, exp)
+    col.caption(story_runs(exp))
+
+
+c = st.columns(2)
+if klass is not None:
+    button(c[0], CLASS_STORIES[preset], klass, "Run the class story", True, "home_run_class")
+full_label = "Run the full story: 3 seeds, every baseline" if klass else "Run the lab story"
+button(c[1] if klass else c[0], STORIES[preset], full, full_label, klass is None, "home_run")
+
+
+def shown_story():
+    """The story whose progress and pictures Home shows: the one launched here, else the
+    one that started last on this machine; a choice when both have run."""
+    stories = [x for x in (klass, full) if x is not None]
+    started = {}
+    for x in stories:
+        try:
+            status = read_status(x.name)
+        except DTMError:  # said by the story fragment below
+            status = {}
+        started[x.name] = None if status is None else status.get("started") or 0
+    ran = [x for x in stories if started[x.name] is not None]
+    if len(ran) < 2:
+        return ran[0] if ran else stories[0]
+    key = f"home_shown_{preset}"
+    latest = max(ran, key=lambda x: started[x.name]).name
+    names_ = [x.name for x in ran]
+    default = st.session_state.get(key, latest)
+    pick = st.radio(
+        "Show",
+        names_,
+        index=names_.index(default) if default in names_ else 0,
+        horizontal=True,
+        format_func=lambda n: "the class story" if klass and n == klass.name else "the full story",
+        key=f"home_show_{preset}",
+    )
+    st.session_state[key] = pick
+    return next(x for x in ran if x.name == pick)
+
+
+exp = shown_story()
 
 
 def pictures(group: list) -> None:
@@ -133,7 +181,7 @@ def story() -> None:
     if st_.get("error"):
         st.error(st_["error"])
     try:
-        group = [j for j in jobs.JobStore().list(group=exp.name) if j.kind != "group"]
+        group = story_jobs(exp.name, st_)
     except DTMError as e:  # a locked or unreadable registry: said, and the page goes on
         st.error(str(e))
         group = []

@@ -240,9 +240,15 @@ def tradeoff(frontier: pd.DataFrame, points: pd.DataFrame, kept: str, gained: st
     return fig
 
 
-def tax_curve(frame: pd.DataFrame, base_levels: dict[str, float] | None = None, x: str = "step"):
+def tax_curve(
+    frame: pd.DataFrame,
+    base_levels: dict[str, float] | None = None,
+    x: str = "step",
+    x_max: float | None = None,
+):
     """Each benchmark against training step (``analysis.alignment_tax_curve``), the base
-    model's level as a dashed line of the same colour."""
+    model's level as a dashed line of the same colour; ``x_max``: the x-axis runs from 0
+    to it (the whole run, before its last points exist)."""
     fig = go.Figure()
     for i, (task, part) in enumerate(frame.groupby("task", sort=False)):
         colour = PALETTE[i % len(PALETTE)]
@@ -260,6 +266,8 @@ def tax_curve(frame: pd.DataFrame, base_levels: dict[str, float] | None = None, 
         yaxis_title="score (dashed: base model)",
         margin={"t": 30, "l": 10, "r": 10, "b": 10},
     )
+    if x_max:
+        fig.update_xaxes(range=[0, x_max * 1.02])
     return fig
 
 

@@ -85,6 +85,12 @@ class Progress:
             self.echo(what, fraction)
         self._write(force=fraction >= 1.0)
 
+    def jobs(self, ids: list[str]) -> None:
+        """The experiment's training jobs (ids), for its pictures: a job another
+        experiment submitted first (the same run) keeps that experiment's group."""
+        self.state["jobs"] = list(ids)
+        self._write()
+
     def done(self) -> None:
         for s in self.state["stages"].values():
             if s["state"] == "running":
@@ -289,10 +295,12 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
 
     rest = [pj for pj in planned if group_of(pj) is None]
     submit([pj for pj in rest if not pj.merges])
+    progress.jobs(submitted)
     soups = [pj for pj in rest if pj.merges]
     if soups and wait:  # a soup starts once the SFT runs it averages have ended (with
         wait_all(len(submitted) + len(soups))  # free slots or Ray it would train them)
     submit(soups)
+    progress.jobs(submitted)
     wait_all(len(submitted))
     final = []
     for i in submitted:  # a group's members stand for it in the results
