@@ -1,0 +1,102 @@
+"""The Home page's story charts (``dtm.story``) while SFT trains and once it is done: the
+curves in words, the axis over the whole run, and sentences whose numbers are those of
+the frame drawn, saying "so far" until the run ends."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from dtm.experiment import load_experiment
+from dtm.story import ratio_panel, tax_panel
+
+EXPERIMENTS = ROOT / "experiments"
+
+TABLE = pd.DataFrame(columns=["label", "seed", "task", "metric", "value"])
+
+
+def _bench(know: float, reason: float, fmt: float) -> dict:
+    return {
+        "lab_knowledge": {"acc": know},
+        "lab_reasoning": {"acc": reason},
+        "lab_bias": {"format": fmt},
+    }
+
+
+def _sft(tmp_path, records, state: str, total: int = 900):
+    run = tmp_path / "sft"
+    run.mkdir(exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return SimpleNamespace(
+        kind="sft", config={"seed": 0}, run_dir=run, total_steps=total, state=state, name="sft"
+    )
+
+
+def _rec(step, val, probe, bench=None):
+    r = {"step": step, "epoch": step / 50, "val_loss": val, "probe_loss": probe}
+    return {**r, "bench": bench} if bench else r
+
+
+@pytest.fixture
+def exp():
+    return load_experiment(EXPERIMENTS / "lab-class.yaml")
+
+
+def test_the_curve_mid_run_is_in_words_over_the_whole_run_and_says_so_far(exp, tmp_path):
+    recs = [
+        _rec(0, 3.0, 3.0, _bench(0.90, 0.50, 0.10)),
+        _rec(100, 2.5, 2.2, _bench(0.86, 0.5, 0.7)),
+    ]
+    panel = tax_panel(exp, [_sft(tmp_path, recs, "running")], TABLE)
+    fig = panel["figure"]
+    assert {t.name for t in fig.data} == {"knowledge", "reasoning", "answer format"}
+    assert list(fig.layout.xaxis.range) == pytest.approx([0, 900 * 1.02])
+    # the base model's level: SFT's step-0 scores (the same model) as dashed lines
+    assert sorted(round(s.y0, 2) for s in fig.layout.shapes) == [0.1, 0.5, 0.9]
+    sentence = panel["sentence"]
+    assert sentence.startswith("So far (SFT seed 0, step 100 of 900)")
+    assert "90%" not in sentence and not panel["final"]
+    frame = panel["frame"].set_index(["task", "step"])["value"]
+    numbers = [float(x) for x in re.findall(r"\d+\.\d+", sentence)]
+    assert numbers == [
+        frame[("answer format", 0)],
+        frame[("answer format", 100)],
+        frame[("knowledge", 0)],
+        frame[("knowledge", 100)],
+    ]
+
+
+def test_the_curve_when_sft_is_done_states_the_finding(exp, tmp_path):
+    recs = [
+        _rec(0, 3.0, 3.0, _bench(0.90, 0.5, 0.10)),
+        _rec(450, 2.4, 2.0, _bench(0.85, 0.5, 0.95)),
+        _rec(900, 2.3, 1.5, _bench(0.80, 0.5, 0.99)),
+    ]
+    panel = tax_panel(exp, [_sft(tmp_path, recs, "done")], TABLE)
+    assert panel["final"]
+    # format gain 0.89: 90% of it (0.801) is reached at step 450, where knowledge has
+    # dropped 0.05 of its 0.10: 50%
+    assert panel["sentence"] == (
+        "Over SFT (seed 0) the answer format goes from 0.10 to 0.99 and knowledge from "
+        "0.900 to 0.800; by step 450, where the format has 90% of its gain, 50% of the "
+        "knowledge drop has happened."
+    )
+
+
+def test_no_ratio_chart_until_a_window_has_a_value(exp, tmp_path):
+    flat = [_rec(s, 3.0, 3.0) for s in range(0, 120, 20)]  # no loss has moved
+    assert ratio_panel(exp, [_sft(tmp_path, flat, "running")]) is None
+    wiggle = [0.004, -0.003, 0.001, -0.004, 0.002]  # noise, so that each fall has an error
+    moving = [
+        _rec(s, 3.0 - s / 400 + wiggle[i % 5], 3.0 - s / 80 + wiggle[(i + 2) % 5])
+        for i, s in enumerate(range(0, 820, 20))
+    ]
+    panel = ratio_panel(exp, [_sft(tmp_path, moving, "running")])
+    assert panel is not None and panel["sentence"].startswith("So far: ")
+    done = ratio_panel(exp, [_sft(tmp_path, moving, "done", total=800)])
+    assert not done["sentence"].startswith("So far")
