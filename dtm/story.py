@@ -16,7 +16,7 @@ import statistics
 import pandas as pd
 
 from dtm import jobs as jobs_api
-from dtm.errors import ConfigError
+from dtm.errors import ConfigError, DTMError
 from dtm.store import read_metrics
 
 TAX = (("lab_knowledge", "acc"), ("lab_reasoning", "acc"), ("lab_bias", "format"))
@@ -345,13 +345,69 @@ def story_jobs(name: str, status: dict | None) -> list:
     return out
 
 
+def trained_rows(exp) -> int:
+    """The rows an experiment's plan trains in all (steps x batch over its runs; a soup
+    trains none of its own)."""
+    from dtm.experiment import plan  # lazy: the experiment's plan reads its data
+
+    total = 0
+    for pj in plan(exp):
+        c = pj.config
+        if not pj.merges:
+            total += (c.steps or 0) * c.batch_size or int(pj.est_rows * c.epochs)
+    return total
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def story_time(exp, status: dict | None, others: list[tuple], now: float) -> str:
+    """How long the story takes on this machine, from what was measured here: while it
+    runs, the time so far and the current stage's pace; else its last run's stages; else
+    another story's run on the same lab (``others``: ``(experiment, status)`` pairs), its
+    training stage scaled by the rows each trains. Never a figure from elsewhere."""
+    status = status or {}
+    stages = status.get("stages") or {}
+    if status.get("state") == "running":
+        parts = [f"running for {_minutes(now - float(status.get('started') or now))}"]
+        cur = stages.get(status.get("stage") or "", {})
+        frac, began = float(cur.get("fraction") or 0), cur.get("began")
+        if began and 0.05 <= frac < 1:
+            left = (now - began) * (1 - frac) / frac
+            parts.append(
+                f"the {status['stage']} stage is {frac:.0%} through: about {_minutes(left)} "
+                "more at its pace so far"
+            )
+        return "On this machine: " + "; ".join(parts) + "."
+    took = {k: v["seconds"] for k, v in stages.items() if "seconds" in v}
+    if status.get("state") == "done" and took:
+        each = ", ".join(f"{k} {_minutes(v)}" for k, v in took.items())
+        return f"On this machine it last took {_minutes(sum(took.values()))} ({each})."
+    for other, st_ in others:
+        took = {k: v["seconds"] for k, v in (st_ or {}).get("stages", {}).items() if "seconds" in v}
+        if (st_ or {}).get("state") != "done" or "train" not in took:
+            continue
+        try:
+            scale = trained_rows(exp) / max(1, trained_rows(other))
+        except (DTMError, OSError):  # no lab data to plan from yet
+            continue
+        guess = sum(took.values()) - took["train"] + took["train"] * scale
+        return (
+            f"Not run here yet; from the {other.name} story's run on this machine (its "
+            f"training scaled by the rows each trains): about {_minutes(guess)}."
+        )
+    return "Not run here yet: its first run measures how long it takes on this machine."
+
+
 def story_runs(exp) -> str:
     """The Home page's sentence on what the lab story's button runs."""
     n_jobs = len(exp.seeds) * (1 + exp.k * len(exp.methods) + len(exp.baselines))
+    baselines = f"baselines {', '.join(exp.baselines)}" if exp.baselines else "no baselines"
     return (
-        f"K={exp.k} sub-models ({', '.join(exp.methods)} clusters), vanilla SFT, baselines "
-        f"{', '.join(exp.baselines)}, seeds {exp.seeds}: {n_jobs} training runs (SFT and the "
+        f"K={exp.k} sub-models ({', '.join(exp.methods)} clusters), vanilla SFT, {baselines}"
+        f" (the shrinkage control and frontier come from SFT's adapter), seeds {exp.seeds}: "
+        f"{n_jobs} training runs (SFT and the "
         "sub-models of each seed together in one process), then merging and scoring every "
-        "model; what is already trained or scored is reused. How long it takes on a 2-core "
-        "CPU: docs/lab.md."
+        "model; what is already trained or scored is reused."
     )

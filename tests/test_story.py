@@ -100,3 +100,31 @@ def test_no_ratio_chart_until_a_window_has_a_value(exp, tmp_path):
     assert panel is not None and panel["sentence"].startswith("So far: ")
     done = ratio_panel(exp, [_sft(tmp_path, moving, "done", total=800)])
     assert not done["sentence"].startswith("So far")
+
+
+def test_how_long_comes_from_this_machines_runs(exp):
+    from dtm.story import story_time
+
+    running = {
+        "state": "running",
+        "started": 1000.0,
+        "stage": "train",
+        "stages": {"train": {"state": "running", "fraction": 0.25, "began": 1060.0}},
+    }
+    # 60 s in the train stage for its first quarter: 180 s more at that pace
+    assert story_time(exp, running, [], now=1120.0) == (
+        "On this machine: running for 2.0 min; the train stage is 25% through: about 3.0 min "
+        "more at its pace so far."
+    )
+    done = {
+        "state": "done",
+        "stages": {
+            "lab": {"seconds": 4.0},
+            "train": {"seconds": 200.0},
+            "evaluate": {"seconds": 50.0},
+        },
+    }
+    assert story_time(exp, done, [], now=0) == (
+        "On this machine it last took 4.2 min (lab 4 s, train 3.3 min, evaluate 50 s)."
+    )
+    assert story_time(exp, None, [], now=0).startswith("Not run here yet: its first run")

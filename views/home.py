@@ -22,7 +22,7 @@ from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 from dtm.lab.sft_data import PHRASING_MODES
 from dtm.lab.world import DIALOGUES
 from dtm.score import scores
-from dtm.story import story_jobs, story_panels, story_runs
+from dtm.story import story_jobs, story_panels, story_runs, story_time
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # The lab story of each preset: the experiment file the button runs.
@@ -93,6 +93,18 @@ def button(col, path: Path, exp, label: str, primary: bool, key: str) -> None:
     ):
         start(path, exp)
     col.caption(story_runs(exp))
+    col.caption(time_text(exp))
+
+
+def time_text(exp) -> str:
+    """How long ``exp`` takes here, from this machine's own runs (``dtm.story``)."""
+    stories = [x for x in (klass, full) if x is not None]
+    try:
+        statuses = {x.name: read_status(x.name) for x in stories}
+        others = [(x, statuses[x.name]) for x in stories if x.name != exp.name]
+        return story_time(exp, statuses[exp.name], others, time.time())
+    except (DTMError, OSError) as e:
+        return f"How long it takes: unknown ({e})."
 
 
 c = st.columns(2)
@@ -178,6 +190,8 @@ def story() -> None:
         col.progress(min(float(s.get("fraction", 0.0)), 1.0))
     if st_.get("detail"):
         st.caption(st_["detail"])
+    if state == "running":
+        st.caption(time_text(exp))
     if st_.get("error"):
         st.error(st_["error"])
     try:

@@ -26,7 +26,8 @@ from dtm.experiment.plan import (
     together_members,
 )
 from dtm.experiment.report import experiment_models, results_markdown
-from dtm.experiment.run import STAGES, Progress, launch, read_status, run_experiment
+from dtm.experiment.run import launch, run_experiment
+from dtm.experiment.status import STAGES, Progress, read_status
 
 __all__ = [
     "STAGES",
