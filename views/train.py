@@ -20,6 +20,7 @@ from dtm.tasks import PROBES, TASKS
 from dtm.tasks.files import folder_tasks
 from dtm.train.config import BASELINES, TrainConfig
 from dtm.train.memory import launch_note
+from dtm.train.split import split_note
 from views.common import registry
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -207,18 +208,19 @@ def launch(configs: list[tuple], group: str, backend: str) -> None:
 
 
 def launch_group(configs: list[tuple], group: str, backend: str) -> None:
-    """Submit ``dtm_set`` tuples as one group job."""
+    """Submit ``dtm_set`` tuples as one group job, or the fewest that fit this GPU."""
     try:
-        job, members, created = jobs.submit_group(
+        parts = jobs.submit_together(
             together_members(configs), name="dtm set", group=group, backend=backend, store=store()
         )
     except DTMError as e:
         st.error(str(e))
         return
-    if created:
-        st.toast(f"Queued one group job ({job.id[:12]}) of {len(members)} runs.")
-    else:
-        st.toast(f"This set already has a group job ({job.id[:12]}, {job.state}).")
+    for job, members, created in parts:
+        if created:
+            st.toast(f"Queued the group job {job.name} ({job.id[:12]}) of {len(members)} runs.")
+        else:
+            st.toast(f"{job.name} already has a group job ({job.id[:12]}, {job.state}).")
 
 
 def launch_panel() -> None:
@@ -253,7 +255,10 @@ def launch_panel() -> None:
         "numbers as separate runs at dropout 0). Off: one job per run.",
     )
     # the estimate before a launch: a run, and the group of SFT + K sub-models
-    st.caption(launch_note(TrainConfig(**{**common, "kind": "sft"}), inputs["k"] + 1))
+    sft = TrainConfig(**{**common, "kind": "sft"})
+    st.caption(launch_note(sft, inputs["k"] + 1))
+    if together and (note := split_note(sft, inputs["k"] + 1)):
+        st.caption(note)
     c = st.columns([2] + [1] * len(BASELINES))
     if c[0].button("Launch DTM set + SFT", type="primary", key="launch_dtm"):
         sizes = cluster_sizes(inputs["assignments"], inputs["k"])

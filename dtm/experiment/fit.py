@@ -1,34 +1,66 @@
 """The dry run's memory table: each training job's estimate on a GPU of a given size
 (``dtm.train.memory``, from the model's shape alone), whether it fits, and what ``auto``
 chooses there. A group job (SFT and the sub-models of a seed, trained together) is one
-job: its members' rows share one forward."""
+job: its members' rows share one forward. A group that does not fit is split as
+``dtm run`` splits it on a GPU of that size (``dtm.train.split``): the table names which
+jobs go together."""
 
 from __future__ import annotations
 
 from dtm.experiment.config import Experiment, resolve_inputs
 from dtm.experiment.plan import PlannedJob, group_seed
-from dtm.train.memory import Machine, choose, model_shape
+from dtm.train.memory import Machine, Shape, choose, model_shape
+from dtm.train.split import split_members
 
 DEFAULT_GPU_GIB = 80.0  # an A100/H100 80 GB
 
 
-def job_units(exp: Experiment, jobs: list[PlannedJob]) -> list[tuple[str, list[PlannedJob]]]:
-    """The jobs as they are submitted: ``(name, members)``, a group job first per seed
-    (``dtm s<seed>``), then every job that trains on its own (a soup trains none)."""
+def job_parts(
+    exp: Experiment, jobs: list[PlannedJob], shape: Shape | None = None, machine=None
+) -> list[tuple[str, list[list[PlannedJob]]]]:
+    """The jobs as they are submitted: ``(name, parts)``, a group job first per seed
+    (``dtm s<seed>``), then every job that trains on its own (a soup trains none), one
+    part each, except a group that does not fit one GPU of ``machine`` with a base of
+    ``shape``: the fewest groups that do (``dtm.train.split``), as ``dtm run`` submits
+    them there."""
     units: dict[str, list[PlannedJob]] = {}
     for j in jobs:
         if j.merges:
             continue
         seed = group_seed(exp, j)
         units.setdefault(j.name if seed is None else f"dtm s{seed}", []).append(j)
-    return list(units.items())
+    out = []
+    for name, members in units.items():
+        parts = [list(range(len(members)))]
+        if machine is not None and group_seed(exp, members[0]) is not None:
+            parts = split_members([m.config for m in members], shape, machine)
+        out.append((name, [[members[i] for i in p] for p in parts]))
+    return out
+
+
+def job_units(
+    exp: Experiment, jobs: list[PlannedJob], shape: Shape | None = None, machine=None
+) -> list[tuple[str, list[PlannedJob]]]:
+    """``job_parts`` flat: ``(name, members)`` per job submitted, a split group's parts
+    named ``dtm s<seed> 1/n``, ``dtm s<seed> 2/n``, ..."""
+    out = []
+    for name, parts in job_parts(exp, jobs, shape, machine):
+        n = len(parts)
+        out += [(name if n == 1 else f"{name} {k}/{n}", p) for k, p in enumerate(parts, 1)]
+    return out
+
+
+def experiment_shape(exp: Experiment) -> Shape | None:
+    """The base's shape: its folder's ``config.json``, else the file's ``estimate.shape``."""
+    base = resolve_inputs(exp)["base"]
+    return model_shape(base, exp.estimate.get("shape"), f"{exp.source}: estimate.shape")
 
 
 def memory_lines(exp: Experiment, jobs: list[PlannedJob], gpu_gib: float) -> list[str]:
-    """The dry run's lines: per job, the estimate in GiB, fits or not, auto's choice."""
+    """The dry run's lines: per job, the estimate in GiB, fits or not, auto's choice; a
+    group that does not fit, split into the groups that do."""
     base = resolve_inputs(exp)["base"]
-    where = f"{exp.source}: estimate.shape"
-    shape = model_shape(base, exp.estimate.get("shape"), where)
+    shape = experiment_shape(exp)
     if shape is None:
         return [
             f"  memory: no shape for {base} (no config.json there yet); give estimate.shape "
@@ -41,7 +73,21 @@ def memory_lines(exp: Experiment, jobs: list[PlannedJob], gpu_gib: float) -> lis
         "flash_attention_2 where installed):"
     ]
     number = {id(j): i for i, j in enumerate(jobs, 1)}  # as the plan above numbers them
-    for _, members in job_units(exp, jobs):
+    rows = []
+    for _, parts in job_parts(exp, jobs, shape, gpu):
+        if len(parts) > 1:
+            members = [m for p in parts for m in p]
+            est = choose([m.config for m in members], shape, gpu).estimate
+            spans = " | ".join(_label([number[id(m)] for m in p], p) for p in parts)
+            fit = all(choose([m.config for m in p], shape, gpu).fits for p in parts)
+            lines.append(
+                f"    {_label([number[id(m)] for m in members], members)} would need "
+                f"{est.gib:.1f} GiB: split into {len(parts)} group jobs"
+                + (" that fit" if fit else " (a run that does not fit even alone is one)")
+                + f": {spans}"
+            )
+        rows += parts
+    for members in rows:
         choice = choose([m.config for m in members], shape, gpu)
         est = choice.estimate
         label = _label([number[id(m)] for m in members], members)

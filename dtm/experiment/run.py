@@ -138,15 +138,19 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
         return group_seed(exp, pj)
 
     grouped = {group_of(pj) for pj in planned} - {None}
-    for seed in sorted(grouped):  # SFT and every sub-model of the seed: one process
-        together = [pj for pj in planned if group_of(pj) == seed]
-        members = together_members(
+    for seed in sorted(grouped):  # SFT and every sub-model of the seed: one process, or
+        together = [pj for pj in planned if group_of(pj) == seed]  # the fewest that fit
+        members = together_members(  # on this machine's GPU
             [(pj.name, pj.config, pj.clustering) for pj in together], by_clustering=True
         )
-        job, _, _ = jobs_api.submit_group(
-            members, name=f"dtm s{seed}", group=exp.name, backend=exp.backend
+        parts = jobs_api.submit_together(
+            members,
+            name=f"dtm s{seed}",
+            group=exp.name,
+            backend=exp.backend,
+            shape=exp.estimate.get("shape"),
         )
-        submitted.append(job.id)
+        submitted += [job.id for job, _, _ in parts]
     store = jobs_api.JobStore()
 
     def submit(pjs) -> None:

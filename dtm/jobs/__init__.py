@@ -19,6 +19,7 @@ from dtm.jobs.queue import (
     restart,
     submit,
     submit_group,
+    submit_together,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "run_job",
     "submit",
     "submit_group",
+    "submit_together",
 ]

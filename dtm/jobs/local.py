@@ -6,9 +6,15 @@ records its own state in the registry. A job that dies without doing so (``kill 
 is found by ``refresh``: its pid is gone, or belongs to another process now (the
 process start time, from ``/proc``, no longer matches), and it becomes ``interrupted``.
 
-The queue: at most one job per visible GPU, or ``DTM_CPU_JOBS`` (default 1) jobs on a
-machine without one, each then given its share of the cores (``OMP_NUM_THREADS``): two
-torch processes that each use every core slow each other about 7x on 2 cores.
+The queue: on a machine with GPUs, one job per visible GPU (``DTM_GPU_JOBS``, default 1,
+jobs share a GPU when set higher); a job goes to the GPU with the fewest jobs of this
+queue (the lowest index among equals, ``dtm.store.jobs.place``), its process sees only
+that one (``CUDA_VISIBLE_DEVICES``) and its row records the GPU's index; the jobs beyond
+wait, queued, for a GPU to come free. A job process is told the queue's GPUs
+(``DTM_GPUS``), so the next job it starts as it ends is placed among all of them, not
+only its own. On a machine without a GPU, ``DTM_CPU_JOBS`` (default 1) jobs run at once,
+each then given its share of the cores (``OMP_NUM_THREADS``): two torch processes that
+each use every core slow each other about 7x on 2 cores.
 Whoever notices a free slot (a job ending, ``dtm jobs``, the dashboard) starts the next
 queued job; the claim is one ``BEGIN IMMEDIATE`` transaction, so two sessions never start
 the same job or more jobs than there are slots.
@@ -23,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from dtm.errors import ConfigError
 from dtm.jobs.base import ACTIVE, Job, JobStore, read_tail
 from dtm.store import pid_alive, proc_start_time
 
@@ -46,22 +53,70 @@ def spawn_detached(cmd: list[str], log, env: dict | None = None) -> subprocess.P
     return proc
 
 
-def gpu_slots() -> list[int]:
-    """Indices of the visible GPUs (``CUDA_VISIBLE_DEVICES`` respected)."""
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if vis is not None:
-        return [i for i, d in enumerate(vis.split(",")) if d.strip() and d.strip() != "-1"]
+def visible_gpus() -> list[str]:
+    """The GPUs this queue places jobs on, as CUDA device ids: ``DTM_GPUS`` (what a job
+    process is given by the queue that started it), else ``CUDA_VISIBLE_DEVICES`` (up to
+    its first empty or negative entry, as CUDA reads it), else every GPU torch sees."""
+    listed = os.environ.get("DTM_GPUS", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if listed is not None:
+        out = []
+        for d in (d.strip() for d in listed.split(",")):
+            if not d or d.startswith("-"):
+                break
+            out.append(d)
+        return out
     try:
-        import torch
+        import torch  # lazy: torch
 
-        return list(range(torch.cuda.device_count()))
+        return [str(i) for i in range(torch.cuda.device_count())]
     except ImportError:
         return []
 
 
+def gpu_slots() -> list[int]:
+    """Indices of the visible GPUs (``visible_gpus``)."""
+    return list(range(len(visible_gpus())))
+
+
+def _count(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name}={text!r}: give a whole number of jobs, at least 1.")
+    return value
+
+
+def jobs_per_gpu() -> int:
+    """How many jobs of this queue share one GPU (``DTM_GPU_JOBS``, default 1)."""
+    return _count("DTM_GPU_JOBS", 1)
+
+
 def max_parallel() -> int:
+    """How many local jobs run at once: ``jobs_per_gpu`` per visible GPU, or
+    ``DTM_CPU_JOBS`` (default 1) on a machine without one."""
     gpus = gpu_slots()
-    return len(gpus) if gpus else max(1, int(os.environ.get("DTM_CPU_JOBS", "1")))
+    return len(gpus) * jobs_per_gpu() if gpus else _count("DTM_CPU_JOBS", 1)
+
+
+def job_env(
+    environ: dict, cache: str, gpu: int | None, gpus: list[str], parallel: int, cpus: int
+) -> dict:
+    """The environment of a job process: ``environ`` with ``DTM_CACHE``; on GPU slot
+    ``gpu`` of the queue's ``gpus`` (CUDA ids) that GPU alone (``CUDA_VISIBLE_DEVICES``)
+    and the queue's GPUs (``DTM_GPUS``); on a CPU running ``parallel`` jobs at once, each
+    its share of the ``cpus`` cores unless ``OMP_NUM_THREADS`` is set."""
+    env = {**environ, "DTM_CACHE": cache}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[gpu]
+        env["DTM_GPUS"] = ",".join(gpus)
+    elif parallel > 1 and "OMP_NUM_THREADS" not in environ:
+        # Parallel CPU jobs share the cores: with all threads each they slow each other
+        # ~7x; split, they beat one after another (docs/benchmarks.md).
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // parallel))
+    return env
 
 
 class LocalBackend:
@@ -71,13 +126,15 @@ class LocalBackend:
         cmd = [sys.executable, "-m", "dtm", "train", "--job", job.id]
         if job.resume:
             cmd.append("--resume")
-        env = {**os.environ, "DTM_CACHE": str(store.registry.root)}
-        if job.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(_visible_id(job.gpu))
-        elif max_parallel() > 1 and "OMP_NUM_THREADS" not in os.environ:
-            # Parallel CPU jobs share the cores: with all threads each they slow each other
-            # ~7x; split, they beat one after another (docs/benchmarks.md).
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max_parallel()))
+        gpus = visible_gpus() if job.gpu is not None else []
+        env = job_env(
+            dict(os.environ),
+            str(store.registry.root),
+            job.gpu,
+            gpus,
+            max_parallel(),
+            os.cpu_count() or 1,
+        )
         job.run_dir.mkdir(parents=True, exist_ok=True)
         with open(job.log_path, "a", encoding="utf-8") as log:
             log.write(f"=== attempt {job.attempts + 1}: {' '.join(cmd[1:])}\n")
@@ -121,8 +178,3 @@ class LocalBackend:
 
 def _alive(job: Job) -> bool:
     return pid_alive(job.pid, job.proc_start)
-
-
-def _visible_id(slot: int) -> str:
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return vis.split(",")[slot].strip() if vis else str(slot)

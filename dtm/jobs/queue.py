@@ -6,18 +6,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from dtm.errors import ConfigError, Stopped
 from dtm.jobs.base import ACTIVE, FINAL, RESTARTABLE, Job, JobStore
-from dtm.jobs.local import LocalBackend, gpu_slots, max_parallel
+from dtm.jobs.local import LocalBackend, gpu_slots, jobs_per_gpu, max_parallel
 from dtm.models import check_base_path
 from dtm.store import input_key, proc_start_time, write_json_atomic
 from dtm.train.checkpoints import checkpoints
 from dtm.train.config import TrainConfig, check_config, read_config, run_id
 from dtm.train.group import check_members
 from dtm.train.loop import request_stop
+from dtm.train.memory import Machine, model_shape, this_machine
+from dtm.train.split import split_members
 
 
 def backend_for(spec: str):
@@ -144,13 +146,54 @@ def submit_group(
     return store.get(job.id), store.list(parent=job.id), created
 
 
+def submit_together(
+    members: list[tuple[str, TrainConfig, str | None, str]],
+    *,
+    name: str = "group",
+    group: str | None = None,
+    backend: str | None = None,
+    store: JobStore | None = None,
+    shape: dict | None = None,
+    machine: Machine | None = None,
+) -> list[tuple[Job, list[Job], bool]]:
+    """Queue ``members`` (as ``submit_group`` takes them) as the fewest group jobs that
+    each fit on one GPU of ``machine`` (``dtm.train.split``), in order: one group, as
+    ``submit_group`` makes it, when they fit together or the memory is not known; else
+    ``NAME 1/n``, ``NAME 2/n``, ... Returns ``(group job, its member rows, created)`` of
+    each. ``machine`` defaults to the one the jobs run on where it is known: this one for
+    the local backend (no GPU: no split), none for Ray (its workers' GPUs are not known
+    here: no split). ``shape`` is an ``estimate.shape`` mapping for a base that is not a
+    local folder."""
+    store = store or JobStore()
+    backend = backend or default_backend()
+    cfgs = [cfg for _, cfg, _, _ in members]
+    for cfg in cfgs:  # every member's config before any part is queued
+        check_config(cfg)
+    check_members([replace(c, out=m[3]) for c, m in zip(cfgs, members, strict=True)])
+    if machine is None:
+        machine = this_machine() if backend == "local" else Machine(gpu=False)
+    parts = split_members(cfgs, model_shape(cfgs[0].base, shape), machine)
+    if len(parts) == 1:
+        return [submit_group(members, name=name, group=group, backend=backend, store=store)]
+    return [
+        submit_group(
+            [members[i] for i in part],
+            name=f"{name} {k}/{len(parts)}",
+            group=group,
+            backend=backend,
+            store=store,
+        )
+        for k, part in enumerate(parts, 1)
+    ]
+
+
 def pump(store: JobStore | None = None) -> list[Job]:
     """Start queued jobs while there are free slots; returns the jobs started. Ray jobs
     are all handed to Ray at once (Ray's scheduler queues them by resources)."""
     store = store or JobStore()
     limit = max_parallel()
     gpus = gpu_slots()
-    claimed = store.claim_queued(limit, len(gpus))
+    claimed = store.claim_queued(limit, len(gpus), jobs_per_gpu() if gpus else 1)
     started = []
     for jid in claimed:
         job = store.get(jid)

@@ -23,6 +23,38 @@ _COLUMNS = (
 )
 
 
+def place(
+    rows: list[tuple], limit: int, gpus: int, per_gpu: int = 1
+) -> list[tuple[str, int | None]]:
+    """The queue's placement rule: which queued jobs start now, and on which GPU.
+
+    ``rows``: ``(id, backend, state, gpu)`` of the open top-level jobs, oldest first.
+    Every queued Ray job starts (Ray places it). A queued local job starts while fewer
+    than ``limit`` local jobs are active; with ``gpus`` GPUs it goes to the GPU with the
+    fewest active jobs of this queue (the lowest index among equals) and waits while
+    every GPU has ``per_gpu`` of them. Returns ``(id, gpu index or None)``, oldest first.
+    """
+    active = [r for r in rows if r[1] == "local" and r[2] != "queued"]
+    load = [sum(r[3] == g for r in active) for g in range(gpus)]
+    free = limit - len(active)
+    out: list[tuple[str, int | None]] = []
+    for jid, backend, state, _ in rows:
+        if state != "queued":
+            continue
+        gpu = None
+        if backend == "local":
+            if free <= 0:
+                continue
+            if gpus:
+                gpu = min(range(gpus), key=lambda g: (load[g], g))
+                if load[gpu] >= per_gpu:
+                    continue
+                load[gpu] += 1
+            free -= 1
+        out.append((jid, gpu))
+    return out
+
+
 @dataclass
 class Job:
     id: str
@@ -173,38 +205,25 @@ class JobStore:
         with self.registry._connect() as con:
             return con.execute(sql, params).rowcount > 0
 
-    def claim_queued(self, limit: int, gpus: int) -> list[str]:
+    def claim_queued(self, limit: int, gpus: int, per_gpu: int = 1) -> list[str]:
         """In one transaction, mark ``starting`` the queued top-level jobs that have a
-        slot: every Ray job, and local jobs while fewer than ``limit`` run (each given a
-        free GPU index when there are ``gpus``). Returns their ids, oldest first; two
-        processes never claim the same job or more jobs than there are slots."""
-        claimed: list[str] = []
+        slot (``place``: every Ray job; local jobs while fewer than ``limit`` run, each
+        given a GPU index when there are ``gpus``) and record each one's GPU. Returns
+        their ids, oldest first; two processes never claim the same job or more jobs
+        than there are slots."""
         with self.registry.transaction() as con:
             rows = con.execute(
                 "SELECT id, backend, state, gpu FROM jobs WHERE parent IS NULL AND state IN "
                 "('queued', 'starting', 'running', 'stopping') ORDER BY created, id"
             ).fetchall()
-            local_active = [r for r in rows if r[1] == "local" and r[2] != "queued"]
-            busy_gpus = {r[3] for r in local_active if r[3] is not None}
-            free = limit - len(local_active)
-            for jid, backend, state, _ in rows:
-                if state != "queued":
-                    continue
-                gpu = None
-                if backend == "local":
-                    if free <= 0:
-                        continue
-                    free -= 1
-                    if gpus:
-                        gpu = next(g for g in range(gpus) if g not in busy_gpus)
-                        busy_gpus.add(gpu)
+            claimed = place(rows, limit, gpus, per_gpu)
+            for jid, gpu in claimed:
                 con.execute(
                     "UPDATE jobs SET state = 'starting', gpu = ?, pid = NULL, updated = ? "
                     "WHERE id = ?",
                     (gpu, time.time(), jid),
                 )
-                claimed.append(jid)
-        return claimed
+        return [jid for jid, _ in claimed]
 
     def log_metrics(self, job_id: str, rec: dict) -> None:
         """Store one metrics record; records after it (from an attempt that a resume or
