@@ -26,3 +26,12 @@ LLAMA_SMALL = {  # the merge benchmark's default: a few seconds per method on a 
     "vocab_size": 2048,
     "max_position_embeddings": 512,
 }
+LLAMA_TINY_32K = {  # bench.gpu --shape small: tiny layers, Llama-2's vocabulary
+    "hidden_size": 32,
+    "intermediate_size": 86,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 1024,
+}
