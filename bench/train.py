@@ -1,4 +1,5 @@
-"""Training throughput: the lab model on this CPU, and a Llama-2-7b-shaped model on a GPU.
+"""Training throughput of the lab model on this CPU (a GPU at Llama-2-7b's shape:
+``bench/gpu.py``, which runs ``dtm train`` itself).
 
 CPU, ``--part single`` (default ``all``): LoRA SFT of the lab's base model with the lab's
 settings through the project's trainer; tokens/s (median over logged intervals, the
@@ -11,20 +12,12 @@ fresh registry: one group job (one process over one base) against four sub-model
 one after another (separate processes, start-up included). Wall seconds, medians of
 ``--repeats`` rounds, each round running both, alternating which goes first.
 
-GPU (only when CUDA is present; never in CI): a model of Llama-2-7b's shape with random
-weights (its config, no download), LoRA r=16 on gate/up/down_proj, bf16, sequence 1024:
-tokens/s, peak memory and model-FLOPs utilisation with a LoRA FLOP count (4N per token
-for the frozen base, which needs no weight gradients, plus 6 per adapter parameter, over
-the GPU's peak bf16 FLOP/s); then K=4 members trained together (one forward over the
-four micro-batches, each row through its own adapter, ``dtm.train.group.Routing``)
-against one member at a time: tokens/s and peak memory of each.
-
 CPU, ``--part story``: the whole lab story, ``dtm run experiments/lab.yaml`` from a built
 lab in a fresh cache, with its group jobs (``--story together``) and/or one process per
 run (``apart``); wall minutes.
 
-    .venv/bin/python -m bench.train [--lab DIR] [--part all|single|together|story|gpu]
-        [--steps 60] [--repeats 3] [--story together,apart] [--gpu-steps 10]
+    .venv/bin/python -m bench.train [--lab DIR] [--part all|single|together|story]
+        [--steps 60] [--repeats 3] [--story together,apart]
         [--experiment experiments/lab.yaml] [--seeds 0,1,2] [--keep DIR [--keep-runs]]
 """
 
@@ -39,8 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-from bench.shapes import LLAMA2_7B
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,153 +274,10 @@ def story_bench(
         print(f"apart / together: {walls['apart'] / walls['together']:.2f}x")
 
 
-def lora_flops_per_token(n_base: int, n_lora: int) -> float:
-    """Training FLOPs per token of LoRA on a frozen base: the base's forward (2N) and its
-    backward to the activations (2N), no weight gradients; the adapters' full 6 each."""
-    return 4 * n_base + 6 * n_lora
-
-
-def gpu_peak_flops() -> float:
-    import torch
-
-    name = torch.cuda.get_device_name()
-    for key, flops in [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12)]:
-        if key in name:
-            return flops
-    return float("nan")
-
-
-def timed_steps(step, steps: int, warmup: int) -> tuple[float, float]:
-    """Seconds for ``steps`` calls of ``step`` after ``warmup`` calls, and the peak GPU
-    memory (GiB) over the timed ones."""
-    import torch
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, round(torch.cuda.max_memory_allocated() / 2**30, 2)
-
-
-def gpu_job(steps: int, micro_batch: int = 4, seq: int = 1024) -> dict:
-    """LoRA training steps on a random Llama-2-7b-shaped model; tokens/s, memory, MFU."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B))
-    torch.set_default_dtype(torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=16,
-            lora_alpha=16,
-            lora_dropout=0.05,
-            target_modules=["gate_proj", "up_proj", "down_proj"],
-        ),
-    )
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=3e-4, betas=(0.9, 0.98), eps=1e-6
-    )
-    ids = torch.randint(0, LLAMA2_7B["vocab_size"], (micro_batch, seq), device="cuda")
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    secs, peak = timed_steps(step, steps, warmup=3)
-    tps = steps * micro_batch * seq / secs
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "params": n_params,
-        "tokens_per_s": round(tps, 1),
-        "peak_mem_gib": peak,
-        "mfu": round(lora_flops_per_token(n_params, n_lora) * tps / gpu_peak_flops(), 4),
-        "gpu": torch.cuda.get_device_name(),
-    }
-
-
-def gpu_group(steps: int, k: int = 4, micro_batch: int = 1, seq: int = 1024) -> dict:
-    """K LoRA members on one Llama-2-7b-shaped base: one forward over the K micro-batches
-    (each row through its own adapter) against one member at a time; tokens/s, peak
-    memory, MFU (LoRA FLOP count) of each."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dtm.train.group import Routing, route
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        base = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B))
-    torch.set_default_dtype(torch.float32)
-    n_params = sum(p.numel() for p in base.parameters())
-    lora = LoraConfig(
-        r=16, lora_alpha=16, lora_dropout=0.05, target_modules=["gate_proj", "up_proj", "down_proj"]
-    )
-    model = get_peft_model(base, lora, adapter_name="m000")
-    for i in range(1, k):
-        model.add_adapter(f"m{i:03d}", lora)
-    model.base_model.set_adapter([f"m{i:03d}" for i in range(k)])
-    routing = Routing()
-    route(model, routing)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.98), eps=1e-6)
-    n_lora = sum(p.numel() for p in params) // k
-    out = {}
-    for mode in ("one at a time", "together"):
-        rows = k * micro_batch if mode == "together" else micro_batch
-        ids = torch.randint(0, LLAMA2_7B["vocab_size"], (rows, seq), device="cuda")
-        if mode == "together":
-            segs = [(f"m{i:03d}", i * micro_batch, (i + 1) * micro_batch) for i in range(k)]
-        else:
-            segs = [("m000", 0, micro_batch)]
-
-        def step(ids=ids, segs=segs):
-            routing.segments = segs
-            loss = model(input_ids=ids, labels=ids).loss
-            routing.segments = None
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        secs, peak = timed_steps(step, steps, warmup=2)
-        tps = steps * rows * seq / secs
-        out[mode] = {
-            "tokens_per_s": round(tps, 1),
-            "peak_mem_gib": peak,
-            "mfu": round(lora_flops_per_token(n_params, n_lora) * tps / gpu_peak_flops(), 4),
-        }
-    return out
-
-
-def gpu_parallel(steps: int, n: int) -> float:
-    t0 = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "bench.train", "--gpu-worker", str(steps)], cwd=ROOT
-        )
-        for _ in range(n)
-    ]
-    assert all(p.wait() == 0 for p in procs)
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lab", default=None, help="a built lab (default: the dashboard's lab)")
-    ap.add_argument("--part", default="all", choices=["all", "single", "together", "story", "gpu"])
+    ap.add_argument("--part", default="all", choices=["all", "single", "together", "story"])
     ap.add_argument(
         "--story", default="together", help="story modes, comma-separated: together,apart"
     )
@@ -441,23 +289,17 @@ def main() -> None:
     ap.add_argument("--keep-runs", action="store_true", help="with --keep: the run folders too")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gpu-steps", type=int, default=10)
     ap.add_argument("--cpu-worker", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--gpu-worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cpu_worker:
         lab, out, steps = args.cpu_worker
         cpu_job(Path(lab), Path(out), int(steps))
         return
-    if args.gpu_worker:
-        print(json.dumps(gpu_job(args.gpu_worker)))
-        return
-    import torch
 
     from dtm.lab import default_lab_dir
 
     lab = Path(args.lab) if args.lab else default_lab_dir()
-    if args.part != "gpu" and not (lab / "lab.json").exists():
+    if not (lab / "lab.json").exists():
         sys.exit(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
     if args.part in ("all", "single"):
         single_bench(lab, args.steps)
@@ -468,11 +310,6 @@ def main() -> None:
         story_bench(
             lab, args.story.split(","), args.experiment.resolve(), seeds, args.keep, args.keep_runs
         )
-    if args.part in ("all", "gpu"):
-        if torch.cuda.is_available():
-            gpu_bench(args.gpu_steps)
-        else:
-            print("no GPU here: the Llama-2-7b-shaped figures need one (see docs/benchmarks.md).")
 
 
 def single_bench(lab: Path, steps: int) -> None:
@@ -493,33 +330,6 @@ def single_bench(lab: Path, steps: int) -> None:
     print(f"  {'two jobs':<30} {'wall s':>8} {'x one after another':>20}")
     for name, wall in rows:
         print(f"  {name:<30} {wall:>8.1f} {wall / seq:>20.2f}")
-
-
-def gpu_bench(steps: int) -> None:
-    g = gpu_job(steps)
-    print(f"Llama-2-7b shape, random weights, LoRA r=16, bf16, seq 1024 on {g['gpu']}:")
-    print(
-        f"  {g['params'] / 1e9:.2f}B params; tokens/s {g['tokens_per_s']:.0f}; peak memory "
-        f"{g['peak_mem_gib']} GiB; MFU {g['mfu']:.1%} (LoRA FLOP count)"
-    )
-    t1 = gpu_parallel(steps, 1)
-    t4 = gpu_parallel(steps, 4)
-    print(
-        f"  four sub-model jobs at once: {t4:.1f} s; one after another: {4 * t1:.1f} s "
-        f"({t4 / (4 * t1):.2f}x)"
-    )
-    grp = gpu_group(steps)
-    one, four = grp["one at a time"], grp["together"]
-    print("  K=4 members, micro-batch 1 each:")
-    for mode, r in grp.items():
-        print(
-            f"    {mode}: tokens/s {r['tokens_per_s']:.0f}; peak memory {r['peak_mem_gib']} "
-            f"GiB; MFU {r['mfu']:.1%}"
-        )
-    print(
-        f"    together: {four['tokens_per_s'] / one['tokens_per_s']:.2f}x the throughput, "
-        f"{four['peak_mem_gib'] / one['peak_mem_gib']:.2f}x the memory of one at a time"
-    )
 
 
 if __name__ == "__main__":
