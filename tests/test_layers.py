@@ -20,6 +20,7 @@ LAYERS = [
     {
         "errors",
         "store",
+        "threads",
         "tasks",
         "data",
         "embed",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dtm import threads
 from dtm.cli.common import progress_bar
 from dtm.cluster import METHODS
 from dtm.curate import curate_folder
@@ -21,6 +22,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_disperse(args: argparse.Namespace) -> int:
+    threads.claim("dispersal")
     cfg = DisperseConfig(
         data=args.data,
         k=args.k,

@@ -7,6 +7,7 @@ import os
 from dataclasses import fields, replace
 from pathlib import Path
 
+from dtm import threads
 from dtm.cli.common import progress_bar
 from dtm.errors import ConfigError
 from dtm.lab.build import build_lab
@@ -16,6 +17,7 @@ from dtm.store import ProgressFile, write_json_atomic
 
 
 def cmd_lab_build(args: argparse.Namespace) -> int:
+    threads.claim("lab build")
     bar = progress_bar()
     progress = bar
     if args.progress_file:
@@ -85,6 +87,8 @@ def _lab_knobs(args: argparse.Namespace):
 
 def cmd_lab_measure(args: argparse.Namespace) -> int:
     from dtm.lab.measure import measure_lab  # lazy: torch (lab build does not need it)
+
+    threads.claim("lab measure")
 
     if not (Path(args.lab) / "lab.json").exists():
         raise ConfigError(f"--lab {args.lab}: not a built lab (no lab.json).")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from dtm import jobs
+from dtm import jobs, threads
 from dtm.cli.common import progress_bar
 from dtm.errors import ConfigError
 from dtm.models import check_base_path
@@ -56,6 +56,7 @@ def _install_stop_handlers() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _install_stop_handlers()
+    threads.claim("training")
     if args.job:
         res = jobs.run_job(args.job, resume=args.resume)
         out, rid = res["out"], args.job

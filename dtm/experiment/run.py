@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from dtm import jobs as jobs_api
+from dtm import threads
 from dtm.disperse import DisperseConfig, run_disperse, training_inputs, write_disperse_outputs
 from dtm.errors import ConfigError, DTMError
 from dtm.experiment.config import Experiment, experiment_dir, resolve_inputs
@@ -104,7 +105,8 @@ def run_experiment(exp: Experiment, *, command: str, wait: bool = True, echo=Non
         prog.stage("merge")
         export_merges(exp, res["jobs"], progress=prog)
         prog.stage("evaluate")
-        scores, timings = evaluate_experiment(exp, res["jobs"], progress=prog)
+        with threads.computing("scoring"):
+            scores, timings = evaluate_experiment(exp, res["jobs"], progress=prog)
         seconds = res["seconds"] + time.time() - t0
         md = results_markdown(exp, scores, res["jobs"], command, seconds, timings)
         write_text_atomic(out / "results.md", md)
@@ -130,7 +132,8 @@ def _train_stages(exp: Experiment, progress: Progress, wait: bool, poll: float =
         progress.stage("lab")
         _ensure_lab(exp, progress)
     progress.stage("disperse")
-    planned = plan(exp, disperse_all(exp, progress))
+    with threads.computing("dispersal"):
+        planned = plan(exp, disperse_all(exp, progress))
     progress.stage("train")
     submitted = []
 

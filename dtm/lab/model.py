@@ -14,6 +14,8 @@ import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from dtm import threads
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 # One chat format for every instruction family (as TULU's is common to its sources). Its
 # role markers are ordinary words, as Llama-2's [INST] is made of ordinary tokens, and
@@ -143,6 +145,7 @@ def pretrain(
 
     class Report(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
+            threads.rebalance()
             if progress and state.global_step % 10 == 0:
                 progress("pretraining the base model", state.global_step / steps)
 

@@ -9,6 +9,7 @@ import resource
 import time
 from pathlib import Path
 
+from dtm import threads
 from dtm.store import publish_dir
 from dtm.train.setup import Run
 
@@ -65,6 +66,7 @@ class MetricsLogger:
 
     def step_end(self) -> None:
         self.busy += time.perf_counter() - self.began
+        threads.rebalance()  # the share of the cores, as processes come and go
 
     def record(self, rec: dict) -> None:
         """``rec``: step, epoch, lr, train_loss, val_loss, probe_loss; completed in place."""
