@@ -1,0 +1,146 @@
+"""What a teacher waits for, on this machine: the lab build alone and beside a training
+job, and the class story's time to its first chart and to done.
+
+``--part build``: ``dtm lab build`` (``--size``, default ``small``) alone, then beside a
+real training job (``dtm train`` on a lab, many steps, started first, running the whole
+time), each ``--repeats`` times; medians and their ratio. Every process claims its share
+of the cores (``dtm.threads``); ``--threads all`` gives each process every core instead
+(``DTM_THREADS`` = the core count: what every process did before), side by side.
+
+``--part class``: ``dtm run experiments/lab-class.yaml`` in a fresh cache holding a copy
+of a built lab (``--lab``, default the dashboard's): seconds to the first chart of the
+Home page (``dtm.story.story_panels`` non-empty), to every chart, and to done.
+
+    .venv/bin/python -m bench.teach [--part build|class|all] [--size small|default]
+                                    [--repeats 3] [--threads share|all|both] [--lab DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(cpu_dir: Path, threads: str, cache: Path | None = None) -> dict:
+    env = {**os.environ, "DTM_CPU_DIR": str(cpu_dir), "HF_HUB_OFFLINE": "1"}
+    env.pop("DTM_THREADS", None)
+    if threads == "all":
+        env["DTM_THREADS"] = str(len(os.sched_getaffinity(0)))
+    if cache is not None:
+        env["DTM_CACHE"] = str(cache)
+    return env
+
+
+def _build(out: Path, size: str, env: dict) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "dtm", "lab", "build", "--size", size, "--out", str(out), "--force"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if r.returncode:
+        sys.exit(f"the lab build failed:\n{r.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def _busy_job(lab: Path, out: Path, env: dict) -> subprocess.Popen:
+    """A training job on ``lab`` that runs far longer than a build."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dtm", "train", "--base", str(lab / "model"),
+         "--data", str(lab / "data" / "train.jsonl"), "--steps", "100000", "--log-every",
+         "100000", "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def build_part(size: str, repeats: int, modes: list[str]) -> None:
+    cores = len(os.sched_getaffinity(0))
+    print(f"dtm lab build --size {size}, {cores} cores, medians of {repeats}:")
+    print(f"  {'threads':<34} {'alone s':>8} {'beside a job s':>15} {'ratio':>6}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        job_lab = tmp / "job-lab"
+        _build(job_lab, "small", _env(tmp / "cpu0", "share"))
+        for mode in modes:
+            env = _env(tmp / f"cpu-{mode}", mode)
+            alone = [_build(tmp / "lab", size, env) for _ in range(repeats)]
+            job = _busy_job(job_lab, tmp / f"job-{mode}", env)
+            try:
+                time.sleep(15)  # the job is training
+                beside = [_build(tmp / "lab", size, env) for _ in range(repeats)]
+            finally:
+                job.terminate()
+                job.wait()
+            a, b = statistics.median(alone), statistics.median(beside)
+            label = "each its share (dtm.threads)" if mode == "share" else "every core each"
+            print(f"  {label:<34} {a:>8.1f} {b:>15.1f} {b / a:>6.2f}")
+
+
+def class_part(lab: Path) -> None:
+    from dtm.experiment import load_experiment
+    from dtm.lab import default_lab_dir
+    from dtm.score import scores
+    from dtm.story import story_jobs, story_panels
+
+    lab = lab or default_lab_dir()
+    if not (lab / "lab.json").exists():
+        sys.exit(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
+    exp_file = ROOT / "experiments" / "lab-class.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        shutil.copytree(lab, cache / "lab" / lab.name)
+        env = _env(Path(tmp) / "cpu", "share", cache)
+        os.environ["DTM_CACHE"] = str(cache)
+        exp = load_experiment(exp_file)
+        t0 = time.perf_counter()
+        run = subprocess.Popen(
+            [sys.executable, "-m", "dtm", "run", str(exp_file)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        seen: dict[str, float] = {}
+        while run.poll() is None:
+            time.sleep(2)
+            from dtm.experiment import read_status
+
+            status = read_status(exp.name)
+            try:
+                panels = story_panels(exp, story_jobs(exp.name, status), scores(group=exp.name))
+            except Exception:  # the registry mid-write: look again
+                continue
+            for p in panels:
+                seen.setdefault(p["key"], time.perf_counter() - t0)
+        done = time.perf_counter() - t0
+        if run.returncode:
+            sys.exit(f"the class story failed:\n{run.stderr.read()[-2000:]}")
+    cores = len(os.sched_getaffinity(0))
+    print(f"class story (experiments/lab-class.yaml) from a built lab, {cores} cores:")
+    first = min(seen.values()) if seen else float("nan")
+    print(f"  first chart {first:.0f} s; " + ", ".join(f"{k} {v:.0f} s" for k, v in seen.items()))
+    print(f"  done {done:.0f} s ({done / 60:.1f} min)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", default="all", choices=["build", "class", "all"])
+    ap.add_argument("--size", default="small", choices=["small", "default"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default="both", choices=["share", "all", "both"])
+    ap.add_argument("--lab", type=Path, default=None)
+    args = ap.parse_args()
+    if args.part in ("build", "all"):
+        modes = ["share", "all"] if args.threads == "both" else [args.threads]
+        build_part(args.size, args.repeats, modes)
+    if args.part in ("class", "all"):
+        class_part(args.lab)
+
+
+if __name__ == "__main__":
+    main()
