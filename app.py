@@ -1,6 +1,7 @@
 """The Disperse-Then-Merge dashboard: `streamlit run app.py` (or `make run`)."""
 
 import os
+from pathlib import Path
 
 import streamlit as st
 
@@ -8,7 +9,10 @@ from dtm import jobs
 from dtm.errors import DTMError
 from dtm.lab import ensure_default_lab, lab_status
 
-st.set_page_config(page_title="Disperse-Then-Merge", page_icon=":material/hub:", layout="wide")
+# The tab's icon is a file served by this server: a ":material/...:" icon would make the
+# browser fetch it from fonts.gstatic.com (no request may leave the machine).
+ICON = Path(__file__).parent / "views" / "icon.svg"
+st.set_page_config(page_title="Disperse-Then-Merge", page_icon=str(ICON), layout="wide")
 PAGES = [
     st.Page("views/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("views/disperse.py", title="Disperse", icon=":material/scatter_plot:"),

@@ -9,9 +9,14 @@
 - ``cluster_keywords(texts, labels, k)``: each cluster's most distinctive words by
   class-based TF-IDF (c-TF-IDF, as in BERTopic).
 - ``project_2d(emb, seed)``: PCA to 50 dimensions, then UMAP to 2-D, shape (N, 2).
+- ``composition(values, labels, k)``: what each cluster holds, as counts of a column's
+  values (a row's source, or its task); ``composition_sentence`` says it in words.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,6 +26,9 @@ METHODS = ("kmeans", "random", "agglomerative")
 AGGLO_EXACT_MAX = 12_000
 PCA_DIMS = 50
 UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean"}
+TOP = 10  # values named per cluster in ``composition``; the rest are counted as OTHER
+OTHER = "(other)"
+NONE = "(none)"
 
 
 def check_k(k: int, n_rows: int) -> None:
@@ -146,3 +154,65 @@ def project_2d(emb: np.ndarray, seed: int = 0, pca_dims: int = PCA_DIMS) -> np.n
         metric=UMAP_PARAMS["metric"],
     )
     return reducer.fit_transform(z).astype(np.float32)
+
+
+def composition(
+    values: Sequence[str], labels: np.ndarray, k: int, top: int = TOP
+) -> list[dict[str, int]]:
+    """For each cluster 0..k-1, its rows counted by value (an empty value is ``NONE``):
+    the ``top`` largest first (ties by name), then ``OTHER`` for the rest when there are
+    any, so that cluster c's counts sum to its size."""
+    per: list[Counter] = [Counter() for _ in range(k)]
+    for v, c in zip(values, labels, strict=True):
+        per[int(c)][str(v) if v not in (None, "") else NONE] += 1
+    out = []
+    for counts in per:
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        kept = dict(ranked[:top])
+        rest = sum(n for _, n in ranked[top:])
+        out.append({**kept, OTHER: rest} if rest else kept)
+    return out
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def composition_sentence(counts: list[dict[str, int]], noun: str = "source") -> str:
+    """One sentence on what each cluster holds: its largest share of ``noun`` (a cluster
+    of one value only "holds N x rows and nothing else"), then which values a cluster has
+    none of. A cluster whose counts end in ``OTHER`` may hold any value, so it is never
+    said to lack one."""
+    parts = []
+    for c, d in enumerate(counts):
+        n = sum(d.values())
+        named = {v: m for v, m in d.items() if v != OTHER}
+        if not n:
+            parts.append(f"cluster {c} is empty")
+            continue
+        top = min(named, key=lambda v: (-named[v], v)) if named else None
+        if top is None:
+            parts.append(f"cluster {c} holds {n} rows of many {noun}s")
+        elif named[top] == n:
+            parts.append(f"cluster {c} holds {n} {top} rows and nothing else")
+        else:
+            parts.append(f"cluster {c} is {named[top] / n:.0%} {top} ({named[top]} of {n})")
+    seen = sorted({v for d in counts for v, m in d.items() if m and v != OTHER})
+    lacking: dict[tuple[str, ...], list[int]] = {}
+    for c, d in enumerate(counts):
+        if d.get(OTHER) or not sum(d.values()):
+            continue
+        missing = tuple(v for v in seen if not d.get(v))
+        if missing:
+            lacking.setdefault(missing, []).append(c)
+    for missing, clusters in lacking.items():
+        who = "cluster" if len(clusters) == 1 else "clusters"
+        ids = [str(c) for c in clusters]
+        ids_text = ids[0] if len(ids) == 1 else ", ".join(ids[:-1]) + " and " + ids[-1]
+        have = "has" if len(clusters) == 1 else "have"
+        parts.append(f"{who} {ids_text} {have} no {_listed(list(missing))} row")
+    if not lacking and len(counts) > 1 and all(sum(d.values()) for d in counts):
+        if not any(d.get(OTHER) for d in counts):
+            parts.append(f"every cluster holds every {noun}")
+    text = "; ".join(parts)
+    return f"By {noun}: {text}."

@@ -12,6 +12,11 @@ embedding      dataset key, model identity, field          embeddings.npy (N, d)
 assignment     embedding key, k, method, seed              labels.npy (N,), clusters.json
 projection     embedding key, seed, PCA dims, UMAP params  xy.npy (N, 2) f32
 =============  ==========================================  ==========================
+
+clusters.json holds, per cluster, its rows counted by ``source`` (``sources[i]``: the 10
+largest, then ``(other)``, so it sums to ``sizes[i]``) and, for a lab's data, by task
+(``tasks[i]``, the same shape, from the lab's ledger beside the data file). A file written
+before these counts existed still loads: ``assignment_info`` counts them again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,14 @@ import pandas as pd
 from dtm import cluster, data, embed
 from dtm.errors import ConfigError
 from dtm.models import lab_of
-from dtm.store import Artifact, Registry, file_digest, write_json_atomic, write_text_atomic
+from dtm.store import (
+    Artifact,
+    Registry,
+    file_digest,
+    input_key,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 _noop = lambda stage, frac: None  # noqa: E731
 
@@ -127,9 +140,11 @@ def assignment_step(
     k: int,
     method: str = "kmeans",
     seed: int = 0,
+    tasks: Sequence[str] | None = None,
 ) -> tuple[Artifact, bool]:
-    """Cluster the embeddings into K subsets, with sizes, keywords and a silhouette."""
-    inputs = {"embedding": emb.key, "k": int(k), "method": method, "seed": int(seed)}
+    """Cluster the embeddings into K subsets, with sizes, keywords, a silhouette and what
+    each cluster holds (by source; by task too when ``tasks`` gives each row's)."""
+    inputs = _assignment_inputs(emb, k, method, seed)
     x = read_embeddings(emb)
     cluster.check_k(k, x.shape[0])
     cluster.check_method(method)
@@ -149,7 +164,7 @@ def assignment_step(
             "sizes": np.bincount(labels, minlength=k).tolist(),
             "silhouette": cluster.silhouette(np.asarray(x), labels, seed),
             "keywords": cluster.cluster_keywords(texts, labels, k),
-            "sources": _sources_per_cluster(table, labels, k),
+            **_composition(table, labels, k, tasks),
             "dataset": ds.key,
             "embedding": emb.key,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -168,13 +183,59 @@ def assignment_step(
     return registry.produce("assignment", inputs, build)
 
 
-def _sources_per_cluster(table: pd.DataFrame, labels: np.ndarray, k: int) -> list[dict]:
-    """For each cluster, row counts by ``source`` (largest first, at most 10)."""
-    out = []
-    for c in range(k):
-        counts = table["source"][labels == c].replace("", "(none)").value_counts()
-        out.append({str(s): int(n) for s, n in counts.head(10).items()})
+def _assignment_inputs(emb: Artifact, k: int, method: str, seed: int) -> dict[str, Any]:
+    return {"embedding": emb.key, "k": int(k), "method": method, "seed": int(seed)}
+
+
+def _composition(
+    table: pd.DataFrame, labels: np.ndarray, k: int, tasks: Sequence[str] | None
+) -> dict[str, list[dict[str, int]]]:
+    """``sources`` (and ``tasks`` when known): each cluster's rows by value."""
+    out = {"sources": cluster.composition(table["source"].tolist(), labels, k)}
+    if tasks is not None:
+        out["tasks"] = cluster.composition(list(tasks), labels, k)
     return out
+
+
+def ledger_path(data_file: str | Path) -> Path:
+    """Where a lab keeps the ledger of a data file's rows: ``train.jsonl`` ->
+    ``train_biases.jsonl`` (one JSON line per row: id, source, task, biases)."""
+    p = Path(data_file).expanduser()
+    return p.with_name(f"{p.stem}_biases.jsonl")
+
+
+def row_tasks(data_file: str | Path, ids: Sequence[str]) -> list[str] | None:
+    """Each row's task from the ledger beside its data file (``cluster.NONE`` for a row
+    the ledger does not list), or None when there is no ledger or it lists none of the
+    rows: only a lab's data knows its rows' tasks."""
+    path = ledger_path(data_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        return None
+    task: dict[str, str] = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+            task[str(row["id"])] = str(row["task"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line that is not a ledger row tells nothing
+    if not task:
+        return None
+    out = [task.get(str(i), cluster.NONE) for i in ids]
+    return out if any(t != cluster.NONE for t in out) else None
+
+
+def assignment_info(
+    asg: Artifact, table: pd.DataFrame, tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """An assignment's clusters.json with its composition counted from ``table`` (the
+    dataset's rows) and its labels: a file written before ``(other)`` and ``tasks``
+    existed reads as a new one. Without ``tasks``, a stored ``tasks`` is kept."""
+    info = json.loads((asg.path / "clusters.json").read_text())
+    labels = np.load(asg.path / "labels.npy")
+    info.update(_composition(table, labels, int(info["k"]), tasks))
+    return info
 
 
 def projection_step(
@@ -214,8 +275,9 @@ class DisperseConfig:
 
 @dataclass
 class DisperseResult:
-    """``table``: the normalised rows plus ``cluster``, ``x``, ``y``; ``clusters``: the
-    assignment's clusters.json; ``artifacts``: the four steps' artifacts by kind;
+    """``table``: the normalised rows plus ``cluster``, ``x``, ``y`` (and ``task`` for a
+    lab's data); ``clusters``: the assignment's clusters.json (``assignment_info``);
+    ``artifacts``: the four steps' artifacts by kind;
     ``computed``: which steps ran now (False: reused from the registry)."""
 
     table: pd.DataFrame
@@ -242,10 +304,16 @@ def run_disperse(
         ds, registry, field=cfg.field, model=cfg.model, precision=cfg.precision, progress=progress
     )
     progress("clustering", 0.0)
-    asg, asg_new = assignment_step(ds, emb, registry, k=cfg.k, method=cfg.method, seed=cfg.seed)
-    progress("clustering", 1.0)
     table = read_table(ds)
+    tasks = row_tasks(cfg.data, table["id"].tolist())
+    asg, asg_new = assignment_step(
+        ds, emb, registry, k=cfg.k, method=cfg.method, seed=cfg.seed, tasks=tasks
+    )
+    progress("clustering", 1.0)
+    clusters = assignment_info(asg, table, tasks)
     table["cluster"] = np.load(asg.path / "labels.npy")
+    if tasks is not None:
+        table["task"] = tasks
     arts = {"dataset": ds, "embedding": emb, "assignment": asg}
     computed = {"embedding": emb_new, "assignment": asg_new}
     if project:
@@ -254,7 +322,6 @@ def run_disperse(
         table["x"], table["y"] = xy[:, 0], xy[:, 1]
         arts["projection"] = proj
         computed["projection"] = proj_new
-    clusters = json.loads((asg.path / "clusters.json").read_text())
     return DisperseResult(table, clusters, read_report(ds), arts, computed)
 
 
@@ -295,6 +362,22 @@ def disperse_to_folder(
     res = run_disperse(cfg, registry or Registry(), project=project, progress=progress)
     csv_path, json_path = write_disperse_outputs(res, out, cfg)
     return res, csv_path, json_path
+
+
+def other_clustering(
+    res: DisperseResult, method: str, registry: Registry, *, compute: bool = True
+) -> dict[str, Any] | None:
+    """The clusters.json (``assignment_info``) of the same rows, embeddings, K and seed
+    as ``res`` clustered by ``method`` instead: computed now (the embeddings are reused)
+    or, without ``compute``, None unless the registry already holds it."""
+    ds, emb = res.artifacts["dataset"], res.artifacts["embedding"]
+    k, seed = int(res.clusters["k"]), int(res.clusters["seed"])
+    inputs = _assignment_inputs(emb, k, method, seed)
+    if not compute and registry.get("assignment", input_key("assignment", inputs)) is None:
+        return None
+    tasks = res.table["task"].tolist() if "task" in res.table else None
+    asg, _ = assignment_step(ds, emb, registry, k=k, method=method, seed=seed, tasks=tasks)
+    return assignment_info(asg, read_table(ds), tasks)
 
 
 def saved_assignments(registry: Registry) -> list[Artifact]:

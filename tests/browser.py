@@ -3,6 +3,7 @@ and headless Debian Chromium driven by Playwright."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -98,6 +100,41 @@ class Dashboard:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill9()
+
+
+def on_this_machine(url: str) -> bool:
+    """True for a URL that stays on this machine: a loopback host (127.0.0.0/8, ::1,
+    localhost) or none at all (data:, blob:, about:)."""
+    host = urlsplit(url).hostname
+    if not host:
+        return True
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it would need a DNS lookup, off the machine
+        return False
+
+
+class OffMachine:
+    """Every URL a browser context asks for that would leave the machine (documents,
+    scripts, fonts, images, fetches, and its pages' web sockets), in ``urls``. Such a
+    request is recorded, then aborted, so a test that finds one never sends it."""
+
+    def __init__(self, context):
+        self.urls: list[str] = []
+        context.on("request", lambda r: self.see(r.url))
+        context.on("page", self.watch)
+        context.route(lambda url: not on_this_machine(url), lambda route: route.abort())
+        for page in context.pages:
+            self.watch(page)
+
+    def see(self, url: str) -> None:
+        if not on_this_machine(url):
+            self.urls.append(url)
+
+    def watch(self, page) -> None:
+        page.on("websocket", lambda ws: self.see(ws.url))
 
 
 def launch_chromium(playwright):

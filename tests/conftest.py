@@ -52,6 +52,34 @@ def dtm_cli(*args, cache: Path | None = None, timeout: int = 600):
     )
 
 
+def check_composition_sentence(sentence: str, ref: list, noun: str, top: int = 10) -> None:
+    """``cluster.composition_sentence`` checked against ``ref`` (a Counter of values per
+    cluster, counted apart from the code): each cluster's largest value with its rows and
+    size, and, for a cluster of at most ``top`` values, exactly the values it lacks of
+    those named in any cluster's top ``top``."""
+    import re
+
+    assert sentence.startswith(f"By {noun}: "), sentence
+    named = set()
+    for counts in ref:
+        named |= {v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]}
+    for c, counts in enumerate(ref):
+        n = sum(counts.values())
+        if len(counts) == 1:
+            [v] = counts
+            assert f"cluster {c} holds {n} {v} rows and nothing else" in sentence, sentence
+        else:
+            m = re.search(rf"cluster {c} is \d+% (\S+) \((\d+) of (\d+)\)", sentence)
+            assert m, (c, sentence)
+            assert counts[m[1]] == max(counts.values()) == int(m[2]) and int(m[3]) == n
+    said = {}
+    for m in re.finditer(r"clusters? ([\d, and]+?) ha(?:s|ve) no (.+?) row", sentence):
+        for c in re.findall(r"\d+", m[1]):
+            said[int(c)] = set(re.split(r", | or ", m[2]))
+    lacking = {c: named - set(counts) for c, counts in enumerate(ref) if len(counts) <= top}
+    assert said == {c: v for c, v in lacking.items() if v}, sentence
+
+
 @pytest.fixture(scope="session")
 def lab0(tmp_path_factory):
     """One small lab (seed 0) for the whole session: a real tiny Llama, data, benchmarks."""

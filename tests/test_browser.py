@@ -9,7 +9,15 @@ import re
 import time
 
 import pytest
-from browser import Dashboard, launch_chromium, need_chromium, shot, wait_idle
+from browser import (
+    Dashboard,
+    OffMachine,
+    launch_chromium,
+    need_chromium,
+    on_this_machine,
+    shot,
+    wait_idle,
+)
 
 from dtm import jobs
 from dtm.lab import default_lab_dir
@@ -227,3 +235,70 @@ def test_a_job_killed_mid_run_shows_interrupted_and_resumes_from_the_page(
     steps = [r["step"] for r in store.metrics(job.id)]
     assert steps == list(range(0, 401, 5)), steps  # the curve went on from the checkpoint
     assert store.get(job.id).attempts == 1
+
+
+@pytest.mark.parametrize(
+    "url, here",
+    [
+        ("http://127.0.0.1:8501/_stcore/health", True),
+        ("ws://127.0.0.1:8501/_stcore/stream", True),
+        ("http://127.8.9.10/x", True),
+        ("http://[::1]:8501/", True),
+        ("http://localhost:8501/", True),
+        ("data:image/svg+xml,<svg/>", True),
+        ("blob:http://127.0.0.1:8501/0f3c", True),
+        ("https://fonts.gstatic.com/s/i/short-term/release/x/hub/default/24px.svg", False),
+        ("https://webhooks.fivetran.com/webhooks/x", False),
+        ("http://10.0.0.1:8501/", False),
+        ("http://[2001:db8::1]/", False),
+        ("http://127.0.0.1.example.com/", False),
+    ],
+)
+def test_on_this_machine_tells_loopback_from_the_rest(url, here):
+    assert on_this_machine(url) is here
+
+
+def test_the_dashboard_asks_nothing_off_the_machine(dashboard, chromium):
+    """Home, Disperse (what each cluster holds, random beside k-means) and the other
+    pages, on a built lab: the browser asks for no address off this machine. A probe at
+    the end shows the watch sees such a request."""
+    from playwright.sync_api import expect
+
+    app = dashboard
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    net = OffMachine(context)
+    page = context.new_page()
+    page.goto(app.url)
+    page.get_by_role("heading", name="Disperse-Then-Merge", level=1).wait_for(timeout=MINUTE)
+    wait_idle(page)
+    page_done(page, "offline-1-home")
+
+    go(page, app, "Disperse")
+    page.locator(".st-key-composition_chart_0 .js-plotly-plot").wait_for(timeout=5 * MINUTE)
+    wait_idle(page)
+    expect(page.locator(".st-key-composition_by")).to_contain_text("task")
+    by_task = page.get_by_text(re.compile(r"^By task: cluster 0 "))
+    expect(by_task).to_have_count(1)
+    beside = page.locator(".st-key-composition_beside input")  # a combobox: keys open it
+    beside.click()
+    beside.press("ArrowDown")
+    page.get_by_role("option", name="random", exact=True).click()
+    page.locator(".st-key-composition_chart_1 .js-plotly-plot").wait_for(timeout=2 * MINUTE)
+    wait_idle(page)
+    expect(by_task).to_have_count(2)
+    expect(by_task.nth(1)).to_contain_text("every cluster holds every task")
+    page_done(page, "offline-2-disperse")
+
+    for title in ("Train", "Merge", "Compare"):
+        go(page, app, title)
+        expect(page.get_by_test_id("stException")).to_have_count(0)
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name="Home", exact=True).click()
+    page.get_by_role("heading", name="Disperse-Then-Merge", level=1).wait_for(timeout=MINUTE)
+    wait_idle(page)
+    assert net.urls == [], net.urls
+
+    # The watch sees what it looks for (and aborts it: nothing is sent).
+    probe = "https://example.com/dtm-offline-probe.png"
+    page.evaluate("url => { new Image().src = url; }", probe)
+    page.wait_for_timeout(1000)
+    assert net.urls == [probe]

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, check_composition_sentence, write_jsonl
 from streamlit.testing.v1 import AppTest
 
 from dtm.charts import selected_rows
@@ -20,7 +20,7 @@ def disperse_page(cache):
 def test_disperse_page_draws_the_map_and_a_selection_fills_the_table(disperse_page):
     at = disperse_page
     assert not at.exception
-    assert len(at.get("plotly_chart")) == 2  # the map and the cluster sizes
+    assert len(at.get("plotly_chart")) == 3  # the map, the cluster sizes, what each holds
     assert [m.value for m in at.metric][:3] == ["600", "0", "4"]
     assert at.subheader[0].value == "Selected rows (0)"
     at.multiselect(key="pick_clusters").select(1).run()
@@ -245,6 +245,59 @@ def test_disperse_page_defaults_to_the_lab_when_ready(cache):
     assert not at.exception
     assert at.radio(key="ds_kind").value == "Alignment-tax lab"
     assert [m.value for m in at.metric][0] == "150"
+
+
+def chart_by_key(at, key: str) -> dict:
+    import json
+
+    [chart] = [c for c in at.get("plotly_chart") if c.proto.id.endswith(f"-{key}")]
+    return json.loads(chart.proto.spec)
+
+
+def test_disperse_page_shows_what_each_cluster_holds_beside_random(cache):
+    """A lab's rows by task (from the ledger beside its data) and by source: a stacked
+    bar per cluster and a sentence, k-means and, when asked, random beside it; each
+    counted again here from the files and the registry's labels."""
+    import collections
+    import json
+    import re
+
+    import numpy as np
+
+    from dtm.store import Registry
+
+    lab = fake_lab(cache)
+    rows = [json.loads(x) for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
+    task = {
+        r["id"]: "sums" if r["source"] == "cot_math" else f"t{i % 3}" for i, r in enumerate(rows)
+    }
+    ledger = [{"id": i, "source": "", "task": t, "biases": []} for i, t in task.items()]
+    write_jsonl(lab / "data" / "train_biases.jsonl", ledger)
+    at = AppTest.from_file(str(PAGES / "disperse.py"), default_timeout=300).run()
+    assert not at.exception
+    assert at.radio(key="composition_by").options == ["task", "source"]
+    assert at.selectbox(key="composition_beside").value is None  # random is not there yet
+    at.selectbox(key="composition_beside").select("random").run()
+    assert not at.exception
+    reg = Registry(cache)
+    labels = {a.inputs["method"]: np.load(a.path / "labels.npy") for a in reg.list("assignment")}
+    assert set(labels) == {"kmeans", "random"}
+    for noun, value in (("task", lambda r: task[r["id"]]), ("source", lambda r: r["source"])):
+        at.radio(key="composition_by").set_value(noun).run()
+        sentences = [m.value for m in at.markdown if m.value.startswith(f"By {noun}:")]
+        assert len(sentences) == 2
+        for i, method in enumerate(("kmeans", "random")):
+            ref = [collections.Counter() for _ in range(4)]
+            for r, c in zip(rows, labels[method], strict=True):
+                ref[c][value(r)] += 1
+            spec = chart_by_key(at, f"composition_chart_{i}")
+            assert spec["layout"]["title"]["text"].startswith(f"{method}, K=4")
+            drawn = {t["name"]: t["y"] for t in spec["data"]}
+            assert drawn == {v: [ref[c][v] for c in range(4)] for v in set().union(*ref)}
+            check_composition_sentence(re.sub(r"\\(.)", r"\1", sentences[i]), ref, noun)
+    at.multiselect(key="pick_clusters").select(0).run()  # the selected rows show their task
+    [table] = [d.value for d in at.dataframe if "instruction" in d.value.columns]
+    assert len(table) and list(table["task"]) == [task[i] for i in table["id"]]
 
 
 def test_sidebar_reports_lab_states(cache):

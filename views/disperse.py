@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,9 @@ import pandas as pd
 import streamlit as st
 
 from dtm import charts
-from dtm.cluster import METHODS
+from dtm.cluster import METHODS, composition_sentence
 from dtm.curate import kept_mask, read_selection, selections_for
-from dtm.disperse import DisperseConfig, run_disperse
+from dtm.disperse import DisperseConfig, other_clustering, run_disperse
 from dtm.embed import DEFAULT_MODEL, FIELDS, MODEL_CHOICES
 from dtm.errors import DTMError
 from dtm.lab import lab_status
@@ -183,7 +184,8 @@ def show_selection(table: pd.DataFrame) -> None:
     if not rows:
         st.caption("Draw a box or lasso on the map, click points, or pick whole clusters.")
         return
-    cols = ["id", "cluster", "source", "instruction", "response", "n_tokens"]
+    cols = ["id", "cluster", "source", *(["task"] if "task" in table else [])]
+    cols += ["instruction", "response", "n_tokens"]
     st.dataframe(
         table.iloc[rows][cols], hide_index=True, height=300, key="selected_table", width="stretch"
     )
@@ -208,6 +210,60 @@ def show_clusters(res) -> None:
         key="keywords_table",
         width="stretch",
     )
+
+
+def plain(text: str) -> str:
+    """``text`` shown as it is in Markdown (a task like one_word is no emphasis)."""
+    return re.sub(r"([\\`*_\[\]<>$~#|])", r"\\\1", text)
+
+
+def beside_default(res) -> int:
+    """The comparison shown first: k-means beside random (or random beside the rest)
+    when the registry already holds it; else none (computing it waits for a choice)."""
+    method = res.clusters["method"]
+    other = "kmeans" if method == "random" else "random"
+    options = [m for m in METHODS if m != method]
+    try:
+        held = other_clustering(res, other, registry(), compute=False) is not None
+    except DTMError:
+        held = False
+    return 1 + options.index(other) if held else 0
+
+
+def show_composition(res) -> None:
+    """What each cluster holds, by task (a lab's rows) or source, as stacked bars with a
+    sentence; beside it, the same rows clustered another way: why random and k-means
+    sub-models learn different things."""
+    info = res.clusters
+    st.subheader("What each cluster holds")
+    left, right = st.columns([1, 1.4])
+    nouns = (["task"] if "tasks" in info else []) + ["source"]
+    noun = left.radio("Count rows by", nouns, horizontal=True, key="composition_by")
+    options = [None, *(m for m in METHODS if m != info["method"])]
+    beside = right.selectbox(
+        "Beside it, the same rows and K clustered by",
+        options,
+        index=beside_default(res),
+        format_func=lambda m: "nothing" if m is None else m,
+        key="composition_beside",
+        help="The same embeddings, K and seed; a clustering not yet in the registry is "
+        "computed now (the embeddings are reused).",
+    )
+    panels = [(info, info["method"])]
+    if beside is not None:
+        try:
+            with st.spinner(f"clustering by {beside}"):
+                panels.append((other_clustering(res, beside, registry()), beside))
+        except DTMError as e:
+            st.error(str(e))
+    field = f"{noun}s"
+    order = charts.composition_order(*(p[field] for p, _ in panels))
+    top = max(max(p["sizes"]) for p, _ in panels)
+    for i, (col, (p, method)) in enumerate(zip(st.columns(len(panels)), panels, strict=True)):
+        title = f"{method}, K={p['k']}: each cluster's rows by {noun}"
+        fig = charts.composition_bars(p[field], title, order, y_max=top)
+        col.plotly_chart(fig, key=f"composition_chart_{i}")
+        col.markdown(plain(composition_sentence(p[field], noun)))
 
 
 def save_for_training(res, cfg: DisperseConfig) -> None:
@@ -306,6 +362,7 @@ def page() -> None:
     )
     show_selection(table)
     show_clusters(res)
+    show_composition(res)
     save_for_training(res, cfg)
 
 

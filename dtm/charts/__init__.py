@@ -5,6 +5,8 @@ Compare and the Home story draw."""
 from dtm.charts.explore import (
     cluster_map,
     cluster_sizes,
+    composition_bars,
+    composition_order,
     loss_curves,
     pareto,
     selected_rows,
@@ -28,6 +30,8 @@ __all__ = [
     "PALETTE",
     "cluster_map",
     "cluster_sizes",
+    "composition_bars",
+    "composition_order",
     "figure_bytes",
     "keeps_chart",
     "loss_curves",

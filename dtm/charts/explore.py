@@ -1,5 +1,6 @@
-"""Figures of the steps before the results: the Disperse map and cluster sizes, the
-training curves, and the merge landscapes (simplex, Pareto front, a 2-D slice).
+"""Figures of the steps before the results: the Disperse map, cluster sizes and what
+each cluster holds, the training curves, and the merge landscapes (simplex, Pareto
+front, a 2-D slice).
 
 ``cluster_map(table)`` expects the Disperse table (``x``, ``y``, ``cluster``,
 ``instruction``, ``source``); each point's ``customdata`` is its row position, so a
@@ -11,8 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 
 from dtm.charts.palette import PALETTE
+
+# What a cluster holds is coloured apart from the clusters themselves (PALETTE), so a
+# source or task is never read as a cluster; what the counts do not name is grey.
+VALUE_COLOURS = qualitative.Set2 + qualitative.Pastel1
+GREYS = {"(other)": "#9e9e9e", "(none)": "#d0d0d0"}
 
 
 def _truncate(s: pd.Series, n: int) -> pd.Series:
@@ -96,6 +103,59 @@ def cluster_sizes(sizes: list[int]) -> go.Figure:
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
         title="Cluster sizes",
         yaxis_title="rows",
+    )
+    return fig
+
+
+def composition_order(*counts: list[dict[str, int]]) -> list[str]:
+    """Every value named in one or more clusters' counts (``clusters.json`` ``sources`` or
+    ``tasks``), largest total first, the unnamed ones last: one colour per value across
+    charts drawn side by side."""
+    total: dict[str, int] = {}
+    for per_cluster in counts:
+        for d in per_cluster:
+            for v, n in d.items():
+                total[v] = total.get(v, 0) + n
+    return sorted(total, key=lambda v: (v in GREYS, -total[v], v))
+
+
+def composition_bars(
+    counts: list[dict[str, int]],
+    title: str,
+    order: list[str] | None = None,
+    y_max: int | None = None,
+) -> go.Figure:
+    """One stacked bar per cluster: its rows by value (``counts[c]``: value -> rows), one
+    trace per value in ``order`` (default ``composition_order(counts)``); ``y_max`` gives
+    charts drawn side by side one scale."""
+    order = order or composition_order(counts)
+    x = [f"cluster {c}" for c in range(len(counts))]
+    sizes = [sum(d.values()) for d in counts]
+    fig = go.Figure()
+    for i, v in enumerate(order):
+        y = [d.get(v, 0) for d in counts]
+        label = v.replace("<", "&lt;")  # a value is data: never markup
+        share = [n / s if s else 0.0 for n, s in zip(y, sizes, strict=True)]
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=y,
+                name=label,
+                marker_color=GREYS.get(v, VALUE_COLOURS[i % len(VALUE_COLOURS)]),
+                customdata=share,
+                text=[n or "" for n in y],
+                textposition="inside",
+                textangle=0,
+                hovertemplate="%{x}: %{y} rows of " + label + " (%{customdata:.0%})<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        barmode="stack",
+        height=340,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        title=title,
+        yaxis={"title": "rows", "range": [0, y_max * 1.02] if y_max else None},
+        legend={"traceorder": "normal"},
     )
     return fig
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dtm import threads
 from dtm.cli.common import progress_bar
-from dtm.cluster import METHODS
+from dtm.cluster import METHODS, composition_sentence
 from dtm.curate import curate_folder
 from dtm.data import load_instructions
 from dtm.disperse import DisperseConfig, disperse_to_folder
@@ -45,6 +45,9 @@ def cmd_disperse(args: argparse.Namespace) -> int:
     )
     for c, words in enumerate(res.clusters["keywords"]):
         print(f"  cluster {c}: {', '.join(words)}")
+    for noun in ("task", "source"):
+        if f"{noun}s" in res.clusters:
+            print(composition_sentence(res.clusters[f"{noun}s"], noun))
     if reused:
         print(f"reused from the registry: {', '.join(reused)}")
     print(f"wrote {csv_path} and {json_path}")
