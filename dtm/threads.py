@@ -2,8 +2,9 @@
 
 A lab build, a training job, a dispersal and an experiment's scoring each run torch on
 every core by default; two of them at once then ask for twice the cores, and torch's
-threads wait on each other: a small lab that builds in 19 s alone took 219 s beside one
-busy torch process (``python -m bench.teach`` measures it). So each compute process
+threads wait on each other: a small lab that builds in 20 s alone took 369 s beside a
+training job, and 27 s once each took its share (``python -m bench.teach --part build``,
+docs/benchmarks.md). So each compute process
 ``claim``\\ s its share: it registers itself in a folder every process of this user sees
 (``$DTM_CPU_DIR``, default ``<tmp>/dtm-cpu-<uid>``), and takes ``cores // n`` threads (at
 least 1), n the live processes registered there, itself included. ``rebalance()``,
