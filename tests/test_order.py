@@ -115,6 +115,18 @@ def _train(base, data, out, *extra, oom_rows=None, oom_after=0, **values):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def plain(llama, tmp_path_factory):
+    """The run at its planned micro-batch (4; the shuffled order: auto on a CPU) and the
+    same run planned at micro-batch 2: the references of the tests below."""
+    base, data, _ = llama
+    root = tmp_path_factory.mktemp("plain")
+    for name, extra in (("plain", {}), ("planned2", {"micro_batch_size": 2})):
+        r = _train(base, data, root / name, **extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return root / "plain", root / "planned2"
+
+
 def _records(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
@@ -131,14 +143,13 @@ def _rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a) / scale
 
 
-def test_a_run_with_length_grouped_batches_computes_fewer_pads(llama, tmp_path):
+def test_a_run_with_length_grouped_batches_computes_fewer_pads(llama, plain, tmp_path):
     base, data, _ = llama
-    runs = {}
-    for grouping in ("off", "on"):
-        r = _train(base, data, tmp_path / grouping, "--group-by-length", grouping)
-        assert r.returncode == 0, r.stderr[-2000:]
-        runs[grouping] = _records(tmp_path / grouping)
-        used = json.loads((tmp_path / grouping / "config.json").read_text())
+    r = _train(base, data, tmp_path / "on", "--group-by-length", "on")
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = {"off": _records(plain[0]), "on": _records(tmp_path / "on")}
+    for grouping, folder in (("off", plain[0]), ("on", tmp_path / "on")):
+        used = json.loads((folder / "config.json").read_text())
         assert used["group_by_length_used"] is (grouping == "on")
     real = {g: sum(x["tokens"] for x in recs) for g, recs in runs.items()}
     computed = {g: sum(x["padded_tokens"] for x in recs) for g, recs in runs.items()}
@@ -147,7 +158,7 @@ def test_a_run_with_length_grouped_batches_computes_fewer_pads(llama, tmp_path):
     assert all(x["padded_tokens"] >= x["tokens"] for recs in runs.values() for x in recs)
 
 
-def test_out_of_memory_splits_the_micro_batch_and_keeps_the_maths(llama, tmp_path):
+def test_out_of_memory_splits_the_micro_batch_and_keeps_the_maths(llama, plain, tmp_path):
     """Micro-batch 4 runs out of memory at the first step: the run goes on at 2 (two
     accumulation steps, the same batch) and its adapter is that of a run planned at 2."""
     base, data, _ = llama
@@ -162,14 +173,12 @@ def test_out_of_memory_splits_the_micro_batch_and_keeps_the_maths(llama, tmp_pat
     assert cfg["out_of_memory"] == [
         {"step": 0, "micro_batch_size": 2, "accumulation": 2, "from": 4}
     ]
-    planned = _train(base, data, tmp_path / "planned", micro_batch_size=2)
-    assert planned.returncode == 0, planned.stderr[-2000:]
-    assert _rel(_adapter(tmp_path / "oom"), _adapter(tmp_path / "planned")) < 1e-4
+    assert _rel(_adapter(tmp_path / "oom"), _adapter(plain[1])) < 1e-4
     steps = [x["step"] for x in _records(tmp_path / "oom")]
-    assert steps == [x["step"] for x in _records(tmp_path / "planned")] == [0, 3, 6]
+    assert steps == [x["step"] for x in _records(plain[1])] == [0, 3, 6]
 
 
-def test_out_of_memory_after_a_checkpoint_resumes_from_it(llama, tmp_path):
+def test_out_of_memory_after_a_checkpoint_resumes_from_it(llama, plain, tmp_path):
     """The error comes at step 5, after the checkpoint of step 3: the run goes on from
     that checkpoint at micro-batch 2; its records and adapter are those of a run with no
     error (to float rounding)."""
@@ -177,10 +186,8 @@ def test_out_of_memory_after_a_checkpoint_resumes_from_it(llama, tmp_path):
     r = _train(base, data, tmp_path / "late", oom_rows=2, oom_after=4)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "at step 3: going on with micro-batch 2" in r.stderr, r.stderr[-2000:]
-    plain = _train(base, data, tmp_path / "plain")
-    assert plain.returncode == 0, plain.stderr[-2000:]
-    assert _rel(_adapter(tmp_path / "late"), _adapter(tmp_path / "plain")) < 1e-4
-    late, want = _records(tmp_path / "late"), _records(tmp_path / "plain")
+    assert _rel(_adapter(tmp_path / "late"), _adapter(plain[0])) < 1e-4
+    late, want = _records(tmp_path / "late"), _records(plain[0])
     assert [x["step"] for x in late] == [x["step"] for x in want]
     for x, y in zip(late, want, strict=True):
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4)
