@@ -495,3 +495,18 @@ def test_curate_and_loramoe_take_their_own_sections(lab0, tmp_path):
     assert (moe.experts, moe.moe_balance, moe.moe_groups) == (3, 0.3, 1)
     assert moe.moe_knowledge_sources == "cbqa"
     assert jobs["l2"].experts == 4 and jobs["sft"].curate_budget is None  # theirs only
+
+
+def test_the_class_story_trains_the_full_storys_seed_0_runs(cache):
+    """Home's class story reuses the full story's runs: its every planned run (SFT and the
+    sub-models of both clusterings) has the id of the full story's seed-0 run of the same
+    name, and it plans nothing else."""
+    from dtm.train.config import run_id
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    full = {p.name: run_id(p.config) for p in plan(load_experiment(root / "lab.yaml"))}
+    klass = {p.name: run_id(p.config) for p in plan(load_experiment(root / "lab-class.yaml"))}
+    assert sorted(klass) == sorted(
+        n for n in full if n.endswith(" s0") and "sub" in n or n == "sft s0"
+    )
+    assert klass == {n: full[n] for n in klass}
