@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,9 +74,12 @@ def _fixed() -> int | None:
 
 
 def _set(n: int) -> None:
-    import torch  # lazy: torch
-
-    if torch.get_num_threads() != n:
+    """``n`` compute threads: torch's now, or (torch not imported yet: a command still
+    checking its input) the count torch starts with."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+    elif torch.get_num_threads() != n:
         torch.set_num_threads(n)
     _state["threads"] = n
 

@@ -56,14 +56,15 @@ def _install_stop_handlers() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _install_stop_handlers()
-    threads.claim("training")
     if args.job:
+        threads.claim("training")
         res = jobs.run_job(args.job, resume=args.resume)
         out, rid = res["out"], args.job
     else:
         cfg = _train_config(args)
         check_config(cfg)  # a bad input is told before the evaluators (torch) load
         check_base_path(cfg.base, allow_pickle=cfg.allow_pickle)
+        threads.claim("training")  # imports torch: after the input is checked
         from dtm.jobs.runner import run_training  # lazy: torch (the evaluators)
 
         res = run_training(cfg, progress=progress_bar(), resume=args.resume)
