@@ -71,3 +71,17 @@ def test_a_fixed_count_and_the_lab_is_the_same_with_1_thread_and_2(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         digests[n] = hashlib.sha256((out / "model" / "model.safetensors").read_bytes()).digest()
     assert digests["1"] == digests["2"]
+
+
+def test_a_claim_before_torch_loads_is_the_count_torch_starts_with(tmp_path):
+    env = {**os.environ, "DTM_CPU_DIR": str(tmp_path / "cpu"), "OMP_NUM_THREADS": "7"}
+    env.pop("DTM_THREADS", None)
+    code = (
+        "import sys\nfrom dtm import threads\nn = threads.claim('test')\n"
+        "assert 'torch' not in sys.modules\nimport torch\nprint(n, torch.get_num_threads())"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(cores()), str(cores())]  # alone: every core, not 7
