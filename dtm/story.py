@@ -353,9 +353,16 @@ def trained_rows(exp) -> int:
     total = 0
     for pj in plan(exp):
         c = pj.config
-        if not pj.merges:
-            total += (c.steps or 0) * c.batch_size or int(pj.est_rows * c.epochs)
+        if pj.merges:
+            continue
+        total += c.steps * c.batch_size if c.steps else int(pj.est_rows * c.epochs)
     return total
+
+
+def _took(status: dict | None) -> dict[str, float]:
+    """Each finished stage's seconds in a ``status.json``."""
+    stages = (status or {}).get("stages") or {}
+    return {k: v["seconds"] for k, v in stages.items() if "seconds" in v}
 
 
 def _minutes(seconds: float) -> str:
@@ -380,12 +387,12 @@ def story_time(exp, status: dict | None, others: list[tuple], now: float) -> str
                 "more at its pace so far"
             )
         return "On this machine: " + "; ".join(parts) + "."
-    took = {k: v["seconds"] for k, v in stages.items() if "seconds" in v}
+    took = _took(status)
     if status.get("state") == "done" and took:
         each = ", ".join(f"{k} {_minutes(v)}" for k, v in took.items())
         return f"On this machine it last took {_minutes(sum(took.values()))} ({each})."
     for other, st_ in others:
-        took = {k: v["seconds"] for k, v in (st_ or {}).get("stages", {}).items() if "seconds" in v}
+        took = _took(st_)
         if (st_ or {}).get("state") != "done" or "train" not in took:
             continue
         try:

@@ -289,14 +289,14 @@ def run_one(
             if not oom.out_of_memory(e):
                 raise
             good = last_checkpoint(ckpt_dir)
-            step = checkpoint_step(good) if good else 0
+            step = checkpoint_step(good) if good else 0  # where the next attempt starts
             est = run.choice.estimate.gib if run.choice and run.choice.estimate else None
             micro, accum, note = oom.halve_or_stop(micro, accum, step, cfg, est)
             halved.append(note)
             run.model.zero_grad(set_to_none=True)
             oom.free_memory()
             resume = True
-            if last_checkpoint(ckpt_dir) is None:  # from step 0: the adapter as it began
+            if good is None:  # from step 0: the adapter as it began
                 import torch
 
                 with torch.no_grad():

@@ -73,9 +73,7 @@ class GroupPasses:
         for m in active:
             if not m.pending:
                 m.epoch_next, chunk = next(m.plan)
-                m.step_rows = [
-                    mb[i : i + m.micro] for mb in chunk for i in range(0, len(mb), m.micro)
-                ]
+                m.step_rows = oom.split(chunk, m.micro)
                 m.pending = list(m.step_rows)
                 m.num_items = sum(m.targets[i] for mb in m.pending for i in mb)
                 m.step_start = (m.tr_loss, m.log.tokens, m.log.padded)
