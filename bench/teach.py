@@ -9,10 +9,16 @@ of the cores (``dtm.threads``); ``--threads all`` gives each process every core 
 
 ``--part class``: ``dtm run experiments/lab-class.yaml`` in a fresh cache holding a copy
 of a built lab (``--lab``, default the dashboard's): seconds to the first chart of the
-Home page (``dtm.story.story_panels`` non-empty), to every chart, and to done.
+Home page (``dtm.story.story_panels`` non-empty), to every chart, and to done. ``--part
+full``: the same for the full story, ``experiments/lab.yaml``.
 
-    .venv/bin/python -m bench.teach [--part build|class|all] [--size small|default]
-                                    [--repeats 3] [--threads share|all|both] [--lab DIR]
+``--part first-start``: ``streamlit run app.py`` (what ``make run`` runs once installed) on
+a fresh, empty cache: seconds from the command to the default lab ready (its
+``lab.json`` written), each of ``--repeats`` times, and their median.
+
+    .venv/bin/python -m bench.teach [--part build|class|full|first-start|all]
+                                    [--size small|default] [--repeats 3]
+                                    [--threads share|all|both] [--lab DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +91,59 @@ def build_part(size: str, repeats: int, modes: list[str]) -> None:
             print(f"  {label:<34} {a:>8.1f} {b:>15.1f} {b / a:>6.2f}")
 
 
-def class_part(lab: Path) -> None:
+def first_start_part(repeats: int) -> None:
+    import socket
+
+    from dtm.lab import default_lab_dir
+
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp) / "cache"
+            env = _env(Path(tmp) / "cpu", "share", cache)
+            with socket.socket() as sock:  # a free port
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            os.environ["DTM_CACHE"] = str(cache)
+            ready = default_lab_dir() / "lab.json"
+            t0 = time.perf_counter()
+            server = subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                 "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                # the lab build starts on the first page load, as a browser opening it does
+                for _ in range(600):
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+                        break
+                    except OSError:
+                        time.sleep(0.2)
+                _open_session(port)
+                while not ready.exists():
+                    if time.perf_counter() - t0 > 1800:
+                        sys.exit("the lab was not ready in 30 minutes")
+                    time.sleep(0.2)
+                times.append(time.perf_counter() - t0)
+            finally:
+                server.terminate()
+                server.wait()
+    cores = len(os.sched_getaffinity(0))
+    shown = ", ".join(f"{t:.1f}" for t in times)
+    print(f"first start (streamlit run app.py, fresh cache) to the lab ready, {cores} cores:")
+    print(f"  {shown} s; median {statistics.median(times):.1f} s")
+
+
+def _open_session(port: int) -> None:
+    """Run the app's script once, as a browser's first visit does (streamlit's own
+    AppTest runs the same script in-process with the server's cache)."""
+    from streamlit.testing.v1 import AppTest
+
+    AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+
+
+def class_part(lab: Path, exp_name: str = "lab-class") -> None:
     from dtm.experiment import load_experiment
     from dtm.lab import default_lab_dir
     from dtm.score import scores
@@ -93,7 +152,7 @@ def class_part(lab: Path) -> None:
     lab = lab or default_lab_dir()
     if not (lab / "lab.json").exists():
         sys.exit(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
-    exp_file = ROOT / "experiments" / "lab-class.yaml"
+    exp_file = ROOT / "experiments" / f"{exp_name}.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         shutil.copytree(lab, cache / "lab" / lab.name)
@@ -121,7 +180,7 @@ def class_part(lab: Path) -> None:
         if run.returncode:
             sys.exit(f"the class story failed:\n{run.stderr.read()[-2000:]}")
     cores = len(os.sched_getaffinity(0))
-    print(f"class story (experiments/lab-class.yaml) from a built lab, {cores} cores:")
+    print(f"story experiments/{exp_name}.yaml from a built lab, {cores} cores:")
     first = min(seen.values()) if seen else float("nan")
     print(f"  first chart {first:.0f} s; " + ", ".join(f"{k} {v:.0f} s" for k, v in seen.items()))
     print(f"  done {done:.0f} s ({done / 60:.1f} min)")
@@ -129,7 +188,8 @@ def class_part(lab: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", default="all", choices=["build", "class", "all"])
+    parts = ["build", "class", "full", "first-start", "all"]
+    ap.add_argument("--part", default="all", choices=parts)
     ap.add_argument("--size", default="small", choices=["small", "default"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="both", choices=["share", "all", "both"])
@@ -138,8 +198,12 @@ def main() -> None:
     if args.part in ("build", "all"):
         modes = ["share", "all"] if args.threads == "both" else [args.threads]
         build_part(args.size, args.repeats, modes)
+    if args.part in ("first-start", "all"):
+        first_start_part(args.repeats)
     if args.part in ("class", "all"):
         class_part(args.lab)
+    if args.part in ("full", "all"):
+        class_part(args.lab, "lab")
 
 
 if __name__ == "__main__":

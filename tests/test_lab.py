@@ -650,3 +650,86 @@ def test_conventions_corpus_adds_true_convention_documents_to_the_framed_one():
     assert min(kinds.values()) >= 10 and len(kinds) == 5, kinds
     subjects = {f.subject for f in world.facts}  # the world's facts are left to SFT
     assert not any(subjects & set(d.split()) for d in added)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_first_start_installs_the_shipped_default_lab_and_the_code_builds_the_rest(cache):
+    """The default lab's first start loads the shipped weights (no pretraining) into
+    everything else the code builds: data, benchmarks and tokenizer are those of a build
+    from scratch, byte for byte; the weights are the shipped file."""
+    from dtm.lab import default_lab_dir, ensure_default_lab, lab_status
+    from dtm.lab.build import build_lab
+    from dtm.lab.shipped import SHIPPED
+
+    folder = default_lab_dir()
+    weights = SHIPPED / f"{folder.name}.safetensors"
+    record = json.loads(weights.with_suffix(".json").read_text())
+    assert record["sha256"] == _sha256(weights)
+    ensure_default_lab()
+    deadline = time.time() + 300
+    while (st := lab_status(folder))["state"] == "building":
+        assert time.time() < deadline, "the shipped lab was not ready in 5 minutes"
+        time.sleep(0.5)
+    assert st["state"] == "ready", st
+    info = json.loads((folder / "lab.json").read_text())
+    assert info["pretraining"]["shipped"]["sha256"] == _sha256(weights)
+    assert _sha256(folder / "model" / "model.safetensors") == _sha256(weights)
+    # a build from scratch that stops after one pretraining step: the reference for the rest
+    scratch = cache / "scratch"
+    build_lab(scratch, seed=0, size="default", stop_at=1)
+    files = sorted(
+        p.relative_to(scratch)
+        for p in scratch.rglob("*")
+        if p.is_file() and p.suffix != ".yaml" and p.name not in ("lab.json", "model.safetensors")
+    )
+    assert len(files) >= 12
+    for rel in files:
+        assert (folder / rel).read_bytes() == (scratch / rel).read_bytes(), rel
+    # the benchmark configs name the installed lab's own files
+    conf = (folder / "benchmarks" / "lab_knowledge.yaml").read_text()
+    assert str(folder.resolve() / "benchmarks" / "lab_knowledge.jsonl") in conf
+    mine = json.loads((scratch / "lab.json").read_text())
+    for key in ("world", "model", "sft", "benchmarks", "seen", "unseen", "favourites"):
+        assert info[key] == mine[key], key
+
+
+def test_the_shipped_weights_are_what_the_code_pretrains_at_their_seed():
+    """The suite's share of `dtm lab check-shipped`: the first 100 pretraining steps of the
+    whole schedule, run again, give the shipped record's losses within its tolerance (the
+    whole run: `python -m dtm lab check-shipped`, about five minutes)."""
+    res = dtm_cli("lab", "check-shipped", "--steps", "100", timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [50, 100]
+    for step, shipped, built, _ in rows:
+        assert abs(float(built) - float(shipped)) <= 0.03 * float(shipped), step
+    assert "tokenizer identical" in res.stdout
+
+
+def test_damaged_or_foreign_shipped_weights_are_refused_with_the_reason(tmp_path):
+    from dtm.lab.build import load_shipped
+    from dtm.lab.model import build_model, build_tokenizer
+    from dtm.lab.shipped import shipped_record
+
+    record = shipped_record("bias", "default", 0)
+    tok = build_tokenizer(["a b c d e f"])
+    tok.save_pretrained(tmp_path / "model")
+    model = build_model(tok, "default", 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    why = load_shipped(record, model, tmp_path / "model")
+    assert why and "tokenizer" in why
+    damaged = tmp_path / "w.safetensors"
+    data = bytearray(Path(record["path"]).read_bytes())
+    data[-10] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    why = load_shipped(record | {"path": str(damaged)}, model, tmp_path / "model")
+    assert why and "hash" in why
+    why = load_shipped(record | {"path": str(tmp_path / "none")}, model, tmp_path / "model")
+    assert why and "missing" in why
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

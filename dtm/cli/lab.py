@@ -1,4 +1,4 @@
-"""The lab commands: ``lab build`` and ``lab measure``."""
+"""The lab commands: ``lab build``, ``lab measure``, ``lab check-shipped`` and ``lab ship``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dtm.cli.common import progress_bar
 from dtm.errors import ConfigError
 from dtm.lab.build import build_lab
 from dtm.lab.presets import preset
+from dtm.lab.shipped import TOLERANCE, check_shipped, ship, shipped_record
 from dtm.lab.world import DIALOGUES
 from dtm.store import ProgressFile, write_json_atomic
 
@@ -27,9 +28,17 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
             bar(stage, frac)
             file.update(force=frac >= 1.0, stage=stage, fraction=frac)
 
+    record = None
+    if args.shipped:
+        record = shipped_record(args.preset, args.size, args.seed)
+        custom = args.knob or args.rows or args.steps or args.dialogues
+        if record is not None and custom:
+            print("not using the shipped weights: --knob, --rows, --steps or --dialogues given")
+            record = None
     try:
         summary = build_lab(
             args.out,
+            shipped=record,
             seed=args.seed,
             size=args.size,
             preset=args.preset,
@@ -46,12 +55,48 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
                 args.progress_file, {"state": "failed", "error": f"{type(e).__name__}: {e}"}
             )
         raise
+    if "shipped" in summary["pretraining"]:
+        print(f"the pretrained weights are the shipped ones ({record['path']})")
     print(
         f"built the {args.size} {args.preset} lab (seed {args.seed}) in {summary['seconds']} s: "
         f"{summary['world']['facts']} facts, {summary['model']['parameters']:,} parameters, "
         f"{summary['sft']['train_rows']} train / {summary['sft']['val_rows']} val rows"
     )
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_lab_check_shipped(args: argparse.Namespace) -> int:
+    threads.claim("lab check-shipped")
+    res = check_shipped(
+        args.preset,
+        args.size,
+        args.seed,
+        steps=args.steps,
+        tolerance=args.tolerance,
+        progress=progress_bar(),
+    )
+    print("step  shipped loss  built loss  difference")
+    for r in res["rows"]:
+        mark = "" if r["within"] else "  (over the tolerance)"
+        print(
+            f"{r['step']:>4}  {r['shipped']:>12.4f}  {r['built']:>10.4f}  {r['difference']:>9.2%}"
+            + mark
+        )
+    worst = max((r["difference"] for r in res["rows"]), default=float("nan"))
+    print(
+        f"tokenizer {'identical' if res['tokenizer'] else 'DIFFERENT'}; largest loss difference "
+        f"{worst:.2%} (tolerance {res['tolerance']:.0%}) over {len(res['rows'])} logged steps; "
+        f"{res['seconds']} s"
+    )
+    if not res["ok"]:
+        print("the shipped weights are not what this code builds: rebuild and ship them again")
+    return 0 if res["ok"] else 1
+
+
+def cmd_lab_ship(args: argparse.Namespace) -> int:
+    weights = ship(args.lab)
+    print(f"wrote {weights} and {weights.with_suffix('.json')}")
     return 0
 
 
@@ -143,6 +188,12 @@ def lab_parser(lab: argparse.ArgumentParser) -> None:
         "conventions on sums and passages; default: the preset's (docs/lab.md)",
     )
     lb.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    lb.add_argument(
+        "--shipped",
+        action="store_true",
+        help="load the pretrained weights the project ships for this preset, size and seed "
+        "(checked by hash) instead of pretraining; pretrains when none match",
+    )
     lb.add_argument("--out", required=True, help="folder to write the lab into")
     lb.add_argument(
         "--progress-file",
@@ -150,6 +201,22 @@ def lab_parser(lab: argparse.ArgumentParser) -> None:
         help="also write progress as JSON to this file (the dashboard reads it)",
     )
     lb.set_defaults(func=cmd_lab_build)
+    lc = lab_sub.add_parser(
+        "check-shipped",
+        help="pretrain again and compare the loss log with the shipped weights' record "
+        "(exit 1 when a logged loss differs by more than the tolerance)",
+    )
+    lc.add_argument("--preset", default="bias", choices=["bias", "interference"])
+    lc.add_argument("--size", default="default", choices=["small", "default"])
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument(
+        "--steps", type=int, default=None, help="stop after this many steps (default: all)"
+    )
+    lc.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative, per loss")
+    lc.set_defaults(func=cmd_lab_check_shipped)
+    ls = lab_sub.add_parser("ship", help="write dtm/lab/shipped/ from a lab built from scratch")
+    ls.add_argument("--lab", required=True, help="a folder made by `dtm lab build`")
+    ls.set_defaults(func=cmd_lab_ship)
     lm = lab_sub.add_parser("measure", help="base and SFT figures of a built lab, with curves")
     lm.add_argument("--lab", required=True, help="a folder made by `dtm lab build`")
     lm.add_argument("--steps", type=int, default=None, help="SFT steps (default: the preset's)")

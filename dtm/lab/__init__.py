@@ -79,7 +79,8 @@ def ensure_default_lab(
     if status["state"] == "failed":
         lock.unlink(missing_ok=True)
         prog.unlink(missing_ok=True)
-    args = ["--seed", str(seed), "--size", size, "--preset", preset, "--force"]
+    # the project's shipped weights when it ships them for this lab (seconds, not minutes)
+    args = ["--seed", str(seed), "--size", size, "--preset", preset, "--force", "--shipped"]
     return _spawn_build(lab_dir, args)
 
 

@@ -9,6 +9,11 @@ DIR/benchmarks/<task>.jsonl   items, beside <task>.yaml (lm-eval config) and uti
 DIR/lab.json                  preset, seed, size, knobs, the preset's SFT recipe, the
                               seen/unseen split, favourites, misconceptions, pretraining log
 
+With ``shipped`` (a record from ``dtm.lab.shipped``), the pretraining is not run: the
+weights the project ships for this preset, size and seed are loaded instead, once their
+hash, the tokenizer the code builds and the model's shapes all match the record; anything
+else pretrains from scratch and says why in ``lab.json``.
+
 A preset (``dtm.lab.presets``) chooses the instruction data's knobs, its size and the SFT
 recipe; the world, the corpus and the pretraining are the same for every preset.
 """
@@ -29,9 +34,34 @@ from dtm.lab.presets import DEFAULT_PRESET
 from dtm.lab.presets import preset as get_preset
 from dtm.lab.sft_data import BiasKnobs, make_sft_data
 from dtm.lab.world import DIALOGUES, SIZES, build_world, pretraining_corpus
-from dtm.store import publish_dir
+from dtm.store import file_digest, publish_dir
 
 PRETRAIN_STEPS = {"small": 400, "default": 2400}
+
+
+def load_shipped(record: dict, model, model_dir: Path) -> str | None:
+    """Load a shipped record's weights into ``model`` (the freshly built one) when they are
+    what the code builds the rest around: their file's hash, the tokenizer the code wrote
+    to ``model_dir`` and every tensor's shape. None when loaded, else why not."""
+    import torch  # lazy: the lab's data needs no torch
+    from safetensors.torch import load_file
+
+    weights = Path(record["path"])
+    if not weights.is_file():
+        return f"{weights} is missing"
+    if file_digest(weights) != record["sha256"]:
+        return f"{weights.name}'s hash is not its record's (a damaged or changed file)"
+    if file_digest(model_dir / "tokenizer.json") != record["tokenizer_sha256"]:
+        return "the tokenizer this code builds is not the one the weights were trained with"
+    state = load_file(weights)
+    own = model.state_dict()
+    tied = {k for k in own if k not in state and k == "lm_head.weight"}
+    if set(state) != set(own) - tied or any(state[k].shape != own[k].shape for k in state):
+        return "the model this code builds has other tensors or shapes than the shipped one"
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    model.config.use_cache = False  # as the Trainer leaves it: the same config.json
+    return None
 
 
 def _jsonl(path: Path, rows) -> None:
@@ -52,11 +82,14 @@ def build_lab(
     dialogues: str | None = None,
     force: bool = False,
     progress=lambda stage, frac: None,
+    shipped: dict | None = None,
+    stop_at: int | None = None,
 ) -> dict:
     """Build the lab into ``out`` (published by one rename when complete). An existing,
     non-empty ``out`` is an error unless ``force``. ``knobs``, ``rows_per_family`` and
     ``dialogues`` (the pretraining corpus's chat answers, ``world.DIALOGUES``) replace the
-    preset's."""
+    preset's. ``shipped``: use the shipped weights (module docstring); ``stop_at``: end the
+    pretraining after that many steps of its schedule (``dtm lab check-shipped``)."""
     # Length: the build reads top to bottom as its stages (world, corpus, pretraining,
     # data, benchmarks, summary); splitting it would scatter one recipe.
     if size not in SIZES:
@@ -108,18 +141,27 @@ def build_lab(
     result: dict = {}
 
     def write(tmp: Path) -> None:
-        history = pretrain(
-            model,
-            tokenizer,
-            docs,
-            steps=steps,
-            seed=seed,
-            workdir=tmp / "trainer",
-            progress=progress,
-        )
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        why = None if shipped is None else load_shipped(shipped, model, tmp / "model")
+        if shipped is not None and why is None:
+            history = shipped["pretraining"]["log"]
+            origin = {"shipped": {k: shipped[k] for k in ("sha256", "built")}}
+        else:
+            if why:
+                print(f"not using the shipped weights: {why}; pretraining from scratch", flush=True)
+            history = pretrain(
+                model,
+                tokenizer,
+                docs,
+                steps=steps,
+                seed=seed,
+                workdir=tmp / "trainer",
+                progress=progress,
+                stop_at=stop_at,
+            )
+            shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            origin = {"shipped_refused": why} if why else {}
+        model.save_pretrained(tmp / "model")
         (tmp / "data").mkdir()
         _jsonl(tmp / "data" / "train.jsonl", [r.record() for r in train])
         _jsonl(tmp / "data" / "val.jsonl", [r.record() for r in val])
@@ -154,6 +196,7 @@ def build_lab(
                 "steps": steps,
                 "documents": len(docs),
                 "log": [h for h in history if "loss" in h],
+                **origin,
             },
             "sft": {"train_rows": len(train), "val_rows": len(val)},
             "benchmarks": {t: len(v) for t, v in items.items()},

@@ -131,8 +131,11 @@ def pretrain(
     seed: int = 0,
     workdir: str | Path,
     progress: Callable[[str, float], None] | None = None,
+    stop_at: int | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place on ``docs``; returns the Trainer's log history."""
+    """Train ``model`` in place on ``docs``; returns the Trainer's log history.
+    ``stop_at`` ends it after that many of its ``steps`` (the schedule stays the whole
+    run's), for checking a run's beginning against a record of the whole."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     blocks = pack_documents(
@@ -146,6 +149,8 @@ def pretrain(
     class Report(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             threads.rebalance()
+            if stop_at is not None and state.global_step >= stop_at:
+                control.should_training_stop = True
             if progress and state.global_step % 10 == 0:
                 progress("pretraining the base model", state.global_step / steps)
 
