@@ -4,9 +4,11 @@ sentence written from its numbers.
 ``story_panels(exp, jobs, table)`` returns the panels that the results so far allow, in
 the story's order: the alignment-tax curve of SFT, its loss-reduction ratio, DTM against
 SFT, the shrinkage control and the baselines, and what the merge keeps and forgets.
-Each panel is ``{"key", "title", "figure", "sentence", "frame"}``; ``frame`` is the data
-drawn. ``jobs`` are the experiment's jobs (``dtm.jobs``), ``table`` its scores
-(``dtm.score.scores``).
+Each panel is ``{"key", "title", "figure", "sentence", "frame", "table"}``; ``frame`` is
+the data drawn, ``table`` the same numbers as text, rounded as the sentence rounds them
+(the Home page shows it under the chart: every number of the sentence is in it, or is a
+median or mean of its rows that the sentence names). ``jobs`` are the experiment's jobs
+(``dtm.jobs``), ``table`` its scores (``dtm.score.scores``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import pandas as pd
 
 from dtm import jobs as jobs_api
+from dtm.controls import FRONTIER_GRID
 from dtm.errors import ConfigError, DTMError
 from dtm.store import read_metrics
 
@@ -114,8 +117,23 @@ def tax_panel(exp, jobs, table) -> dict | None:
         "figure": charts.tax_curve(frame, base, x_max=total),
         "sentence": sentence,
         "frame": frame,
+        "table": tax_table(frame),
         "final": done,
     }
+
+
+BAR_WORDS = ("knowledge", "reasoning", "instruct", "answer format")
+DIGITS = {"knowledge": 3, "reasoning": 3, "instruct": 3, "answer format": 2}
+
+
+def tax_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The tax curve's points as text: a row per step, a column per measure in words."""
+    wide = frame.pivot_table(index="step", columns="task", values="value", aggfunc="mean")
+    out = pd.DataFrame({"step": [str(int(x)) for x in wide.index]})
+    for word in WORDS.values():
+        if word in wide:
+            out[word] = [f"{v:.{DIGITS[word]}f}" for v in wide[word]]
+    return out
 
 
 def ratio_panel(exp, jobs) -> dict | None:
@@ -136,23 +154,34 @@ def ratio_panel(exp, jobs) -> dict | None:
     running = any(
         j.kind == "sft" and j.config.get("seed") in exp.seeds and j.state != "done" for j in jobs
     )
-    first = frame[(frame["window"] == 0) & frame["val_moving"]]["ratio"]
-    # Each seed's largest 95% lower bound on the ratio's size after the first window.
-    later = frame[frame["window"] > 0].groupby("run")["abs_low"].max().dropna()
+    # Each seed's first window where the validation loss moves beyond its noise, and its
+    # largest 95% lower bound on the ratio's size in the windows after that one.
+    moving = frame[frame["val_moving"].astype(bool)].sort_values("window")
+    first_rows = moving.groupby("run", sort=False).head(1)
+    first = first_rows["ratio"]
+    after = frame.merge(first_rows[["run", "window"]], on="run", suffixes=("", "_first"))
+    later = after[after["window"] > after["window_first"]].groupby("run")["abs_low"].max()
+    later = later.dropna()
     if first.empty:
         sentence = "The validation loss has not yet moved more than its noise in any window."
-    elif later.empty:
-        sentence = (
-            f"The train probe's loss falls {statistics.median(first):.2f}× as fast as the "
-            f"validation loss in the first window (median over {len(first)} seed(s))."
-        )
     else:
+        where = (
+            f"steps {first_rows['start'].iloc[0]:g}–{first_rows['end'].iloc[0]:g}"
+            if len(first_rows) == 1
+            else f"median over {len(first)} seeds"
+        )
         sentence = (
             f"The train probe's loss falls {statistics.median(first):.2f}× as fast as the "
-            f"validation loss in the first window; later, with 95% confidence, at least "
-            f"{later.min():.1f}× as fast in every seed ({', '.join(f'{v:.1f}' for v in later)}"
-            "; triangles: windows where the validation loss has stopped)."
+            f"validation loss in the first window where the validation loss moves ({where})"
         )
+        if later.empty:
+            sentence += "."
+        else:
+            sentence += (
+                f"; later, with 95% confidence, at least {later.min():.1f}× as fast in every "
+                f"seed ({', '.join(f'{v:.1f}' for v in later)}; triangles: windows where the "
+                "validation loss has stopped)."
+            )
     if running:
         sentence = "So far: " + sentence[0].lower() + sentence[1:]
     return {
@@ -161,6 +190,20 @@ def ratio_panel(exp, jobs) -> dict | None:
         "figure": charts.ratio_windows_chart(frame),
         "sentence": sentence,
         "frame": frame,
+        "table": pd.DataFrame(
+            {
+                "run": frame["run"],
+                "window": frame["window"].astype(int).astype(str),
+                "steps": [
+                    f"{a:g}–{b:g}" for a, b in zip(frame["start"], frame["end"], strict=True)
+                ],
+                "ratio": [
+                    f"{r:.2f}" if m else "within noise"
+                    for r, m in zip(frame["ratio"], frame["val_moving"], strict=True)
+                ],
+                "at least (95%)": ["" if pd.isna(x) else f"{x:.1f}" for x in frame["abs_low"]],
+            }
+        ),
     }
 
 
@@ -200,12 +243,21 @@ def bars_panel(exp, table) -> dict | None:
         )
     n = int(summary[summary["label"] == d]["seeds"].max())
     sentence += f" (mean over {n} seed{'s' if n != 1 else ''}; bars: std)."
+    rows = []
+    for label in labels:
+        row = {"model": label}
+        for (t, k), word in zip(BARS, BAR_WORDS, strict=True):
+            v = m(label, t, k)
+            row[word] = "" if v is None else f"{v:.{DIGITS[word]}f}"
+        row["seeds"] = str(int(summary[summary["label"] == label]["seeds"].max()))
+        rows.append(row)
     return {
         "key": "bars",
         "title": "DTM against SFT, the shrinkage control and the baselines",
         "figure": charts.score_bars(summary, list(BARS), labels),
         "sentence": sentence,
         "frame": summary[summary["label"].isin(labels)],
+        "table": pd.DataFrame(rows),
     }
 
 
@@ -314,6 +366,14 @@ def keeps_panel(exp, jobs, table) -> dict | None:
         "figure": charts.keeps_chart(frame, exp.k),
         "sentence": sentence,
         "frame": frame,
+        "table": pd.DataFrame(
+            {
+                "what": frame["what"],
+                "role": frame["role"],
+                "model": frame["model"],
+                "above the base": [f"{v:+.4f}" for v in frame["value"]],
+            }
+        ),
     }
 
 
@@ -369,11 +429,38 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def story_time(exp, status: dict | None, others: list[tuple], now: float) -> str:
+def paced_seconds(exp, pace: dict) -> float:
+    """The story's training, its losses and benchmark scores along the way, and the
+    scoring of its models, at the unit costs of ``pace`` (``dtm.lab.pace``: seconds a
+    step of ``batch_size`` rows, a log record's losses, one scoring of every benchmark).
+    Its dispersal is not counted."""
+    from dtm.experiment import plan  # lazy: the experiment's plan reads its data
+
+    total, step = 0.0, pace["step_seconds"] / pace["batch_size"]
+    for pj in plan(exp):
+        c = pj.config
+        if pj.merges:
+            continue
+        steps = c.steps or -(-int(pj.est_rows * c.epochs) // c.batch_size)
+        total += steps * c.batch_size * step
+        total += (steps // c.log_every + 1) * pace["loss_seconds"]
+        if c.eval_every:  # at step 0, every eval_every steps, and at the last step
+            evals = steps // c.eval_every + 1 + (1 if steps % c.eval_every else 0)
+            total += evals * pace["eval_seconds"]
+    grid = exp.evaluate.get("frontier", True)
+    frontier = len([a for a in (FRONTIER_GRID if grid is True else grid or []) if 0 < a < 1])
+    per_seed = 2 + frontier + len(exp.methods) * (1 + exp.k) + len(exp.baselines)
+    return total + (1 + len(exp.seeds) * per_seed) * pace["eval_seconds"]
+
+
+def story_time(
+    exp, status: dict | None, others: list[tuple], now: float, pace: dict | None = None
+) -> str:
     """How long the story takes on this machine, from what was measured here: while it
     runs, the time so far and the current stage's pace; else its last run's stages; else
     another story's run on the same lab (``others``: ``(experiment, status)`` pairs), its
-    training stage scaled by the rows each trains. Never a figure from elsewhere."""
+    training stage scaled by the rows each trains; else the lab's measured ``pace``
+    (``dtm.lab.pace``). Never a figure from elsewhere."""
     status = status or {}
     stages = status.get("stages") or {}
     if status.get("state") == "running":
@@ -404,6 +491,18 @@ def story_time(exp, status: dict | None, others: list[tuple], now: float) -> str
             f"Not run here yet; from the {other.name} story's run on this machine (its "
             f"training scaled by the rows each trains): about {_minutes(guess)}."
         )
+    if pace:
+        try:
+            guess = paced_seconds(exp, pace)
+        except (DTMError, OSError):  # no lab data to plan from yet
+            guess = None
+        if guess is not None:
+            return (
+                f"Not run here yet: about {_minutes(guess)} at the pace measured on this "
+                f"machine when its lab was built ({pace['step_seconds']:.2f} s a training "
+                f"step of {pace['batch_size']} rows, {pace['eval_seconds']:.0f} s to score "
+                "every lab benchmark), plus its dispersal; its first run measures it."
+            )
     return "Not run here yet: its first run measures how long it takes on this machine."
 
 

@@ -302,3 +302,78 @@ def test_the_dashboard_asks_nothing_off_the_machine(dashboard, chromium):
     page.evaluate("url => { new Image().src = url; }", probe)
     page.wait_for_timeout(1000)
     assert net.urls == [probe]
+
+
+# The class story on the small lab (linked as the default lab): K=2, both clusterings, few
+# steps, so that it runs in about a minute; Home reads story files from DTM_STORIES.
+CLASS_STORY = """\
+name: {name}
+lab: {{preset: bias, size: default, seed: 0}}
+disperse: {{k: 2, methods: [kmeans, random], field: instruction}}
+train: {{steps: 48, lr: 3.0e-3, lora_r: 8, lora_alpha: 16, batch_size: 8, micro_batch_size: 8,
+        max_length: 96, log_every: 4, probe_size: 32, eval_every: 12}}
+baselines: []
+merge: {{methods: [average]}}
+evaluate: {{engine: quick, limit: 40, frontier: [0.5]}}
+seeds: {seeds}
+"""
+
+
+@pytest.fixture
+def stories(tmp_path, monkeypatch):
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    (folder / "lab-class.yaml").write_text(CLASS_STORY.format(name="lab-class", seeds="[0]"))
+    (folder / "lab.yaml").write_text(CLASS_STORY.format(name="lab", seeds="[0, 1]"))
+    monkeypatch.setenv("DTM_STORIES", str(folder))
+    return folder
+
+
+TABLE_JS = """el => {
+  const head = [...el.querySelectorAll('thead th')].map(x => x.textContent.trim());
+  return [...el.querySelectorAll('tbody tr')].map(tr => {
+    const cells = [...tr.querySelectorAll('th, td')].map(x => x.textContent.trim());
+    return Object.fromEntries(head.map((h, i) => [h, cells[i]]));
+  });
+}"""
+
+
+def test_the_class_story_draws_its_charts_as_results_arrive(stories, dashboard, chromium, cache):
+    """Home on a built small lab: the class story starts from its button, its first chart
+    is on the page while the story still runs, then every chart comes with its sentence,
+    whose numbers are those of the table under it; no request leaves the machine."""
+    import json
+
+    from playwright.sync_api import expect
+    from story_check import check_panel
+
+    app = dashboard
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    net = OffMachine(context)
+    page = context.new_page()
+    page.goto(app.url)
+    page.get_by_role("heading", name="Disperse-Then-Merge", level=1).wait_for(timeout=MINUTE)
+    wait_idle(page)
+    page.get_by_role("button", name="Run the class story").first.click()
+    status_file = cache / "experiments" / "lab-class" / "status.json"
+    page.locator(".st-key-home_tax .js-plotly-plot").wait_for(timeout=4 * MINUTE)
+    state_at_first_chart = json.loads(status_file.read_text())["state"]
+    assert state_at_first_chart == "running", "the first chart came only when the story ended"
+    shot(page, "class-1-first-chart")
+    keys = ("tax", "ratio", "bars", "keeps")
+    for key in keys:
+        page.locator(f".st-key-home_{key} .js-plotly-plot").wait_for(timeout=6 * MINUTE)
+    expect(page.get_by_text("Done", exact=True)).to_have_count(1, timeout=3 * MINUTE)
+    wait_idle(page)
+    page_done(page, "class-2-done")
+    for key in keys:
+        panel = page.locator(f".st-key-home_panel_{key}")
+        sentence = panel.get_by_test_id("stCaptionContainer").first.inner_text()
+        panel.locator(f".st-key-home_numbers_{key} summary").click()
+        table = panel.get_by_test_id("stTable").locator("table").first
+        table.wait_for(timeout=MINUTE)
+        rows = table.evaluate(TABLE_JS)
+        assert rows, key
+        check_panel(key, sentence, rows)
+    assert json.loads(status_file.read_text())["state"] == "done"
+    assert net.urls == [], net.urls

@@ -238,6 +238,24 @@ def test_background_build_runs_once_reports_progress_survives_a_kill(cache):
         time.sleep(0.5)
     assert st["state"] == "ready", st
     assert seen_fraction > 0 and (folder / "lab.json").exists()
+    _wait_for_pace(folder)
+
+
+def _wait_for_pace(folder: Path) -> dict:
+    """The build process goes on to time this machine on the lab (``--pace``): wait for
+    it, so that no process outlives the test, and check what it wrote."""
+    from dtm.lab import read_pace
+
+    deadline = time.time() + 300
+    while (pace := read_pace(folder)) is None:
+        assert time.time() < deadline, "no pace measured 5 minutes after the lab was ready"
+        time.sleep(0.5)
+    assert pace["batch_size"] == json.loads((folder / "lab.json").read_text())["sft_recipe"][
+        "batch_size"
+    ]
+    for key in ("step_seconds", "loss_seconds", "eval_seconds"):
+        assert 0 < pace[key] < 300, (key, pace)
+    return pace
 
 
 def test_train_masks_the_prompt_and_writes_adapter_and_metrics(small_lab, tmp_path):
@@ -678,6 +696,7 @@ def test_first_start_installs_the_shipped_default_lab_and_the_code_builds_the_re
     assert st["state"] == "ready", st
     info = json.loads((folder / "lab.json").read_text())
     assert info["pretraining"]["shipped"]["sha256"] == _sha256(weights)
+    _wait_for_pace(folder)
     assert _sha256(folder / "model" / "model.safetensors") == _sha256(weights)
     # a build from scratch that stops after one pretraining step: the reference for the rest
     scratch = cache / "scratch"

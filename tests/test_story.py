@@ -128,3 +128,61 @@ def test_how_long_comes_from_this_machines_runs(exp):
         "On this machine it last took 4.2 min (lab 4 s, train 3.3 min, evaluate 50 s)."
     )
     assert story_time(exp, None, [], now=0).startswith("Not run here yet: its first run")
+
+
+def test_each_sentence_states_the_numbers_of_the_table_under_its_chart(exp, tmp_path):
+    """Mid-run and done, the tax and ratio sentences against their tables (as a reader
+    sees them: text), read by tests/story_check.py; a table that disagrees fails it."""
+    from story_check import check_panel, frame_rows
+
+    wiggle = [0.004, -0.003, 0.001, -0.004, 0.002]
+    recs = [
+        _rec(
+            s,
+            3.0 - s / 400 + wiggle[i % 5],
+            3.0 - s / 80 + wiggle[(i + 2) % 5],
+            _bench(0.9 - s / 9000, 0.5 + s / 10000, min(0.99, 0.1 + s / 200))
+            if s % 100 == 0
+            else None,
+        )
+        for i, s in enumerate(range(0, 820, 20))
+    ]
+    for state, total in (("running", 900), ("done", 800)):
+        job = _sft(tmp_path, recs, state, total=total)
+        for panel in (tax_panel(exp, [job], TABLE), ratio_panel(exp, [job])):
+            rows = frame_rows(panel["table"])
+            check_panel(panel["key"], panel["sentence"], rows)
+            wrong = [dict(r) for r in rows]
+            col = "knowledge" if panel["key"] == "tax" else "ratio"
+            pick = (
+                0
+                if panel["key"] == "tax"
+                else next(i for i, r in enumerate(rows) if r["ratio"] != "within noise")
+            )
+            wrong[pick][col] = "0.123"
+            with pytest.raises(AssertionError):
+                check_panel(panel["key"], panel["sentence"], wrong)
+
+
+def test_before_any_run_the_estimate_comes_from_this_machines_measured_pace(exp):
+    """Nothing ran here: the estimate is the plan at the lab's measured unit costs, so a
+    machine twice as slow in every unit gets twice the time; without a pace, no figure."""
+    from dtm.story import paced_seconds, story_time
+
+    pace = {"step_seconds": 0.08, "batch_size": 16, "loss_seconds": 0.3, "eval_seconds": 2.0}
+    slow = {**pace, **{k: 2 * pace[k] for k in ("step_seconds", "loss_seconds", "eval_seconds")}}
+    one, two = paced_seconds(exp, pace), paced_seconds(exp, slow)
+    assert two == pytest.approx(2 * one)
+    # by hand, from lab-class.yaml: SFT 900 steps of 16 rows (18 passes over 800 rows);
+    # 8 sub-models of 200 rows (800 / K=4), 18 passes each: 225 steps; losses at step 0
+    # and every 20 steps; benchmarks at step 0, every 100 steps and at the last step; then
+    # the base, and per seed SFT, the control, 5 frontier points, 2 DTM merges and 8
+    # sub-models scored once each
+    train = (900 + 8 * 225) * 0.08
+    losses = ((900 // 20 + 1) + 8 * (225 // 20 + 1)) * 0.3
+    evals = (10 + 8 * 4) * 2.0
+    scored = (1 + 2 + 5 + 2 + 8) * 2.0
+    assert one == pytest.approx(train + losses + evals + scored)
+    text = story_time(exp, None, [], 0.0, pace)
+    assert f"about {one / 60:.1f} min" in text and "0.08 s a training step" in text
+    assert "Not run here yet: its first run" in story_time(exp, None, [], 0.0, None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -17,14 +18,17 @@ from dtm.experiment import (
     read_status,
     story_for_lab,
 )
-from dtm.lab import custom_labs, start_custom_lab
+from dtm.lab import custom_labs, default_lab_dir, read_pace, start_custom_lab
 from dtm.lab.presets import DEFAULT_PRESET, PRESETS
 from dtm.lab.sft_data import PHRASING_MODES
 from dtm.lab.world import DIALOGUES
 from dtm.score import scores
 from dtm.story import story_jobs, story_panels, story_runs, story_time
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+# The story files (DTM_STORIES: a folder of one's own, e.g. a shorter class story)
+EXPERIMENTS = Path(
+    os.environ.get("DTM_STORIES") or Path(__file__).resolve().parents[1] / "experiments"
+)
 # The lab story of each preset: the experiment file the button runs.
 STORIES = {"bias": EXPERIMENTS / "lab.yaml", "interference": EXPERIMENTS / "lab-interference.yaml"}
 # The class story: one seed, no baseline that needs runs of its own (the same runs)
@@ -102,7 +106,8 @@ def time_text(exp) -> str:
     try:
         statuses = {x.name: read_status(x.name) for x in stories}
         others = [(x, statuses[x.name]) for x in stories if x.name != exp.name]
-        return story_time(exp, statuses[exp.name], others, time.time())
+        pace = read_pace(default_lab_dir(exp.lab["seed"], exp.lab["size"], exp.lab["preset"]))
+        return story_time(exp, statuses[exp.name], others, time.time(), pace)
     except (DTMError, OSError) as e:
         return f"How long it takes: unknown ({e})."
 
@@ -156,9 +161,12 @@ def pictures(group: list) -> None:
         st.error(f"Could not draw the story's charts: {type(e).__name__}: {e}")
         return
     for p in panels:
-        st.subheader(p["title"])
-        st.caption(p["sentence"])
-        st.plotly_chart(p["figure"], key=f"home_{p['key']}")
+        with st.container(key=f"home_panel_{p['key']}"):
+            st.subheader(p["title"])
+            st.caption(p["sentence"])
+            st.plotly_chart(p["figure"], key=f"home_{p['key']}")
+            with st.expander("The numbers behind it", key=f"home_numbers_{p['key']}"):
+                st.table(p["table"].set_index(p["table"].columns[0]))
 
 
 @st.fragment(run_every=2)

@@ -11,6 +11,7 @@ from dtm import threads
 from dtm.cli.common import progress_bar
 from dtm.errors import ConfigError
 from dtm.lab.build import build_lab
+from dtm.lab.pace import measure_pace
 from dtm.lab.presets import preset
 from dtm.lab.shipped import TOLERANCE, check_shipped, ship, shipped_record
 from dtm.lab.world import DIALOGUES
@@ -55,6 +56,15 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
                 args.progress_file, {"state": "failed", "error": f"{type(e).__name__}: {e}"}
             )
         raise
+    if args.pace:  # after the lab is published: it is ready meanwhile
+        try:
+            pace = measure_pace(args.out)
+            print(
+                f"this machine's pace: {pace['step_seconds']:.3f} s a training step, "
+                f"{pace['eval_seconds']:.1f} s to score every lab benchmark"
+            )
+        except Exception as e:  # the lab is built; an estimate is not worth failing it
+            print(f"could not measure this machine's pace: {type(e).__name__}: {e}")
     if "shipped" in summary["pretraining"]:
         print(f"the pretrained weights are the shipped ones ({record['path']})")
     print(
@@ -193,6 +203,12 @@ def lab_parser(lab: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load the pretrained weights the project ships for this preset, size and seed "
         "(checked by hash) instead of pretraining; pretrains when none match",
+    )
+    lb.add_argument(
+        "--pace",
+        action="store_true",
+        help="then time a few training steps and one scoring on it (OUT.pace.json): the "
+        "Home page's estimate of a story before one has run here",
     )
     lb.add_argument("--out", required=True, help="folder to write the lab into")
     lb.add_argument(

@@ -27,6 +27,20 @@ def default_lab_dir(seed: int = 0, size: str = "default", preset: str | None = N
     return cache_dir() / "lab" / name
 
 
+def pace_path(lab: str | Path) -> Path:
+    """Where a lab's measured pace is kept (``dtm.lab.pace``): beside its folder."""
+    lab = Path(lab)
+    return lab.with_name(lab.name + ".pace.json")
+
+
+def read_pace(lab: str | Path) -> dict | None:
+    """The lab's measured pace (``dtm.lab.pace``), or None when it was not measured."""
+    try:
+        return json.loads(pace_path(lab).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def lab_status(lab_dir: Path | None = None) -> dict:
     """``{"state": "ready" | "building" | "failed" | "missing", ...}`` with ``fraction``
     and ``stage`` while building, ``error`` and ``log`` when failed."""
@@ -79,8 +93,10 @@ def ensure_default_lab(
     if status["state"] == "failed":
         lock.unlink(missing_ok=True)
         prog.unlink(missing_ok=True)
-    # the project's shipped weights when it ships them for this lab (seconds, not minutes)
-    args = ["--seed", str(seed), "--size", size, "--preset", preset, "--force", "--shipped"]
+    # the project's shipped weights when it ships them for this lab (seconds, not minutes),
+    # then this machine's pace on it (Home's first estimate of a story)
+    args = ["--seed", str(seed), "--size", size, "--preset", preset, "--force"]
+    args += ["--shipped", "--pace"]
     return _spawn_build(lab_dir, args)
 
 
