@@ -97,7 +97,12 @@ def button(col, path: Path, exp, label: str, primary: bool, key: str) -> None:
     ):
         start(path, exp)
     col.caption(story_runs(exp))
-    col.caption(time_text(exp))
+    try:
+        running = (read_status(exp.name) or {}).get("state") == "running"
+    except DTMError:
+        running = False
+    if not running:  # while it runs, the story's progress below says how long, live
+        col.caption(time_text(exp))
 
 
 def time_text(exp) -> str:
