@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dtm import cluster, data, embed
+from dtm import cluster, data, embed, threads
 from dtm.errors import ConfigError
 from dtm.models import lab_of
 from dtm.store import (
@@ -294,7 +294,14 @@ def run_disperse(
     project: bool = True,
     progress: embed.Progress = _noop,
 ) -> DisperseResult:
-    """Every Disperse step for ``cfg``, each reused from the registry when it exists."""
+    """Every Disperse step for ``cfg``, each reused from the registry when it exists. It
+    claims its share of the cores while it runs (``dtm.threads``: the dashboard's server
+    disperses beside the jobs it runs)."""
+    with threads.computing("dispersal"):
+        return _disperse(cfg, registry, project=project, progress=progress)
+
+
+def _disperse(cfg: DisperseConfig, registry, *, project: bool, progress) -> DisperseResult:
     registry = registry or Registry()
     embed.check_field(cfg.field)
     cluster.check_method(cfg.method)
