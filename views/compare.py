@@ -279,10 +279,9 @@ def page() -> None:
             "(`python -m dtm run experiments/lab.yaml`)."
         )
         return
-    default = st.session_state.get("c_group")
-    group = st.selectbox(
-        "Results of", have, key="c_group_pick", index=have.index(default) if default in have else 0
-    )
+    if st.session_state.get("c_group_pick") not in have:  # none yet, or scored elsewhere
+        st.session_state["c_group_pick"] = have[0]
+    group = st.selectbox("Results of", have, key="c_group_pick")
     table = scores(group=group, registry=reg)
     engines = sorted(table["engine"].unique())
     if len(engines) > 1:
