@@ -113,6 +113,20 @@ def frontier_section(table: pd.DataFrame, group: str) -> None:
         )
 
 
+def limits(table: pd.DataFrame) -> str:
+    """The scores' item limit, said when there was one: a limited table may differ
+    from the curves on the page."""
+    lims = sorted({int(x) for x in table["lim"].dropna()})
+    if not lims:
+        return ""
+    some = " (some models)" if table["lim"].isna().any() else ""
+    return (
+        f" Scored with an item limit: the first {'/'.join(map(str, lims))} items per "
+        f"task{some}, not all of them; scores of every item (the curves below, scored "
+        "while training) may differ."
+    )
+
+
 def benchmark_section(table: pd.DataFrame, group: str) -> None:
     summary = summarise(table)
     labels = model_order(summary)
@@ -128,7 +142,9 @@ def benchmark_section(table: pd.DataFrame, group: str) -> None:
         key="c_against",
     )
     st.subheader("Benchmarks")
-    st.caption("Mean over seeds; ± is the sample std over seeds where there are several.")
+    st.caption(
+        "Mean over seeds; ± is the sample std over seeds where there are several." + limits(table)
+    )
     st.dataframe(wide(summary, measures, shown), hide_index=True, width="stretch")
     fig = charts.score_bars(summary, measures, shown)
     st.plotly_chart(fig, key="c_bars")

@@ -139,6 +139,7 @@ def score_panel(store) -> None:
             return
         models, group, lab = chosen
         models = models + frontier_choice(models)
+        st.caption(f"Scores go under **{group}**: " + " · ".join(m.label for m in models))
         c = st.columns([1, 3, 1])
         engine = c[0].radio("Engine", ["quick", "full"], key="c_engine", horizontal=True)
         tasks_dir = (
