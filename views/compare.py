@@ -13,6 +13,8 @@ from dtm.analysis import (
     alignment_tax_curve,
     bias_measures,
     delta_table,
+    dtm_groups,
+    fold_subs,
     headline_measures,
     loss_ratio_curves,
     model_order,
@@ -198,14 +200,21 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
             "loss_ratio_interval": "per record",
         }[c],
     )
+    folded = dtm_groups(job_list)
+    if folded:
+        st.caption(
+            "SFT and each DTM group (one clustering and seed): a group's line is the mean of "
+            "its sub-models' ratios, its interval the envelope of theirs."
+        )
     if col == "windows":
         ratio = windows_table(runs)
         if ratio.empty:
             st.caption("Too few records for a windowed ratio (4 per window are needed).")
             return
+        ratio = fold_subs(ratio, folded, "window")
         fig = charts.ratio_windows_chart(ratio)
     else:
-        ratio = loss_ratio_curves(runs)
+        ratio = fold_subs(loss_ratio_curves(runs), folded, "step")
         fig = charts.ratio_curves(ratio, col)
     st.plotly_chart(fig, key="c_ratio_fig")
     downloads(fig, ratio, f"{group}-loss-ratio")

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtm.cluster import NAMES as CLUSTERINGS
 from dtm.errors import ConfigError
 from dtm.merge.lora import check_compatible, read_adapter
 from dtm.models import check_base_path, lab_of
 from dtm.store import input_key
 from dtm.train.config import SOUP_MEMBER
 
-CLUSTERINGS = {"kmeans": "k-means", "random": "random", "agglomerative": "agglomerative"}
 OPEN = ("queued", "starting", "running", "stopping")  # a job that may still finish
 
 
