@@ -1,7 +1,11 @@
 """Page 3 - Merge: merge sub-models (a launch's, or adapter folders named by path) with
 sliders and a live score on any chosen tasks and held-out losses; find weights (CMA-ES
 search, LM-Cocktail); explore the merge landscape; compare with the logit ensemble;
-export, or keep the merge for Compare."""
+export, or keep the merge for Compare.
+
+Length: one page's five panels (the group, the live score, find weights, the landscape,
+export) read and set one another's session state (the sliders' keys, the picked and found
+weights); kept in one file so those keys are in one place."""
 
 from __future__ import annotations
 
