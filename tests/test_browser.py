@@ -358,7 +358,7 @@ def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
     options = page.get_by_role("option").all_inner_texts()
     page.keyboard.press("Escape")
     assert sorted(options) == [
-        "lab · k-means, seed 0, K=3 (2 of 3 finished, still training)",
+        "lab · k-means, seed 0, K=3",
         "lab · k-means, seed 1, K=2",
         "lab · random, seed 0, K=2",
         "lab · random, seed 1, K=2",
@@ -366,6 +366,8 @@ def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
     pick.click()
     page.get_by_role("option", name="lab · k-means, seed 0, K=3").click()
     wait_idle(page)
+    training = page.get_by_text("2 of 3 finished, still training")
+    expect(training).to_be_visible()
     page.get_by_test_id("stMetricValue").first.wait_for(timeout=5 * MINUTE)
     wait_idle(page)
     page.locator(".st-key-w_0 input[type='range']").press("End")
@@ -381,6 +383,7 @@ def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
     wait_idle(page)
     # the same group, no longer training
     expect(pick.locator("input")).to_have_value("lab · k-means, seed 0, K=3", timeout=MINUTE)
+    expect(training).to_have_count(0)
     page.locator(".st-key-w_2").wait_for(timeout=5 * MINUTE)
     wait_idle(page)
     sliders = [page.locator(f".st-key-w_{i} input[type='range']") for i in range(3)]
@@ -388,7 +391,7 @@ def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
     expect(sliders[1]).to_have_value("0")
     w = [float(s.input_value()) for s in sliders]  # normalise is off now
     page_done(page, "8-merge-groups")
-    page.locator(".st-key-m_keep button").click()
+    page.get_by_role("button", name="Keep for Compare").click()
     wait_idle(page)
     label = "average: " + " · ".join(
         f"c{i} " + (f"{v:.2f}"[1:] if v < 1 else f"{v:.2f}") for i, v in enumerate(w)

@@ -36,10 +36,8 @@ STORE, FOLDERS = "a launch of the job store", "adapter folders"
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
-def merger_for(base: str, adapters: tuple[str, ...], _bar=None) -> Merger:
-    """The chosen group's base and sub-models, loaded once (``_bar``: a progress bar)."""
-    if _bar is not None:
-        _bar.progress(0.05, text=f"Loading the base model and {len(adapters)} sub-models…")
+def merger_for(base: str, adapters: tuple[str, ...]) -> Merger:
+    """The chosen group's base and sub-models (only those), loaded once."""
     return Merger(base, list(adapters))
 
 
@@ -113,9 +111,9 @@ def choose_source():
         pick = st.selectbox(
             "Sub-models of",
             list(by_id),
-            format_func=lambda i: by_id[i].label(),
             key="m_group",
-            help="one launch's sub-models of one clustering and one seed",
+            help="one launch's sub-models of one clustering and one seed (a group still "
+            "training is said below it)",
         )
         src = by_id[pick]
         if not src.complete:
@@ -209,7 +207,8 @@ def page() -> None:
     bar = st.progress(0.0, text="Loading the sub-models…")
     try:
         objective = objective_for(spec)
-        merger = merger_for(src.base, src.adapters, _bar=bar)
+        bar.progress(0.05, text=f"Loading the base model and {len(src.subs)} sub-models…")
+        merger = merger_for(src.base, src.adapters)
         refs = reference_rows(merger, src, spec, objective, names, bar)
         bar.empty()
         with st.spinner("Merging and scoring…"):

@@ -56,7 +56,6 @@ def _launch(store) -> tuple[list[ModelRef], str, str | None] | None:
     pick = st.selectbox(
         "Group",
         list(by_id),
-        format_func=lambda i: f"{by_id[i].label()} · {len(by_id[i].baselines)} others",
         key="c_src",
         help="one launch's sub-models of one clustering and one seed, with that seed's SFT "
         "and baselines; its scores go under this name",
