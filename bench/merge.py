@@ -3,7 +3,8 @@
 (a) Slider-to-score latency on the lab model (needs a lab; skipped when there is none):
     K=4 sub-models of the lab (trained here for a few steps), then for random weight
     vectors: ``Merger.apply`` + quick score of the lab's knowledge, reasoning and
-    instruction subsets; p50 and p95.
+    instruction subsets; p50 and p95. The average's slider p95 also side by side: quiet,
+    and beside a busy torch process (matrix products on every core, as a training job).
 (b) Merging K=4 rank-16 LoRA adapters (random; lora_alpha 16, 32, 16 with rslora, 8, so
     the scales s_k are 1, 2, 4 and 0.5) on gate/up/down_proj of a random Llama written to
     disk: a small shape by default (seconds on a 2-core CPU), ``--shape 1b`` (TinyLlama's)
@@ -81,6 +82,22 @@ def latency(lab: Path, trials: int, limit: int) -> dict:
                 quick_score(merger.apply(method, w, **params), merger.tokenizer, bench, limit)
                 times.append(time.perf_counter() - t0)
             out[method] = _percentiles(times)
+        # The same slider moves beside a busy process: a torch process computing on every
+        # core, as a training job does while a researcher tunes weights.
+        for label, busy in (("quiet", False), ("beside a busy torch process", True)):
+            proc = _busy_process() if busy else None
+            try:
+                times = []
+                for _ in range(trials):
+                    w = list(map(float, rng.dirichlet(np.ones(K))))
+                    t0 = time.perf_counter()
+                    quick_score(merger.apply("average", w), merger.tokenizer, bench, limit)
+                    times.append(time.perf_counter() - t0)
+            finally:
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+            out[f"average, {label}"] = _percentiles(times)
         # a user task (a task YAML in a folder, bench.usertasks): the live score of the
         # Merge page on a tasks folder, the first ``limit`` items
         from dtm.merge.objective import Objective
@@ -96,6 +113,24 @@ def latency(lab: Path, trials: int, limit: int) -> dict:
             times.append(time.perf_counter() - t0)
         out["average, user task"] = _percentiles(times)
         return out
+
+
+BUSY = (
+    "import torch\n"
+    "x = torch.randn(512, 512)\n"
+    "print('busy', flush=True)\n"
+    "while True:\n"
+    "    x = torch.tanh(x @ x.T / 512)\n"
+)
+
+
+def _busy_process() -> subprocess.Popen:
+    """A torch process multiplying matrices on every core until killed (started, and
+    computing, when this returns)."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # torch imported, the loop starting
+    time.sleep(1.0)
+    return proc
 
 
 def _percentiles(times: list[float]) -> dict:

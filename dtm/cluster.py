@@ -23,6 +23,7 @@ import numpy as np
 from dtm.errors import ConfigError
 
 METHODS = ("kmeans", "random", "agglomerative")
+NAMES = {"kmeans": "k-means", "random": "random", "agglomerative": "agglomerative"}  # as shown
 AGGLO_EXACT_MAX = 12_000
 PCA_DIMS = 50
 UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "euclidean"}

@@ -2,10 +2,10 @@
 three choices (a launch, saved merges, a model folder) and, in ``dtm.experiment.report``,
 an experiment's. ``dtm.score.score_models`` scores any of these lists.
 
-- ``launch_models(source, registry)``: one Train-page launch (a ``MergeSource``): the
-  base, its baselines (SFT among them), the shrinkage control, DTM (the sub-models
-  averaged), each sub-model, and every merge of those sub-models that was kept or
-  exported, named by its recipe.
+- ``launch_models(source, registry)``: one group of a launch (a ``MergeSource``: one
+  clustering, one seed): the base, its baselines (SFT among them), the shrinkage control
+  (1/K with the group's K), DTM (the group's sub-models averaged), each sub-model, and
+  every merge of those sub-models that was kept or exported, named by its recipe.
 - ``saved_models(keys, registry)``: saved merges (``dtm.merge.saved``) and their bases.
 - ``folder_models(base, adapter, label)``: a model folder, and a model with its adapter.
 - ``lineup_lab(models)``: the lab whose tasks score them (when every one is a lab model);
@@ -34,38 +34,50 @@ def base_ref(base: str, label: str = "base") -> ModelRef:
 
 
 def launch_models(source, registry: Registry | None = None, k_factor: bool = True):
-    """The models of one Train-page launch (a ``MergeSource``), then its kept merges."""
-    base, k = source.base, len(source.subs)
+    """The models of one group (a ``MergeSource``: one launch, clustering and seed), then
+    its kept merges. The control is SFT ×1/K with the group's K; ``dtm`` averages the
+    group's sub-models (``dtm (3 of 4 sub-models)`` while it is still training)."""
+    base, k, seed = source.base, source.planned, source.seed
     out = [base_ref(base)]
     for name, (kind, path) in source.baselines.items():
         kind = "sft" if kind == "sft" else "baseline"
-        out.append(ModelRef(base=base, adapters=[str(path)], label=name, kind=kind))
+        out.append(ModelRef(base=base, adapters=[str(path)], label=name, kind=kind, seed=seed))
         if kind == "sft" and k_factor:
             out.append(
                 ModelRef(
                     base=base, adapters=[str(path)], label=f"{name} ×1/{k}", kind="control",
-                    factor=1 / k,
+                    factor=1 / k, seed=seed,
                 )
             )  # fmt: skip
     adapters = [str(p) for _, p in source.subs]
-    recipe = {"method": "average", "weights": [1 / k] * k, "params": {}}
+    n = len(adapters)
+    recipe = {"method": "average", "weights": [1 / n] * n, "params": {}}
+    dtm = "dtm" if source.complete else f"dtm ({n} of {k} sub-models)"
     out.append(
         ModelRef(
-            base=base, adapters=adapters, recipe=recipe, label="dtm", kind="merge",
-            clustering=source.clustering,
+            base=base, adapters=adapters, recipe=recipe, label=dtm, kind="merge",
+            clustering=source.clustering, seed=seed,
         )
     )  # fmt: skip
     for name, p in source.subs:
         out.append(
             ModelRef(
                 base=base, adapters=[str(p)], label=name, kind="sub",
-                clustering=source.clustering,
+                clustering=source.clustering, seed=seed,
             )
         )  # fmt: skip
     if registry is None:
         return out
-    kept = [merge_ref(m) for m in saved_merges(registry, adapters=adapters)]
+    kept = [
+        replace(merge_ref(m), clustering=source.clustering, seed=seed)
+        for m in saved_merges(registry)
+        if m["group"] == source.id or _same_set(m["adapters"], adapters)
+    ]
     return out + unique_labels([m for m in kept if _same_path(m.base, base)], out)
+
+
+def _same_set(a: list[str], b: list[str]) -> bool:
+    return sorted(os.path.realpath(x) for x in a) == sorted(os.path.realpath(x) for x in b)
 
 
 def saved_models(keys: list[str], registry: Registry | None = None) -> list[ModelRef]:

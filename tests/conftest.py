@@ -1,7 +1,9 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,39 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["DTM_LAB_AUTOBUILD"] = "0"  # tests build labs explicitly, never in the background
+# Every test writes into a cache of its own: the session's, unless a test sets its own
+# (the ``cache`` fixture). Never the checkout's cache/ and its registry (checked below).
+CHECKOUT_CACHE = ROOT / "cache"
+os.environ["DTM_CACHE"] = tempfile.mkdtemp(prefix="dtm-test-cache-")
+
+
+def cache_listing(root: Path = CHECKOUT_CACHE) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and modification time (ns)."""
+    out = {}
+    for p in sorted(root.rglob("*")) if root.exists() else []:
+        if p.is_file() or p.is_symlink():
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changed_files(before: dict, after: dict) -> list[str]:
+    """The files added, removed or changed between two ``cache_listing``s."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_cache_untouched():
+    """The suite never writes into the checkout's cache/ (its registry, runs, merges):
+    the session fails at its end when a file there was added, removed or changed."""
+    before = cache_listing()
+    yield
+    shutil.rmtree(os.environ["DTM_CACHE"], ignore_errors=True)
+    changed = changed_files(before, cache_listing())
+    assert not changed, (
+        f"the tests wrote into the checkout's cache ({CHECKOUT_CACHE}): {changed[:10]}; a "
+        "test must use the `cache` fixture or the session's DTM_CACHE"
+    )
 
 
 @pytest.fixture

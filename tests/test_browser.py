@@ -377,3 +377,107 @@ def test_the_class_story_draws_its_charts_as_results_arrive(stories, dashboard, 
         check_panel(key, sentence, rows)
     assert json.loads(status_file.read_text())["state"] == "done"
     assert net.urls == [], net.urls
+
+
+def _groups_of_a_launch(cache, lab0, tmp_path):
+    """A launch of two clusterings and two seeds, K=2 each (two tiny sub-models trained
+    here, each group's rows pointing at copies of them), and a third k-means sub-model of
+    seed 0 training for real: that group is K=3, still training."""
+    import shutil
+    from dataclasses import asdict, replace
+
+    from conftest import round_robin_assignment, tiny_train
+
+    from dtm.jobs.queue import _new_job
+    from dtm.jobs.runner import run_training
+
+    asg = round_robin_assignment(lab0, tmp_path / "asg.csv", k=3)
+    store = jobs.JobStore(Registry(cache))
+    trained = []
+    for c in (0, 1):
+        cfg = tiny_train(lab0, tmp_path / f"t{c}", kind="sub", assignments=str(asg), cluster=c,
+                         steps=2, eval_lab=str(lab0))  # fmt: skip
+        run_training(cfg)
+        trained.append((cfg, tmp_path / f"t{c}" / "adapter"))
+    for clustering in ("kmeans", "random"):
+        for seed in (0, 1):
+            for c, (cfg, adapter) in enumerate(trained):
+                jid = f"{clustering}-{seed}-{c}"
+                run = cache / "runs" / jid
+                shutil.copytree(adapter, run / "adapter")
+                config = asdict(replace(cfg, seed=seed, out=str(run)))
+                job = _new_job(jid, "sub", f"{clustering} sub {c} s{seed}", "lab", config,
+                               "local", run, clustering)  # fmt: skip
+                store.add(replace(job, state="done"))
+    last = tiny_train(lab0, "-", kind="sub", assignments=str(asg), cluster=2, steps=6,
+                      eval_lab=str(lab0))  # fmt: skip
+    job, _ = jobs.submit(last, name="kmeans sub 2 s0", group="lab", store=store,
+                         clustering="kmeans")  # fmt: skip
+    return store, job
+
+
+def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
+    dashboard, chromium, cache, lab0, tmp_path
+):
+    """The Merge page offers the four (clustering, seed) groups by name; a sub-model that
+    finishes adds its slider and leaves the others as set; Keep puts the merge on Compare
+    under its group, named by its clusters' weights."""
+    from playwright.sync_api import expect
+
+    store, job = _groups_of_a_launch(cache, lab0, tmp_path)
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(dashboard.url)
+    go(page, dashboard.url, "Merge")
+    pick = page.locator(".st-key-m_group")
+    pick.click()
+    options = page.get_by_role("option").all_inner_texts()
+    page.keyboard.press("Escape")
+    assert sorted(options) == [
+        "lab · k-means, seed 0, K=3",
+        "lab · k-means, seed 1, K=2",
+        "lab · random, seed 0, K=2",
+        "lab · random, seed 1, K=2",
+    ], options
+    pick.click()
+    page.get_by_role("option", name="lab · k-means, seed 0, K=3").click()
+    wait_idle(page)
+    training = page.get_by_text("2 of 3 finished, still training")
+    expect(training).to_be_visible()
+    page.get_by_test_id("stMetricValue").first.wait_for(timeout=5 * MINUTE)
+    wait_idle(page)
+    page.locator(".st-key-w_0 input[type='range']").press("End")
+    wait_idle(page)
+    page.locator(".st-key-w_1 input[type='range']").press("Home")
+    wait_idle(page)
+    expect(page.locator(".st-key-w_2")).to_have_count(0)
+    end = time.time() + 4 * 60
+    while time.time() < end and store.get(job.id).state not in jobs.FINAL:
+        time.sleep(1)
+    assert store.get(job.id).state == "done", store.get(job.id).error
+    page.locator(".st-key-m_norm label").click()  # any rerun: the page reads the jobs again
+    wait_idle(page)
+    # the same group, no longer training
+    expect(pick.locator("input")).to_have_value("lab · k-means, seed 0, K=3", timeout=MINUTE)
+    expect(training).to_have_count(0)
+    page.locator(".st-key-w_2").wait_for(timeout=5 * MINUTE)
+    wait_idle(page)
+    sliders = [page.locator(f".st-key-w_{i} input[type='range']") for i in range(3)]
+    expect(sliders[0]).to_have_value("1")  # as the user set them
+    expect(sliders[1]).to_have_value("0")
+    w = [float(s.input_value()) for s in sliders]  # normalise is off now
+    page_done(page, "8-merge-groups")
+    page.get_by_role("button", name="Keep for Compare").click()
+    wait_idle(page)
+    label = "average: " + " · ".join(
+        f"c{i} " + (f"{v:.2f}"[1:] if v < 1 else f"{v:.2f}") for i, v in enumerate(w)
+    )
+    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text(label)
+
+    go(page, dashboard.url, "Compare")
+    page.locator(".st-key-c_src").click()
+    page.get_by_role("option", name="lab · k-means, seed 0, K=3").click()
+    wait_idle(page)
+    listed = page.get_by_text("Scores go under lab · k-means, seed 0, K=3:")
+    expect(listed).to_contain_text(label)
+    expect(listed).to_contain_text("dtm · kmeans sub 0 s0")
+    page_done(page, "9-compare-kept")

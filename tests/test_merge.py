@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import dtm_cli, round_robin_assignment, tiny_train
+from conftest import cache_listing, changed_files, dtm_cli, round_robin_assignment, tiny_train
 
 from dtm.controls import shrink_adapter
 from dtm.errors import ConfigError
@@ -136,10 +136,24 @@ def test_bad_weights_are_refused(merger, weights, message):
 
 
 def test_merge_cli_contract_and_errors(lab0, subs, tmp_path):
+    """Also: the suite's merges (no `cache` fixture here) are recorded in the session's
+    DTM_CACHE, and the checkout's cache/ and registry are left as they were."""
+    import os
+
+    from dtm.merge.saved import save_merge, saved_merges
+    from dtm.store import Registry
+
+    checkout = cache_listing()
     out = tmp_path / "merged"
     args = ["merge", "--base", lab0 / "model", "--adapters", *subs]
     r = dtm_cli(*args, "--weights", "0.2,0.5,0.3", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
+    save_merge(
+        str(lab0 / "model"), list(map(str, subs)), {"weights": [0.5, 0.3, 0.2]}, source="tuned"
+    )
+    kept = {m["source"]: m["path"] for m in saved_merges(Registry(os.environ["DTM_CACHE"]))}
+    assert kept["exported"] == str(out) and "tuned" in kept
+    assert changed_files(checkout, cache_listing()) == []
     assert (out / "adapter_model.safetensors").exists() and (out / "recipe.json").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 3 * 16
     r = dtm_cli(*args, "--weights", "0.2,0.5,0.3", "--out", out)
@@ -164,3 +178,15 @@ def test_merge_cli_contract_and_errors(lab0, subs, tmp_path):
     assert r.returncode == 2 and "no fisher.safetensors" in r.stderr
     r = dtm_cli("merge", "--base", lab0 / "model", "--adapters", tmp_path, "--out", tmp_path / "y")
     assert r.returncode == 2 and "not a peft adapter folder" in r.stderr
+
+
+def test_the_checkout_cache_check_sees_a_file_added_changed_or_removed(tmp_path):
+    (tmp_path / "registry.sqlite").write_text("a")
+    before = cache_listing(tmp_path)
+    assert changed_files(before, cache_listing(tmp_path)) == []
+    (tmp_path / "merged" / "m").mkdir(parents=True)
+    (tmp_path / "merged" / "m" / "recipe.json").write_text("{}")
+    assert changed_files(before, cache_listing(tmp_path)) == ["merged/m/recipe.json"]
+    (tmp_path / "registry.sqlite").write_text("ab")
+    (tmp_path / "merged" / "m" / "recipe.json").unlink()
+    assert changed_files(before, cache_listing(tmp_path)) == ["registry.sqlite"]

@@ -507,7 +507,7 @@ def test_merge_page_on_adapter_folders_with_a_tasks_folder_and_held_out_losses(c
     assert not at.exception and "recipe.json" in at.success[0].value
     saved = saved_merges(Registry(cache))
     assert len(saved) == 1 and saved[0]["source"] == "exported" and saved[0]["path"]
-    assert saved[0]["label"].startswith("average ")
+    assert saved[0]["label"].startswith("average: ")
 
 
 def test_compare_page_scores_saved_merges_of_a_model_that_is_not_the_labs(cache, tmp_path):
@@ -534,7 +534,7 @@ def test_compare_page_scores_saved_merges_of_a_model_that_is_not_the_labs(cache,
     at.button(key="c_go").click().run()
     assert not at.exception, at.exception
     table = scores(group="merges", registry=reg)
-    label = "ties 0.70/0.30 density=0.5"
+    label = "ties: c0 .70 · c1 .30 · density=0.5"
     assert set(table["label"]) == {"base", label}
     got = table.set_index(["label", "task", "metric"])["value"]
     assert 0 <= got[(label, "my_mc", "acc")] <= 1

@@ -146,3 +146,48 @@ def test_a_flat_validation_loss_bounds_the_ratio_from_below_when_the_probe_falls
             assert row["ratio"] is None and row["abs_low"] > 0
             below += row["abs_low"] <= 20.0
     assert below / 300 >= 0.93, below
+
+
+def test_the_ratio_chart_folds_each_dtm_groups_sub_models_and_keeps_sft():
+    import pandas as pd
+
+    from dtm.analysis import fold_subs
+
+    curves = pd.DataFrame(
+        {
+            "run": ["sft", "sft", "a0", "a0", "a1", "a1", "b0", "b0"],
+            "step": [0, 4] * 4,
+            "loss_ratio": [1.0, 3.0, 1.0, 2.0, 1.0, 4.0, 1.0, 1.5],
+        }
+    )
+    groups = {"a0": "dtm k-means s0", "a1": "dtm k-means s0", "b0": "dtm random s0"}
+    out = fold_subs(curves, groups, "step")
+    got = {(r.run, r.step): r.loss_ratio for r in out.itertuples()}
+    assert got == {
+        ("sft", 0): 1.0, ("sft", 4): 3.0,
+        ("dtm k-means s0 (mean of 2 sub-models)", 0): 1.0,
+        ("dtm k-means s0 (mean of 2 sub-models)", 4): 3.0,  # (2 + 4) / 2
+        ("dtm random s0 (mean of 1 sub-models)", 0): 1.0,
+        ("dtm random s0 (mean of 1 sub-models)", 4): 1.5,
+    }  # fmt: skip
+    windows = pd.DataFrame(
+        {
+            "run": ["a0", "a1"],
+            "window": [0, 0],
+            "ratio": [2.0, 4.0],
+            "low": [1.0, 3.5],
+            "high": [2.5, 6.0],
+            "val_moving": [True, False],
+        }  # fmt: skip
+    )
+    [row] = fold_subs(windows, groups, "window").to_dict("records")
+    assert (row["ratio"], row["low"], row["high"], row["val_moving"]) == (3.0, 1.0, 6.0, False)
+
+
+def test_frontier_labels_are_rounded_and_never_overlap():
+    from dtm.charts.results import alpha_labels
+
+    assert alpha_labels([0, 1 / 17, 0.25, 0.5, 0.75, 1]) == [
+        "α=0", "", "α=0.25", "α=0.5", "α=0.75", "α=1"
+    ]  # fmt: skip
+    assert alpha_labels([1 / 3]) == ["α=0.33"]

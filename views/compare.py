@@ -13,6 +13,8 @@ from dtm.analysis import (
     alignment_tax_curve,
     bias_measures,
     delta_table,
+    dtm_groups,
+    fold_subs,
     headline_measures,
     loss_ratio_curves,
     model_order,
@@ -113,6 +115,20 @@ def frontier_section(table: pd.DataFrame, group: str) -> None:
         )
 
 
+def limits(table: pd.DataFrame) -> str:
+    """The scores' item limit, said when there was one: a limited table may differ
+    from the curves on the page."""
+    lims = sorted({int(x) for x in table["lim"].dropna()})
+    if not lims:
+        return ""
+    some = " (some models)" if table["lim"].isna().any() else ""
+    return (
+        f" Scored with an item limit: the first {'/'.join(map(str, lims))} items per "
+        f"task{some}, not all of them; scores of every item (the curves below, scored "
+        "while training) may differ."
+    )
+
+
 def benchmark_section(table: pd.DataFrame, group: str) -> None:
     summary = summarise(table)
     labels = model_order(summary)
@@ -128,7 +144,9 @@ def benchmark_section(table: pd.DataFrame, group: str) -> None:
         key="c_against",
     )
     st.subheader("Benchmarks")
-    st.caption("Mean over seeds; ± is the sample std over seeds where there are several.")
+    st.caption(
+        "Mean over seeds; ± is the sample std over seeds where there are several." + limits(table)
+    )
     st.dataframe(wide(summary, measures, shown), hide_index=True, width="stretch")
     fig = charts.score_bars(summary, measures, shown)
     st.plotly_chart(fig, key="c_bars")
@@ -182,14 +200,21 @@ def curves_section(job_list: list, base_scores: pd.DataFrame, group: str) -> Non
             "loss_ratio_interval": "per record",
         }[c],
     )
+    folded = dtm_groups(job_list)
+    if folded:
+        st.caption(
+            "SFT and each DTM group (one clustering and seed): a group's line is the mean of "
+            "its sub-models' ratios, its interval the envelope of theirs."
+        )
     if col == "windows":
         ratio = windows_table(runs)
         if ratio.empty:
             st.caption("Too few records for a windowed ratio (4 per window are needed).")
             return
+        ratio = fold_subs(ratio, folded, "window")
         fig = charts.ratio_windows_chart(ratio)
     else:
-        ratio = loss_ratio_curves(runs)
+        ratio = fold_subs(loss_ratio_curves(runs), folded, "step")
         fig = charts.ratio_curves(ratio, col)
     st.plotly_chart(fig, key="c_ratio_fig")
     downloads(fig, ratio, f"{group}-loss-ratio")
@@ -279,10 +304,9 @@ def page() -> None:
             "(`python -m dtm run experiments/lab.yaml`)."
         )
         return
-    default = st.session_state.get("c_group")
-    group = st.selectbox(
-        "Results of", have, key="c_group_pick", index=have.index(default) if default in have else 0
-    )
+    if st.session_state.get("c_group_pick") not in have:  # none yet, or scored elsewhere
+        st.session_state["c_group_pick"] = have[0]
+    group = st.selectbox("Results of", have, key="c_group_pick")
     table = scores(group=group, registry=reg)
     engines = sorted(table["engine"].unique())
     if len(engines) > 1:

@@ -1,7 +1,11 @@
 """Page 3 - Merge: merge sub-models (a launch's, or adapter folders named by path) with
 sliders and a live score on any chosen tasks and held-out losses; find weights (CMA-ES
 search, LM-Cocktail); explore the merge landscape; compare with the logit ensemble;
-export, or keep the merge for Compare."""
+export, or keep the merge for Compare.
+
+Length: one page's five panels (the group, the live score, find weights, the landscape,
+export) read and set one another's session state (the sliders' keys, the picked and found
+weights); kept in one file so those keys are in one place."""
 
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ from dtm.errors import DTMError
 from dtm.merge import landscape as ml
 from dtm.merge.engine import Merger
 from dtm.merge.export import export_recipe, new_merge_dir
+from dtm.merge.labels import SINGLE, recipe_label, vertex_of, weights_label
 from dtm.merge.methods import METHODS, widget_spec
 from dtm.merge.objective import Objective, heldout_options, lower_is_better, objective_from_choices
-from dtm.merge.saved import recipe_label, save_merge
+from dtm.merge.saved import save_merge
 from dtm.merge.search import cocktail, search_merge
 from dtm.merge.sources import folder_source, merge_sources
 from dtm.score import ModelRef, load_model
@@ -30,8 +35,9 @@ PICKED = "m_picked_weights"  # weights to apply on the next run (landscape, sear
 STORE, FOLDERS = "a launch of the job store", "adapter folders"
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the base model and the sub-models…")
+@st.cache_resource(max_entries=2, show_spinner=False)
 def merger_for(base: str, adapters: tuple[str, ...]) -> Merger:
+    """The chosen group's base and sub-models (only those), loaded once."""
     return Merger(base, list(adapters))
 
 
@@ -65,8 +71,16 @@ def params_panel(method: str) -> dict:
     return params
 
 
-def sliders(names: list[str]) -> list[float]:
+def sliders(group: str, names: list[str]) -> list[float]:
+    """One slider per finished sub-model. The values are kept per group and sub-model
+    name: a sub-model that finishes (a new slider) or another group chosen and chosen
+    back leaves the values the user set as they were."""
     k = len(names)
+    memory = st.session_state.setdefault("m_wmem", {})
+    if st.session_state.get("m_wnames") != (group, names):  # another group, or one more
+        for i, name in enumerate(names):
+            st.session_state[f"w_{i}"] = memory.get((group, name), round(1 / k, 3))
+        st.session_state["m_wnames"] = (group, names)
     # Weights picked on the landscape or found: set here, before the sliders exist in
     # this run (a widget's value cannot be changed once it is drawn).
     picked = st.session_state.pop(PICKED, None)
@@ -77,7 +91,9 @@ def sliders(names: list[str]) -> list[float]:
     for i, name in enumerate(names):
         st.session_state.setdefault(f"w_{i}", round(1 / k, 3))
         cols[i % len(cols)].slider(name, 0.0, 1.0, step=0.01, key=f"w_{i}")
-    return [float(st.session_state[f"w_{i}"]) for i in range(k)]
+    weights = [float(st.session_state[f"w_{i}"]) for i in range(k)]
+    memory.update({(group, n): w for n, w in zip(names, weights, strict=True)})
+    return weights
 
 
 def choose_source():
@@ -91,9 +107,18 @@ def choose_source():
                 "least two sub-models are done, or name adapter folders."
             )
             return None
-        labels = {s.group: f"{s.group} · {len(s.subs)} sub-models" for s in sources}
-        group = st.selectbox("Sub-models of", list(labels), format_func=labels.get, key="m_group")
-        return next(s for s in sources if s.group == group)
+        by_id = {s.id: s for s in sources}
+        pick = st.selectbox(
+            "Sub-models of",
+            list(by_id),
+            key="m_group",
+            help="one launch's sub-models of one clustering and one seed (a group still "
+            "training is said below it)",
+        )
+        src = by_id[pick]
+        if not src.complete:
+            st.caption(f"{src.state().capitalize()}: the sliders merge the finished ones.")
+        return src
     c1, c2 = st.columns([1, 2])
     base = c1.text_input("Base model folder or hub id", key="m_base")
     paths = c2.text_area(
@@ -169,18 +194,30 @@ def page() -> None:
     if spec is None:
         return
     params = params_panel(method)
-    weights = sliders(names)
+    weights = sliders(src.id, names)
     if normalise and sum(weights) > 0:
         weights = [w / sum(weights) for w in weights]
+    st.subheader("Live score")
+    box = st.empty()
+    last = st.session_state.get("m_last")
+    if last is not None and last[0] == (spec, src.id):  # shown greyed while it re-scores
+        st.html("<style>.st-key-m_prev{opacity:.4}</style>")
+        with box.container(key="m_prev"):
+            metric_row(last[1], None, last[2], "previous weights; scoring the new ones")
+    bar = st.progress(0.0, text="Loading the sub-models…")
     try:
         objective = objective_for(spec)
+        bar.progress(0.05, text=f"Loading the base model and {len(src.subs)} sub-models…")
         merger = merger_for(src.base, src.adapters)
-        score, ms = ml.live_score(merger, method, weights, objective, **params)
+        refs = reference_rows(merger, src, spec, objective, names, bar)
+        bar.empty()
+        with st.spinner("Merging and scoring…"):
+            score, ms = ml.live_score(merger, method, weights, objective, **params)
     except DTMError as e:
+        bar.empty()
         st.error(str(e))
         return
-    refs = reference_rows(merger, src, spec, objective, names)
-    st.subheader("Live score")
+    st.session_state["m_last"] = ((spec, src.id), score, ms)
     moes = [n for n, (kind, _) in src.baselines.items() if kind == "loramoe"]
     if moes:
         st.caption(
@@ -189,12 +226,8 @@ def page() -> None:
             "equals it."
         )
     sft = next((refs[n] for n, (kind, _) in src.baselines.items() if kind == "sft"), None)
-    cols = st.columns(len(score) + 1)
-    for col, (label, value) in zip(cols, score.items(), strict=False):
-        delta = None if sft is None else f"{value - sft[label]:+.3f} vs SFT"
-        color = "inverse" if lower_is_better(label) else "normal"
-        col.metric(label, f"{value:.3f}", delta, delta_color=color)
-    cols[-1].metric("merge + score", f"{ms:.0f} ms")
+    with box.container():
+        metric_row(score, sft, ms)
     table = {"merged": score, **refs}
     if st.toggle("Logit ensemble of the sub-models (the reference)", key="m_ensemble"):
         ens = ml.ensemble_score(merger, objective, weights)
@@ -211,15 +244,29 @@ def page() -> None:
     export_panel(merger, src, method, weights, params)
 
 
-def reference_rows(merger, src, spec, objective, names) -> dict:
+def metric_row(score: dict, sft: dict | None, ms: float, note: str = "") -> None:
+    """The live score: one metric per score (against SFT when there is one), the time."""
+    if note:
+        st.caption(note)
+    cols = st.columns(len(score) + 1)
+    for col, (label, value) in zip(cols, score.items(), strict=False):
+        delta = None if sft is None else f"{value - sft[label]:+.3f} vs SFT"
+        color = "inverse" if lower_is_better(label) else "normal"
+        col.metric(label, f"{value:.3f}", delta, delta_color=color)
+    cols[-1].metric("merge + score", f"{ms:.0f} ms")
+
+
+def reference_rows(merger, src, spec, objective, names, bar) -> dict:
     """Base and each sub-model from the loaded merger (no load), SFT and the other
-    baselines loaded once each and cached."""
-    key = ("m_refs", src.group, spec)
+    baselines loaded once each and cached; ``bar`` shows how far it is."""
+    key = ("m_refs", spec)  # spec holds the group's base and adapters
     if st.session_state.get("m_refs_key") != key:
-        rows = ml.reference_scores(merger, objective, names)
+        show = lambda what, f: bar.progress(0.1 + 0.6 * f, text=what)
+        rows = ml.reference_scores(merger, objective, names, progress=show)
         st.session_state["m_refs"], st.session_state["m_refs_key"] = rows, key
     refs = dict(st.session_state["m_refs"])
-    for name, (_, path) in src.baselines.items():
+    for i, (name, (_, path)) in enumerate(src.baselines.items()):
+        bar.progress(0.7 + 0.3 * i / len(src.baselines), text=f"Scoring {name}…")
         refs[name] = reference_score(src.base, str(path), spec)
     return {n: refs[n] for n in ["base", *src.baselines, *names]}
 
@@ -234,13 +281,20 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
         key="m_find_mode",
         help="a loss counts as its negative (lower is better)",
     )
-    budget = int(c[1].number_input("evaluations", len(names) + 1, 500, 30, key="m_budget"))
+    least = len(names) + 1  # the uniform point and each vertex come first
+    budget = int(c[1].number_input("evaluations", 1, 500, 30, key="m_budget"))
+    refused = budget < least
+    if refused:  # said beside the field; the search does not run with another number
+        c[1].error(
+            f"{budget} evaluations: the search needs at least {least} (the uniform point and "
+            f"each of the {len(names)} sub-models come first)."
+        )
     seed = int(c[2].number_input("seed", 0, 10**6, 0, key="m_find_seed"))
     obj, pareto = search_goal(mode, labels, objective)
     if obj is None:
         return
     b1, b2, b3 = st.columns([1, 1, 2])
-    if b1.button("Find weights", key="m_find", type="primary"):
+    if b1.button("Find weights", key="m_find", type="primary", disabled=refused):
         bar = st.progress(0.0, text="weight search")
         show = lambda s, f: bar.progress(min(f, 1.0), text=f"{s}: {f:.0%}")
         try:
@@ -304,10 +358,14 @@ def found_captions(names, spec, method, params) -> None:
     if saved and saved[:3] == (spec, method, tuple(sorted(params.items()))):
         found = saved[3]
         best, uniform = found["best"], found["points"][0]
+        vertex = vertex_of(best["weights"])
+        at = weights_label(best["weights"], names)
+        if vertex is not None:
+            at = f"{names[vertex]} alone: {SINGLE}"
         st.caption(
-            f"{len(found['points'])} points evaluated; best {_fmt(best['score'])} at "
-            f"{', '.join(f'{v:.2f}' for v in best['weights'])} (uniform {_fmt(uniform['score'])}). "
-            "The sliders are set to it; every point is on the landscape."
+            f"{len(found['points'])} points evaluated; best {_fmt(best['score'])} at {at} "
+            f"(uniform {_fmt(uniform['score'])}). The sliders are set to it; every point is "
+            "on the landscape."
         )
 
 
@@ -381,19 +439,27 @@ def export_panel(merger, src, method, weights, params) -> None:
     default = f"{safe_name(src.group)}-{method}"
     name = safe_name(c1.text_input("Name", default, key="m_export_name"))
     full = c2.checkbox("full merged weights", key="m_full")
+    names = src.cluster_names
+    label = recipe_label(recipe, names)
+    vertex = vertex_of(weights)
+    if vertex is not None:
+        st.caption(f"These weights are all {src.subs[vertex][0]}: {SINGLE}.")
+    where = f"under {src.id}"
     if c3.button("Export", key="m_export"):
         try:
             out, _ = export_recipe(merger, new_merge_dir(name), recipe, adapters=adapters,
-                                   group=src.group, full=full, registry=registry())  # fmt: skip
+                                   group=src.id, full=full, registry=registry(),
+                                   label=label)  # fmt: skip
         except DTMError as e:
             st.error(str(e))
             return
-        st.success(f"Wrote {out} with recipe.json; Compare lists it as {recipe_label(recipe)!r}")
+        st.success(f"Wrote {out} with recipe.json; Compare lists it {where} as {label!r}")
     if c4.button("Keep for Compare", key="m_keep", help="score this merge as a row on Compare"):
         saved = save_merge(
-            src.base, adapters, recipe, source="tuned", group=src.group, registry=registry()
-        )
-        st.success(f"Compare lists it as {saved['label']!r}")
+            src.base, adapters, recipe, source="tuned", group=src.id, names=names,
+            registry=registry(),
+        )  # fmt: skip
+        st.success(f"Compare lists it {where} as {saved['label']!r}")
 
 
 page()

@@ -52,14 +52,23 @@ def _launch(store) -> tuple[list[ModelRef], str, str | None] | None:
             "run `python -m dtm run experiments/lab.yaml` (or the Home page's button)."
         )
         return None
-    labels = {
-        s.group: f"{s.group} · {len(s.subs)} sub-models, {len(s.baselines)} others" for s in sources
-    }
-    group = st.selectbox("Launch", list(labels), format_func=labels.get, key="c_src")
-    src = next(s for s in sources if s.group == group)
-    # with every merge of these sub-models that was tuned or exported, named by its recipe
+    by_id = {s.id: s for s in sources}
+    pick = st.selectbox(
+        "Group",
+        list(by_id),
+        key="c_src",
+        help="one launch's sub-models of one clustering and one seed, with that seed's SFT "
+        "and baselines; its scores go under this name",
+    )
+    src = by_id[pick]
+    if not src.complete:
+        st.caption(
+            f"{src.state().capitalize()}: `dtm` averages the {len(src.subs)} finished "
+            f"sub-models; the control is SFT ×1/{src.planned}."
+        )
+    # with every merge of these sub-models that was kept or exported, named by its recipe
     models = launch_models(src, registry())
-    return models, group, src.lab or lab_of(src.base)
+    return models, src.id, src.lab or lab_of(src.base)
 
 
 def _saved() -> tuple[list[ModelRef], str] | None:
@@ -76,7 +85,14 @@ def _saved() -> tuple[list[ModelRef], str] | None:
         list(by_key),
         default=list(by_key)[:4],
         key="c_saved",
-        format_func=lambda k: f"{by_key[k]['label']} · {by_key[k]['source']} · {by_key[k]['base']}",
+        format_func=lambda k: " · ".join(
+            str(x)
+            for x in (
+                by_key[k]["label"],
+                by_key[k]["group"] or by_key[k]["base"],
+                by_key[k]["source"],
+            )  # fmt: skip
+        ),
     )
     group = st.text_input("Scores go under", "merges", key="c_saved_group").strip()
     return saved_models(picked, registry()), group
@@ -122,6 +138,7 @@ def score_panel(store) -> None:
             return
         models, group, lab = chosen
         models = models + frontier_choice(models)
+        st.caption(f"Scores go under **{group}**: " + " · ".join(m.label for m in models))
         c = st.columns([1, 3, 1])
         engine = c[0].radio("Engine", ["quick", "full"], key="c_engine", horizontal=True)
         tasks_dir = (
@@ -189,3 +206,4 @@ def run(models, tasks, group, lab, engine, limit, allow, tasks_dir, heldout) -> 
             return
         box.update(label="Scored", state="complete")
     st.session_state["c_group"] = group
+    st.session_state["c_group_pick"] = group  # the results shown: the group just scored

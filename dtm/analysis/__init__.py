@@ -11,6 +11,8 @@ draws is made here; the page only draws them):
 
 from dtm.analysis.ratio import (
     alignment_tax_curve,
+    dtm_groups,
+    fold_subs,
     loss_ratio_curves,
     ratio_runs,
     ratio_windows,
@@ -51,6 +53,8 @@ __all__ = [
     "loss_ratio_curves",
     "model_order",
     "paper_reference",
+    "dtm_groups",
+    "fold_subs",
     "ratio_runs",
     "ratio_windows",
     "scored_runs",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dtm.cluster import NAMES as CLUSTERINGS
 from dtm.store import read_metrics
 
 
@@ -180,3 +181,39 @@ def scored_runs(jobs: list) -> list:
     return [
         j for j in jobs if any(r.get("bench") for r in read_metrics(j.run_dir / "metrics.jsonl"))
     ]
+
+
+def dtm_groups(jobs: list) -> dict[str, str]:
+    """Each sub-model job's name -> its DTM group's (``dtm k-means s0``: one clustering
+    and one seed), for ``fold_subs``."""
+    out = {}
+    for j in jobs:
+        if j.kind == "sub":
+            how = CLUSTERINGS.get(j.clustering or "", j.clustering or "unrecorded")
+            out[j.name] = f"dtm {how} s{j.config.get('seed', 0)}"
+    return out
+
+
+def fold_subs(frame: pd.DataFrame, groups: dict[str, str], by: str) -> pd.DataFrame:
+    """A ratio table (``loss_ratio_curves``' or ``windows_table``'s) with each DTM group's
+    sub-models folded into one run named by ``groups`` and their count: per ``by``
+    (``step`` or ``window``) the mean of the group's ratios; a window's interval is the
+    envelope of theirs (the lowest ``low``, the highest ``high``), it moves only where
+    every sub-model's validation loss moves. Other runs (SFT) are kept as they are."""
+    if frame.empty or "run" not in frame:
+        return frame
+    mine = frame["run"].map(groups)
+    keep = frame[mine.isna()]
+    parts = [keep]
+    for name, part in frame[mine.notna()].groupby(mine[mine.notna()], sort=True):
+        n = part["run"].nunique()
+        agg = {c: "mean" for c in part.columns if c not in ("run", by)}
+        agg.update({c: f for c, f in (("low", "min"), ("high", "max"), ("abs_low", "max"),
+                                      ("val_moving", "all")) if c in part})  # fmt: skip
+        for c in [
+            c for c in agg if agg[c] == "mean" and not pd.api.types.is_numeric_dtype(part[c])
+        ]:
+            agg.pop(c)
+        folded = part.groupby(by, as_index=False).agg(agg)
+        parts.append(folded.assign(run=f"{name} (mean of {n} sub-models)"))
+    return pd.concat(parts, ignore_index=True)

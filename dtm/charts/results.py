@@ -199,6 +199,19 @@ def keeps_chart(frame: pd.DataFrame, k: int):
     return fig
 
 
+def alpha_labels(alphas, gap: float = 0.1) -> list[str]:
+    """``α=0.25``: each alpha rounded to two places; one closer than ``gap`` to an alpha
+    already labelled gets none (its value shows on hover), so no two labels overlap."""
+    out, shown = [], []
+    for a in map(float, alphas):
+        if any(abs(a - b) < gap for b in shown):
+            out.append("")
+            continue
+        shown.append(a)
+        out.append(f"α={round(a, 2):g}")
+    return out
+
+
 def tradeoff(frontier: pd.DataFrame, points: pd.DataFrame, kept: str, gained: str):
     """The shrinkage frontier on a trade-off chart: ``frontier`` rows (``alpha, gained,
     kept``, means over seeds) drawn as a line labelled by alpha; ``points`` rows (``label,
@@ -209,7 +222,9 @@ def tradeoff(frontier: pd.DataFrame, points: pd.DataFrame, kept: str, gained: st
             x=frontier["gained"],
             y=frontier["kept"],
             mode="lines+markers+text",
-            text=[f"α={a:g}" for a in frontier["alpha"]],
+            text=alpha_labels(frontier["alpha"]),
+            customdata=frontier["alpha"],
+            hovertemplate="α=%{customdata:.3g}<extra></extra>",
             textposition="bottom left",
             line={"color": "grey", "dash": "dash"},
             name="shrinkage frontier (SFT × α)",

@@ -30,9 +30,11 @@ def export_recipe(
     group: str | None = None,
     full: bool = False,
     registry=None,
+    label: str | None = None,
 ) -> tuple[Path, dict]:
     """Write ``merger``'s merge by ``recipe`` (``method``, ``weights``, ``params``) into
-    ``out`` (a new folder) and record it for Compare: ``(the folder, the saved merge)``."""
+    ``out`` (a new folder) and record it for Compare (under ``group``, as ``label``, by
+    default the recipe's): ``(the folder, the saved merge)``."""
     params = recipe.get("params") or {}
     written = merger.export(out, recipe["method"], recipe["weights"], full=full, **params)
     saved = save_merge(
@@ -42,6 +44,7 @@ def export_recipe(
         source=source,
         group=group,
         path=str(written),
+        label=label,
         registry=registry,
     )
     return Path(written), saved

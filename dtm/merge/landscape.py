@@ -127,13 +127,18 @@ def search_frame(found: dict, objective) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def reference_scores(merger, objective, names: list[str]) -> dict[str, dict]:
+def reference_scores(merger, objective, names: list[str], progress=None) -> dict[str, dict]:
     """``{"base": scores, name: scores, ...}``: the base model and each sub-model alone,
-    from the loaded merger (nothing more is loaded)."""
+    from the loaded merger (nothing more is loaded); ``progress(what, fraction)`` before
+    each."""
     k = len(names)
+    if progress:
+        progress("scoring the base model", 0.0)
     with merger.base_only() as base:
         rows = {"base": objective.score(base, merger.tokenizer)}
     for i, name in enumerate(names):
+        if progress:
+            progress(f"scoring {name} alone ({i + 1} of {k})", (i + 1) / (k + 1))
         one = [1.0 if j == i else 0.0 for j in range(k)]
         rows[name] = objective.score(merger.apply("linear", one), merger.tokenizer)
     return rows

@@ -1,6 +1,7 @@
 """The merges a user tuned (the Merge page's "add to Compare") or exported (``dtm merge``,
 the Merge page's Export), kept in the registry's ``merges`` table by recipe, so the
-Compare page scores each one as a row named by its recipe.
+Compare page scores each one as a row named by its recipe (``dtm.merge.labels``:
+``average: c0 .25 · c1 .75``), under its group (``grp``, the group's ``MergeSource.id``).
 
 ``save_merge(base, adapters, recipe, source=...)`` records one (the same base, adapters
 and recipe are the same model: saving it again updates its source and keeps its export
@@ -13,17 +14,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dtm.merge.labels import recipe_label
 from dtm.models import ModelRef
 from dtm.store import Registry, canonical_json
 
 SOURCES = ("tuned", "exported", "search", "cocktail")
 
 
-def recipe_label(recipe: dict) -> str:
-    """``ties 0.20/0.30/0.50 k=0.2``: the method, the weights and any parameters."""
-    w = "/".join(f"{x:.2f}" for x in recipe.get("weights") or [])
-    params = " ".join(f"{k}={v}" for k, v in sorted((recipe.get("params") or {}).items()))
-    return " ".join(x for x in (recipe.get("method", "average"), w, params) if x)
+def _floats(weights):
+    """Weights as floats: a flat list, or a per-block table (a list of lists)."""
+    return [_floats(w) if isinstance(w, (list, tuple)) else float(w) for w in weights or []]
 
 
 def _resolved(path: str) -> str:
@@ -36,7 +36,7 @@ def _resolved(path: str) -> str:
 def _ref(base: str, adapters: list[str], recipe: dict) -> ModelRef:
     clean = {
         "method": recipe.get("method", "average"),
-        "weights": [float(x) for x in recipe.get("weights") or []],
+        "weights": _floats(recipe.get("weights")),
         "params": dict(recipe.get("params") or {}),
     }
     return ModelRef(base=_resolved(base), adapters=[_resolved(a) for a in adapters], recipe=clean)
@@ -51,12 +51,15 @@ def save_merge(
     group: str | None = None,
     path: str | None = None,
     label: str | None = None,
+    names: list[str] | None = None,
     registry: Registry | None = None,
 ) -> dict:
+    """Record one merge (see the module's docstring); its label by default the recipe's,
+    the weights named by ``names`` (the sub-models' clusters, ``c0``, ``c1``, ...)."""
     if source not in SOURCES:
         raise ValueError(f"source {source!r}: one of {', '.join(SOURCES)}")
     ref = _ref(base, adapters, recipe)
-    label = label or recipe_label(ref.recipe)
+    label = label or recipe_label(ref.recipe, names)
     (registry or Registry()).put_merge(
         {
             "key": ref.key,
