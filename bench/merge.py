@@ -3,8 +3,9 @@
 (a) Slider-to-score latency on the lab model (needs a lab; skipped when there is none):
     K=4 sub-models of the lab (trained here for a few steps), then for random weight
     vectors: ``Merger.apply`` + quick score of the lab's knowledge, reasoning and
-    instruction subsets; p50 and p95. The average's slider p95 also side by side: quiet,
-    and beside a busy torch process (matrix products on every core, as a training job).
+    instruction subsets; p50 and p95. The average's slider also side by side through the
+    page's ``live_score``: quiet, beside a ``dtm train`` job (each claims its share of the
+    cores, ``dtm.threads``), and beside a plain torch process on every core.
 (b) Merging K=4 rank-16 LoRA adapters (random; lora_alpha 16, 32, 16 with rslora, 8, so
     the scales s_k are 1, 2, 4 and 0.5) on gate/up/down_proj of a random Llama written to
     disk: a small shape by default (seconds on a 2-core CPU), ``--shape 1b`` (TinyLlama's)
@@ -64,7 +65,9 @@ def latency(lab: Path, trials: int, limit: int) -> dict:
     import numpy as np
 
     from dtm.merge.engine import Merger
-    from dtm.merge.landscape import quick_score
+    from dtm.merge.landscape import live_score, quick_score
+    from dtm.merge.objective import Objective
+    from dtm.tasks import QUICK_TASKS
 
     with tempfile.TemporaryDirectory() as tmp:
         ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
@@ -82,17 +85,22 @@ def latency(lab: Path, trials: int, limit: int) -> dict:
                 quick_score(merger.apply(method, w, **params), merger.tokenizer, bench, limit)
                 times.append(time.perf_counter() - t0)
             out[method] = _percentiles(times)
-        # The same slider moves beside a busy process: a torch process computing on every
-        # core, as a training job does while a researcher tunes weights.
-        for label, busy in (("quiet", False), ("beside a busy torch process", True)):
-            proc = _busy_process() if busy else None
+        # The same slider moves, through the page's own call (``live_score``, which claims
+        # the server's share of the cores), quiet and beside a busy process: a real
+        # training job (``dtm train``, which takes its share), and a plain torch process
+        # on every core (which takes no notice of the others).
+        live = Objective(lab=str(lab), lab_tasks=tuple(QUICK_TASKS.values()), limit=limit)
+        for label, start in (
+            ("quiet", None),
+            ("beside a training job", lambda: _training_job(lab, Path(tmp) / "job")),
+            ("beside a torch process on every core", _busy_process),
+        ):
+            proc = start() if start else None
             try:
                 times = []
                 for _ in range(trials):
                     w = list(map(float, rng.dirichlet(np.ones(K))))
-                    t0 = time.perf_counter()
-                    quick_score(merger.apply("average", w), merger.tokenizer, bench, limit)
-                    times.append(time.perf_counter() - t0)
+                    times.append(live_score(merger, "average", w, live)[1] / 1000)
             finally:
                 if proc is not None:
                     proc.kill()
@@ -100,8 +108,6 @@ def latency(lab: Path, trials: int, limit: int) -> dict:
             out[f"average, {label}"] = _percentiles(times)
         # a user task (a task YAML in a folder, bench.usertasks): the live score of the
         # Merge page on a tasks folder, the first ``limit`` items
-        from dtm.merge.objective import Objective
-
         folder = write_user_tasks(lab, Path(tmp) / "tasks")
         objective = Objective(tasks_dir=str(folder), tasks=("user_knowledge",), limit=limit)
         objective.score(merger.apply("average", [1] * K), merger.tokenizer)  # builds the task
@@ -122,6 +128,19 @@ BUSY = (
     "while True:\n"
     "    x = torch.tanh(x @ x.T / 512)\n"
 )
+
+
+def _training_job(lab: Path, out: Path) -> subprocess.Popen:
+    """``dtm train`` on the lab, far longer than the measurement (training when this
+    returns)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtm", "train", "--base", str(lab / "model"),
+         "--data", str(lab / "data" / "train.jsonl"), "--steps", "100000",
+         "--log-every", "100000", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(15)  # loaded and training
+    return proc
 
 
 def _busy_process() -> subprocess.Popen:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dtm import threads
 from dtm.evaluate import evaluate_lab
 from dtm.merge.objective import lower_is_better
 from dtm.tasks import QUICK_TASKS  # noqa: E402  (the task table's quick set)
@@ -146,9 +147,11 @@ def reference_scores(merger, objective, names: list[str], progress=None) -> dict
 
 def live_score(merger, method: str, weights: list[float], objective, **params):
     """``(scores, milliseconds)``: the merge at ``weights`` scored by ``objective``, and
-    how long merging and scoring took."""
+    how long merging and scoring took. The server claims its share of the cores while it
+    scores (``dtm.threads``): jobs training beside it take theirs."""
     t0 = time.perf_counter()
-    scores = objective.score(merger.apply(method, weights, **params), merger.tokenizer)
+    with threads.computing("the Merge page's live score"):
+        scores = objective.score(merger.apply(method, weights, **params), merger.tokenizer)
     return scores, (time.perf_counter() - t0) * 1000
 
 
