@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dtm.errors import ConfigError
+from dtm.merge.blocks import check_shape, column, is_table, n_blocks
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,21 @@ def check_weights(weights: list[float], k: int, *, normalise: bool) -> list[floa
             raise ConfigError(f"merge weights {w} sum to zero and cannot be normalised.")
         w = [x / total for x in w]
     return w
+
+
+def check_merge_weights(weights, k: int):
+    """A merge's weights checked: K numbers (``check_weights``), or a K x B table whose
+    every block (column) passes ``check_weights`` (the error names the block)."""
+    weights = list(weights)
+    check_shape(weights, k)
+    if not is_table(weights):
+        return check_weights(weights, k, normalise=False)
+    for b in range(n_blocks(weights)):
+        try:
+            check_weights(column(weights, b), k, normalise=False)
+        except ConfigError as e:
+            raise ConfigError(f"block {b + 1} (from the bottom): {e}") from None
+    return [[float(x) for x in row] for row in weights]
 
 
 def add_merge_arguments(parser) -> None:

@@ -13,15 +13,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dtm.merge.blocks import column, compact, is_table, n_blocks
 from dtm.models import ModelRef
 from dtm.store import Registry, canonical_json
 
-SOURCES = ("tuned", "exported", "search", "cocktail")
+SOURCES = ("tuned", "exported", "search", "cocktail", "learn")
+
+
+def weights_label(weights) -> str:
+    """``0.20/0.30/0.50`` for K numbers; a K x B table (``dtm.merge.blocks``) block by
+    block from the bottom, ``0.60/0.30/0.10 | 0.10/0.20/0.70`` (a table whose blocks
+    agree is shown as its K numbers)."""
+    weights = compact(list(weights or []))
+    if not is_table(weights):
+        return "/".join(f"{x:.2f}" for x in weights)
+    return " | ".join(
+        "/".join(f"{x:.2f}" for x in column(weights, b)) for b in range(n_blocks(weights))
+    )
 
 
 def recipe_label(recipe: dict) -> str:
-    """``ties 0.20/0.30/0.50 k=0.2``: the method, the weights and any parameters."""
-    w = "/".join(f"{x:.2f}" for x in recipe.get("weights") or [])
+    """``ties 0.20/0.30/0.50 k=0.2``: the method, the weights (by block: ``weights_label``)
+    and any parameters."""
+    w = weights_label(recipe.get("weights"))
     params = " ".join(f"{k}={v}" for k, v in sorted((recipe.get("params") or {}).items()))
     return " ".join(x for x in (recipe.get("method", "average"), w, params) if x)
 
@@ -36,7 +50,7 @@ def _resolved(path: str) -> str:
 def _ref(base: str, adapters: list[str], recipe: dict) -> ModelRef:
     clean = {
         "method": recipe.get("method", "average"),
-        "weights": [float(x) for x in recipe.get("weights") or []],
+        "weights": compact(list(recipe.get("weights") or [])),
         "params": dict(recipe.get("params") or {}),
     }
     return ModelRef(base=_resolved(base), adapters=[_resolved(a) for a in adapters], recipe=clean)

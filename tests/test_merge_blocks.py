@@ -1,0 +1,42 @@
+"""Weights by block of layers: the blocks, the --weights text and its errors."""
+
+import pytest
+
+from dtm.errors import ConfigError
+from dtm.merge.blocks import block_bounds, block_of, compact, format_weights, parse_weights
+
+
+def test_layers_split_into_contiguous_blocks_as_evenly_as_possible():
+    assert block_bounds(4, 2) == [(0, 1), (2, 3)]
+    assert block_bounds(4, 3) == [(0, 1), (2, 2), (3, 3)]
+    assert block_bounds(24, 3) == [(0, 7), (8, 15), (16, 23)]
+    assert block_bounds(4, 1) == [(0, 3)]
+    assert [block_of(i, 5, 3) for i in range(5)] == [0, 0, 1, 1, 2]
+    assert block_of(None, 5, 3) == 2  # a module outside the numbered layers: the top
+
+
+def test_weights_text_is_blocks_from_the_bottom_each_with_k_weights():
+    assert parse_weights("0.2,0.3,0.5", 3) == [0.2, 0.3, 0.5]
+    t = parse_weights("0.6,0.3,0.1;0.1,0.2,0.7", 3)
+    assert t == [[0.6, 0.1], [0.3, 0.2], [0.1, 0.7]]  # K rows x B columns
+    assert format_weights(t) == "0.6,0.3,0.1;0.1,0.2,0.7"
+    assert compact([[0.5, 0.5], [0.5, 0.5]]) == [0.5, 0.5]
+    assert compact(t) == t
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "text, kw, message",
+    [
+        ("0.5,0.5", {}, "3 adapters need 3 weights in every block, but block 1: 2"),
+        ("0.2,0.3,0.5;0.5,0.5", {}, "block 2: 2"),
+        ("1,1,1;1,1,1", {"blocks": 3}, "2 blocks, but --blocks 3"),
+        ("1,1,1;1,1,1;1,1,1", {"n_layers": 2}, "3 blocks but the model has 2 layers"),
+        ("1,x,1", {}, "not numbers"),
+        ("1,1,1;0,0,0", {}, "all zero"),
+        ("1,nan,1", {}, "NaN"),
+    ],
+)
+def test_bad_weights_text_is_refused(text, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_weights(text, 3, **kw)
