@@ -104,11 +104,11 @@ def learn_weights(
     try:
         for step in range(steps + 1):
             last = step == steps
-            set_scales(theta)
             total = 0.0
             with torch.set_grad_enabled(not last):
                 for batches, count in zip(sources, counts, strict=True):
                     for b in batches:
+                        set_scales(theta)  # a fresh graph from theta for each batch
                         nll, _ = batch_nll(model, b)
                         part = nll / (count * len(sources))
                         if not last:
