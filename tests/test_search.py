@@ -78,7 +78,9 @@ def test_the_search_by_block_finds_a_different_peak_in_each_block():
     target = [[0.6, 0.1], [0.1, 0.2], [0.3, 0.7]]
 
     def peak(t):
-        return -sum((a - b) ** 2 for r, s in zip(t, target) for a, b in zip(r, s)), {}
+        flat = [x for r in t for x in r]
+        want = [x for r in target for x in r]
+        return -sum((a - b) ** 2 for a, b in zip(flat, want, strict=True)), {}
 
     found = search_weights(peak, 3, budget=150, seed=0, blocks=2)
     pts = [p["weights"] for p in found["points"]]
