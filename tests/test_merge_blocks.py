@@ -33,10 +33,38 @@ def test_weights_text_is_blocks_from_the_bottom_each_with_k_weights():
         ("1,1,1;1,1,1", {"blocks": 3}, "2 blocks, but --blocks 3"),
         ("1,1,1;1,1,1;1,1,1", {"n_layers": 2}, "3 blocks but the model has 2 layers"),
         ("1,x,1", {}, "not numbers"),
-        ("1,1,1;0,0,0", {}, "all zero"),
+        ("0,0,0;0,0,0", {}, "all zero"),
         ("1,nan,1", {}, "NaN"),
     ],
 )
 def test_bad_weights_text_is_refused(text, kw, message):
     with pytest.raises(ConfigError, match=message):
         parse_weights(text, 3, **kw)
+
+
+def test_the_k4_landscape_is_a_tetrahedron_with_its_points_inside():
+    import numpy as np
+    import pandas as pd
+
+    from dtm.charts import tetrahedron, weight_heatmap
+    from dtm.charts.blocks import VERTICES, to_3d
+
+    # each sub-model alone is its vertex, the uniform point the centre; all edges equal
+    assert np.allclose(to_3d(np.eye(4)), VERTICES)
+    assert np.allclose(to_3d([[1, 1, 1, 1]]), 0)
+    edges = {
+        round(float(np.linalg.norm(VERTICES[i] - VERTICES[j])), 9)
+        for i in range(4)
+        for j in range(i)
+    }
+    assert len(edges) == 1
+    frame = pd.DataFrame({"w0": [1, 0.25], "w1": [0, 0.25], "w2": [0, 0.25], "w3": [0, 0.25]})
+    frame["acc"] = [0.3, 0.6]
+    found = frame.iloc[[1]]
+    fig = tetrahedron(frame, "acc", list("abcd"), current=[0.25] * 4, found=found)
+    names = [t.name for t in fig.data]
+    assert names[-3:] == ["scored", "found", "current"]
+    assert list(fig.data[-3].marker.color) == [0.3, 0.6]
+    heat = weight_heatmap([[0.6, 0.1], [0.4, 0.9]], ["s0", "s1"])
+    assert heat.data[0].z.tolist() == [[0.6, 0.1], [0.4, 0.9]]
+    assert list(heat.data[0].x) == ["bottom", "top"]

@@ -149,8 +149,9 @@ def parse_weights(text: str, k: int, blocks: int | None = None, n_layers: int | 
     for g in parsed:
         if any(not math.isfinite(x) for x in g):
             raise ConfigError(f"--weights {text}: NaN or infinite values are not weights.")
-        if all(x == 0 for x in g):
-            raise ConfigError(f"--weights {text}: a block's weights are all zero.")
+
+    if all(x == 0 for g in parsed for x in g):
+        raise ConfigError(f"--weights {text}: all zero; nothing would be merged.")
     if len(parsed) == 1:
         return parsed[0]
     return [[parsed[b][i] for b in range(len(parsed))] for i in range(k)]

@@ -26,6 +26,9 @@ factors by its block's coefficients, so it stays exact.
 The adapters may have different ranks, lora_alpha and rslora: linear and dense methods
 merge the exact deltas s_k B_k A_k. Factor methods combine A and B entry by entry and need
 one rank; ``check_method`` refuses them otherwise.
+
+Length: one class holds the in-memory merge and the export of every method kind, which
+share its loaded layers, caches and per-layer (per-block) weights.
 """
 
 from __future__ import annotations

@@ -138,16 +138,24 @@ def check_weights(weights: list[float], k: int, *, normalise: bool) -> list[floa
 
 def check_merge_weights(weights, k: int):
     """A merge's weights checked: K numbers (``check_weights``), or a K x B table whose
-    every block (column) passes ``check_weights`` (the error names the block)."""
+    every block (column) has K finite numbers (the error names the block). One block may
+    be all zero (its layers keep the base's weights: the per-block frontier's points);
+    a whole table of zeros is refused, and ``average`` refuses a zero block when it
+    normalises it."""
     weights = list(weights)
     check_shape(weights, k)
     if not is_table(weights):
         return check_weights(weights, k, normalise=False)
     for b in range(n_blocks(weights)):
+        col = column(weights, b)
+        if all(x == 0 for x in col) and all(math.isfinite(x) for x in col):
+            continue
         try:
-            check_weights(column(weights, b), k, normalise=False)
+            check_weights(col, k, normalise=False)
         except ConfigError as e:
             raise ConfigError(f"block {b + 1} (from the bottom): {e}") from None
+    if all(x == 0 for row in weights for x in row):
+        raise ConfigError("merge weights are all zero: nothing would be merged.")
     return [[float(x) for x in row] for row in weights]
 
 
@@ -181,7 +189,10 @@ def widget_spec(method: str) -> list[Param]:
 
 @register("average", "linear", "weights normalised to sum 1 (DTM)")
 def average(weights, params):
-    return check_weights(weights, len(weights), normalise=True)
+    try:
+        return check_weights(weights, len(weights), normalise=True)
+    except ConfigError as e:  # a block of zeros in a K x B table
+        raise ConfigError(f"average normalises each block's weights to sum 1: {e}") from None
 
 
 @register("linear", "linear", "the raw weights")
