@@ -292,6 +292,14 @@ def test_per_block_linear_merge_is_exact_and_exports_exactly(base, mixed, tmp_pa
         rtol=0,
     )
     assert merger.recipe("linear", same, {})["weights"] == [0.7, -0.4, 1.3, 0.5]
+    # a block of zeros keeps the base's weights in its layers (the per-block frontier's)
+    zero = [[0.0, w] for w in (0.7, -0.4, 1.3, 0.5)]
+    torch.testing.assert_close(
+        logits(merger.apply("linear", zero)),
+        by_block_reference(base, mixed, zero, {0: 0, 1: 1}),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_per_block_dense_merge_uses_each_layers_block(base, mixed):

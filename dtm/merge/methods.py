@@ -187,6 +187,14 @@ def widget_spec(method: str) -> list[Param]:
     return list(METHODS[method].params)
 
 
+def _block_weights(weights) -> list[float]:
+    """One block's raw weights: finite numbers, all zero allowed (that block's layers keep
+    the base's weights; a merge of zeros everywhere is refused by ``check_merge_weights``)."""
+    if all(x == 0 for x in weights):
+        return [0.0] * len(weights)
+    return check_weights(weights, len(weights), normalise=False)
+
+
 @register("average", "linear", "weights normalised to sum 1 (DTM)")
 def average(weights, params):
     try:
@@ -197,7 +205,7 @@ def average(weights, params):
 
 @register("linear", "linear", "the raw weights")
 def linear(weights, params):
-    return check_weights(weights, len(weights), normalise=False)
+    return _block_weights(weights)
 
 
 LAMBDA = Param(
@@ -218,7 +226,7 @@ CONSENSUS = Param("consensus", str, None, "dare: TIES-style sign consensus", cho
 @register("task_arithmetic", "linear", "lambda * sum w_k delta_k", (LAMBDA,))
 def task_arithmetic(weights, params):
     lam = LAMBDA.check(params.get("lambda", LAMBDA.default))
-    return [lam * w for w in check_weights(weights, len(weights), normalise=False)]
+    return [lam * w for w in _block_weights(weights)]
 
 
 def _trim(t, density: float):
