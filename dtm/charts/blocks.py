@@ -82,6 +82,56 @@ def tetrahedron(
     search's or a learned path's points) as diamonds."""
     cols = [f"w{i}" for i in range(4)]
     xyz = to_3d(frame[cols].to_numpy())
+    fig = _frame(names)
+    hover = [
+        "<br>".join(f"{n}: {w:.2f}" for n, w in zip(names, row, strict=True)) + f"<br>{v:.4f}"
+        for row, v in zip(frame[cols].to_numpy(), frame[value], strict=True)
+    ]
+    fig.add_trace(
+        go.Scatter3d(
+            x=xyz[:, 0],
+            y=xyz[:, 1],
+            z=xyz[:, 2],
+            mode="markers",
+            marker={
+                "size": 5,
+                "color": frame[value],
+                "colorscale": "Viridis",
+                "colorbar": {"title": value},
+            },
+            text=hover,
+            hovertemplate="%{text}<extra></extra>",
+            name="scored",
+        )
+    )
+    if found is not None and len(found):
+        _marks(fig, to_3d(found[cols].to_numpy()), "found", "diamond", "orange", 6)
+    if current is not None:
+        _marks(fig, to_3d([current]), "current", "x", "red", 9)
+    axis = {"visible": False}
+    fig.update_layout(
+        height=520,
+        margin={"t": 10, "l": 0, "r": 0, "b": 0},
+        scene={"xaxis": axis, "yaxis": axis, "zaxis": axis, "aspectmode": "data"},
+    )
+    return fig
+
+
+def _marks(fig, p: np.ndarray, name: str, symbol: str, colour: str, size: int) -> None:
+    fig.add_trace(
+        go.Scatter3d(
+            x=p[:, 0],
+            y=p[:, 1],
+            z=p[:, 2],
+            mode="markers",
+            marker={"size": size, "symbol": symbol, "color": colour},
+            name=name,
+        )
+    )
+
+
+def _frame(names: list[str]):
+    """The tetrahedron's edges and its vertices' names."""
     fig = go.Figure()
     for i, j in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]:
         e = VERTICES[[i, j]]
@@ -106,56 +156,5 @@ def tetrahedron(
             hoverinfo="skip",
             showlegend=False,
         )
-    )
-    hover = [
-        "<br>".join(f"{n}: {w:.2f}" for n, w in zip(names, row, strict=True)) + f"<br>{v:.4f}"
-        for row, v in zip(frame[cols].to_numpy(), frame[value], strict=True)
-    ]
-    fig.add_trace(
-        go.Scatter3d(
-            x=xyz[:, 0],
-            y=xyz[:, 1],
-            z=xyz[:, 2],
-            mode="markers",
-            marker={
-                "size": 5,
-                "color": frame[value],
-                "colorscale": "Viridis",
-                "colorbar": {"title": value},
-            },
-            text=hover,
-            hovertemplate="%{text}<extra></extra>",
-            name="scored",
-        )
-    )
-    if found is not None and len(found):
-        f = to_3d(found[cols].to_numpy())
-        fig.add_trace(
-            go.Scatter3d(
-                x=f[:, 0],
-                y=f[:, 1],
-                z=f[:, 2],
-                mode="markers",
-                marker={"size": 6, "symbol": "diamond", "color": "orange"},
-                name="found",
-            )
-        )
-    if current is not None:
-        c = to_3d([current])
-        fig.add_trace(
-            go.Scatter3d(
-                x=c[:, 0],
-                y=c[:, 1],
-                z=c[:, 2],
-                mode="markers",
-                marker={"size": 9, "symbol": "x", "color": "red"},
-                name="current",
-            )
-        )
-    axis = {"visible": False}
-    fig.update_layout(
-        height=520,
-        margin={"t": 10, "l": 0, "r": 0, "b": 0},
-        scene={"xaxis": axis, "yaxis": axis, "zaxis": axis, "aspectmode": "data"},
     )
     return fig
