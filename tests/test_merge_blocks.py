@@ -68,3 +68,15 @@ def test_the_k4_landscape_is_a_tetrahedron_with_its_points_inside():
     heat = weight_heatmap([[0.6, 0.1], [0.4, 0.9]], ["s0", "s1"])
     assert heat.data[0].z.tolist() == [[0.6, 0.1], [0.4, 0.9]]
     assert list(heat.data[0].x) == ["bottom", "top"]
+
+
+def test_a_merges_label_shows_its_weights_block_by_block():
+    from dtm.merge.saved import recipe_label
+
+    table = {"method": "average", "weights": [[0.6, 0.1], [0.3, 0.2], [0.1, 0.7]]}
+    assert recipe_label(table) == "average 0.60/0.30/0.10 | 0.10/0.20/0.70"
+    same = {"method": "average", "weights": [[0.5, 0.5], [0.5, 0.5]]}
+    assert recipe_label(same) == recipe_label({"method": "average", "weights": [0.5, 0.5]})
+    assert recipe_label({"method": "ties", "weights": [0.2, 0.8], "params": {"density": 0.2}}) == (
+        "ties 0.20/0.80 density=0.2"
+    )
