@@ -148,6 +148,8 @@ def frontier_at(points: list[tuple[float, float]], x: float) -> float | None:
     envelope in kept value, read by linear interpolation between neighbouring alphas;
     None where no alpha's segment reaches ``x`` (the frontier does not go that far)."""
     best = None
+    if len(points) == 1 and points[0][0] == x:
+        return points[0][1]
     for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         lo, hi = min(x0, x1), max(x0, x1)
         if not lo <= x <= hi:
@@ -242,7 +244,9 @@ def frontier_rows(
                     curve = [(g, k) for _, g, k in pts]
                 me = mine[mine["seed"].isna() if seed is None else mine["seed"] == seed]
                 me = me.groupby(["task", "metric"])["value"].mean()
-                if len(curve) < 2 or kept not in me.index or gained not in me.index:
+                # a Pareto front may be one point (it dominates every other): read at it
+                least = 1 if front == "hma" else 2
+                if len(curve) < least or kept not in me.index or gained not in me.index:
                     continue
                 y = frontier_at(curve, float(me[gained]))
                 if y is None:
