@@ -26,8 +26,17 @@
     (each adapted module applied to the identity, on a sample of layers) and its logits.
     A control applies the engine with one wrong weight and must fail the same check.
 
+(c) Weights by block of layers on the lab (needs a lab; K=4 sub-models as in (a), B=3):
+    the live score (``average`` + quick score) with one-number weights and with a K x B
+    table, interleaved trial by trial, p50 and p95 side by side; then the learned weights
+    (``dtm.merge.learn.learn_weights``, ``--steps``) on the lab's validation rows (``--limit``
+    rows): its wall time and held-out loss against the uniform merge's and against the
+    CMA-ES search over the same K x B weights with the same number of model evaluations
+    (``search_merge(..., blocks=3)``, seed 0).
+
     .venv/bin/python -m bench.merge [--lab DIR] [--trials 40] [--shape small|1b|7b]
                                     [--repeats 5] [--skip-latency] [--svd-full]
+                                    [--blocks-only] [--steps 30]
 """
 
 from __future__ import annotations
@@ -61,7 +70,60 @@ EXACT_TOL = 1e-3  # an exact method's error must be below this fraction of the m
 SAMPLE_LAYERS = 12
 
 
-def latency(lab: Path, trials: int, limit: int) -> dict:
+def lab_adapters(lab: Path, tmp: Path) -> list[Path]:
+    """K=4 sub-models of the lab (round-robin clusters, 40 steps each)."""
+    ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
+    return train_lab_subs(lab, {i: n % K for n, i in enumerate(ids)}, 40, tmp)
+
+
+def by_block(lab: Path, adapters: list[Path], trials: int, limit: int, steps: int) -> dict:
+    """(c): the live score with one-number and K x 3 weights, and the learned weights
+    against uniform and CMA-ES at the same number of evaluations."""
+    import numpy as np
+
+    from dtm.merge.engine import Merger
+    from dtm.merge.landscape import quick_score
+    from dtm.merge.learn import learn_weights
+    from dtm.merge.objective import Objective
+    from dtm.merge.search import search_merge
+
+    blocks = 3
+    merger = Merger(str(lab / "model"), adapters)
+    bench = lab / "benchmarks"
+    rng = np.random.default_rng(0)
+    quick_score(merger.apply("average", [1] * K), merger.tokenizer, bench, limit)  # warm-up
+    times = {"one number per sub-model": [], f"K x {blocks} table": []}
+    for _ in range(trials):
+        flat = list(map(float, rng.dirichlet(np.ones(K))))
+        table = rng.dirichlet(np.ones(K), size=blocks).T.tolist()
+        for name, w in zip(times, (flat, table), strict=True):
+            t0 = time.perf_counter()
+            quick_score(merger.apply("average", w), merger.tokenizer, bench, limit)
+            times[name].append(time.perf_counter() - t0)
+    out = {"live": {n: _percentiles(t) for n, t in times.items()}}
+    objective = Objective(heldout=(str(lab / "data" / "val.jsonl"),), limit=limit)
+    t0 = time.perf_counter()
+    learned = learn_weights(merger, "average", objective, blocks, steps)
+    learn_s = time.perf_counter() - t0
+    evals = learned["evaluations"]
+    t0 = time.perf_counter()
+    found = search_merge(merger, "average", objective, evals, blocks=blocks, seed=0)
+    search_s = time.perf_counter() - t0
+    out["learn"] = {
+        "steps": steps,
+        "evaluations": evals,
+        "rows": limit,
+        "seconds": learn_s,
+        "uniform": learned["path"][0]["loss"],
+        "learned": learned["best"]["loss"],
+        "weights": learned["best"]["weights"],
+        "search": -found["best"]["score"],
+        "search_seconds": search_s,
+    }
+    return out
+
+
+def latency(lab: Path, trials: int, limit: int, adapters: list[Path]) -> dict:
     import numpy as np
 
     from dtm.merge.engine import Merger
@@ -70,8 +132,6 @@ def latency(lab: Path, trials: int, limit: int) -> dict:
     from dtm.tasks import QUICK_TASKS
 
     with tempfile.TemporaryDirectory() as tmp:
-        ids = [json.loads(x)["id"] for x in (lab / "data" / "train.jsonl").read_text().splitlines()]
-        adapters = train_lab_subs(lab, {i: n % K for n, i in enumerate(ids)}, 40, Path(tmp))
         merger = Merger(str(lab / "model"), adapters)
         bench = lab / "benchmarks"
         rng = np.random.default_rng(0)
@@ -547,6 +607,28 @@ def merge_table(shape: str, methods: list[str], repeats: int, svd_full: bool = F
     return failures
 
 
+def print_blocks(res: dict, args) -> None:
+    print(
+        f"(c) weights by block (K={K}, B=3): live score, average + quick score "
+        f"({args.limit} items x 3 lab tasks), {args.trials} random weights each, interleaved:"
+    )
+    for name, v in res["live"].items():
+        print(f"  {name:<26} p50 {v['p50_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
+    one, table = (v["p95_ms"] for v in res["live"].values())
+    print(f"  p95 ratio (table / one number): {table / one:.2f}")
+    r = res["learn"]
+    print(
+        f"  learned weights: {r['steps']} steps ({r['evaluations']} evaluations) on "
+        f"{r['rows']} validation rows in {r['seconds']:.1f} s; held-out loss uniform "
+        f"{r['uniform']:.4f}, learned {r['learned']:.4f}, CMA-ES at {r['evaluations']} "
+        f"evaluations {r['search']:.4f} ({r['search_seconds']:.1f} s)"
+    )
+    table_text = ";".join(
+        ",".join(f"{row[b]:.3f}" for row in r["weights"]) for b in range(len(r["weights"][0]))
+    )
+    print(f"  learned weights (blocks bottom first): {table_text}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lab", default=None)
@@ -555,6 +637,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per method (>= 3)")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--blocks-only", action="store_true", help="run part (c) only")
+    ap.add_argument("--steps", type=int, default=30, help="(c): the learned weights' steps")
     ap.add_argument(
         "--svd-full",
         action="store_true",
@@ -580,7 +664,12 @@ def main() -> None:
                 sys.exit(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
             print(f"(a) skipped: no lab at {lab} (`python -m dtm lab build --out {lab}`).")
         else:
-            lat = latency(lab, args.trials, args.limit)
+            tmp = tempfile.TemporaryDirectory()
+            adapters = lab_adapters(lab, Path(tmp.name))
+            if args.blocks_only:
+                print_blocks(by_block(lab, adapters, args.trials, args.limit, args.steps), args)
+                return
+            lat = latency(lab, args.trials, args.limit, adapters)
             print(
                 f"(a) slider -> merged model -> quick score ({args.limit} items x 3 lab tasks; "
                 f"the user task: {args.limit} items of user_knowledge), K={K}, "
@@ -588,6 +677,7 @@ def main() -> None:
             )
             for method, v in lat.items():
                 print(f"  {method:<20} p50 {v['p50_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
+            print_blocks(by_block(lab, adapters, args.trials, args.limit, args.steps), args)
     failures = merge_table(args.shape, args.methods.split(","), args.repeats, args.svd_full)
     sys.exit(1 if failures else 0)
 

@@ -3,6 +3,14 @@
 Averaging K sub-models moves the weights less than one SFT run does. ``shrink_adapter``
 scales a LoRA adapter's weight delta (delta W = s * B @ A) by ``factor`` exactly, by
 scaling every ``lora_B`` matrix, so "the SFT delta scaled by 1/K" can be scored beside DTM.
+
+The per-block frontier (Heterogeneous Model Averaging, Lin et al. 2024): SFT's delta scaled
+per block of layers, (alpha_bottom, alpha_middle, alpha_top) over a grid (``HMA_GRID``),
+each point a one-adapter merge whose weights are a 1 x B table (``dtm.merge.blocks``;
+exact, as per-layer LoRA scales), labelled ``sft ×[a/b/c]``. Its Pareto front on a
+trade-off (the non-dominated points of every per-block point, the shrinkage frontier's
+among them, read by linear interpolation between neighbours in gained value) is the
+second control a DTM merge is placed against (``frontier_rows(..., front="hma")``).
 """
 
 from __future__ import annotations
@@ -59,12 +67,89 @@ TRADE_OFFS = (
 )
 
 
+# The grid each block's scale takes on the per-block frontier (3 blocks: 27 points, of
+# which the 3 with one scale everywhere are the base, SFT x0.5 and SFT).
+HMA_GRID = (0.0, 0.5, 1.0)
+HMA_BLOCKS = 3
+
+
+def hma_label(alphas, source: str = "sft") -> str:
+    """``sft ×[0/0.5/1]``: ``source``'s delta scaled by ``alphas``, bottom block first."""
+    return f"{source} ×[{'/'.join(f'{a:g}' for a in alphas)}]"
+
+
+def label_alphas(label: str, source: str = "sft") -> tuple[float, ...] | None:
+    """The per-block scales of a per-block control's label (``hma_label``'s inverse);
+    None for any other label."""
+    prefix = f"{source} ×["
+    if not (label.startswith(prefix) and label.endswith("]")):
+        return None
+    try:
+        return tuple(float(x) for x in label[len(prefix) : -1].split("/"))
+    except ValueError:
+        return None
+
+
+def hma_models(source, grid=HMA_GRID, blocks: int = HMA_BLOCKS) -> list:
+    """The models that trace ``source``'s per-block frontier (``ModelRef``s; ``source``
+    has one adapter): every ``blocks``-tuple of ``grid`` scales but those with one scale
+    in every block (the shrinkage frontier's), each a one-adapter ``linear`` merge whose
+    weights are the 1 x B table of the scales, labelled ``hma_label``."""
+    import itertools
+
+    out = []
+    for alphas in itertools.product(sorted(set(grid)), repeat=blocks):
+        if len(set(alphas)) == 1:
+            continue
+        out.append(
+            replace(
+                source,
+                label=hma_label(alphas, source.label),
+                kind="control",
+                adapters=list(source.adapters),
+                recipe={"method": "linear", "weights": [list(map(float, alphas))], "params": {}},
+                clustering=None,
+                factor=None,
+            )
+        )
+    return out
+
+
+def pareto_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (gained, kept) points no other point beats on both (higher is better), in
+    order of gained value."""
+    front = [
+        (g, k)
+        for g, k in set(points)
+        if not any(g2 >= g and k2 >= k and (g2, k2) != (g, k) for g2, k2 in points)
+    ]
+    return sorted(front)
+
+
+def hma_points(table, seed, kept, gained, source: str = "sft") -> list[tuple[float, float]]:
+    """``[(gained, kept)]`` of one seed's per-block points: the per-block controls, the
+    shrinkage frontier's points (the base and ``source`` among them)."""
+    same = table["seed"].isna() if seed is None else table["seed"] == seed
+    rows = table[same | (table["label"] == "base")]
+    mine = rows[[label_alphas(x, source) is not None for x in rows["label"]]]
+    out = [(g, k) for _, g, k in frontier_points(table, seed, kept, gained, source)]
+    for label in set(mine["label"]):
+        sub = mine[mine["label"] == label]
+        g = sub[(sub["task"] == gained[0]) & (sub["metric"] == gained[1])]["value"]
+        k = sub[(sub["task"] == kept[0]) & (sub["metric"] == kept[1])]["value"]
+        if len(g) and len(k):
+            out.append((float(g.mean()), float(k.mean())))
+    return out
+
+
 def frontier_at(points: list[tuple[float, float]], x: float) -> float | None:
     """The frontier's kept value at a gained value ``x``: ``points`` are the (gained,
     kept) pairs of the scaled SFT models, in order of alpha. The curve is their upper
     envelope in kept value, read by linear interpolation between neighbouring alphas;
     None where no alpha's segment reaches ``x`` (the frontier does not go that far)."""
     best = None
+    if len(points) == 1 and points[0][0] == x:
+        return points[0][1]
     for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         lo, hi = min(x0, x1), max(x0, x1)
         if not lo <= x <= hi:
@@ -138,13 +223,13 @@ def frontier_points(
 
 
 def frontier_rows(
-    table, labels: list[str], source: str = "sft", trade_offs=TRADE_OFFS
+    table, labels: list[str], source: str = "sft", trade_offs=TRADE_OFFS, front: str = "shrinkage"
 ) -> list[dict]:
-    """Each model of ``labels`` against the shrinkage frontier of its own seed's
-    ``source`` model, per trade-off: ``label, kept, gained, where, mean, std, seeds,
-    beyond`` (``mean``/``std``: the distance in kept value over seeds,
-    ``frontier_position``). Models without a seed are read against the frontier of the
-    rows without one."""
+    """Each model of ``labels`` against the shrinkage frontier (``front="hma"``: the
+    per-block frontier's Pareto front) of its own seed's ``source`` model, per trade-off:
+    ``label, kept, gained, front, where, mean, std, seeds, beyond`` (``mean``/``std``: the
+    distance in kept value over seeds, ``frontier_position``). Models without a seed are
+    read against the frontier of the rows without one."""
     out = []
     for label in labels:
         mine = table[table["label"] == label]
@@ -152,19 +237,25 @@ def frontier_rows(
         for kept, gained in trade_offs:
             distances, beyond = [], 0
             for seed in seeds:
-                pts = frontier_points(table, seed, kept, gained, source)
+                if front == "hma":
+                    curve = pareto_points(hma_points(table, seed, kept, gained, source))
+                else:
+                    pts = frontier_points(table, seed, kept, gained, source)
+                    curve = [(g, k) for _, g, k in pts]
                 me = mine[mine["seed"].isna() if seed is None else mine["seed"] == seed]
                 me = me.groupby(["task", "metric"])["value"].mean()
-                if len(pts) < 2 or kept not in me.index or gained not in me.index:
+                # a Pareto front may be one point (it dominates every other): read at it
+                least = 1 if front == "hma" else 2
+                if len(curve) < least or kept not in me.index or gained not in me.index:
                     continue
-                y = frontier_at([(g, k) for _, g, k in pts], float(me[gained]))
+                y = frontier_at(curve, float(me[gained]))
                 if y is None:
                     beyond += 1
                 else:
                     distances.append(float(me[kept]) - y)
             if distances or beyond:
                 pos = frontier_position(distances, beyond)
-                out.append({"label": label, "kept": kept, "gained": gained, **pos})
+                out.append({"label": label, "kept": kept, "gained": gained, "front": front, **pos})
     return out
 
 
@@ -219,6 +310,34 @@ def tradeoff_frames(table, kept: tuple[str, str], gained: tuple[str, str], sourc
     alpha |= {x: f for x in both.index if (f := label_factor(x, source)) is not None}
     front = both.loc[[x for x in alpha if x in both.index], ["gained", "kept"]]
     front = front.assign(alpha=[alpha[x] for x in front.index]).sort_values("alpha")
-    points = both.drop(index=[x for x in alpha if x in both.index and x != source])
+    blocks = [x for x in both.index if label_alphas(x, source) is not None]
+    points = both.drop(index=[x for x in alpha if x in both.index and x != source] + blocks)
     points = points.rename_axis("label").reset_index()
     return front.rename_axis("label").reset_index(), points
+
+
+def hma_frame(table, kept: tuple[str, str], gained: tuple[str, str], source: str = "sft"):
+    """The per-block frontier's Pareto front for ``charts.tradeoff`` (label, gained, kept:
+    means over seeds, in order of gained value), or None when the table has no per-block
+    control of ``source``."""
+    import pandas as pd
+
+    labels = [x for x in table["label"].unique() if label_alphas(x, source) is not None]
+    if not labels:
+        return None
+    shrink = {"base", source} | {
+        x for x in table["label"].unique() if label_factor(x, source) is not None
+    }
+    rows = []
+    for label in [*labels, *sorted(shrink)]:
+        sub = table[table["label"] == label]
+        g = sub[(sub["task"] == gained[0]) & (sub["metric"] == gained[1])]["value"]
+        k = sub[(sub["task"] == kept[0]) & (sub["metric"] == kept[1])]["value"]
+        if len(g) and len(k):
+            rows.append({"label": label, "gained": float(g.mean()), "kept": float(k.mean())})
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    front = set(pareto_points(list(zip(frame["gained"], frame["kept"], strict=True))))
+    keep = [(g, k) in front for g, k in zip(frame["gained"], frame["kept"], strict=True)]
+    return frame[keep].drop_duplicates(["gained", "kept"]).sort_values("gained")

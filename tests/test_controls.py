@@ -121,3 +121,41 @@ def test_each_merge_is_placed_above_on_or_below_its_seeds_frontier():
     assert rows["dtm-random"]["mean"] == pytest.approx(0.0, abs=1e-12)
     # dtm-far gains more format than any alpha reaches.
     assert rows["dtm-far"]["where"] == "beyond" and rows["dtm-far"]["beyond"] == 3
+
+
+def test_the_per_block_frontier_is_the_pareto_front_of_every_per_block_point():
+    """Per-block points beside the shrinkage frontier: a merge above the shrinkage
+    frontier can be below the per-block one; the front drops dominated points."""
+    import pandas as pd
+
+    from dtm.controls import frontier_rows, hma_frame, hma_label, hma_models, label_alphas
+    from dtm.models import ModelRef
+
+    assert hma_label((0, 0.5, 1)) == "sft ×[0/0.5/1]"
+    assert label_alphas("sft ×[0/0.5/1]") == (0.0, 0.5, 1.0)
+    assert label_alphas("sft ×0.5") is None and label_alphas("sft ×[x]") is None
+    sft = ModelRef(base="b", adapters=["a"], label="sft", seed=0, kind="sft")
+    made = hma_models(sft)
+    assert len(made) == 27 - 3 and len({m.key for m in made}) == 24
+    m = next(x for x in made if x.label == "sft ×[1/0/0.5]")
+    assert m.recipe == {"method": "linear", "weights": [[1.0, 0.0, 0.5]], "params": {}}
+    tables = []
+    for seed, dtm_know in ((0, 0.97), (1, 0.972), (2, 0.968)):
+        # shrinkage: (0.2, .98), (0.6, .94), (0.8, .90); per-block: (0.4, .985) beats it,
+        # (0.5, .90) is dominated and not on the front
+        pts = {"sft ×0.5": (0.6, 0.94), "sft": (0.8, 0.90), "dtm-kmeans": (0.4, dtm_know)}
+        pts |= {"sft ×[0/0.5/1]": (0.4, 0.985), "sft ×[1/0/0]": (0.5, 0.90)}
+        if seed == 0:
+            pts["base"] = (0.2, 0.98)
+        tables.append(score_rows(pts, seed))
+    table = pd.concat(tables, ignore_index=True)
+    fmt = ("lab_bias", "format")
+    shrink = [r for r in frontier_rows(table, ["dtm-kmeans"]) if r["gained"] == fmt][0]
+    hma = [r for r in frontier_rows(table, ["dtm-kmeans"], front="hma") if r["gained"] == fmt]
+    assert shrink["where"] == "above" and shrink["front"] == "shrinkage"
+    # the per-block front at 0.4 is 0.985: the merge is 0.015 below it in every seed
+    assert hma[0]["where"] == "below" and hma[0]["front"] == "hma"
+    assert hma[0]["mean"] == pytest.approx(-0.015)
+    front = hma_frame(table, ("lab_knowledge", "acc"), fmt)
+    # the base (0.2, .98) is beaten by (0.4, .985) on both
+    assert list(front["label"]) == ["sft ×[0/0.5/1]", "sft ×0.5", "sft"]

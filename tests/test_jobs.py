@@ -315,6 +315,8 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
         "name: tiny\nlab: {size: small, seed: 0}\ndisperse: {k: 2, methods: [random]}\n"
         "train: {steps: 4, log_every: 2, batch_size: 8, micro_batch_size: 8, max_length: 96,"
         " eval_every: 4, members: 2}\nbaselines: [l2, soup]\nseeds: [0]\n"
+        "merge: {methods: [average], blocks: 2, learn_steps: 2}\n"
+        "evaluate: {hma: [0, 1]}\n"
     )
     r = dtm_cli("run", exp, cache=cache, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -337,12 +339,22 @@ def test_run_experiment_end_to_end_on_the_small_lab(cache, tmp_path):
     # The shrinkage frontier: its points in their own table, the merge placed against it
     assert "## DTM against the shrinkage frontier" in results
     frontier = results.split("## DTM against the shrinkage frontier", 1)[1]
+    frontier = frontier.split("## DTM against the per-block frontier", 1)[0]
     for point in ("| base |", "| sft ×0.25 |", "| sft ×1/2 |", "| sft ×0.75 |", "| sft |"):
         assert point in frontier, frontier
     placed = [x for x in frontier.splitlines() if x.startswith("| dtm-random | lab_knowledge")]
     assert len(placed) == 2 and all(
         x.split(" | ")[3] in ("above", "on", "below", "beyond") for x in placed
     ), placed
+    # The per-block frontier (2 layers: 2 blocks, scales 0 and 1: 2 points) and the
+    # per-block DTM merge learned on the validation rows, placed against both fronts
+    assert "## DTM against the per-block frontier" in results
+    per_block = results.split("## DTM against the per-block frontier", 1)[1]
+    assert "sft ×[" in per_block and "| dtm-random-blocks | lab_" in per_block
+    assert "| dtm-random-blocks |" in frontier and "sft ×[0/1]" not in rows
+    assert "dtm-random-blocks" in rows  # in the main table, a merge like the others
+    learned = json.loads((out / "learned" / "dtm-random-s0.json").read_text())
+    assert len(learned["path"]) == 3 and len(learned["best"]["weights"][0]) == 2
     assert "Loss-reduction ratio" in results and "| knowledge |" in results.replace(
         "| model | knowledge |", "| knowledge |"
     )

@@ -250,9 +250,10 @@ def _wait_for_pace(folder: Path) -> dict:
     while (pace := read_pace(folder)) is None:
         assert time.time() < deadline, "no pace measured 5 minutes after the lab was ready"
         time.sleep(0.5)
-    assert pace["batch_size"] == json.loads((folder / "lab.json").read_text())["sft_recipe"][
-        "batch_size"
-    ]
+    assert (
+        pace["batch_size"]
+        == json.loads((folder / "lab.json").read_text())["sft_recipe"]["batch_size"]
+    )
     for key in ("step_seconds", "loss_seconds", "eval_seconds"):
         assert 0 < pace[key] < 300, (key, pace)
     return pace

@@ -190,3 +190,36 @@ def test_the_checkout_cache_check_sees_a_file_added_changed_or_removed(tmp_path)
     (tmp_path / "registry.sqlite").write_text("ab")
     (tmp_path / "merged" / "m" / "recipe.json").unlink()
     assert changed_files(before, cache_listing(tmp_path)) == ["registry.sqlite"]
+
+
+def test_learned_weights_lower_the_heldout_loss_and_record_their_path(lab0, subs, tmp_path):
+    """``dtm merge --learn`` on the small lab: the path starts at the uniform merge, the
+    best point's held-out loss is below it, and the exported merge, loaded in peft and
+    scored apart from the finder, has that loss."""
+    from peft import PeftModel
+
+    from dtm.evaluate.heldout import heldout_loss
+
+    out = tmp_path / "learned"
+    val = lab0 / "data" / "val.jsonl"
+    r = dtm_cli(
+        "merge", "--base", lab0 / "model", "--adapters", *subs, "--learn", "--heldout", val,
+        "--blocks", "2", "--steps", "6", "--limit", "24", "--out", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = json.loads((out / "learn.json").read_text())
+    path, best = found["path"], found["best"]
+    assert len(path) == 7 and found["evaluations"] == 7
+    assert [x for row in path[0]["weights"] for x in row] == pytest.approx([1 / 3] * 6)
+    assert all(len(p["weights"]) == 3 and len(p["weights"][0]) == 2 for p in path)
+    assert best["loss"] == min(p["loss"] for p in path) < path[0]["loss"] - 1e-4
+    recipe = json.loads((out / "recipe.json").read_text())
+    flat = [x for row in best["weights"] for x in row]
+    assert [x for row in recipe["weights"] for x in row] == pytest.approx(flat)
+    model = PeftModel.from_pretrained(load_base(str(lab0 / "model"))[0], out).eval()
+    tok = Merger(str(lab0 / "model"), subs[:1]).tokenizer
+    got = heldout_loss(model, tok, val, limit=24)["loss"]
+    assert got == pytest.approx(best["loss"], abs=1e-4)
+    m = Merger(str(lab0 / "model"), subs)  # the uniform merge, scored the same way
+    uniform = heldout_loss(m.apply("average", [1, 1, 1]), m.tokenizer, val, limit=24)["loss"]
+    assert uniform == pytest.approx(path[0]["loss"], abs=1e-4)

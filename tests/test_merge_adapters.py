@@ -232,3 +232,112 @@ def test_cli_refuses_dora(base, good, tmp_path):
     assert "DoRA" in res.stderr and str(bad) in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def by_block_reference(base, adapters, table, blocks_of_layer):
+    """W0 + sum_k table[k][b(l)] s_k B_k A_k, layer l in block b(l): read straight from
+    each adapter's files with safetensors (per-layer r and alpha from the patterns)."""
+    import re
+
+    from safetensors.torch import load_file
+
+    model = load_plain(base)
+    with torch.no_grad():
+        for k, path in enumerate(adapters):
+            cfg = json.loads((path / "adapter_config.json").read_text())
+            tensors = load_file(path / "adapter_model.safetensors")
+            for key, a in tensors.items():
+                if ".lora_A." not in key:
+                    continue
+                b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                module = key.split(".lora_A.")[0].removeprefix(PREFIX)
+                layer = int(re.search(r"\.layers\.(\d+)\.", module).group(1))
+                r, alpha = cfg["r"], cfg["lora_alpha"]
+                for pat, v in (cfg.get("rank_pattern") or {}).items():
+                    r = v if module.endswith(pat) else r
+                for pat, v in (cfg.get("alpha_pattern") or {}).items():
+                    alpha = v if module.endswith(pat) else alpha
+                s = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
+                w = table[k][blocks_of_layer[layer]]
+                model.get_submodule(module).weight += w * s * (b.float() @ a.float())
+    return logits(model)
+
+
+def test_per_block_linear_merge_is_exact_and_exports_exactly(base, mixed, tmp_path):
+    """A K x B table: layer 0 takes block 0's weights, layer 1 block 1's (2 layers in 2
+    blocks); mixed ranks, lora_alpha != r, rslora and a rank pattern."""
+    table = [[0.7, -0.2], [-0.4, 0.9], [1.3, 0.1], [0.5, 0.6]]
+    ref = by_block_reference(base, mixed, table, {0: 0, 1: 1})
+    merger = Merger(str(base), mixed)
+    flat0 = logits(merger.apply("linear", [row[0] for row in table]))
+    assert (ref - flat0).abs().max() > 1e-2  # the blocks' weights matter
+    torch.testing.assert_close(logits(merger.apply("linear", table)), ref, atol=1e-4, rtol=1e-4)
+    # average normalises each block's column to sum 1
+    norm = [[row[b] / sum(r[b] for r in table) for b in (0, 1)] for row in table]
+    torch.testing.assert_close(
+        logits(merger.apply("average", table)),
+        by_block_reference(base, mixed, norm, {0: 0, 1: 1}),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    out = merger.export(tmp_path / "blocks", "linear", table)
+    torch.testing.assert_close(logits(with_adapter(base, out)), ref, atol=1e-4, rtol=1e-4)
+    assert json.loads((out / "recipe.json").read_text())["weights"] == table
+    # a table whose columns agree is the one-number merge, and is recorded as one
+    same = [[w, w] for w in (0.7, -0.4, 1.3, 0.5)]
+    torch.testing.assert_close(
+        logits(merger.apply("linear", same)),
+        logits(merger.apply("linear", [0.7, -0.4, 1.3, 0.5])),
+        atol=0,
+        rtol=0,
+    )
+    assert merger.recipe("linear", same, {})["weights"] == [0.7, -0.4, 1.3, 0.5]
+    # a block of zeros keeps the base's weights in its layers (the per-block frontier's)
+    zero = [[0.0, w] for w in (0.7, -0.4, 1.3, 0.5)]
+    torch.testing.assert_close(
+        logits(merger.apply("linear", zero)),
+        by_block_reference(base, mixed, zero, {0: 0, 1: 1}),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_per_block_dense_merge_uses_each_layers_block(base, mixed):
+    """ties with a K x B table: each layer's weights are exactly ties' with its block's
+    column (layer 0: block 0, layer 1: block 1)."""
+    merger = Merger(str(base), mixed)
+    table = [[0.9, 0.1], [0.1, 0.2], [0.3, 1.0], [0.2, 0.4]]
+
+    def weights_now():
+        return {n: m.base_layer.weight.detach().clone() for n, m in merger.layers.items()}
+
+    merger.apply("ties", table, density=0.5)
+    got = weights_now()
+    merger.apply("ties", [row[0] for row in table], density=0.5)
+    col0 = weights_now()
+    merger.apply("ties", [row[1] for row in table], density=0.5)
+    col1 = weights_now()
+    for n, w in got.items():
+        want = col0[n] if ".layers.0." in n else col1[n]
+        other = col1[n] if ".layers.0." in n else col0[n]
+        assert torch.equal(w, want), n
+        assert not torch.equal(w, other), n
+
+
+@pytest.mark.bad_input
+def test_cli_refuses_weight_tables_that_do_not_fit(base, good, tmp_path):
+    """K = 2 adapters on a 2-layer base: each bad table exits 2 naming what is wrong,
+    before anything is written."""
+    other = make_adapter(base, tmp_path / "other", r=2, alpha=3, seed=9)
+    args = ["merge", "--base", base, "--adapters", good, other, "--out", tmp_path / "out"]
+    cases = [
+        (["--weights", "0.5,0.5;0.2,0.3,0.5"], "block 2: 3"),
+        (["--weights", "0.5,0.5;0.2,0.8", "--blocks", "1"], "2 blocks, but --blocks 1"),
+        (["--weights", "0.5,0.5;0.2,0.8;0.1,0.9"], "3 blocks but the model has 2 layers"),
+        (["--weights", "1,1", "--blocks", "3"], "3 blocks but the model has 2 layers"),
+    ]
+    for extra, message in cases:
+        res = dtm_cli(*args, *extra, timeout=300)
+        assert res.returncode == 2, (extra, res.stderr[-1500:])
+        assert message in res.stderr and "Traceback" not in res.stderr, (extra, res.stderr)
+    assert not (tmp_path / "out").exists()

@@ -104,12 +104,13 @@ def test_readable_labels_of_flat_and_per_block_weights():
     assert weights_label([0.25, 0.25, 0.5]) == "c0 .25 · c1 .25 · c2 .50"
     assert weights_label([1.0, 0.0], ["c2", "c5"]) == "c2 1.00 · c5 .00"
     assert recipe_label({"weights": [1 / 3] * 3}) == "average: c0 .33 · c1 .33 · c2 .33"
-    table = [[0.25, 0.75], [0.75, 0.25], [0.2, 0.8]]  # 3 blocks of K=2
-    assert weights_label(table) == "per block ×3, mean c0 .40 · c1 .60"
-    assert recipe_label({"method": "ties", "weights": table}).startswith("ties: per block ×3")
+    table = [[0.25, 0.75, 0.2], [0.75, 0.25, 0.8]]  # K=2 rows of 3 blocks, bottom first
+    assert weights_label(table) == "by block ×3: c0 .25/.75/.20 · c1 .75/.25/.80"
+    assert recipe_label({"method": "ties", "weights": table}).startswith("ties: by block ×3")
     assert weights_table(table)[2] == {"block": 2, "c0": 0.2, "c1": 0.8}
     assert weights_table([0.5, 0.5]) == []
+    assert weights_label([[0.3, 0.3], [0.7, 0.7]]) == weights_label([0.3, 0.7])  # blocks agree
     assert vertex_of([0.0, 1.0, 0.0]) == 1 and vertex_of([0.002, 0.998]) == 1
     assert vertex_of([0.5, 0.5]) is None and vertex_of([0.0, 0.0]) is None
-    assert vertex_of([[0, 1], [0, 1]]) == 1 and vertex_of([[0, 1], [1, 0]]) is None
+    assert vertex_of([[0, 0], [1, 1]]) == 1 and vertex_of([[0, 1], [1, 0]]) is None
     assert SINGLE == "a single sub-model, not a merge"

@@ -572,3 +572,42 @@ def test_compare_page_draws_a_models_shrinkage_frontier_and_places_the_others(ca
     assert where == {"dtm-mine": "above", "l2": "below"}
     dist = placed.set_index("label")["distance (kept)"]
     assert dist["dtm-mine"] == pytest.approx(0.015) and dist["l2"] == pytest.approx(-0.02)
+
+
+def test_merge_page_weights_by_block_on_a_heatmap(cache, tmp_path):
+    """ "same for every block" off: a row of sliders per block, the K x B table on a
+    heatmap, the live score of that merge, and the export records the table."""
+    import json
+
+    from dtm.merge.engine import Merger
+
+    base, adapters = _folder_subs(tmp_path)
+    at = AppTest.from_file(str(PAGES / "merge.py"), default_timeout=300).run()
+    at.radio(key="m_from").set_value("adapter folders").run()
+    at.text_input(key="m_base").set_value(str(base))
+    at.text_area(key="m_paths").set_value("\n".join(map(str, adapters))).run()
+    at.multiselect(key="m_heldout").set_value(["each sub-model's held-out rows"]).run()
+    flat = {m.label: m.value for m in at.metric if m.label.startswith("heldout")}
+    at.toggle(key="m_same_blocks").set_value(False).run()
+    assert not at.exception  # every block starts at the sliders: the same scores
+    assert {m.label: m.value for m in at.metric if m.label.startswith("heldout")} == flat
+    at.number_input(key="m_blocks").set_value(2).run()
+    at.radio(key="m_block_sel_2").set_value("top").run()
+    at.slider(key="wb_0_1").set_value(1.0)
+    at.slider(key="wb_1_1").set_value(0.0).run()
+    assert not at.exception
+    table = [[0.5, 1.0], [0.5, 0.0]]
+    assert [c for c in at.get("plotly_chart") if "heatmap" in c.proto.spec]
+    merger = Merger(str(base), [str(a) for a in adapters])
+    from dtm.evaluate.heldout import heldout_loss, run_heldout_rows
+
+    want = heldout_loss(
+        merger.apply("average", table), merger.tokenizer, run_heldout_rows(adapters[0].parent),
+        limit=40,
+    )["loss"]  # fmt: skip
+    got = float(next(m.value for m in at.metric if m.label == "heldout:s0"))
+    assert got == pytest.approx(want, abs=6e-4)  # the metric shows 3 decimals
+    at.button(key="m_export").click().run()
+    assert not at.exception
+    [out] = list((cache / "merged").iterdir())
+    assert json.loads((out / "recipe.json").read_text())["weights"] == table

@@ -68,3 +68,27 @@ def test_cocktail_weights_are_a_softmax_of_minus_loss_over_t():
 def test_bad_search_settings_are_refused(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+def test_the_search_by_block_finds_a_different_peak_in_each_block():
+    """K = 3, B = 2: points are K x B tables; the starts are uniform and the vertices in
+    every block; each block's column reaches its own peak."""
+    from dtm.merge.search import default_budget
+
+    target = [[0.6, 0.1], [0.1, 0.2], [0.3, 0.7]]
+
+    def peak(t):
+        flat = [x for r in t for x in r]
+        want = [x for r in target for x in r]
+        return -sum((a - b) ** 2 for a, b in zip(flat, want, strict=True)), {}
+
+    found = search_weights(peak, 3, budget=150, seed=0, blocks=2)
+    pts = [p["weights"] for p in found["points"]]
+    assert all(len(p) == 3 and all(len(r) == 2 for r in p) for p in pts)
+    assert [x for r in pts[0] for x in r] == pytest.approx([1 / 3] * 6)
+    assert pts[1] == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    for p in pts:  # every block's weights sum to 1
+        assert [sum(r[b] for r in p) for b in (0, 1)] == pytest.approx([1, 1])
+    best = found["best"]["weights"]
+    assert [x for r in best for x in r] == pytest.approx([x for r in target for x in r], abs=0.08)
+    assert default_budget(3) == 40 and default_budget(4, 3) == 120

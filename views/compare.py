@@ -29,7 +29,13 @@ from dtm.analysis import (
     windows_table,
     with_deltas,
 )
-from dtm.controls import TRADE_OFFS, frontier_rows, frontier_sources, tradeoff_frames
+from dtm.controls import (
+    TRADE_OFFS,
+    frontier_rows,
+    frontier_sources,
+    hma_frame,
+    tradeoff_frames,
+)
 from dtm.errors import DTMError
 from dtm.evaluate.harness import PAPER_TASKS
 from dtm.lineup import jobs_behind
@@ -100,16 +106,19 @@ def frontier_section(table: pd.DataFrame, group: str) -> None:
         key="c_front_pair",
     )
     front, points = tradeoff_frames(table, pair[0], pair[1], source)
-    fig = charts.tradeoff(front, points, ".".join(pair[0]), ".".join(pair[1]))
+    hma = hma_frame(table, pair[0], pair[1], source)  # the per-block frontier, when scored
+    fig = charts.tradeoff(front, points, ".".join(pair[0]), ".".join(pair[1]), hma=hma)
     st.plotly_chart(fig, key="c_front_fig")
     downloads(fig, pd.concat([front.assign(role="frontier"), points]), f"{group}-frontier")
     others = [x for x in points["label"] if x not in ("base", source)]
     rows = frontier_rows(table, others, source, [pair])
+    if hma is not None:
+        rows += frontier_rows(table, others, source, [pair], front="hma")
     if rows:
         st.dataframe(
-            pd.DataFrame(rows)[["label", "where", "mean", "std", "seeds", "beyond"]].rename(
-                columns={"mean": "distance (kept)", "std": "std over seeds"}
-            ),
+            pd.DataFrame(rows)[
+                ["label", "front", "where", "mean", "std", "seeds", "beyond"]
+            ].rename(columns={"mean": "distance (kept)", "std": "std over seeds"}),
             hide_index=True,
             width="stretch",
         )

@@ -30,6 +30,7 @@ from dtm.store import safe_name
 from dtm.tasks import QUICK_TASKS, SHORT, TASKS
 from dtm.tasks.files import folder_tasks
 from views.common import registry
+from views.merge_blocks import by_block, landscape_3d
 
 PICKED = "m_picked_weights"  # weights to apply on the next run (landscape, search, cocktail)
 STORE, FOLDERS = "a launch of the job store", "adapter folders"
@@ -197,6 +198,7 @@ def page() -> None:
     weights = sliders(src.id, names)
     if normalise and sum(weights) > 0:
         weights = [w / sum(weights) for w in weights]
+    weights = by_block(names, weights, src.base, normalise)  # K numbers, or a K x B table
     st.subheader("Live score")
     box = st.empty()
     last = st.session_state.get("m_last")
@@ -417,6 +419,8 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
         fig = charts.weight_slice(frame, *key[4], names, metric)
     elif k == 3:
         fig = charts.ternary(frame, names, metric)
+    elif k == 4:
+        fig = landscape_3d(frame, metric, names)
     else:
         fig = charts.pareto(frame, ml.signed_front(frame, x, y), metric, x, y)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points",), key="m_land_chart")

@@ -1,7 +1,9 @@
 """Plotly figures drawn from the library's tables: pure functions, no Streamlit.
 ``explore``: the Disperse map, training curves, merge landscapes; ``results``: what
-Compare and the Home story draw."""
+Compare and the Home story draw; ``blocks``: merge weights by block of layers and the
+K = 4 landscape in 3-D."""
 
+from dtm.charts.blocks import tetrahedron, weight_heatmap
 from dtm.charts.explore import (
     cluster_map,
     cluster_sizes,
@@ -42,8 +44,10 @@ __all__ = [
     "score_bars",
     "selected_rows",
     "tax_curve",
+    "tetrahedron",
     "ternary",
     "token_bias_bars",
     "tradeoff",
+    "weight_heatmap",
     "weight_slice",
 ]

@@ -212,11 +212,32 @@ def alpha_labels(alphas, gap: float = 0.1) -> list[str]:
     return out
 
 
-def tradeoff(frontier: pd.DataFrame, points: pd.DataFrame, kept: str, gained: str):
+def tradeoff(
+    frontier: pd.DataFrame,
+    points: pd.DataFrame,
+    kept: str,
+    gained: str,
+    hma: pd.DataFrame | None = None,
+):
     """The shrinkage frontier on a trade-off chart: ``frontier`` rows (``alpha, gained,
     kept``, means over seeds) drawn as a line labelled by alpha; ``points`` rows (``label,
-    gained, kept, gained_std, kept_std``) as markers with their std over seeds."""
+    gained, kept, gained_std, kept_std``) as markers with their std over seeds; ``hma``
+    (``label, gained, kept``: the per-block frontier's Pareto front, ``controls.hma_frame``)
+    as a second, dotted line."""
     fig = go.Figure()
+    if hma is not None and len(hma):
+        fig.add_trace(
+            go.Scatter(
+                x=hma["gained"],
+                y=hma["kept"],
+                mode="lines+markers",
+                text=list(hma["label"]),
+                hovertemplate="%{text}<br>%{x:.3f}, %{y:.3f}<extra></extra>",
+                line={"color": "black", "dash": "dot"},
+                marker={"symbol": "diamond", "size": 7},
+                name="per-block frontier (SFT × α per block, Pareto front)",
+            )
+        )
     fig.add_trace(
         go.Scatter(
             x=frontier["gained"],

@@ -72,27 +72,40 @@ def encode_source(
     return encode_rows(table, tokenizer, max_length)
 
 
+def row_batches(rows: list[dict], pad_id: int, batch_size: int = 16):
+    """``rows`` collated into batches, longest first (the order ``rows_loss`` scores in)."""
+    fn = collate(pad_id)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    return [
+        fn([rows[i] for i in order[s : s + batch_size]]) for s in range(0, len(order), batch_size)
+    ]
+
+
+def batch_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """``(summed token loss, labelled tokens)`` of one batch; the sum carries a gradient
+    when the caller computes one (``dtm.merge.learn``)."""
+    dev = next(model.parameters()).device
+    logits = model(
+        input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
+    ).logits.float()
+    labels = batch["labels"][:, 1:].to(dev)
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    keep = labels != -100
+    nll = -lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return nll[keep].sum(), int(keep.sum())
+
+
 @torch.inference_mode()
 def rows_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16) -> dict:
     """The mean loss over every labelled token of ``rows``."""
-    dev = next(model.parameters()).device
-    fn = collate(pad_id)
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-        for s in range(0, len(order), batch_size):
-            b = fn([rows[i] for i in order[s : s + batch_size]])
-            logits = model(
-                input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)
-            ).logits.float()
-            labels = b["labels"][:, 1:].to(dev)
-            lp = torch.log_softmax(logits[:, :-1], -1)
-            keep = labels != -100
-            nll = -lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            total += float(nll[keep].sum())
-            tokens += int(keep.sum())
+        for b in row_batches(rows, pad_id, batch_size):
+            nll, n = batch_nll(model, b)
+            total += float(nll)
+            tokens += n
     finally:
         model.train(was_training)
     if tokens == 0:

@@ -232,7 +232,9 @@ def _check_train(exp: Experiment, path) -> None:
 
 def _check_evaluate(exp: Experiment, path) -> None:
     ev = exp.evaluate
-    unknown = sorted(set(ev) - {"tasks", "engine", "limit", "tasks_dir", "heldout", "frontier"})
+    unknown = sorted(
+        set(ev) - {"tasks", "engine", "limit", "tasks_dir", "heldout", "frontier", "hma"}
+    )
     if unknown:
         raise ConfigError(f"{path}: evaluate: unknown keys {', '.join(unknown)}.")
     frontier = ev.get("frontier", True)
@@ -244,6 +246,16 @@ def _check_evaluate(exp: Experiment, path) -> None:
         raise ConfigError(
             f"{path}: evaluate.frontier is true, false, or a list of scales in [0, 1] "
             f"(got {frontier!r})."
+        )
+    hma = ev.get("hma", False)
+    if not isinstance(hma, bool) and not (
+        isinstance(hma, list)
+        and len(hma) >= 2
+        and all(isinstance(a, int | float) and 0 <= a <= 1 for a in hma)
+    ):
+        raise ConfigError(
+            f"{path}: evaluate.hma is true, false, or a list of at least two scales in [0, 1] "
+            f"(each block's grid of the per-block frontier; got {hma!r})."
         )
     if ev.get("engine", "quick") not in ("quick", "full"):
         raise ConfigError(f"{path}: evaluate.engine must be quick or full.")
@@ -275,7 +287,7 @@ def _check_evaluate(exp: Experiment, path) -> None:
 
 
 def _check_merge(exp: Experiment, path) -> None:
-    unknown = sorted(set(exp.merge) - {"methods", "params"})
+    unknown = sorted(set(exp.merge) - {"methods", "params", "blocks", "learn_steps"})
     if unknown:
         raise ConfigError(f"{path}: merge: unknown keys {', '.join(unknown)}.")
     methods = exp.merge.get("methods") or []
@@ -292,6 +304,16 @@ def _check_merge(exp: Experiment, path) -> None:
             check_params(m, params, allow_other=True)
         except ConfigError as e:
             raise ConfigError(f"{path}: merge.params: {e}") from None
+    # the per-block DTM merge: K x B weights learned on the validation rows
+    for key, low in (("blocks", 1), ("learn_steps", 1)):
+        v = exp.merge.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ConfigError(f"{path}: merge.{key} is a whole number of at least {low}.")
+    if exp.merge.get("blocks") and exp.lab is None and not exp.val_data:
+        raise ConfigError(
+            f"{path}: merge.blocks learns the per-block weights on the validation rows: "
+            "give val_data (or use a lab)."
+        )
 
 
 def _check_inputs(exp: Experiment, path) -> None:

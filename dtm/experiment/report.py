@@ -7,18 +7,51 @@ and each merge method (the K sub-models merged in memory, exactly), every sub-mo
 and every baseline (``dtm.lineup.launch_models`` does the same for one Train-page launch).
 ``results_markdown`` makes the table: mean ± std over seeds of every headline measure of
 the task table, the loss-reduction ratio at the end of SFT, and wall times.
+
+With ``evaluate.hma`` the per-block frontier's models (``dtm.controls.hma_models``: SFT's
+delta scaled per block over the grid) are scored too, and with ``merge.blocks`` B each
+clustering's per-block DTM merge, ``dtm-<clustering>-blocks``: the K x B weights the
+learned finder (``dtm.merge.learn``) found lowest in validation loss, read from
+``learned_file`` (written by ``dtm.experiment.run.learn_block_merges``). Every merge is
+placed against both fronts.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 
-from dtm.controls import FRONTIER_GRID, TRADE_OFFS, frontier_models, frontier_rows, label_factor
-from dtm.experiment.config import resolve_inputs
+from dtm.controls import (
+    FRONTIER_GRID,
+    HMA_BLOCKS,
+    HMA_GRID,
+    TRADE_OFFS,
+    frontier_models,
+    frontier_rows,
+    hma_frame,
+    hma_models,
+    label_alphas,
+    label_factor,
+)
+from dtm.experiment.config import experiment_dir, resolve_inputs
 from dtm.lineup import base_ref
+from dtm.merge.blocks import base_layer_count
 from dtm.score import ModelRef
 from dtm.store import read_metrics
 from dtm.tasks import columns
+
+
+def hma_grid(exp) -> list[float]:
+    """Each block's scales of the experiment's per-block frontier (none when off)."""
+    hma = exp.evaluate.get("hma", False)
+    return list(HMA_GRID) if hma is True else list(hma or [])
+
+
+def learned_file(exp, clustering: str, seed: int) -> Path:
+    """Where the learned per-block weights of a clustering's DTM merge are kept."""
+    return experiment_dir(exp.name) / "learned" / f"dtm-{clustering}-s{seed}.json"
 
 
 def experiment_models(exp, jobs) -> list[ModelRef]:
@@ -47,6 +80,9 @@ def experiment_models(exp, jobs) -> list[ModelRef]:
             )  # fmt: skip
             # the shrinkage frontier: SFT's delta scaled by each alpha of the grid
             out += frontier_models(sft_ref, out, grid)
+            if hma_grid(exp):  # the per-block frontier: SFT's delta scaled per block
+                blocks = min(HMA_BLOCKS, base_layer_count(base) or HMA_BLOCKS)
+                out += hma_models(sft_ref, hma_grid(exp), blocks)
         for m in exp.methods:
             subs = sorted(
                 (j for j in mine if j.kind == "sub" and j.clustering == m),
@@ -62,6 +98,20 @@ def experiment_models(exp, jobs) -> list[ModelRef]:
                         adapters=adapters,
                         recipe={"method": mm, "weights": [1 / exp.k] * exp.k, "params": params},
                         label=f"dtm-{m}" if mm == "average" else f"dtm-{m}-{mm}",
+                        seed=seed,
+                        kind="merge",
+                        clustering=m,
+                    )
+                )
+            found = learned_file(exp, m, seed)
+            if merge.get("blocks") and found.is_file():
+                best = json.loads(found.read_text())["best"]
+                out.append(
+                    ModelRef(
+                        base=base,
+                        adapters=adapters,
+                        recipe={"method": "average", "weights": best["weights"], "params": {}},
+                        label=f"dtm-{m}-blocks",
                         seed=seed,
                         kind="merge",
                         clustering=m,
@@ -124,7 +174,14 @@ def results_markdown(
         f"`{command}`: K={exp.k}, clusterings {', '.join(exp.methods)}, seeds {exp.seeds}, "
         f"{len(jobs)} training jobs, {seconds:.0f} s in all. Cells: mean ± std over seeds "
         "(sample std; one seed: the value). `sft ×1/K` is the shrinkage control: the SFT "
-        "delta scaled by 1/K.",
+        "delta scaled by 1/K."
+        + (
+            f" `dtm-<clustering>-blocks`: the K x {exp.merge['blocks']} per-block weights "
+            "learned on the validation rows (lowest validation loss on the path), never on "
+            "the benchmarks below."
+            if exp.merge.get("blocks")
+            else ""
+        ),
         "",
     ]
     cols = table_columns(table)
@@ -133,8 +190,8 @@ def results_markdown(
     control = f"sft ×1/{exp.k}"
     grid = [x for x in model_order(table) if label_factor(x) is not None and x != control]
     for label in model_order(table):
-        if label in grid:
-            continue  # the frontier's points: their own table below
+        if label in grid or label_alphas(label) is not None:
+            continue  # the frontiers' points: their own tables below
         sub = table[table["label"] == label]
         cells = [
             _mean_std(sub[(sub["task"] == t) & (sub["metric"] == k)]["value"].tolist())
@@ -142,6 +199,7 @@ def results_markdown(
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += frontier_markdown(table, grid, exp.k)
+    lines += hma_markdown(table, list(dict.fromkeys(table[table["kind"] == "merge"]["label"])))
     ratios, walls, windows = [], {}, []
     for j in jobs:
         kind = j.kind
@@ -232,6 +290,47 @@ def frontier_markdown(table: pd.DataFrame, grid: list[str], k: int) -> list[str]
             "frontier's at the merge's gained score (mean ± std over seeds); above or below "
             "when more than two standard errors from 0, beyond when no alpha reaches the "
             "merge's gained score.",
+            "",
+            "| model | kept | gained | where | distance | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            dist = "" if r["mean"] is None else f"{r['mean']:+.3f}"
+            if r["std"] is not None:
+                dist += f" ± {r['std']:.3f}"
+            seeds = f"{r['seeds']}" + (f" (+{r['beyond']} beyond)" if r["beyond"] else "")
+            lines.append(
+                f"| {r['label']} | {'.'.join(r['kept'])} | {'.'.join(r['gained'])} | "
+                f"{r['where']} | {dist} | {seeds} |"
+            )
+    return lines
+
+
+def hma_markdown(table: pd.DataFrame, merges: list[str]) -> list[str]:
+    """The per-block frontier's Pareto front per trade-off and each merge against it."""
+    if not any(label_alphas(x) is not None for x in table["label"].unique()):
+        return []
+    lines = [
+        "",
+        "## DTM against the per-block frontier",
+        "",
+        "The per-block frontier (Heterogeneous Model Averaging): SFT's delta scaled per block "
+        "of layers, `sft ×[bottom/middle/top]`, over a grid; its Pareto front on each "
+        "trade-off (means over seeds), the shrinkage frontier's points among the candidates.",
+        "",
+    ]
+    for kept, gained in TRADE_OFFS:
+        front = hma_frame(table, kept, gained)
+        if front is None or front.empty:
+            continue
+        pts = ", ".join(f"{r.label} ({r.gained:.3f}, {r.kept:.3f})" for r in front.itertuples())
+        lines.append(f"- {'.'.join(gained)} against {'.'.join(kept)}: {pts}")
+    rows = frontier_rows(table, merges, front="hma")
+    if rows:
+        lines += [
+            "",
+            "Each merge against its seed's per-block front (read as the shrinkage frontier "
+            "is: the merge's kept score minus the front's at its gained score).",
             "",
             "| model | kept | gained | where | distance | seeds |",
             "|---|---|---|---|---|---|",

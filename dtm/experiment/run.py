@@ -22,11 +22,18 @@ from dtm.disperse import DisperseConfig, run_disperse, training_inputs, write_di
 from dtm.errors import ConfigError, DTMError
 from dtm.experiment.config import Experiment, experiment_dir, resolve_inputs
 from dtm.experiment.plan import group_seed, plan, together_members
-from dtm.experiment.report import experiment_models, results_markdown, summary_table
+from dtm.experiment.report import (
+    experiment_models,
+    learned_file,
+    results_markdown,
+    summary_table,
+)
 from dtm.experiment.status import STAGES, Progress, read_status
 from dtm.jobs.local import spawn_detached
 from dtm.lab import ensure_default_lab, lab_status
 from dtm.merge.engine import Merger
+from dtm.merge.learn import learn_weights
+from dtm.merge.objective import Objective
 from dtm.score import score_models, scores
 from dtm.store import (
     Registry,
@@ -103,6 +110,7 @@ def run_experiment(exp: Experiment, *, command: str, wait: bool = True, echo=Non
         bad = [j for j in res["jobs"] if j.state != "done"]
         t0 = time.time()
         prog.stage("merge")
+        learn_block_merges(exp, res["jobs"], progress=prog)
         export_merges(exp, res["jobs"], progress=prog)
         prog.stage("evaluate")
         with threads.computing("scoring"):
@@ -226,6 +234,40 @@ def _ensure_lab(exp: Experiment, progress) -> None:
         raise ConfigError(f"the lab build failed: {status['error']}\n{status.get('log', '')}")
     if progress:
         progress("building the lab", 1.0)
+
+
+def learn_block_merges(exp, jobs, *, progress=None) -> list[Path]:
+    """With ``merge.blocks`` B: for each seed and clustering, learn the K x B weights of
+    the DTM merge (``average``) on the validation rows (``dtm.merge.learn``,
+    ``merge.learn_steps`` steps) and keep the result (its path and the point of lowest
+    validation loss) in ``report.learned_file``; an existing file is kept."""
+    blocks = (exp.merge or {}).get("blocks")
+    if not blocks:
+        return []
+    steps = int(exp.merge.get("learn_steps") or 30)
+    val = resolve_inputs(exp)["val_data"]
+    merges = [
+        m
+        for m in experiment_models(exp, jobs)
+        if m.kind == "merge" and m.label == f"dtm-{m.clustering}"
+    ]
+    objective = Objective(heldout=(val,), limit=None)
+    out = []
+    for i, m in enumerate(merges):
+        target = learned_file(exp, m.clustering, m.seed)
+        if progress:
+            progress(f"learning per-block weights {m.label} s{m.seed}", i / len(merges))
+        if not target.is_file():
+            merger = Merger(m.base, m.adapters)
+            b = min(blocks, merger.n_layers)  # a model of fewer layers: one block each
+            found = learn_weights(merger, "average", objective, b, steps)
+            found["validation"] = val
+            write_json_atomic(target, found)
+            del merger
+        out.append(target)
+    if progress:
+        progress("learning per-block weights", 1.0)
+    return out
 
 
 def export_merges(exp, jobs, *, progress=None) -> list[Path]:

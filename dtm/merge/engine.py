@@ -16,9 +16,19 @@ written as a per-layer ``rank_pattern``/``alpha_pattern`` with scale 1) or, with
 ``full=True``, the merged weights as a ``transformers`` model folder (safetensors),
 plus ``recipe.json`` (method, weights, parameters and the source adapters' hashes).
 
+Weights by block (``dtm.merge.blocks``): ``weights`` may be K numbers (the same in every
+layer) or a K x B table, one column per block of layers from the bottom up. A linear
+method maps each block's column to coefficients and sets each layer's scales to its
+block's (still exact, still K numbers per layer); a dense or factor method merges each
+layer with its block's weights; the linear export scales each layer's concatenated
+factors by its block's coefficients, so it stays exact.
+
 The adapters may have different ranks, lora_alpha and rslora: linear and dense methods
 merge the exact deltas s_k B_k A_k. Factor methods combine A and B entry by entry and need
 one rank; ``check_method`` refuses them otherwise.
+
+Length: one class holds the in-memory merge and the export of every method kind, which
+share its loaded layers, caches and per-layer (per-block) weights.
 """
 
 from __future__ import annotations
@@ -30,6 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from dtm.errors import ConfigError
+from dtm.merge.blocks import (
+    block_of,
+    check_blocks,
+    column,
+    compact,
+    is_table,
+    layer_index,
+    n_blocks,
+)
 from dtm.merge.lora import (
     WEIGHTS,
     check_compatible,
@@ -38,7 +57,7 @@ from dtm.merge.lora import (
     rank_config,
     read_adapter,
 )
-from dtm.merge.methods import METHODS, check_weights
+from dtm.merge.methods import METHODS, check_merge_weights
 from dtm.models import load_base, load_tokenizer
 from dtm.store import file_digest, publish_dir, write_json_atomic
 
@@ -112,6 +131,10 @@ class Merger:
             if hasattr(mod, "lora_A") and "sub0" in getattr(mod, "lora_A", {}):
                 self.layers[mod_name] = mod
         self.base_scaling = {n: dict(m.scaling) for n, m in self.layers.items()}
+        found = [i for i in map(layer_index, self.layers) if i is not None]
+        self.n_layers = int(
+            getattr(model.config, "num_hidden_layers", None) or (max(found) + 1 if found else 1)
+        )
         self.w0 = {n: m.base_layer.weight.detach().clone() for n, m in self.layers.items()}
         self._dense_cache: dict[str, list] = {}
         # Cache the K dense deltas of every layer only when they fit the budget; a 7B
@@ -134,10 +157,40 @@ class Merger:
             mod_name if mod_name.startswith("base_model.model.") else f"base_model.model.{mod_name}"
         )
 
-    def _set_scales(self, coefs: list[float] | None) -> None:
+    def blocks_of_layers(self, blocks: int) -> dict[str, int]:
+        """Each adapted module's block (0 = bottom) when the layers are split in
+        ``blocks`` (``dtm.merge.blocks``)."""
+        check_blocks(blocks, self.n_layers)
+        return {n: block_of(layer_index(n), self.n_layers, blocks) for n in self.layers}
+
+    def layer_weights(self, weights) -> dict[str, list[float]]:
+        """Each adapted module's K weights: its block's column of a K x B table (or the
+        K weights themselves in every layer)."""
+        if not is_table(weights):
+            w = [float(x) for x in weights]
+            return {n: w for n in self.layers}
+        which = self.blocks_of_layers(n_blocks(weights))
+        cols = [column(weights, b) for b in range(n_blocks(weights))]
+        return {n: cols[b] for n, b in which.items()}
+
+    def linear_coefs(self, method: str, weights, params: dict) -> dict[str, list[float]]:
+        """A linear method's K coefficients of every adapted module (per block)."""
+        fn = METHODS[method].fn
+        if not is_table(weights):
+            c = fn(list(weights), params)
+            return {n: c for n in self.layers}
+        which = self.blocks_of_layers(n_blocks(weights))
+        per_block = [fn(column(weights, b), params) for b in range(n_blocks(weights))]
+        return {n: per_block[b] for n, b in which.items()}
+
+    def _set_scales(self, coefs) -> None:
+        """Each adapter's scale in every layer: ``coefs`` is None (all off), K numbers
+        (the same in every layer) or ``{module: K numbers}`` (``linear_coefs``); a number
+        may be a 0-d tensor (the learned finder's, to carry a gradient)."""
         for n, m in self.layers.items():
+            c = coefs.get(n) if isinstance(coefs, dict) else coefs
             for k, name in enumerate(self.names):
-                m.scaling[name] = 0.0 if coefs is None else coefs[k] * self.base_scaling[n][name]
+                m.scaling[name] = 0.0 if c is None else c[k] * self.base_scaling[n][name]
 
     def _restore_base(self) -> None:
         if self._written:
@@ -160,19 +213,25 @@ class Merger:
                 self._dense_cache[mod_name] = hit
         return hit
 
-    def layer_deltas(self, method: str, weights: list[float], params: dict):
+    def layer_deltas(self, method: str, weights, params: dict):
         """Yield (module name, merged dense delta (out x in)) one layer at a time, for a
-        dense or factor method, so only one layer's delta is alive at once."""
+        dense or factor method, so only one layer's delta is alive at once (each layer
+        merged with its block's weights)."""
         m = METHODS[method]
+        per_layer = self.layer_weights(weights)
         for i, n in enumerate(self.layers):
             if m.kind == "dense":
                 seed = int(params.get("seed", 0)) * 100003 + i
-                yield n, m.fn(self.dense_deltas(n), weights, params, seed)
+                yield n, m.fn(self.dense_deltas(n), per_layer[n], params, seed)
             else:
-                a, b = self.merged_factors(method, weights, params, n)
+                a, b = self.merged_factors(method, per_layer[n], params, n)
                 yield n, b @ a
 
     def merged_factors(self, method: str, weights, params, mod_name: str):
+        """One layer's merged (A, B) by a factor method; ``weights``: K numbers, or a
+        table (this layer's block's column is used)."""
+        if is_table(weights):
+            weights = self.layer_weights(weights)[mod_name]
         key = self._key(mod_name)
         dev = self.device
         factors = [
@@ -207,22 +266,31 @@ class Merger:
             )
         return out
 
-    def apply(self, method: str, weights: list[float], **params: Any):
-        """Make ``self.model`` the merged model and return it."""
+    def check_weights(self, weights) -> list:
+        """``weights`` checked (K numbers or a K x B table, ``check_merge_weights``) with
+        at most as many blocks as the model has layers."""
+        weights = check_merge_weights(list(weights), len(self.sets))
+        if is_table(weights):
+            check_blocks(n_blocks(weights), self.n_layers)
+        return weights
+
+    def apply(self, method: str, weights, **params: Any):
+        """Make ``self.model`` the merged model (``weights``: K numbers or a K x B table)
+        and return it."""
         import torch
 
         check_method(method, self.sets)
         m = METHODS[method]
-        check_weights(list(weights), len(self.sets), normalise=False)
+        weights = self.check_weights(weights)
         if m.kind == "linear":
-            coefs = m.fn(list(weights), params)
+            coefs = self.linear_coefs(method, weights, params)
             self._restore_base()
             self._set_scales(coefs)
             return self.model
         with torch.no_grad():
             self._set_scales(None)
             self._written = True
-            for n, delta in self.layer_deltas(method, list(weights), params):
+            for n, delta in self.layer_deltas(method, weights, params):
                 w = self.layers[n].base_layer.weight
                 w.copy_(self.w0[n] + delta.to(self.w0[n].dtype))
                 del delta
@@ -236,10 +304,12 @@ class Merger:
         with self.model.disable_adapter():
             yield self.model
 
-    def recipe(self, method: str, weights: list[float], params: dict) -> dict:
+    def recipe(self, method: str, weights, params: dict) -> dict:
+        """``weights``: K numbers, or a K x B table (rows: sub-models, columns: blocks from
+        the bottom layer up); a table with equal columns is written as K numbers."""
         return {
             "method": method,
-            "weights": list(map(float, weights)),
+            "weights": compact(weights),
             "params": params,
             "base": self.base,
             "adapters": [
@@ -247,9 +317,7 @@ class Merger:
             ],
         }
 
-    def export(
-        self, out: str | Path, method: str, weights: list[float], *, full: bool = False, **params
-    ):
+    def export(self, out: str | Path, method: str, weights, *, full: bool = False, **params):
         """Write the merged model to ``out`` (a new folder) with ``recipe.json``."""
         import torch
         from safetensors.torch import save_file
@@ -257,7 +325,7 @@ class Merger:
         out = Path(out)
         check_method(method, self.sets)
         m = METHODS[method]
-        check_weights(list(weights), len(self.sets), normalise=False)
+        weights = self.check_weights(weights)
         recipe = self.recipe(method, weights, params)
 
         def write(tmp: Path) -> None:
@@ -267,19 +335,21 @@ class Merger:
                 merged.save_pretrained(tmp, safe_serialization=True)
                 _copy_tokenizer(self.base, tmp)
             elif m.kind == "linear":
-                linear_concat([s.path for s in self.sets], m.fn(list(weights), params), tmp)
+                coefs = self.linear_coefs(method, weights, params)
+                by_key = {self._key(n): c for n, c in coefs.items()}
+                linear_concat([s.path for s in self.sets], by_key, tmp)
             else:
                 tensors, ranks = {}, {}
                 with torch.no_grad():
                     if m.kind == "factor":
                         pairs = (
-                            (n, self.merged_factors(method, list(weights), params, n))
+                            (n, self.merged_factors(method, weights, params, n))
                             for n in self.layers
                         )
                     else:  # the exact SVD of each dense delta at full rank: B = U S, A = V^T
                         pairs = (
                             (n, _svd_factors(delta))
-                            for n, delta in self.layer_deltas(method, list(weights), params)
+                            for n, delta in self.layer_deltas(method, weights, params)
                         )
                     for n, (a, b) in pairs:
                         key = self._key(n)

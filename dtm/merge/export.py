@@ -1,6 +1,7 @@
 """``python -m dtm merge``'s work: load the adapters on their base, find the weights (a
-search, LM-Cocktail) or take the given ones, export the merge with its recipe, record it
-for Compare, and write what found the weights beside it (search.json, cocktail.json)."""
+search, the learned weights, LM-Cocktail) or take the given ones (K numbers or a K x B
+table, ``dtm.merge.blocks``), export the merge with its recipe, record it for Compare, and
+write what found the weights beside it (search.json, learn.json, cocktail.json)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import time
 from pathlib import Path
 
 from dtm.merge.engine import Merger
+from dtm.merge.learn import learn_weights
 from dtm.merge.saved import save_merge
 from dtm.merge.search import cocktail, search_merge
 from dtm.store import cache_dir, write_json_atomic
 
-FOUND_FILES = {"search": "search.json", "cocktail": "cocktail.json"}
+FOUND_FILES = {"search": "search.json", "cocktail": "cocktail.json", "learn": "learn.json"}
 
 
 def new_merge_dir(name: str) -> Path:
@@ -56,11 +58,13 @@ def merge_to_folder(
     out: str | Path,
     *,
     method: str = "average",
-    weights: list[float] | None = None,
+    weights: list | None = None,
     params: dict | None = None,
     find: str | None = None,
     objective=None,
-    budget: int = 40,
+    budget: int | None = None,
+    blocks: int = 1,
+    steps: int = 30,
     seed: int = 0,
     temperature: float = 5.0,
     full: bool = False,
@@ -68,10 +72,12 @@ def merge_to_folder(
     allow_pickle: bool = False,
     progress=None,
 ) -> dict:
-    """Merge ``adapters`` into ``out`` (a new folder): with ``weights`` (uniform when
-    None), or the weights ``find`` finds (``"search"``: ``search_merge`` with ``budget``
-    evaluations and ``seed``; ``"cocktail"``: ``cocktail`` at ``temperature``), each
-    scored by ``objective``. Returns ``{"out", "weights", "found", "found_file",
+    """Merge ``adapters`` into ``out`` (a new folder): with ``weights`` (K numbers or a
+    K x B table; uniform when None), or the weights ``find`` finds (``"search"``:
+    ``search_merge`` over K x ``blocks`` weights with ``budget`` evaluations (None:
+    ``default_budget``) and ``seed``; ``"learn"``: ``learn_weights`` over K x ``blocks``
+    in ``steps`` steps; ``"cocktail"``: ``cocktail`` at ``temperature``), each scored by
+    ``objective``. Returns ``{"out", "weights", "found", "found_file",
     "saved"}`` (``found``: what the finding returned, or None)."""
     params = dict(params or {})
     weights = weights or [1.0 / len(adapters)] * len(adapters)
@@ -85,7 +91,18 @@ def merge_to_folder(
     found = None
     if find == "search":
         found = search_merge(
-            merger, method, objective, budget, params=params, seed=seed, progress=progress
+            merger,
+            method,
+            objective,
+            budget,
+            params=params,
+            seed=seed,
+            blocks=blocks,
+            progress=progress,
+        )
+    elif find == "learn":
+        found = learn_weights(
+            merger, method, objective, blocks, steps, params=params, progress=progress
         )
     elif find == "cocktail":
         found = cocktail(merger, objective, temperature)

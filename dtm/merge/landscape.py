@@ -19,6 +19,7 @@ import torch
 
 from dtm import threads
 from dtm.evaluate import evaluate_lab
+from dtm.merge.blocks import is_table
 from dtm.merge.objective import lower_is_better
 from dtm.tasks import QUICK_TASKS  # noqa: E402  (the task table's quick set)
 
@@ -115,10 +116,11 @@ def signed_front(frame: pd.DataFrame, x: str, y: str) -> np.ndarray:
 
 def search_frame(found: dict, objective) -> pd.DataFrame:
     """A weight search's points as landscape rows (``w0..``, the scores, ``objective``),
-    ``from`` = ``search``."""
+    ``from`` = ``search``; a search by block is placed at each sub-model's mean weight
+    over the blocks."""
     rows = [
         {
-            **{f"w{i}": v for i, v in enumerate(p["weights"])},
+            **{f"w{i}": v for i, v in enumerate(_per_model(p["weights"]))},
             **p["scores"],
             "objective": objective.value(p["scores"]),
             "from": "search",
@@ -126,6 +128,13 @@ def search_frame(found: dict, objective) -> pd.DataFrame:
         for p in found["points"]
     ]
     return pd.DataFrame(rows)
+
+
+def _per_model(weights) -> list[float]:
+    """K numbers of K numbers or of a K x B table (each row's mean over the blocks)."""
+    if is_table(weights):
+        return [sum(row) / len(row) for row in weights]
+    return list(weights)
 
 
 def reference_scores(merger, objective, names: list[str], progress=None) -> dict[str, dict]:
@@ -157,9 +166,11 @@ def live_score(merger, method: str, weights: list[float], objective, **params):
 
 def ensemble_score(merger, objective, weights: list[float]) -> dict | None:
     """The logit ensemble's scores on the objective's lab tasks and held-out losses (a
-    folder task is not scored on it); None when it has neither."""
+    folder task is not scored on it; weights by block: each sub-model's mean over the
+    blocks); None when it has neither."""
     if not (objective.lab_tasks or objective.heldout):
         return None
+    weights = _per_model(weights)  # the ensemble has no layers: a table's row means
     ens = dataclasses.replace(objective, tasks=()) if objective.tasks else objective
     return ens.score(LogitEnsemble(merger, weights), merger.tokenizer)
 

@@ -107,17 +107,25 @@ def check_compatible(adapters: list[AdapterSet]) -> None:
                 )
 
 
-def linear_concat(adapters: list[str | Path], weights: list[float], out: str | Path) -> Path:
-    """Write to ``out`` the adapter whose delta is exactly sum_k weights[k] * delta_k."""
+def linear_concat(adapters: list[str | Path], weights, out: str | Path) -> Path:
+    """Write to ``out`` the adapter whose delta is exactly sum_k weights[k] * delta_k:
+    ``weights`` are K numbers, or ``{layer prefix: K numbers}`` (each layer's own, e.g.
+    its block's coefficients; the concatenated B of that layer is scaled by them)."""
     import torch
     from safetensors.torch import save_file
 
     sets = [read_adapter(a) for a in adapters]
-    if len(weights) != len(sets):
-        raise ConfigError(f"{len(weights)} weights for {len(sets)} adapters.")
     check_compatible(sets)
+    per_layer = weights if isinstance(weights, dict) else dict.fromkeys(sets[0].layers, weights)
+    missing = sorted(set(sets[0].layers) - set(per_layer))
+    if missing:
+        raise ConfigError(f"no merge weights for the layers {', '.join(missing[:3])}.")
+    bad = sorted({len(w) for w in per_layer.values()} - {len(sets)})
+    if bad:
+        raise ConfigError(f"{bad[0]} weights for {len(sets)} adapters.")
     merged = {}
     for name in sets[0].layers:
+        weights = per_layer[name]
         a = torch.cat([s.layers[name][0].float() for s in sets], dim=0)
         b = torch.cat(
             [

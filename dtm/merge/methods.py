@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dtm.errors import ConfigError
+from dtm.merge.blocks import check_shape, column, is_table, n_blocks
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,29 @@ def check_weights(weights: list[float], k: int, *, normalise: bool) -> list[floa
     return w
 
 
+def check_merge_weights(weights, k: int):
+    """A merge's weights checked: K numbers (``check_weights``), or a K x B table whose
+    every block (column) has K finite numbers (the error names the block). One block may
+    be all zero (its layers keep the base's weights: the per-block frontier's points);
+    a whole table of zeros is refused, and ``average`` refuses a zero block when it
+    normalises it."""
+    weights = list(weights)
+    check_shape(weights, k)
+    if not is_table(weights):
+        return check_weights(weights, k, normalise=False)
+    for b in range(n_blocks(weights)):
+        col = column(weights, b)
+        if all(x == 0 for x in col) and all(math.isfinite(x) for x in col):
+            continue
+        try:
+            check_weights(col, k, normalise=False)
+        except ConfigError as e:
+            raise ConfigError(f"block {b + 1} (from the bottom): {e}") from None
+    if all(x == 0 for row in weights for x in row):
+        raise ConfigError("merge weights are all zero: nothing would be merged.")
+    return [[float(x) for x in row] for row in weights]
+
+
 def add_merge_arguments(parser) -> None:
     """One ``dtm merge`` flag per declared parameter (its help names its method)."""
     for p in all_params().values():
@@ -163,14 +187,25 @@ def widget_spec(method: str) -> list[Param]:
     return list(METHODS[method].params)
 
 
+def _block_weights(weights) -> list[float]:
+    """One block's raw weights: finite numbers, all zero allowed (that block's layers keep
+    the base's weights; a merge of zeros everywhere is refused by ``check_merge_weights``)."""
+    if all(x == 0 for x in weights):
+        return [0.0] * len(weights)
+    return check_weights(weights, len(weights), normalise=False)
+
+
 @register("average", "linear", "weights normalised to sum 1 (DTM)")
 def average(weights, params):
-    return check_weights(weights, len(weights), normalise=True)
+    try:
+        return check_weights(weights, len(weights), normalise=True)
+    except ConfigError as e:  # a block of zeros in a K x B table
+        raise ConfigError(f"average normalises each block's weights to sum 1: {e}") from None
 
 
 @register("linear", "linear", "the raw weights")
 def linear(weights, params):
-    return check_weights(weights, len(weights), normalise=False)
+    return _block_weights(weights)
 
 
 LAMBDA = Param(
@@ -191,7 +226,7 @@ CONSENSUS = Param("consensus", str, None, "dare: TIES-style sign consensus", cho
 @register("task_arithmetic", "linear", "lambda * sum w_k delta_k", (LAMBDA,))
 def task_arithmetic(weights, params):
     lam = LAMBDA.check(params.get("lambda", LAMBDA.default))
-    return [lam * w for w in check_weights(weights, len(weights), normalise=False)]
+    return [lam * w for w in _block_weights(weights)]
 
 
 def _trim(t, density: float):

@@ -178,7 +178,7 @@ def merge_objective(
     heldout: list[str] = (),
     lab: str | None = None,
     limit: int | None = 40,
-    budget: int = 40,
+    budget: int | None = 40,
     temperature: float = 5.0,
     default_lab: str | Path | None = None,
 ) -> Objective:
@@ -212,7 +212,7 @@ def merge_objective(
     if cocktail and not temperature > 0:
         raise ConfigError(f"--temperature {temperature}: must be above 0.")
     check_heldout(list(heldout))
-    if not cocktail and budget < k + 1:
+    if not cocktail and budget is not None and budget < k + 1:
         raise ConfigError(
             f"--budget {budget}: needs at least {k + 1} evaluations (the uniform point "
             f"and the {k} vertices come first)."

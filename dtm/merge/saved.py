@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dtm.merge.blocks import compact
 from dtm.merge.labels import recipe_label
 from dtm.models import ModelRef
 from dtm.store import Registry, canonical_json
 
-SOURCES = ("tuned", "exported", "search", "cocktail")
+SOURCES = ("tuned", "exported", "search", "cocktail", "learn")
 
 
 def _floats(weights):
@@ -36,7 +37,7 @@ def _resolved(path: str) -> str:
 def _ref(base: str, adapters: list[str], recipe: dict) -> ModelRef:
     clean = {
         "method": recipe.get("method", "average"),
-        "weights": _floats(recipe.get("weights")),
+        "weights": compact(_floats(recipe.get("weights"))),
         "params": dict(recipe.get("params") or {}),
     }
     return ModelRef(base=_resolved(base), adapters=[_resolved(a) for a in adapters], recipe=clean)

@@ -11,6 +11,11 @@ sampler (NSGA-II) for a Pareto front of two scores with the same interface.
 - Weights are ``x / sum(x)`` for ``x`` in ``[0, 1]^K``, so the vertices are reachable.
 - The first evaluations are the uniform point and the K vertices, then CMA-ES from the
   uniform point; ``budget`` counts every evaluation, the starts included.
+- By block (``blocks`` = B > 1, ``dtm.merge.blocks``): the search runs over K x B
+  numbers, each block's K normalised apart, and its points' weights are K x B tables;
+  the starts are the uniform point and the K vertices (the same in every block), and the
+  default budget grows with the dimensions (``default_budget``: 10 evaluations per
+  dimension, at least today's 40).
 - Every evaluated point is returned: ``{"points": [{"weights", "score", "scores"}...],
   "best": {...}}`` (with ``"front"``, the non-dominated points, for two objectives).
 
@@ -27,6 +32,7 @@ import math
 from collections.abc import Callable
 
 from dtm.errors import ConfigError
+from dtm.merge.blocks import format_weights
 
 
 def cocktail_weights(losses: list[float], temperature: float = 5.0) -> list[float]:
@@ -67,25 +73,37 @@ def cocktail(merger, objective, temperature: float = 5.0) -> dict:
     }
 
 
+def default_budget(k: int, blocks: int = 1) -> int:
+    """The search's evaluations when none are given: 10 per dimension (K x B), at least
+    40 (what K <= 4 has always had)."""
+    return max(40, 10 * k * blocks)
+
+
 def search_merge(
     merger,
     method: str,
     objective,
-    budget: int = 40,
+    budget: int | None = 40,
     *,
     params: dict | None = None,
     seed: int = 0,
+    blocks: int = 1,
     pareto: tuple[str, str] | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict:
-    """``search_weights`` (seeded by ``seed``) over the weights of ``merger``'s ``method``
-    merge with ``params``, each point scored by ``objective`` (or the two labels of
-    ``pareto``, for a Pareto front)."""
+    """``search_weights`` (seeded by ``seed``) over the K x ``blocks`` weights of
+    ``merger``'s ``method`` merge with ``params``, each point scored by ``objective`` (or
+    the two labels of ``pareto``, for a Pareto front); ``budget`` None: ``default_budget``."""
     from dtm.merge.landscape import merge_score_fn  # lazy: torch
 
     fn = merge_score_fn(merger, method, objective, pareto, **(params or {}))
     k = len(merger.sets)
-    return search_weights(fn, k, budget, seed=seed, pareto=pareto is not None, progress=progress)
+    if blocks > 1:
+        merger.blocks_of_layers(blocks)  # more blocks than layers: refused before a score
+    budget = default_budget(k, blocks) if budget is None else budget
+    return search_weights(
+        fn, k, budget, seed=seed, blocks=blocks, pareto=pareto is not None, progress=progress
+    )
 
 
 def _weights(x: list[float]) -> list[float]:
@@ -93,6 +111,15 @@ def _weights(x: list[float]) -> list[float]:
     if total <= 0:
         return [1.0 / len(x)] * len(x)
     return [v / total for v in x]
+
+
+def _table(x: list[float], k: int, blocks: int):
+    """K x B weights from the search's K * B numbers (block-major), each block normalised;
+    one block: K numbers."""
+    if blocks == 1:
+        return _weights(x)
+    cols = [_weights(x[b * k : (b + 1) * k]) for b in range(blocks)]
+    return [[cols[b][i] for b in range(blocks)] for i in range(k)]
 
 
 def starts(k: int) -> list[list[float]]:
@@ -106,10 +133,12 @@ def search_weights(
     budget: int = 40,
     *,
     seed: int = 0,
+    blocks: int = 1,
     pareto: bool = False,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict:
-    """``score_fn(weights) -> (score, scores)``, or ``((a, b), scores)`` with ``pareto``."""
+    """``score_fn(weights) -> (score, scores)``, or ``((a, b), scores)`` with ``pareto``;
+    ``weights`` are K numbers, or a K x ``blocks`` table."""
     import logging
 
     import optuna
@@ -123,28 +152,34 @@ def search_weights(
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    names = [f"x{i}" for i in range(k)]
+    if isinstance(blocks, bool) or int(blocks) != blocks or blocks < 1:
+        raise ConfigError(f"--blocks {blocks}: give a whole number of at least 1.")
+    names = (
+        [f"x{i}" for i in range(k)]
+        if blocks == 1
+        else [f"x{i}_b{b}" for b in range(blocks) for i in range(k)]
+    )
     if pareto:
         sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, 2 * k))
         study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
     else:
         sampler = optuna.samplers.CmaEsSampler(
-            x0={n: 1.0 / k for n in names}, sigma0=0.3, seed=seed, n_startup_trials=0
+            x0=dict.fromkeys(names, 1.0 / k), sigma0=0.3, seed=seed, n_startup_trials=0
         )
         study = optuna.create_study(direction="maximize", sampler=sampler)
     for x in starts(k):
-        study.enqueue_trial(dict(zip(names, x, strict=True)))
+        study.enqueue_trial(dict(zip(names, x * blocks, strict=True)))
     points: list[dict] = []
 
     def objective(trial):
         x = [trial.suggest_float(n, 0.0, 1.0) for n in names]
-        w = _weights(x)
+        w = _table(x, k, blocks)
         value, scores = score_fn(w)
         values = value if pareto else (value,)
         if not all(math.isfinite(v) for v in values):
             raise ConfigError(
                 f"the objective is not a finite number at weights "
-                f"{[round(x, 4) for x in w]} ({scores}): a loss overflowed or a task scored "
+                f"{format_weights(w)} ({scores}): a loss overflowed or a task scored "
                 "nothing; the search stopped."
             )
         points.append({"weights": w, "score": value, "scores": scores})

@@ -1,0 +1,82 @@
+"""Weights by block of layers: the blocks, the --weights text and its errors."""
+
+import pytest
+
+from dtm.errors import ConfigError
+from dtm.merge.blocks import block_bounds, block_of, compact, format_weights, parse_weights
+
+
+def test_layers_split_into_contiguous_blocks_as_evenly_as_possible():
+    assert block_bounds(4, 2) == [(0, 1), (2, 3)]
+    assert block_bounds(4, 3) == [(0, 1), (2, 2), (3, 3)]
+    assert block_bounds(24, 3) == [(0, 7), (8, 15), (16, 23)]
+    assert block_bounds(4, 1) == [(0, 3)]
+    assert [block_of(i, 5, 3) for i in range(5)] == [0, 0, 1, 1, 2]
+    assert block_of(None, 5, 3) == 2  # a module outside the numbered layers: the top
+
+
+def test_weights_text_is_blocks_from_the_bottom_each_with_k_weights():
+    assert parse_weights("0.2,0.3,0.5", 3) == [0.2, 0.3, 0.5]
+    t = parse_weights("0.6,0.3,0.1;0.1,0.2,0.7", 3)
+    assert t == [[0.6, 0.1], [0.3, 0.2], [0.1, 0.7]]  # K rows x B columns
+    assert format_weights(t) == "0.6,0.3,0.1;0.1,0.2,0.7"
+    assert compact([[0.5, 0.5], [0.5, 0.5]]) == [0.5, 0.5]
+    assert compact(t) == t
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "text, kw, message",
+    [
+        ("0.5,0.5", {}, "3 adapters need 3 weights in every block, but block 1: 2"),
+        ("0.2,0.3,0.5;0.5,0.5", {}, "block 2: 2"),
+        ("1,1,1;1,1,1", {"blocks": 3}, "2 blocks, but --blocks 3"),
+        ("1,1,1;1,1,1;1,1,1", {"n_layers": 2}, "3 blocks but the model has 2 layers"),
+        ("1,x,1", {}, "not numbers"),
+        ("0,0,0;0,0,0", {}, "all zero"),
+        ("1,nan,1", {}, "NaN"),
+    ],
+)
+def test_bad_weights_text_is_refused(text, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_weights(text, 3, **kw)
+
+
+def test_the_k4_landscape_is_a_tetrahedron_with_its_points_inside():
+    import numpy as np
+    import pandas as pd
+
+    from dtm.charts import tetrahedron, weight_heatmap
+    from dtm.charts.blocks import VERTICES, to_3d
+
+    # each sub-model alone is its vertex, the uniform point the centre; all edges equal
+    assert np.allclose(to_3d(np.eye(4)), VERTICES)
+    assert np.allclose(to_3d([[1, 1, 1, 1]]), 0)
+    edges = {
+        round(float(np.linalg.norm(VERTICES[i] - VERTICES[j])), 9)
+        for i in range(4)
+        for j in range(i)
+    }
+    assert len(edges) == 1
+    frame = pd.DataFrame({"w0": [1, 0.25], "w1": [0, 0.25], "w2": [0, 0.25], "w3": [0, 0.25]})
+    frame["acc"] = [0.3, 0.6]
+    found = frame.iloc[[1]]
+    fig = tetrahedron(frame, "acc", list("abcd"), current=[0.25] * 4, found=found)
+    names = [t.name for t in fig.data]
+    assert names[-3:] == ["scored", "found", "current"]
+    assert list(fig.data[-3].marker.color) == [0.3, 0.6]
+    heat = weight_heatmap([[0.6, 0.1], [0.4, 0.9]], ["s0", "s1"])
+    assert heat.data[0].z.tolist() == [[0.6, 0.1], [0.4, 0.9]]
+    assert list(heat.data[0].x) == ["bottom", "top"]
+
+
+def test_a_merges_label_shows_its_weights_block_by_block():
+    from dtm.merge.labels import recipe_label
+
+    table = {"method": "average", "weights": [[0.6, 0.1], [0.3, 0.2], [0.1, 0.7]]}
+    assert recipe_label(table) == "average: by block ×2: c0 .60/.10 · c1 .30/.20 · c2 .10/.70"
+    same = {"method": "average", "weights": [[0.5, 0.5], [0.5, 0.5]]}
+    assert recipe_label(same) == recipe_label({"method": "average", "weights": [0.5, 0.5]})
+    assert recipe_label({"method": "ties", "weights": [0.2, 0.8], "params": {"density": 0.2}}) == (
+        "ties: c0 .20 · c1 .80 · density=0.2"
+    )
