@@ -80,3 +80,29 @@ def test_a_merges_label_shows_its_weights_block_by_block():
     assert recipe_label({"method": "ties", "weights": [0.2, 0.8], "params": {"density": 0.2}}) == (
         "ties: c0 .20 · c1 .80 · density=0.2"
     )
+
+
+def test_the_landscape_beyond_k4_is_the_score_against_the_distance_from_uniform():
+    """K = 5: each point at its distance from the uniform merge (0) toward a single
+    sub-model (1), its score on the y axis and as its colour, the search's points apart;
+    a point's index comes back on a click."""
+    import math
+
+    import pandas as pd
+
+    from dtm import charts
+
+    rows = [[0.2] * 5, [1, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 0], [0.4, 0.4, 0.2, 0, 0]]
+    frame = pd.DataFrame(rows, columns=[f"w{i}" for i in range(5)])
+    frame["knowledge"] = [0.5, 0.3, 0.45, 0.47]
+    frame["from"] = ["grid", "grid", "grid", "search"]
+    fig = charts.by_distance(frame, [f"c{i}" for i in range(5)], "knowledge")
+    grid, search = fig.data
+    # by hand: |w - 1/5| over |e_1 - 1/5| = sqrt(0.8); (0.5, 0.5, 0, 0, 0): sqrt(0.3)
+    assert list(grid.x) == pytest.approx([0.0, 1.0, math.sqrt(0.3 / 0.8)])
+    assert list(search.x) == pytest.approx([math.sqrt((0.04 + 0.04 + 0 + 0.04 + 0.04) / 0.8)])
+    assert list(grid.y) == [0.5, 0.3, 0.45] and list(grid.marker.color) == [0.5, 0.3, 0.45]
+    assert list(grid.customdata) == [0, 1, 2] and list(search.customdata) == [3]
+    assert search.marker.symbol == "diamond" and not search.marker.showscale
+    assert fig.layout.legend.orientation == "h"  # above the plot, not over the colour bar
+    assert "c0 1.00" in grid.text[1]

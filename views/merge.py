@@ -421,8 +421,8 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
         fig = charts.ternary(frame, names, metric)
     elif k == 4:
         fig = landscape_3d(frame, metric, names)
-    else:
-        fig = charts.pareto(frame, ml.signed_front(frame, x, y), metric, x, y)
+    else:  # K > 4: the score against the distance from the uniform merge
+        fig = charts.by_distance(frame, names, metric)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points",), key="m_land_chart")
     points = (event or {}).get("selection", {}).get("points", []) if event else []
     if points:

@@ -5,12 +5,13 @@ K = 4 landscape in 3-D."""
 
 from dtm.charts.blocks import tetrahedron, weight_heatmap
 from dtm.charts.explore import (
+    by_distance,
     cluster_map,
     cluster_sizes,
     composition_bars,
     composition_order,
+    distance_from_uniform,
     loss_curves,
-    pareto,
     selected_rows,
     ternary,
     weight_slice,
@@ -37,7 +38,8 @@ __all__ = [
     "figure_bytes",
     "keeps_chart",
     "loss_curves",
-    "pareto",
+    "by_distance",
+    "distance_from_uniform",
     "ratio_curves",
     "ratio_windows_chart",
     "reference_bars",

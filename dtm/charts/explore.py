@@ -240,42 +240,69 @@ def ternary(frame, names: list[str], metric: str):
     return fig
 
 
-def pareto(frame, front, metric: str, x: str = "knowledge", y: str = "instruct"):
-    """K >= 4: one score against another (knowledge against instruction following by
-    default) for each sampled weight vector, with the Pareto front; ``customdata`` is the
-    row index."""
+def distance_from_uniform(frame) -> list[float]:
+    """Each row's weights' distance from the uniform merge (Euclidean, over the ``w<i>``
+    columns, each row normalised to sum 1), as a share of a single sub-model's: 0 is the
+    uniform merge, 1 a vertex."""
+    import numpy as np
+
+    cols = [c for c in frame.columns if c.startswith("w") and c[1:].isdigit()]
+    w = frame[cols].to_numpy(dtype=float)
+    w = w / np.clip(w.sum(axis=1, keepdims=True), 1e-12, None)
+    k = len(cols)
+    vertex = np.sqrt((1 - 1 / k) ** 2 + (k - 1) / k**2)
+    return list(np.linalg.norm(w - 1 / k, axis=1) / vertex)
+
+
+def by_distance(frame, names: list[str], metric: str):
+    """K > 4: ``metric`` against the weights' distance from the uniform merge
+    (``distance_from_uniform``), coloured by ``metric`` (its scale on the right, the
+    legend above the plot), the search's points marked apart from the landscape's;
+    ``customdata`` is the row index."""
     import plotly.graph_objects as go
 
-    weights = [c for c in frame.columns if c.startswith("w") and c[1:].isdigit()]
-    text = [", ".join(f"{r[c]:.2f}" for c in weights) for _, r in frame.iterrows()]
-    fig = go.Figure(
-        go.Scatter(
-            x=frame[x],
-            y=frame[y],
-            mode="markers",
-            marker={"size": 9, "color": frame[metric], "colorscale": "Viridis", "showscale": True},
-            customdata=list(range(len(frame))),
-            text=text,
-            hovertemplate=f"w=(%{{text}})<br>{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra></extra>",
-            name="merges",
+    cols = [c for c in frame.columns if c.startswith("w") and c[1:].isdigit()]
+    dist = distance_from_uniform(frame)
+    text = [
+        " · ".join(f"{n} {r[c]:.2f}" for n, c in zip(names, cols, strict=True))
+        for _, r in frame.iterrows()
+    ]
+    fig = go.Figure()
+    origin = frame["from"] if "from" in frame else ["grid"] * len(frame)
+    for kind, symbol in (("grid", "circle"), ("search", "diamond")):
+        rows = [i for i, o in enumerate(origin) if (o == "search") == (kind == "search")]
+        if not rows:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=[dist[i] for i in rows],
+                y=frame[metric].iloc[rows],
+                mode="markers",
+                marker={
+                    "size": 9,
+                    "symbol": symbol,
+                    "color": frame[metric].iloc[rows],
+                    "colorscale": "Viridis",
+                    "cmin": float(frame[metric].min()),
+                    "cmax": float(frame[metric].max()),
+                    "showscale": kind == "grid",
+                    "colorbar": {"title": metric, "x": 1.02},
+                },
+                customdata=rows,
+                text=[text[i] for i in rows],
+                hovertemplate="%{text}<br>distance %{x:.2f}<br>"
+                + f"{metric} %{{y:.3f}}<extra></extra>",
+                name="landscape" if kind == "grid" else "search",
+            )
         )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=frame[x].iloc[front],
-            y=frame[y].iloc[front],
-            mode="lines",
-            line={"color": "crimson"},
-            name="Pareto front",
-            hoverinfo="skip",
-        )
-    )
     fig.update_layout(
         height=460,
-        xaxis_title=x,
-        yaxis_title=y,
-        margin={"l": 10, "r": 10, "t": 30, "b": 10},
-    )
+        xaxis={"title": "distance from the uniform merge (1: a single sub-model)",
+               "range": [-0.02, 1.02]},
+        yaxis_title=metric,
+        legend={"orientation": "h", "y": 1.08, "x": 0},
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+    )  # fmt: skip
     return fig
 
 

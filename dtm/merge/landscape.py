@@ -56,18 +56,6 @@ def slice_points(current: list[float], i: int, j: int, n: int = 6) -> np.ndarray
     return np.array(pts)
 
 
-def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Indices of the points no other point beats on both x and y (higher is better),
-    ordered by x."""
-    order = np.lexsort((-y, -x))
-    front, best_y = [], -np.inf
-    for i in order:
-        if y[i] > best_y:
-            front.append(i)
-            best_y = y[i]
-    return np.array(sorted(front, key=lambda i: x[i]), dtype=int)
-
-
 def landscape(
     merger,
     method: str,
@@ -103,15 +91,6 @@ def landscape_points(
     if view == "2-D slice":
         return slice_points(current, *pair)
     return simplex_grid(3, 0.1) if k == 3 else simplex_sample(k, n, seed=0)
-
-
-def signed_front(frame: pd.DataFrame, x: str, y: str) -> np.ndarray:
-    """``pareto_front`` of two score columns, where a loss is better lower."""
-
-    def signed(c):
-        return -frame[c].to_numpy() if lower_is_better(c) else frame[c].to_numpy()
-
-    return pareto_front(signed(x), signed(y))
 
 
 def search_frame(found: dict, objective) -> pd.DataFrame:
