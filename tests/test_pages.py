@@ -565,7 +565,7 @@ def test_compare_page_draws_a_models_shrinkage_frontier_and_places_the_others(ca
         record(ref, res, engine="quick", registry=reg)
     at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=120).run()
     assert not at.exception, at.exception
-    assert "Against the shrinkage frontier" in [h.value for h in at.subheader]
+    assert "Against the shrinkage and per-block frontiers" in [h.value for h in at.subheader]
     assert at.selectbox(key="c_front_src").value == "my-sft"
     [placed] = [d.value for d in at.dataframe if "where" in d.value.columns]
     where = placed.set_index("label")["where"].to_dict()
@@ -611,3 +611,46 @@ def test_merge_page_weights_by_block_on_a_heatmap(cache, tmp_path):
     assert not at.exception
     [out] = list((cache / "merged").iterdir())
     assert json.loads((out / "recipe.json").read_text())["weights"] == table
+
+
+def test_merge_page_learns_weights_by_block_and_sets_the_block_sliders(cache, tmp_path):
+    """ "Learn weights by block" on a held-out loss: its path starts at the uniform merge,
+    the block sliders are set to its best K x B table (rounded as sliders are), and the
+    live score is that merge's."""
+    base, adapters = _folder_subs(tmp_path)
+    at = AppTest.from_file(str(PAGES / "merge.py"), default_timeout=300).run()
+    at.radio(key="m_from").set_value("adapter folders").run()
+    at.text_input(key="m_base").set_value(str(base))
+    at.text_area(key="m_paths").set_value("\n".join(map(str, adapters))).run()
+    at.multiselect(key="m_heldout").set_value(["each sub-model's held-out rows"]).run()
+    at.selectbox(key="m_method").set_value("ties").run()
+    assert at.button(key="m_learn").disabled  # not a linear method: no gradient to follow
+    at.selectbox(key="m_method").set_value("average").run()
+    assert not at.button(key="m_learn").disabled
+    at.number_input(key="m_learn_b").set_value(2)
+    at.number_input(key="m_learn_steps").set_value(4).run()
+    at.button(key="m_learn").click().run()
+    assert not at.exception, at.exception
+    found = at.session_state["m_learned"][3]
+    assert len(found["path"]) == 5 and found["blocks"] == 2
+    assert [x for row in found["path"][0]["weights"] for x in row] == pytest.approx([0.5] * 4)
+    best = found["best"]["weights"]
+    assert at.toggle(key="m_same_blocks").value is False
+    assert at.number_input(key="m_blocks").value == 2
+    for i, row in enumerate(best):
+        for b, v in enumerate(row):
+            assert at.session_state[f"wb_{i}_{b}"] == pytest.approx(round(v, 2))
+    assert any(c.value.startswith("Learned by block (2 blocks, 4 steps)") for c in at.caption)
+    from dtm.evaluate.heldout import heldout_loss, run_heldout_rows
+    from dtm.merge.engine import Merger
+
+    shown = [[round(v, 2) for v in row] for row in best]
+    sums = [sum(row[b] for row in shown) for b in range(2)]
+    table = [[row[b] / sums[b] for b in range(2)] for row in shown]  # normalised per block
+    merger = Merger(str(base), [str(a) for a in adapters])
+    want = heldout_loss(
+        merger.apply("average", table), merger.tokenizer, run_heldout_rows(adapters[0].parent),
+        limit=40,
+    )["loss"]  # fmt: skip
+    got = float(next(m.value for m in at.metric if m.label == "heldout:s0"))
+    assert got == pytest.approx(want, abs=6e-4)

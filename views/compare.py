@@ -87,10 +87,12 @@ def frontier_section(table: pd.DataFrame, group: str) -> None:
     sources = frontier_sources(table["label"].unique())
     if not sources:
         return
-    st.subheader("Against the shrinkage frontier")
+    st.subheader("Against the shrinkage and per-block frontiers")
     st.caption(
-        "The frontier: a model's delta scaled by α (the base at 0, the model at 1). A model "
-        "above it keeps more of the base at the same gain than shrinking alone does."
+        "The shrinkage frontier: a model's delta scaled by α (the base at 0, the model at 1). "
+        "The per-block frontier (where scored): the delta scaled by its own α in the bottom, "
+        "middle and top layers, its Pareto front drawn as a second line. A model above a "
+        "frontier keeps more of the base at the same gain than that scaling does."
     )
     have = set(zip(table["task"], table["metric"], strict=True))
     pairs = [p for p in TRADE_OFFS if set(p) <= have]

@@ -30,7 +30,7 @@ from dtm.store import safe_name
 from dtm.tasks import QUICK_TASKS, SHORT, TASKS
 from dtm.tasks.files import folder_tasks
 from views.common import registry
-from views.merge_blocks import by_block, landscape_3d
+from views.merge_blocks import by_block, landscape_3d, learn_panel, learned_frame
 
 PICKED = "m_picked_weights"  # weights to apply on the next run (landscape, search, cocktail)
 STORE, FOLDERS = "a launch of the job store", "adapter folders"
@@ -323,6 +323,7 @@ def find_panel(merger, method, params, names, objective, spec) -> None:
         st.session_state[PICKED] = w
         st.rerun()
     found_captions(names, spec, method, params)
+    learn_panel(merger, method, params, names, objective, spec)
 
 
 def search_goal(mode: str, labels: list[str], objective):
@@ -410,6 +411,9 @@ def landscape_panel(merger, method, params, names, objective, spec) -> None:
         frames.append(frame)
     if search and search[:3] == (spec, method, tuple(sorted(params.items()))):
         frames.append(ml.search_frame(search[3], objective))
+    learned = learned_frame(spec, method, params, objective)
+    if learned is not None:
+        frames.append(learned)
     if not frames:
         st.caption("Scores a grid over the weight simplex; click a point to set the sliders.")
         return
