@@ -203,8 +203,8 @@ def merge_page(env: Env, adapters: list[Path], weights: list[float] | None = Non
 
     fake_jobs(env, adapters)
     at = AppTest.from_file(str(PAGES / "merge.py"), default_timeout=120)
-    for i, w in enumerate(weights or []):
-        at.session_state[f"w_{i}"] = w
+    if weights is not None:  # as weights picked on the landscape are set
+        at.session_state["m_picked_weights"] = weights
     return at.run()
 
 
@@ -611,16 +611,18 @@ CASES = [
     Case("train-missing-flags", "train", "train --base {tmp}", ("train needs --data, --out.",)),
     # --- merge
     Case("merge-weights-nan", "merge", f"{MERGE} {ADAPTERS} --weights nan,1",
-         ("--weights nan,1: merge weights [nan, 1.0]: NaN or infinite values are not weights.",),
+         ("--weights nan,1: NaN or infinite values are not weights.",),
          absent=("m",)),
     Case("merge-weights-all-zero", "merge", f"{MERGE} {ADAPTERS} --weights 0,0",
-         ("--weights 0,0: merge weights are all zero: nothing would be merged.",), absent=("m",),
+         ("--weights 0,0: all zero; nothing would be merged.",), absent=("m",),
          page=lambda e: merge_page(e, [e.models / "a0", e.models / "a1"], weights=[0.0, 0.0]),
          page_message=("merge weights are all zero: nothing would be merged.",)),
     Case("merge-weights-wrong-count", "merge", f"{MERGE} {ADAPTERS} --weights 1",
-         ("--weights 1: 1 weights for 2 adapters: give one weight each.",), absent=("m",)),
+         ("--weights 1: 1 weights for 2 adapters: give one weight each (or K per block of "
+          "layers, blocks separated by ';').",), absent=("m",)),
     Case("merge-weights-not-numbers", "merge", "merge --base b --adapters x y --weights a,b "
-         "--out {tmp}/m", ("--weights a,b: not comma-separated numbers.",), absent=("m",)),
+         "--out {tmp}/m", ("--weights a,b: not numbers (K comma-separated numbers per block, "
+         "blocks separated by ';').",), absent=("m",)),
     Case("merge-adapter-of-another-base", "merge", MERGE + " {models}/oa0 {models}/oa1",
          ("{models}/oa0: " + ANOTHER_BASE,), absent=("m",),
          page=lambda e: merge_page(e, [e.models / "oa0", e.models / "oa1"]),
@@ -650,7 +652,7 @@ CASES = [
     Case("merge-base-pickle-only-allowed", "merge",
          f"merge --base {{models}}/pickle --allow-pickle-weights --adapters {ADAPTERS} "
          "--out {tmp}/m",
-         ("merged 2 adapters (average, weights [0.5, 0.5])", "wrote {tmp}/m"), code=0,
+         ("merged 2 adapters (average, weights 0.5,0.5)", "wrote {tmp}/m"), code=0,
          check=lambda e: merged(e.tmp / "m")),
     # --- eval
     Case("eval-unknown-task", "eval",

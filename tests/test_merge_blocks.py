@@ -28,7 +28,7 @@ def test_weights_text_is_blocks_from_the_bottom_each_with_k_weights():
 @pytest.mark.parametrize(
     "text, kw, message",
     [
-        ("0.5,0.5", {}, "3 adapters need 3 weights in every block, but block 1: 2"),
+        ("0.5,0.5", {}, "2 weights for 3 adapters: give one weight each"),
         ("0.2,0.3,0.5;0.5,0.5", {}, "block 2: 2"),
         ("1,1,1;1,1,1", {"blocks": 3}, "2 blocks, but --blocks 3"),
         ("1,1,1;1,1,1;1,1,1", {"n_layers": 2}, "3 blocks but the model has 2 layers"),

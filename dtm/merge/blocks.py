@@ -133,6 +133,11 @@ def parse_weights(text: str, k: int, blocks: int | None = None, n_layers: int | 
             "separated by ';')."
         ) from None
     bad = [i for i, g in enumerate(parsed) if len(g) != k]
+    if bad and len(parsed) == 1:
+        raise ConfigError(
+            f"--weights {text}: {len(parsed[0])} weights for {k} adapters: give one weight "
+            "each (or K per block of layers, blocks separated by ';')."
+        )
     if bad:
         sizes = ", ".join(f"block {i + 1}: {len(parsed[i])}" for i in bad)
         raise ConfigError(
