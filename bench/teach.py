@@ -18,7 +18,7 @@ a fresh, empty cache: seconds from the command to the default lab ready (its
 
     .venv/bin/python -m bench.teach [--part build|class|full|first-start|all]
                                     [--size small|default] [--repeats 3]
-                                    [--threads share|all|both] [--lab DIR]
+                                    [--threads share|all|both] [--lab DIR] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _open_session(port: int) -> None:
     AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
 
 
-def class_part(lab: Path, exp_name: str = "lab-class") -> None:
+def class_part(lab: Path, exp_name: str = "lab-class", keep: Path | None = None) -> None:
     from dtm.experiment import load_experiment
     from dtm.lab import default_lab_dir
     from dtm.score import scores
@@ -154,7 +154,9 @@ def class_part(lab: Path, exp_name: str = "lab-class") -> None:
         sys.exit(f"no lab at {lab}: build one with `python -m dtm lab build --out {lab}`")
     exp_file = ROOT / "experiments" / f"{exp_name}.yaml"
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "cache"
+        cache = (keep or Path(tmp)) / "cache"
+        if keep and cache.exists():
+            sys.exit(f"--keep {keep}: it holds a cache already; give a new folder")
         shutil.copytree(lab, cache / "lab" / lab.name)
         env = _env(Path(tmp) / "cpu", "share", cache)
         os.environ["DTM_CACHE"] = str(cache)
@@ -194,6 +196,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="both", choices=["share", "all", "both"])
     ap.add_argument("--lab", type=Path, default=None)
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="class/full: keep the story's cache in KEEP/cache"
+    )
     args = ap.parse_args()
     if args.part in ("build", "all"):
         modes = ["share", "all"] if args.threads == "both" else [args.threads]
@@ -201,9 +206,9 @@ def main() -> None:
     if args.part in ("first-start", "all"):
         first_start_part(args.repeats)
     if args.part in ("class", "all"):
-        class_part(args.lab)
+        class_part(args.lab, keep=args.keep)
     if args.part in ("full", "all"):
-        class_part(args.lab, "lab")
+        class_part(args.lab, "lab", keep=args.keep)
 
 
 if __name__ == "__main__":
