@@ -291,18 +291,23 @@ def frontier_markdown(table: pd.DataFrame, grid: list[str], k: int) -> list[str]
             "when more than two standard errors from 0, beyond when no alpha reaches the "
             "merge's gained score.",
             "",
-            "| model | kept | gained | where | distance | seeds |",
-            "|---|---|---|---|---|---|",
         ]
-        for r in rows:
-            dist = "" if r["mean"] is None else f"{r['mean']:+.3f}"
-            if r["std"] is not None:
-                dist += f" ± {r['std']:.3f}"
-            seeds = f"{r['seeds']}" + (f" (+{r['beyond']} beyond)" if r["beyond"] else "")
-            lines.append(
-                f"| {r['label']} | {'.'.join(r['kept'])} | {'.'.join(r['gained'])} | "
-                f"{r['where']} | {dist} | {seeds} |"
-            )
+        lines += placement_table(rows)
+    return lines
+
+
+def placement_table(rows: list[dict]) -> list[str]:
+    """``frontier_rows`` as a Markdown table: each merge's place against a frontier."""
+    lines = ["| model | kept | gained | where | distance | seeds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        dist = "" if r["mean"] is None else f"{r['mean']:+.3f}"
+        if r["std"] is not None:
+            dist += f" ± {r['std']:.3f}"
+        seeds = f"{r['seeds']}" + (f" (+{r['beyond']} beyond)" if r["beyond"] else "")
+        lines.append(
+            f"| {r['label']} | {'.'.join(r['kept'])} | {'.'.join(r['gained'])} | "
+            f"{r['where']} | {dist} | {seeds} |"
+        )
     return lines
 
 
@@ -332,18 +337,8 @@ def hma_markdown(table: pd.DataFrame, merges: list[str]) -> list[str]:
             "Each merge against its seed's per-block front (read as the shrinkage frontier "
             "is: the merge's kept score minus the front's at its gained score).",
             "",
-            "| model | kept | gained | where | distance | seeds |",
-            "|---|---|---|---|---|---|",
         ]
-        for r in rows:
-            dist = "" if r["mean"] is None else f"{r['mean']:+.3f}"
-            if r["std"] is not None:
-                dist += f" ± {r['std']:.3f}"
-            seeds = f"{r['seeds']}" + (f" (+{r['beyond']} beyond)" if r["beyond"] else "")
-            lines.append(
-                f"| {r['label']} | {'.'.join(r['kept'])} | {'.'.join(r['gained'])} | "
-                f"{r['where']} | {dist} | {seeds} |"
-            )
+        lines += placement_table(rows)
     return lines
 
 
