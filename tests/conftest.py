@@ -13,10 +13,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["DTM_LAB_AUTOBUILD"] = "0"  # tests build labs explicitly, never in the background
-# Every test writes into a cache of its own: the session's, unless a test sets its own
-# (the ``cache`` fixture). Never the checkout's cache/ and its registry (checked below).
+# Every test writes into a cache of its own: the session's (set in ``pytest_configure``,
+# not on import: a test's subprocess that imports this module keeps the cache it was
+# given), unless a test sets its own (the ``cache`` fixture). Never the checkout's cache/
+# and its registry (checked below).
 CHECKOUT_CACHE = ROOT / "cache"
-os.environ["DTM_CACHE"] = tempfile.mkdtemp(prefix="dtm-test-cache-")
+SESSION_CACHE: list[str] = []
 
 
 def cache_listing(root: Path = CHECKOUT_CACHE) -> dict[str, tuple[int, int]]:
@@ -40,7 +42,8 @@ def checkout_cache_untouched():
     the session fails at its end when a file there was added, removed or changed."""
     before = cache_listing()
     yield
-    shutil.rmtree(os.environ["DTM_CACHE"], ignore_errors=True)
+    for folder in SESSION_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
     changed = changed_files(before, cache_listing())
     assert not changed, (
         f"the tests wrote into the checkout's cache ({CHECKOUT_CACHE}): {changed[:10]}; a "
@@ -167,6 +170,8 @@ _tally: dict[str, dict[str, bool]] = {k: {} for k in TALLIED}
 
 
 def pytest_configure(config):
+    SESSION_CACHE.append(tempfile.mkdtemp(prefix="dtm-test-cache-"))
+    os.environ["DTM_CACHE"] = SESSION_CACHE[-1]
     config.addinivalue_line("markers", "bad_input: one case of the bad-input corpus")
     config.addinivalue_line("markers", "fault: an injected fault the tool must survive")
     config.addinivalue_line("markers", "security: one security property")

@@ -181,8 +181,9 @@ def test_the_whole_flow_in_chromium_survives_a_server_crash(dashboard, chromium,
     # The merge landscape at K = 4: a rotatable tetrahedron (WebGL); then a 2-D slice,
     # where a click on one of its points sets the sliders to it.
     page.locator(".st-key-m_land button").click()
-    page.locator(".st-key-m_land_chart .gl-container").first.wait_for(timeout=5 * MINUTE)
+    page.locator(".st-key-m_land_chart .js-plotly-plot").wait_for(timeout=5 * MINUTE)
     wait_idle(page)
+    expect(page.locator(".st-key-m_land_chart .gl-container")).to_have_count(1)  # a 3-D scene
     page.locator(".st-key-m_view").get_by_text("2-D slice").click()
     wait_idle(page)
     page.locator(".st-key-m_land button").click()
@@ -417,11 +418,15 @@ def _groups_of_a_launch(cache, lab0, tmp_path):
                 job = _new_job(jid, "sub", f"{clustering} sub {c} s{seed}", "lab", config,
                                "local", run, clustering)  # fmt: skip
                 store.add(replace(job, state="done"))
+    # The queue runs one CPU job at a time: a long job of another launch holds the third
+    # sub-model queued (still training) until the test cancels it.
+    blocker, _ = jobs.submit(tiny_train(lab0, "-", steps=100000, log_every=100000),
+                             name="blocker", group="other", store=store)  # fmt: skip
     last = tiny_train(lab0, "-", kind="sub", assignments=str(asg), cluster=2, steps=6,
                       eval_lab=str(lab0))  # fmt: skip
     job, _ = jobs.submit(last, name="kmeans sub 2 s0", group="lab", store=store,
                          clustering="kmeans")  # fmt: skip
-    return store, job
+    return store, job, blocker
 
 
 def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
@@ -432,7 +437,7 @@ def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
     under its group, named by its clusters' weights."""
     from playwright.sync_api import expect
 
-    store, job = _groups_of_a_launch(cache, lab0, tmp_path)
+    store, job, blocker = _groups_of_a_launch(cache, lab0, tmp_path)
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(dashboard.url)
     go(page, dashboard.url, "Merge")
@@ -458,6 +463,8 @@ def test_merge_groups_keep_the_sliders_and_a_kept_merge_is_a_row_of_its_group(
     page.locator(".st-key-w_1 input[type='range']").press("Home")
     wait_idle(page)
     expect(page.locator(".st-key-w_2")).to_have_count(0)
+    assert store.get(job.id).state == "queued"  # behind the blocker: not finished early
+    jobs.cancel(blocker.id, store)
     end = time.time() + 4 * 60
     while time.time() < end and store.get(job.id).state not in jobs.FINAL:
         time.sleep(1)
