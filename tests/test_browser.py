@@ -267,6 +267,18 @@ def test_on_this_machine_tells_loopback_from_the_rest(url, here):
     assert on_this_machine(url) is here
 
 
+def watched_home(chromium, app):
+    """Home in a fresh browser context whose requests off this machine are watched:
+    ``(page, OffMachine)``."""
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    net = OffMachine(context)
+    page = context.new_page()
+    page.goto(app.url)
+    page.get_by_role("heading", name="Disperse-Then-Merge", level=1).wait_for(timeout=MINUTE)
+    wait_idle(page)
+    return page, net
+
+
 def test_the_dashboard_asks_nothing_off_the_machine(dashboard, chromium):
     """Home, Disperse (what each cluster holds, random beside k-means) and the other
     pages, on a built lab: the browser asks for no address off this machine. A probe at
@@ -274,12 +286,7 @@ def test_the_dashboard_asks_nothing_off_the_machine(dashboard, chromium):
     from playwright.sync_api import expect
 
     app = dashboard
-    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
-    net = OffMachine(context)
-    page = context.new_page()
-    page.goto(app.url)
-    page.get_by_role("heading", name="Disperse-Then-Merge", level=1).wait_for(timeout=MINUTE)
-    wait_idle(page)
+    page, net = watched_home(chromium, app)
     page_done(page, "offline-1-home")
 
     go(page, app, "Disperse")
@@ -357,12 +364,7 @@ def test_the_class_story_draws_its_charts_as_results_arrive(stories, dashboard, 
     from story_check import check_panel
 
     app = dashboard
-    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
-    net = OffMachine(context)
-    page = context.new_page()
-    page.goto(app.url)
-    page.get_by_role("heading", name="Disperse-Then-Merge", level=1).wait_for(timeout=MINUTE)
-    wait_idle(page)
+    page, net = watched_home(chromium, app)
     page.get_by_role("button", name="Run the class story").first.click()
     status_file = cache / "experiments" / "lab-class" / "status.json"
     page.locator(".st-key-home_tax .js-plotly-plot").wait_for(timeout=4 * MINUTE)

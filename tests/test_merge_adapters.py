@@ -88,14 +88,18 @@ def logits(model):
         return model(input_ids=IDS).logits.float()
 
 
-def dense_reference(base, adapters, weights):
+def dense_reference(base, adapters, weights, blocks_of_layer=None):
     """W0 + sum_k w_k s_k B_k A_k, read here straight from each adapter's files (s_k =
-    alpha / r, or alpha / sqrt(r) with rslora; per-layer r and alpha from the patterns)."""
+    alpha / r, or alpha / sqrt(r) with rslora; per-layer r and alpha from the patterns).
+    With ``blocks_of_layer`` ({layer: block}), ``weights`` is a K x B table and layer l
+    takes ``weights[k][block of l]``."""
+    import re
+
     from safetensors.torch import load_file
 
     model = load_plain(base)
     with torch.no_grad():
-        for path, w in zip(adapters, weights, strict=True):
+        for k, path in enumerate(adapters):
             cfg = json.loads((path / "adapter_config.json").read_text())
             tensors = load_file(path / "adapter_model.safetensors")
             for key, a in tensors.items():
@@ -110,6 +114,10 @@ def dense_reference(base, adapters, weights):
                     alpha = v if module.endswith(pat) else alpha
                 assert a.shape[0] == r
                 s = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
+                w = weights[k]
+                if blocks_of_layer is not None:
+                    layer = int(re.search(r"\.layers\.(\d+)\.", module).group(1))
+                    w = weights[k][blocks_of_layer[layer]]
                 model.get_submodule(module).weight += w * s * (b.float() @ a.float())
     return logits(model)
 
@@ -235,32 +243,9 @@ def test_cli_refuses_dora(base, good, tmp_path):
 
 
 def by_block_reference(base, adapters, table, blocks_of_layer):
-    """W0 + sum_k table[k][b(l)] s_k B_k A_k, layer l in block b(l): read straight from
-    each adapter's files with safetensors (per-layer r and alpha from the patterns)."""
-    import re
-
-    from safetensors.torch import load_file
-
-    model = load_plain(base)
-    with torch.no_grad():
-        for k, path in enumerate(adapters):
-            cfg = json.loads((path / "adapter_config.json").read_text())
-            tensors = load_file(path / "adapter_model.safetensors")
-            for key, a in tensors.items():
-                if ".lora_A." not in key:
-                    continue
-                b = tensors[key.replace(".lora_A.", ".lora_B.")]
-                module = key.split(".lora_A.")[0].removeprefix(PREFIX)
-                layer = int(re.search(r"\.layers\.(\d+)\.", module).group(1))
-                r, alpha = cfg["r"], cfg["lora_alpha"]
-                for pat, v in (cfg.get("rank_pattern") or {}).items():
-                    r = v if module.endswith(pat) else r
-                for pat, v in (cfg.get("alpha_pattern") or {}).items():
-                    alpha = v if module.endswith(pat) else alpha
-                s = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
-                w = table[k][blocks_of_layer[layer]]
-                model.get_submodule(module).weight += w * s * (b.float() @ a.float())
-    return logits(model)
+    """W0 + sum_k table[k][b(l)] s_k B_k A_k, layer l in block b(l) (``dense_reference``
+    with each layer's block's weights)."""
+    return dense_reference(base, adapters, table, blocks_of_layer)
 
 
 def test_per_block_linear_merge_is_exact_and_exports_exactly(base, mixed, tmp_path):
