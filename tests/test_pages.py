@@ -574,12 +574,25 @@ def test_compare_page_draws_a_models_shrinkage_frontier_and_places_the_others(ca
     assert dist["dtm-mine"] == pytest.approx(0.015) and dist["l2"] == pytest.approx(-0.02)
 
 
+def assert_live_heldout(at, base, adapters, table) -> None:
+    """The Merge page's live held-out loss is that of the ``average`` merge at ``table``,
+    computed here with the engine and the held-out scorer (the metric shows 3 decimals)."""
+    from dtm.evaluate.heldout import heldout_loss, run_heldout_rows
+    from dtm.merge.engine import Merger
+
+    merger = Merger(str(base), [str(a) for a in adapters])
+    want = heldout_loss(
+        merger.apply("average", table), merger.tokenizer, run_heldout_rows(adapters[0].parent),
+        limit=40,
+    )["loss"]  # fmt: skip
+    got = float(next(m.value for m in at.metric if m.label == "heldout:s0"))
+    assert got == pytest.approx(want, abs=6e-4)
+
+
 def test_merge_page_weights_by_block_on_a_heatmap(cache, tmp_path):
     """ "same for every block" off: a row of sliders per block, the K x B table on a
     heatmap, the live score of that merge, and the export records the table."""
     import json
-
-    from dtm.merge.engine import Merger
 
     base, adapters = _folder_subs(tmp_path)
     at = AppTest.from_file(str(PAGES / "merge.py"), default_timeout=300).run()
@@ -598,15 +611,7 @@ def test_merge_page_weights_by_block_on_a_heatmap(cache, tmp_path):
     assert not at.exception
     table = [[0.5, 1.0], [0.5, 0.0]]
     assert [c for c in at.get("plotly_chart") if "heatmap" in c.proto.spec]
-    merger = Merger(str(base), [str(a) for a in adapters])
-    from dtm.evaluate.heldout import heldout_loss, run_heldout_rows
-
-    want = heldout_loss(
-        merger.apply("average", table), merger.tokenizer, run_heldout_rows(adapters[0].parent),
-        limit=40,
-    )["loss"]  # fmt: skip
-    got = float(next(m.value for m in at.metric if m.label == "heldout:s0"))
-    assert got == pytest.approx(want, abs=6e-4)  # the metric shows 3 decimals
+    assert_live_heldout(at, base, adapters, table)
     at.button(key="m_export").click().run()
     assert not at.exception
     [out] = list((cache / "merged").iterdir())
@@ -641,16 +646,8 @@ def test_merge_page_learns_weights_by_block_and_sets_the_block_sliders(cache, tm
         for b, v in enumerate(row):
             assert at.session_state[f"wb_{i}_{b}"] == pytest.approx(round(v, 2))
     assert any(c.value.startswith("Learned by block (2 blocks, 4 steps)") for c in at.caption)
-    from dtm.evaluate.heldout import heldout_loss, run_heldout_rows
-    from dtm.merge.engine import Merger
 
     shown = [[round(v, 2) for v in row] for row in best]
     sums = [sum(row[b] for row in shown) for b in range(2)]
     table = [[row[b] / sums[b] for b in range(2)] for row in shown]  # normalised per block
-    merger = Merger(str(base), [str(a) for a in adapters])
-    want = heldout_loss(
-        merger.apply("average", table), merger.tokenizer, run_heldout_rows(adapters[0].parent),
-        limit=40,
-    )["loss"]  # fmt: skip
-    got = float(next(m.value for m in at.metric if m.label == "heldout:s0"))
-    assert got == pytest.approx(want, abs=6e-4)
+    assert_live_heldout(at, base, adapters, table)
